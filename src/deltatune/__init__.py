@@ -1,0 +1,22 @@
+"""deltatune: parameter-efficient fine-tuning of PyTorch models.
+
+    import deltatune as dt
+    model = dt.attach(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
+    dt.save(model, "out/adapter");  model = dt.load(base_model, "out/adapter")
+"""
+__version__ = "0.1.0"
+
+from . import methods as _methods  # noqa: F401  (fills METHODS)
+from .api import (ParamCount, activate, active_adapters, adapter_tensors, adapters, attach, delete, disabled,
+                  make_config, merge, trainable_parameters, unmerge)
+from .core import METHODS, Delta, DeltaConfig, DeltaError, DeltaLayer, Method, register
+from .io import load, save
+from .methods.lora import LoraConfig, lora_plus_groups
+from .targets import find_targets
+
+__all__ = [
+    "METHODS", "Delta", "DeltaConfig", "DeltaError", "DeltaLayer", "LoraConfig", "Method", "ParamCount",
+    "activate", "active_adapters", "adapter_tensors", "adapters", "attach", "delete", "disabled",
+    "find_targets", "load", "lora_plus_groups", "make_config", "merge", "register", "save",
+    "trainable_parameters", "unmerge",
+]

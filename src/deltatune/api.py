@@ -1,0 +1,298 @@
+"""The public verbs: attach, activate, disabled, delete, merge, unmerge, trainable_parameters.
+
+All of them work on the user's own model object; the adapters' bookkeeping lives in a plain
+attribute of the root module (``core.DeltaState``) and in ``DeltaLayer`` wrappers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy as _copy
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .core import (CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, get_state, iter_delta_layers,
+                   method_of, unwrap, wrap)
+from .targets import auto_modules_to_save, find_targets
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise DeltaError(f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-' "
+                         "(no dots, slashes or spaces)")
+
+
+def make_config(method: str | DeltaConfig, config: DeltaConfig | None = None, **options) -> DeltaConfig:
+    """A method's config from a config object or keyword options, with a clear error for typos."""
+    if isinstance(method, DeltaConfig):
+        config, method = method, method.method
+    m = method_of(method)
+    if config is not None:
+        if options:
+            config = dataclasses.replace(config, **options)
+        return config
+    fields = {f.name for f in dataclasses.fields(m.config_cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        import difflib
+
+        hints = {u: difflib.get_close_matches(u, fields, n=1) for u in unknown}
+        hint = "; ".join(f"{u!r} (did you mean {h[0]!r}?)" if h else repr(u) for u, h in hints.items())
+        raise DeltaError(f"method {method!r} has no option {hint}. Options: {sorted(fields)}")
+    return m.config_cls(**options)
+
+
+def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaConfig | None = None, *,
+           name: str = "default", **options) -> nn.Module:
+    """Freeze ``model`` and add adapter ``name`` of ``method``; returns the same model object.
+
+    The new adapter becomes active when no other adapter is active (switch with ``activate``)."""
+    cfg = make_config(method, config, **options)
+    m = method_of(cfg.method)
+    _check_name(name)
+    st = get_state(model, create=True)
+    if name in st.adapters:
+        raise DeltaError(f"model already has an adapter named {name!r} ({st.adapters[name].method}); "
+                         f"pass another name=..., or dt.delete(model, {name!r}) first")
+    if any(layer.merged for _, layer in iter_delta_layers(model)):
+        raise DeltaError("adapters are merged into the base weights; call dt.unmerge(model) before attaching")
+    from .core import AdapterRecord
+
+    st.adapters[name] = AdapterRecord(cfg.method, cfg)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        m.attach(model, cfg, name, st)
+        mts = cfg.modules_to_save
+        if mts == "auto":
+            mts = auto_modules_to_save(model)
+        if mts:
+            for path in find_targets(model, [mts] if isinstance(mts, str) else list(mts)):
+                wrap(model, path, st).deltas[name] = CopyDelta(_base_at(model, path))
+    except BaseException:
+        _remove(model, name)
+        raise
+    for _, layer in iter_delta_layers(model):  # new modules start in train mode: follow the model
+        layer.train(layer.base_layer.training)
+    if not st.active:
+        st.active = [name]
+    refresh(model)
+    return model
+
+
+def _base_at(model: nn.Module, path: str) -> nn.Module:
+    from .core import get_submodule_clean
+
+    mod = get_submodule_clean(model, path)
+    return mod.base_layer if isinstance(mod, DeltaLayer) else mod
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter ``name``, keyed as in the saved file (without peft's
+    ``base_model.model.`` prefix).  The single source of what trains and what is saved."""
+    st = get_state(model)
+    if name not in st.adapters:
+        raise DeltaError(f"no adapter named {name!r}; attached: {sorted(st.adapters)}")
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in iter_delta_layers(model):
+        if name in layer.deltas:
+            d = layer.deltas[name]
+            for k, p in d.named_parameters():
+                out[f"{path}.{d.save_key(k)}" if path else d.save_key(k)] = p
+    out.update(method_of(st.adapters[name].method).own_tensors(model, name))
+    return out
+
+
+def refresh(model: nn.Module) -> None:
+    """Re-derive ``requires_grad`` from the active set: base frozen, active adapters trainable."""
+    st = get_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n, rec in st.adapters.items():
+        on = n in st.active and not st.disabled
+        method_of(rec.method).on_activate(model, n, on)
+        if on and getattr(rec, "trainable", True):
+            for t in adapter_tensors(model, n).values():
+                if isinstance(t, nn.Parameter) or t.is_floating_point():
+                    t.requires_grad_(True)
+
+
+def activate(model: nn.Module, names: str | list[str]) -> nn.Module:
+    """Make ``names`` the active adapter(s); the others stay attached but do nothing."""
+    st = get_state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in st.adapters]
+    if unknown:
+        raise DeltaError(f"unknown adapter(s) {unknown}; attached: {sorted(st.adapters)}")
+    if any(layer.merged for _, layer in iter_delta_layers(model)):
+        raise DeltaError("adapters are merged into the base weights; call dt.unmerge(model) before switching")
+    st.active = names
+    refresh(model)
+    return model
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(get_state(model).active)
+
+
+def adapters(model: nn.Module) -> dict[str, DeltaConfig]:
+    """name -> config of every attached adapter."""
+    return {n: r.config for n, r in get_state(model).adapters.items()}
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the bare base model inside the block (merged adapters are unmerged for its duration)."""
+    st = get_state(model)
+    was_merged = any(layer.merged for _, layer in iter_delta_layers(model))
+    if was_merged:
+        unmerge(model)
+    prev = st.disabled
+    st.disabled = True
+    refresh(model)
+    try:
+        yield model
+    finally:
+        st.disabled = prev
+        refresh(model)
+        if was_merged:
+            merge(model, unload=False)
+
+
+def delete(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` and every wrapper it leaves empty."""
+    st = get_state(model)
+    if name not in st.adapters:
+        raise DeltaError(f"no adapter named {name!r} to delete; attached: {sorted(st.adapters)}")
+    if any(name in layer.merged for _, layer in iter_delta_layers(model)):
+        raise DeltaError(f"adapter {name!r} is merged; call dt.unmerge(model) before deleting it")
+    _remove(model, name)
+    refresh(model)
+    return model
+
+
+def _remove(model: nn.Module, name: str) -> None:
+    st = get_state(model)
+    rec = st.adapters.get(name)
+    if rec is not None:
+        method_of(rec.method).on_activate(model, name, False)
+        method_of(rec.method).delete(model, name)
+    for path, layer in list(iter_delta_layers(model)):
+        if name in layer.deltas:
+            del layer.deltas[name]
+            if not len(layer.deltas):
+                unwrap(model, path)
+    st.adapters.pop(name, None)
+    st.active = [n for n in st.active if n != name]
+
+
+def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: bool = True,
+          copy: bool = False) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights.
+
+    ``unload=True`` (default) returns the plain base model, of the base's own class, with every
+    wrapper removed (like peft's ``merge_and_unload``); ``copy=True`` leaves ``model`` untouched.
+    ``unload=False`` merges in place and keeps the adapters so that :func:`unmerge` can undo it.
+    Raises before touching any weight if one of the adapters cannot be merged exactly."""
+    st = get_state(model)
+    names = st.active if names is None else ([names] if isinstance(names, str) else list(names))
+    for n in names:
+        if n not in st.adapters:
+            raise DeltaError(f"no adapter named {n!r}; attached: {sorted(st.adapters)}")
+        m = method_of(st.adapters[n].method)
+        if not getattr(m, "mergeable", True):
+            raise DeltaError(f"adapter {n!r} ({m.name}) cannot be merged into the weights: {m.merge_note}. "
+                             "Keep it unmerged, or dt.delete it before merging the others")
+    for path, layer in iter_delta_layers(model):
+        for n in names:
+            if n in layer.deltas and not layer.deltas[n].mergeable:
+                raise DeltaError(f"adapter {n!r} on {path} ({type(layer.deltas[n]).__name__}) cannot be "
+                                 "merged exactly; keep it unmerged")
+    owners: dict[int, list[str]] = {}
+    for pn, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pn)
+    for path, layer in iter_delta_layers(model):
+        w = getattr(layer.base_layer, "weight", None)
+        if any(n in layer.deltas for n in names) and w is not None and len(owners.get(id(w), [])) > 1:
+            raise DeltaError(f"cannot merge into {path}: its weight is tied to {owners[id(w)]} and merging would "
+                             "change those too; untie the weights first or keep the adapter unmerged")
+    if copy:
+        model = _copy.deepcopy(model)
+        st = get_state(model)
+    with torch.no_grad():
+        for path, layer in iter_delta_layers(model):
+            if unload and hasattr(layer.base_layer, "to_float"):
+                # merging into 4/8-bit storage would round the delta away: merge into a float copy
+                layer.base_layer = layer.base_layer.to_float()
+            for n in names:
+                if n in layer.deltas and n not in layer.merged:
+                    layer.deltas[n].merge(layer.base_layer)
+                    layer.merged.append(n)
+        for n in names:
+            method_of(st.adapters[n].method).merge(model, n)
+    if unload:
+        for n, rec in list(st.adapters.items()):
+            method_of(rec.method).unload(model, n)
+        for path, _ in list(iter_delta_layers(model)):
+            unwrap(model, path)
+        del model.__dict__[STATE_ATTR]
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge(model, unload=False)``: restore the base weights exactly (to float rounding)."""
+    st = get_state(model)
+    with torch.no_grad():
+        for _, layer in iter_delta_layers(model):
+            for n in reversed(layer.merged):
+                layer.deltas[n].unmerge(layer.base_layer)
+            layer.merged = []
+        for n in st.active:
+            method_of(st.adapters[n].method).unmerge(model, n)
+    return model
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+    by_adapter: dict[str, int]
+    names: dict[str, int]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        per = ", ".join(f"{k}: {v:,}" for k, v in self.by_adapter.items())
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {self.percent:.4f}" + (f" || by adapter: {per}" if per else ""))
+
+
+def trainable_parameters(model: nn.Module) -> ParamCount:
+    """What trains now: counts overall, per adapter, and per tensor."""
+    seen: set[int] = set()
+    total = trainable = 0
+    names: dict[str, int] = {}
+    for n, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            names[n] = p.numel()
+    by: dict[str, int] = {}
+    st = model.__dict__.get(STATE_ATTR)
+    if st is not None:
+        for a in st.adapters:
+            by[a] = sum(t.numel() for t in adapter_tensors(model, a).values())
+    return ParamCount(trainable, total, by, names)

@@ -1,0 +1,252 @@
+"""Saving and loading adapters: one small directory per adapter.
+
+    DIR/adapter_model.safetensors   weights, keys in peft's layout (base_model.model.<path>.<key>)
+    DIR/adapter_config.json         peft's config keys for methods peft has (so peft loads it)
+    DIR/deltatune.json              our full config + a manifest (sha256 and size of each file)
+
+Every file is written atomically (temp file in the same directory, fsync, rename) and the manifest
+last, so a crash leaves either the previous adapter or a directory whose checksums say it is
+incomplete.  Loading verifies the manifest, refuses pickles (safetensors, or
+``torch.load(weights_only=True)`` for peft's legacy ``adapter_model.bin``), and reports every
+missing, unexpected or mis-shaped tensor by name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core import METHODS, PREFIX, DeltaError, get_state, method_of
+
+WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+CONFIG = "adapter_config.json"
+MANIFEST = "deltatune.json"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- atomic files
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if isinstance(o, (set, tuple)):
+        return sorted(o) if isinstance(o, set) else list(o)
+    raise TypeError(f"cannot store {type(o).__name__} in a config")
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- save
+
+def _pick_name(model: nn.Module, name: str | None) -> str:
+    st = get_state(model)
+    if name is not None:
+        if name not in st.adapters:
+            raise DeltaError(f"no adapter named {name!r} to save; attached: {sorted(st.adapters)}")
+        return name
+    if len(st.active) == 1:
+        return st.active[0]
+    if len(st.adapters) == 1:
+        return next(iter(st.adapters))
+    raise DeltaError(f"several adapters attached ({sorted(st.adapters)}): pass name=... to choose one")
+
+
+def adapter_payload(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(tensors with file keys, peft-style config, our config) for adapter ``name``."""
+    from . import __version__
+    from .api import adapter_tensors
+
+    name = _pick_name(model, name)
+    rec = get_state(model).adapters[name]
+    m = method_of(rec.method)
+    tensors = {k: v.detach() for k, v in adapter_tensors(model, name).items()}
+    tensors, cfg = m.export(model, name, tensors, rec.config)
+    sd = {PREFIX + k: v.contiguous().cpu().clone() for k, v in tensors.items()}
+    peft_cfg = m.to_peft(cfg, model, name)
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if peft_cfg is None:
+        peft_cfg = {"peft_type": f"DELTATUNE_{m.name.upper()}", **cfg.to_dict()}
+    peft_cfg.setdefault("base_model_name_or_path", base_name)
+    ours = {
+        "format_version": FORMAT_VERSION,
+        "deltatune_version": __version__,
+        "method": m.name,
+        "name": name,
+        "config": cfg.to_dict(),
+        "base_model": {"class": type(model).__name__, "name_or_path": base_name},
+    }
+    return sd, peft_cfg, ours
+
+
+def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+    """Write adapter ``name`` (default: the active one) to ``directory`` atomically."""
+    from safetensors.torch import save as st_save
+
+    sd, peft_cfg, ours = adapter_payload(model, name)
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise DeltaError(f"cannot save adapter to {d}: it is a file, not a directory")
+    weights = st_save(sd, metadata={"format": "pt"})
+    cfg_bytes = (json.dumps(peft_cfg, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+    atomic_write(d / WEIGHTS, weights)
+    atomic_write(d / CONFIG, cfg_bytes)
+    ours["files"] = {WEIGHTS: {"sha256": sha256(weights), "bytes": len(weights)},
+                     CONFIG: {"sha256": sha256(cfg_bytes), "bytes": len(cfg_bytes)}}
+    atomic_write_json(d / MANIFEST, ours)  # last: its checksums vouch for the two files above
+    return d
+
+
+# --------------------------------------------------------------------------- load
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DeltaError(f"{path}: not valid JSON ({e}); the file is corrupted or not an adapter config")
+
+
+def read_adapter_dir(directory: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], str, Any, str | None]:
+    """(tensors without prefix, method name, config object, saved adapter name)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DeltaError(f"adapter directory {d} does not exist (expected {CONFIG} and {WEIGHTS} inside)")
+    ours = _read_json(d / MANIFEST) if (d / MANIFEST).exists() else None
+    if ours is not None:
+        ver = ours.get("format_version", 0)
+        if not isinstance(ver, int) or ver > FORMAT_VERSION:
+            raise DeltaError(f"{d / MANIFEST}: format_version {ver} was written by a newer deltatune "
+                             f"(this one reads <= {FORMAT_VERSION}); upgrade deltatune to load it")
+        if verify:
+            for fname, meta in ours.get("files", {}).items():
+                p = d / fname
+                if not p.exists():
+                    raise DeltaError(f"{p}: listed in {MANIFEST} but missing; the save was interrupted "
+                                     "or the directory was copied incompletely")
+                data = p.read_bytes()
+                if len(data) != meta.get("bytes") or sha256(data) != meta.get("sha256"):
+                    raise DeltaError(f"{p}: checksum mismatch ({len(data)} bytes, expected {meta.get('bytes')}); "
+                                     "the file is truncated or corrupted - re-save or restore it")
+        m = method_of(ours.get("method", ""))
+        cfg = m.config_cls.from_dict(ours.get("config", {}))
+        saved_name = ours.get("name")
+    else:
+        if not (d / CONFIG).exists():
+            raise DeltaError(f"{d}: no {CONFIG} or {MANIFEST}; this is not an adapter directory")
+        peft_cfg = _read_json(d / CONFIG)
+        ptype = peft_cfg.get("peft_type")
+        cands = [m for m in METHODS.values() if m.peft_type and m.peft_type == ptype]
+        if not cands:
+            known = sorted(m.peft_type for m in METHODS.values() if m.peft_type)
+            raise DeltaError(f"{d / CONFIG}: peft_type {ptype!r} is not supported; deltatune reads {known}")
+        m = cands[0]
+        cfg = m.from_peft(peft_cfg)
+        saved_name = None
+    tensors = _read_weights(d)
+    tensors = m.normalize_keys({k.removeprefix(PREFIX): v for k, v in tensors.items()})
+    return tensors, m.name, cfg, saved_name
+
+
+def _read_weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if (d / WEIGHTS).exists():
+        try:
+            return load_file(str(d / WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DeltaError(f"{d / WEIGHTS}: unreadable safetensors file ({e}); it is truncated or corrupted")
+    if (d / LEGACY_WEIGHTS).exists():
+        try:  # peft's legacy format; weights_only refuses arbitrary pickled objects
+            return torch.load(d / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DeltaError(f"{d / LEGACY_WEIGHTS}: refused or unreadable ({e}); only plain tensors are loaded")
+    raise DeltaError(f"{d}: no {WEIGHTS} (nor {LEGACY_WEIGHTS}) inside")
+
+
+def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
+         trainable: bool = False, verify: bool = True) -> nn.Module:
+    """Attach the adapter saved in ``directory`` (by deltatune or by peft) to ``model``.
+
+    ``trainable=True`` keeps it trainable (resume training); otherwise its tensors are frozen.
+    The new adapter is activated."""
+    from .api import _remove, activate, adapter_tensors, attach
+
+    tensors, method, cfg, saved_name = read_adapter_dir(directory, verify=verify)
+    st = model.__dict__.get("_deltatune")
+    taken = set(st.adapters) if st else set()
+    if name is None:
+        name = next((n for n in ("default", saved_name) if n and n not in taken), None)
+        if name is None:
+            raise DeltaError(f"model already has adapters {sorted(taken)}; pass name=... to load {directory} under a new name")
+    attach(model, cfg, name=name)
+    expected = adapter_tensors(model, name)
+    problems = []
+    for k in sorted(set(expected) - set(tensors)):
+        problems.append(f"missing {k} {tuple(expected[k].shape)}")
+    for k in sorted(set(tensors) - set(expected)):
+        problems.append(f"unexpected {k} {tuple(tensors[k].shape)}")
+    for k in sorted(set(expected) & set(tensors)):
+        if tuple(expected[k].shape) != tuple(tensors[k].shape):
+            problems.append(f"shape of {k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}")
+    if problems:
+        _remove(model, name)
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DeltaError(f"adapter in {directory} does not fit this {type(model).__name__} "
+                         f"(was it trained on another base model?):\n  {shown}")
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(tensors[k].to(dtype=t.dtype, device=t.device))
+    get_state(model).adapters[name].trainable = trainable
+    activate(model, [name])
+    return model

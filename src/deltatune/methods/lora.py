@@ -1,0 +1,460 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, arXiv:2106.09685), with its common variants.
+
+    x ──► W (frozen, out×in) ─────────────────────┐
+    │                                             (+) ──► y = W x + s · B A x
+    └──► dropout ──► A (r×in) ──► B (out×r) ──────┘
+
+    s = α / r                      (LoRA)
+    s = α / √r                     (rsLoRA, Kalajdzievski 2023: stable at large r)
+    y = m ⊙ (W + sBA) x / ‖W + sBA‖_c + b      (DoRA, Liu et al. 2024: magnitude m, direction)
+
+Init: A Kaiming-uniform, B = 0, so the output is unchanged at init.  ``init="pissa"`` (Meng et
+al. 2024) starts A, B at the top-r singular triplets of W; instead of rewriting the frozen W we
+subtract the initial product (y = Wx + s(BA − B₀A₀)x), so the base stays shared by all adapters
+and the file is saved as a plain rank-2r LoRA that peft loads.  LoRA+ (Hayou et al. 2024) is an
+optimizer recipe: :func:`lora_plus_groups` gives B a learning rate λ× that of A.
+
+Layer types: nn.Linear, transformers' Conv1D (GPT-2, weight stored in×out), nn.Conv1d/2d,
+nn.Embedding, and the quantized linears of ``deltatune.quant`` (reached via ``base_weight``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import (DeltaConfig, DeltaError, Delta, DeltaLayer, Method, base_weight, get_state, iter_delta_layers,
+                    register, set_base_weight, wrap)
+from ..targets import find_targets
+
+INITS = ("default", "gaussian", "pissa")
+
+
+@dataclass
+class LoraConfig(DeltaConfig):
+    r: int = 8  # rank of the update; 8 is the common default (LoRA paper: 1-8 suffice for q,v)
+    alpha: float = 16.0  # scale numerator: s = alpha/r; alpha = 2r is the usual recipe
+    dropout: float = 0.0  # dropout on the LoRA branch input; 0 avoids a copy of x per layer
+    rslora: bool = False  # s = alpha/sqrt(r): keeps updates stable as r grows
+    dora: bool = False  # weight-decomposed LoRA (magnitude vector + low-rank direction)
+    init: str = "default"  # "default" (Kaiming A, zero B) | "gaussian" | "pissa" (SVD of W)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module r: {regex: r}
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha
+
+    method = "lora"
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise DeltaError(f"lora: r must be a positive integer, got {self.r!r} (typical: 4, 8, 16)")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise DeltaError(f"lora: alpha must be a positive number, got {self.alpha!r} (typical: 2*r)")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise DeltaError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise DeltaError(f"lora: init must be one of {INITS}, got {self.init!r}")
+        for k, v in self.rank_pattern.items():
+            if not isinstance(v, int) or v < 1:
+                raise DeltaError(f"lora: rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+
+
+def _pattern_value(path: str, pattern: dict[str, Any], default):
+    # peft's rule: a key matches when the module path ends with it (as a regex)
+    for key, val in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return val
+    return default
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------- deltas
+
+class _Magnitude(nn.Module):
+    """DoRA's per-output-channel magnitude m, shape (out,). A module so the key is peft's."""
+
+    def __init__(self, m: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(m)
+
+
+class LoraDelta(Delta):
+    """Shared by every layer type: scaling, dropout, DoRA and PiSSA bookkeeping.
+    Subclasses define ``lora(x)`` (the un-scaled B A x) and ``product()`` (B A in W's layout)."""
+
+    def _setup(self, r: int, alpha: float, cfg: LoraConfig):
+        self.r = r
+        self.scaling = alpha / (math.sqrt(r) if cfg.rslora else r)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.use_dora = cfg.dora
+
+    def b_params(self) -> list[nn.Parameter]:
+        """LoRA+: the 'B' side, which gets the larger learning rate."""
+        raise NotImplementedError
+
+    # W in (out, in, ...) layout, whatever the base stores
+    def _w(self, base) -> torch.Tensor:
+        return base_weight(base)
+
+    def delta_weight(self, base) -> torch.Tensor:
+        d = self.product() * self.scaling
+        if getattr(self, "A0", None) is not None:
+            d = d - self.product(initial=True) * self.scaling
+        return d
+
+    def _init_dora(self, base):
+        with torch.no_grad():
+            w = self._w(base).float()
+            norm = self._norm(w + self.delta_weight(base).float())
+        self.lora_magnitude_vector = _Magnitude(norm.to(self.lora_B_dtype()))
+
+    def save_key(self, local_key: str) -> str:
+        # peft writes DoRA magnitudes without the ".weight" suffix
+        return local_key.removesuffix(".weight") if local_key.startswith("lora_magnitude_vector") else local_key
+
+    def _mag(self) -> torch.Tensor:
+        return self.lora_magnitude_vector.weight.reshape(-1)  # (out,)
+
+    def _norm(self, w: torch.Tensor) -> torch.Tensor:
+        # per output channel: Linear/Conv rows (out, ...) ; layout handled by _w
+        return w.flatten(1).norm(dim=1)
+
+    def _channel(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return v  # linear: broadcast over the last dim; conv overrides
+
+    def forward(self, x, y, base):
+        xd = self.dropout(x)
+        lora = self.lora(xd) * self.scaling
+        if getattr(self, "A0", None) is not None:  # PiSSA: subtract the initial product
+            lora = lora - self.lora(xd, initial=True) * self.scaling
+        if not self.use_dora:
+            return y + lora.to(y.dtype)
+        # DoRA: y' = m/‖W+sBA‖ ⊙ (W x_d + sBA x_d) + b ; the norm is detached (paper §4.3)
+        w = self._w(base)
+        norm = self._norm(w + self.delta_weight(base).to(w.dtype)).detach()
+        scale = self._channel(self._mag() / norm, y)
+        if isinstance(self.dropout, nn.Identity):
+            bias = getattr(base, "bias", None)
+            base_out = y - self._channel(bias, y) if bias is not None else y
+        else:
+            base_out = self.base_no_bias(base, xd)
+        return y + (scale - 1) * base_out + scale * lora
+
+    # DoRA merges are not additive: W' = m ⊙ (W+ΔW)/‖W+ΔW‖; remember the norm to undo it
+    def merge(self, base):
+        if not self.use_dora:
+            return super().merge(base)
+        w = self._w(base)
+        wd = w + self.delta_weight(base).to(w.dtype)
+        norm = self._norm(wd)
+        self._merged_norm = norm
+        scale = (self._mag() / norm).view(-1, *[1] * (w.dim() - 1))
+        self._set_w(base, wd * scale)
+
+    def unmerge(self, base):
+        if not self.use_dora:
+            return super().unmerge(base)
+        w = self._w(base)
+        scale = (self._mag() / self._merged_norm).view(-1, *[1] * (w.dim() - 1))
+        self._set_w(base, w / scale - self.delta_weight(base).to(w.dtype))
+        del self._merged_norm
+
+    def _set_w(self, base, w):
+        set_base_weight(base, w)
+
+
+class LoraLinear(LoraDelta):
+    """nn.Linear, GPT-2 Conv1D (weight stored transposed) and quantized linears."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoraConfig):
+        super().__init__()
+        conv1d = _conv1d_type()
+        self.fan_in_fan_out = conv1d is not None and isinstance(base, conv1d)
+        w = base_weight(base)
+        out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else (w.shape[0], w.shape[1])
+        dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
+        self._setup(r, alpha, cfg)
+        self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype)  # (r, in)
+        self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype)  # (out, r)
+        if cfg.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        nn.init.zeros_(self.lora_B.weight)
+        if cfg.init == "pissa":
+            self._init_pissa(base)
+        if cfg.dora:
+            self._init_dora(base)
+
+    def lora_B_dtype(self):
+        return self.lora_B.weight.dtype
+
+    def b_params(self):
+        return [self.lora_B.weight]
+
+    def _init_pissa(self, base):
+        with torch.no_grad():
+            w = self._w(base).float()  # (out, in)
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            r = self.r
+            root = s[:r].sqrt() / math.sqrt(self.scaling)  # split √S between A and B, undo s
+            self.lora_A.weight.copy_(root[:, None] * vh[:r])  # (r, in)
+            self.lora_B.weight.copy_(u[:, :r] * root[None])  # (out, r)
+        self.register_buffer("A0", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("B0", self.lora_B.weight.detach().clone(), persistent=False)
+
+    def _w(self, base):
+        w = base_weight(base)
+        return w.t() if self.fan_in_fan_out else w
+
+    def _set_w(self, base, w):
+        set_base_weight(base, w.t() if self.fan_in_fan_out else w)
+
+    def delta_weight_native(self, base):
+        d = LoraDelta.delta_weight(self, base)
+        return d.t() if self.fan_in_fan_out else d
+
+    def merge(self, base):
+        if self.use_dora:
+            return LoraDelta.merge(self, base)
+        w = base_weight(base)
+        set_base_weight(base, w + self.delta_weight_native(base).to(w.dtype))
+
+    def unmerge(self, base):
+        if self.use_dora:
+            return LoraDelta.unmerge(self, base)
+        w = base_weight(base)
+        set_base_weight(base, w - self.delta_weight_native(base).to(w.dtype))
+
+    def lora(self, x, initial: bool = False):
+        a, b = (self.A0, self.B0) if initial else (self.lora_A.weight, self.lora_B.weight)
+        return F.linear(F.linear(x.to(a.dtype), a), b)  # (..., in) -> (..., r) -> (..., out)
+
+    def product(self, initial: bool = False):
+        a, b = (self.A0, self.B0) if initial else (self.lora_A.weight, self.lora_B.weight)
+        return b @ a  # (out, in)
+
+    def base_no_bias(self, base, x):
+        return F.linear(x.to(self._w(base).dtype), self._w(base))
+
+    def forward(self, x, y, base):
+        if self.use_dora or getattr(self, "A0", None) is not None or y.dtype != self.lora_B.weight.dtype:
+            return super().forward(x, y, base)
+        # fast path: one fused addmm, y + s·(x A^T) B^T, without materialising the scaled branch
+        h = F.linear(self.dropout(x), self.lora_A.weight)  # (..., r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(),
+                          alpha=self.scaling)
+        return out.view(y.shape)
+
+
+class LoraConv(LoraDelta):
+    """nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, stride and padding to r
+    channels, B a 1×1 conv back to the output channels."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoraConfig):
+        super().__init__()
+        if base.groups != 1:
+            raise DeltaError(f"lora: grouped/depthwise convolutions (groups={base.groups}) are not supported; "
+                             "target the pointwise (1x1, groups=1) convolutions instead")
+        self._setup(r, alpha, cfg)
+        if cfg.init == "pissa":
+            raise DeltaError("lora: init='pissa' supports linear layers only")
+        conv = type(base)
+        self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                           bias=False, padding_mode=base.padding_mode, dtype=base.weight.dtype)
+        self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, dtype=base.weight.dtype)
+        if cfg.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        nn.init.zeros_(self.lora_B.weight)
+        if cfg.dora:
+            self._init_dora(base)
+
+    def lora_B_dtype(self):
+        return self.lora_B.weight.dtype
+
+    def b_params(self):
+        return [self.lora_B.weight]
+
+    def lora(self, x, initial: bool = False):
+        return self.lora_B(self.lora_A(x))
+
+    def product(self, initial: bool = False):
+        a = self.lora_A.weight  # (r, in, *k)
+        b = self.lora_B.weight  # (out, r, 1, ...)
+        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
+
+    def _channel(self, v, y):
+        return v.view(1, -1, *[1] * (y.dim() - 2))
+
+    def _init_dora(self, base):
+        super()._init_dora(base)
+        m = self.lora_magnitude_vector.weight  # peft stores conv magnitudes as (1, out, 1, ...)
+        self.lora_magnitude_vector.weight = nn.Parameter(m.detach().view(1, -1, *[1] * (base.weight.dim() - 2)))
+
+    def base_no_bias(self, base, x):
+        return base._conv_forward(x, base.weight, None)
+
+
+class LoraEmbedding(LoraDelta):
+    """nn.Embedding: ΔE = s (B A)^T, shape (num_embeddings, dim). peft's init: A = 0, B ~ N(0,1)."""
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, cfg: LoraConfig):
+        super().__init__()
+        if cfg.dora:
+            raise DeltaError("lora: dora=True is not supported on nn.Embedding; exclude the embedding "
+                             "from targets or use plain LoRA")
+        if cfg.init == "pissa":
+            raise DeltaError("lora: init='pissa' supports linear layers only")
+        self._setup(r, alpha, cfg)
+        self.dropout = nn.Identity()  # token ids cannot be dropped out; peft does the same
+        dt = base.weight.dtype
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, dtype=dt))  # (r, V)
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, dtype=dt))  # (D, r)
+        if cfg.init == "gaussian":
+            nn.init.normal_(self.lora_embedding_A, std=1 / r)
+            nn.init.zeros_(self.lora_embedding_B)
+
+    def b_params(self):
+        return [self.lora_embedding_B]
+
+    def forward(self, x, y, base):
+        h = F.embedding(x, self.lora_embedding_A.t(), base.padding_idx, base.max_norm, base.norm_type,
+                        base.scale_grad_by_freq, base.sparse)  # (..., r)
+        return y + (h @ self.lora_embedding_B.t()) * self.scaling
+
+    def product(self, initial: bool = False):
+        return (self.lora_embedding_B @ self.lora_embedding_A).t()  # (V, D), the weight's layout
+
+
+def _layer_table() -> dict[type, type[LoraDelta]]:
+    from ..quant_registry import QUANT_LINEAR_TYPES
+
+    table: dict[type, type[LoraDelta]] = {nn.Linear: LoraLinear, nn.Conv1d: LoraConv, nn.Conv2d: LoraConv,
+                                          nn.Embedding: LoraEmbedding}
+    if _conv1d_type() is not None:
+        table[_conv1d_type()] = LoraLinear
+    for t in QUANT_LINEAR_TYPES:
+        table[t] = LoraLinear
+    return table
+
+
+def make_delta(base: nn.Module, r: int, alpha: float, cfg: LoraConfig) -> LoraDelta:
+    for t, cls in _layer_table().items():
+        if isinstance(base, t):
+            return cls(base, r, alpha, cfg)
+    raise DeltaError(f"lora: layer type {type(base).__name__} is not supported; "
+                     f"supported: {[t.__name__ for t in _layer_table()]}")
+
+
+# --------------------------------------------------------------------------- the method
+
+@register
+class LoRA(Method):
+    name = "lora"
+    config_cls = LoraConfig
+    peft_type = "LORA"
+    summary = "low-rank update s·BA added to frozen weights (with DoRA, rsLoRA, PiSSA, LoRA+)"
+    layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding", "NF4Linear/Int8Linear")
+
+    def attach(self, model, cfg: LoraConfig, name, state):
+        from ..api import _base_at
+
+        paths = find_targets(model, cfg.targets, types=tuple(_layer_table()), exclude=cfg.exclude)
+        made = []  # build every delta first: a failure leaves the model untouched
+        for p in paths:
+            r = _pattern_value(p, cfg.rank_pattern, cfg.r)
+            alpha = _pattern_value(p, cfg.alpha_pattern, cfg.alpha)
+            made.append((p, make_delta(_base_at(model, p), r, alpha, cfg)))
+        for p, d in made:
+            wrap(model, p, state).deltas[name] = d
+
+    def export(self, model, name, tensors, cfg: LoraConfig):
+        if cfg.init != "pissa":
+            return tensors, cfg
+        # PiSSA → plain LoRA of rank 2r: s(BA − B₀A₀) = s'[B, −B₀][A; A₀] with s' = s
+        k = 2.0 if not cfg.rslora else math.sqrt(2.0)
+        for path, layer in iter_delta_layers(model):
+            d = layer.deltas[name] if name in layer.deltas else None
+            if isinstance(d, LoraLinear) and getattr(d, "A0", None) is not None:
+                tensors[f"{path}.lora_A.weight"] = torch.cat([d.lora_A.weight.detach(), d.A0], 0)
+                tensors[f"{path}.lora_B.weight"] = torch.cat([d.lora_B.weight.detach(), -d.B0], 1)
+        cfg = replace(cfg, init="default", r=2 * cfg.r, alpha=cfg.alpha * k,
+                      rank_pattern={kk: 2 * v for kk, v in cfg.rank_pattern.items()},
+                      alpha_pattern={kk: v * k for kk, v in cfg.alpha_pattern.items()})
+        return tensors, cfg
+
+    def normalize_keys(self, tensors):
+        # older peft versions wrote "lora_magnitude_vector.weight"
+        return {k.removesuffix(".weight") if k.endswith("lora_magnitude_vector.weight") else k: v
+                for k, v in tensors.items()}
+
+    def to_peft(self, cfg: LoraConfig, model, name):
+        from ..core import CopyDelta
+
+        targets, saved = [], []
+        for path, layer in iter_delta_layers(model):
+            d = layer.deltas[name] if name in layer.deltas else None
+            if isinstance(d, LoraDelta):
+                targets.append(path)
+            elif isinstance(d, CopyDelta):
+                saved.append(path)
+        conv1d = _conv1d_type()
+        return {
+            "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "target_modules": sorted(targets), "exclude_modules": None,
+            "modules_to_save": sorted(saved) or None, "bias": "none", "use_rslora": cfg.rslora,
+            "use_dora": cfg.dora, "init_lora_weights": True, "rank_pattern": dict(cfg.rank_pattern),
+            "alpha_pattern": dict(cfg.alpha_pattern), "layers_to_transform": None, "layers_pattern": None,
+            "fan_in_fan_out": any(conv1d is not None and isinstance(layer.base_layer, conv1d)
+                                  for _, layer in iter_delta_layers(model)),
+            "inference_mode": True, "revision": None,
+        }
+
+    def from_peft(self, d: dict[str, Any]) -> LoraConfig:
+        if d.get("bias", "none") != "none":
+            raise DeltaError(f"peft LoRA with bias={d['bias']!r} is not supported; attach 'bitfit' for biases")
+        if d.get("layers_to_transform") is not None:
+            raise DeltaError("peft LoRA with layers_to_transform is not supported yet; "
+                             "re-save with explicit target_modules")
+        init = d.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "eva")):
+            raise DeltaError(f"peft LoRA saved with init_lora_weights={init!r} needs peft's modified base "
+                             "weights; re-save it from peft with path_initial_model_for_weight_conversion")
+        targets = d.get("target_modules")
+        if isinstance(targets, (set, tuple)):
+            targets = list(targets)
+        return LoraConfig(
+            targets=targets, exclude=d.get("exclude_modules"), modules_to_save=d.get("modules_to_save") or None,
+            r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
+            rslora=bool(d.get("use_rslora", False)), dora=bool(d.get("use_dora", False)),
+            rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
+
+
+def lora_plus_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024): optimizer param groups where every B matrix gets ``lr * ratio``.
+
+    >>> opt = torch.optim.AdamW(lora_plus_groups(model, lr=2e-4, ratio=16))
+    """
+    from ..api import adapter_tensors
+
+    st = get_state(model)
+    b_ids = set()
+    for _, layer in iter_delta_layers(model):
+        for n in st.active:
+            d = layer.deltas[n] if n in layer.deltas else None
+            if isinstance(d, LoraDelta):
+                b_ids.update(id(p) for p in d.b_params())
+    params = {id(t): t for n in st.active for t in adapter_tensors(model, n).values() if t.requires_grad}
+    a = [p for i, p in params.items() if i not in b_ids]
+    b = [p for i, p in params.items() if i in b_ids]
+    return [{"params": a, "lr": lr, "weight_decay": weight_decay},
+            {"params": b, "lr": lr * ratio, "weight_decay": weight_decay}]
