@@ -65,6 +65,7 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
     from .core import AdapterRecord
 
     st.adapters[name] = AdapterRecord(cfg.method, cfg)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -75,8 +76,12 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
         if mts:
             for path in find_targets(model, [mts] if isinstance(mts, str) else list(mts)):
                 wrap(model, path, st).deltas[name] = CopyDelta(_base_at(model, path))
-    except BaseException:
+    except BaseException:  # leave the model exactly as it was
         _remove(model, name)
+        for p, g in grads:
+            p.requires_grad_(g)
+        if not st.adapters:
+            model.__dict__.pop(STATE_ATTR, None)
         raise
     for _, layer in iter_delta_layers(model):  # new modules start in train mode: follow the model
         layer.train(layer.base_layer.training)

@@ -229,6 +229,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         name = next((n for n in ("default", saved_name) if n and n not in taken), None)
         if name is None:
             raise DeltaError(f"model already has adapters {sorted(taken)}; pass name=... to load {directory} under a new name")
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     attach(model, cfg, name=name)
     expected = adapter_tensors(model, name)
     problems = []
@@ -239,8 +240,12 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     for k in sorted(set(expected) & set(tensors)):
         if tuple(expected[k].shape) != tuple(tensors[k].shape):
             problems.append(f"shape of {k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}")
-    if problems:
+    if problems:  # undo the attach: the model is left as it was
         _remove(model, name)
+        for p, g in grads:
+            p.requires_grad_(g)
+        if not get_state(model).adapters:
+            model.__dict__.pop("_deltatune", None)
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise DeltaError(f"adapter in {directory} does not fit this {type(model).__name__} "
                          f"(was it trained on another base model?):\n  {shown}")
