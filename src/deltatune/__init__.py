@@ -20,3 +20,5 @@ __all__ = [
     "find_targets", "load", "lora_plus_groups", "make_config", "merge", "register", "save",
     "trainable_parameters", "unmerge",
 ]
+from .mixed import generate_mixed, mixed  # noqa: E402  (issue 6: mixed-adapter batches)
+from .importance import (adalora_hook, adalora_orth_penalty, adalora_ranks, adalora_report, adalora_to_lora, importance, select_sparse)  # noqa: E402,F401  (issue 4: budget)

@@ -227,18 +227,50 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: boo
         if any(n in layer.deltas for n in names) and w is not None and len(owners.get(id(w), [])) > 1:
             raise DeltaError(f"cannot merge into {path}: its weight is tied to {owners[id(w)]} and merging would "
                              "change those too; untie the weights first or keep the adapter unmerged")
+    from .core import base_weight
+    from .safety import describe, first_nonfinite
+
+    for n in names:  # never fold NaN/Inf into the weights (a diverged run's adapter)
+        tensors = adapter_tensors(model, n)
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise DeltaError(f"adapter {n!r}: {bad} has {describe(tensors[bad])}; refusing to merge it into "
+                             "the weights - load an earlier checkpoint of the adapter")
     if copy:
         model = _copy.deepcopy(model)
         st = get_state(model)
+    done: list[tuple[DeltaLayer, str, nn.Module]] = []  # (layer, adapter, base before to_float): for rollback
     with torch.no_grad():
         for path, layer in iter_delta_layers(model):
+            todo = [n for n in names if n in layer.deltas and n not in layer.merged]
+            if not todo:
+                continue
+            orig_base = layer.base_layer
             if unload and hasattr(layer.base_layer, "to_float"):
                 # merging into 4/8-bit storage would round the delta away: merge into a float copy
                 layer.base_layer = layer.base_layer.to_float()
-            for n in names:
-                if n in layer.deltas and n not in layer.merged:
-                    layer.deltas[n].merge(layer.base_layer)
-                    layer.merged.append(n)
+            snapshot = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+            for n in todo:
+                layer.deltas[n].merge(layer.base_layer)
+                layer.merged.append(n)
+            merged_w = dict(layer.base_layer.state_dict())
+            if hasattr(layer.base_layer, "dequantize"):
+                merged_w["weight"] = base_weight(layer.base_layer)
+            bad = first_nonfinite(merged_w)
+            if bad is not None:  # put every weight back as it was, then refuse
+                layer.base_layer.load_state_dict(snapshot)
+                layer.merged = [m for m in layer.merged if m not in todo]
+                layer.base_layer = orig_base
+                for lay, n, ob in reversed(done):
+                    if lay.base_layer is ob:  # else it merged into a float copy: the original is intact
+                        lay.deltas[n].unmerge(lay.base_layer)
+                    lay.merged.remove(n)
+                for lay, _, ob in done:
+                    lay.base_layer = ob
+                raise DeltaError(f"merging {todo} into {path} gives {bad} with {describe(merged_w[bad])}; "
+                                 "nothing was merged. The base or the adapter overflows in this dtype: "
+                                 "merge in float32")
+            done += [(layer, n, orig_base) for n in todo]
         for n in names:
             method_of(st.adapters[n].method).merge(model, n)
     if unload:

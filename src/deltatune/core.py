@@ -348,6 +348,15 @@ class Method:
         """Map key spellings of other versions/tools to ours when loading."""
         return tensors
 
+    def file_key(self, key: str) -> str:
+        """The key of adapter tensor ``key`` in the saved file (peft's layout).  Prompt-learning
+        methods override this pair: peft writes them as ``prompt_embeddings`` / ``base_model.<path>``."""
+        return PREFIX + key
+
+    def from_file_key(self, key: str) -> str:
+        """Inverse of :meth:`file_key`, applied when loading."""
+        return key.removeprefix(PREFIX)
+
     def export(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
                cfg: DeltaConfig) -> tuple[dict[str, torch.Tensor], DeltaConfig]:
         """Hook to convert tensors and config at save time (e.g. PiSSA → plain LoRA)."""

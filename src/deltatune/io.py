@@ -4,9 +4,9 @@
     DIR/adapter_config.json         peft's config keys for methods peft has (so peft loads it)
     DIR/deltatune.json              our full config + a manifest (sha256 and size of each file)
 
-Every file is written atomically (temp file in the same directory, fsync, rename) and the manifest
-last, so a crash leaves either the previous adapter or a directory whose checksums say it is
-incomplete.  Loading verifies the manifest, refuses pickles (safetensors, or
+The three files are written into a hidden sibling directory, fsynced, and swapped in with one
+atomic rename (``safety.atomic_dir``), so a crash or a concurrent reader sees the previous adapter
+or the new one, never a mix; the manifest's checksums catch later corruption.  Loading verifies the manifest, refuses pickles (safetensors, or
 ``torch.load(weights_only=True)`` for peft's legacy ``adapter_model.bin``), and reports every
 missing, unexpected or mis-shaped tensor by name.
 """
@@ -112,7 +112,7 @@ def adapter_payload(model: nn.Module, name: str | None = None) -> tuple[dict[str
     m = method_of(rec.method)
     tensors = {k: v.detach() for k, v in adapter_tensors(model, name).items()}
     tensors, cfg = m.export(model, name, tensors, rec.config)
-    sd = {PREFIX + k: v.contiguous().cpu().clone() for k, v in tensors.items()}
+    sd = {m.file_key(k): v.contiguous().cpu().clone() for k, v in tensors.items()}
     peft_cfg = m.to_peft(cfg, model, name)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     if peft_cfg is None:
@@ -137,13 +137,18 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise DeltaError(f"cannot save adapter to {d}: it is a file, not a directory")
+    from .safety import atomic_dir
+
     weights = st_save(sd, metadata={"format": "pt"})
     cfg_bytes = (json.dumps(peft_cfg, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
-    atomic_write(d / WEIGHTS, weights)
-    atomic_write(d / CONFIG, cfg_bytes)
     ours["files"] = {WEIGHTS: {"sha256": sha256(weights), "bytes": len(weights)},
                      CONFIG: {"sha256": sha256(cfg_bytes), "bytes": len(cfg_bytes)}}
-    atomic_write_json(d / MANIFEST, ours)  # last: its checksums vouch for the two files above
+    # the three files are built in a sibling temp dir and swapped in with one rename, so a reader
+    # (or a crash) sees the previous adapter or this one, never a mix; other files in d are kept
+    with atomic_dir(d, carry_over=True) as tmp:
+        (tmp / WEIGHTS).write_bytes(weights)
+        (tmp / CONFIG).write_bytes(cfg_bytes)
+        (tmp / MANIFEST).write_text(json.dumps(ours, indent=2, sort_keys=True, default=_json_default) + "\n")
     return d
 
 
@@ -158,17 +163,52 @@ def _read_json(path: Path) -> dict:
 
 def read_adapter_dir(directory: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], str, Any, str | None]:
     """(tensors without prefix, method name, config object, saved adapter name)."""
+    for attempt in range(3):  # a save swapping the directory mid-read changes its inode: read again
+        try:
+            ino = os.stat(directory).st_ino
+        except OSError:
+            ino = None
+        try:
+            return _read_adapter_dir_once(directory, verify)
+        except (DeltaError, OSError) as e:
+            try:
+                swapped = ino is not None and os.stat(directory).st_ino != ino
+            except OSError:
+                swapped = False
+            if not swapped or attempt == 2:
+                if isinstance(e, DeltaError):
+                    raise
+                raise DeltaError(f"{directory}: cannot read adapter ({e})") from None
+    raise AssertionError("unreachable")
+
+
+def _read_adapter_dir_once(directory, verify):
+    from .safety import recover_dir
+
     d = Path(directory)
+    if not d.exists():
+        recover_dir(d)  # a save killed between the two renames of the non-Linux fallback swap
+    if d.exists() and not d.is_dir():
+        raise DeltaError(f"{d} is a file, not an adapter directory (expected {CONFIG} and {WEIGHTS} inside)")
     if not d.is_dir():
         raise DeltaError(f"adapter directory {d} does not exist (expected {CONFIG} and {WEIGHTS} inside)")
     ours = _read_json(d / MANIFEST) if (d / MANIFEST).exists() else None
+    if ours is not None and (not isinstance(ours, dict) or not isinstance(ours.get("files", {}), dict)):
+        raise DeltaError(f"{d / MANIFEST}: not a deltatune manifest (expected a JSON object with 'files'); "
+                         "delete it to load the directory as a plain peft adapter")
     if ours is not None:
         ver = ours.get("format_version", 0)
         if not isinstance(ver, int) or ver > FORMAT_VERSION:
             raise DeltaError(f"{d / MANIFEST}: format_version {ver} was written by a newer deltatune "
                              f"(this one reads <= {FORMAT_VERSION}); upgrade deltatune to load it")
+        verified: dict[str, bytes] = {}
         if verify:
+            if WEIGHTS not in ours.get("files", {}) and LEGACY_WEIGHTS not in ours.get("files", {}):
+                raise DeltaError(f"{d / MANIFEST}: lists no weights file, so {d} cannot be verified; "
+                                 "re-save the adapter (or pass verify=False)")
             for fname, meta in ours.get("files", {}).items():
+                if not isinstance(meta, dict) or "/" in fname or "\\" in fname or fname.startswith("."):
+                    raise DeltaError(f"{d / MANIFEST}: bad entry for {fname!r}; the manifest is corrupted")
                 p = d / fname
                 if not p.exists():
                     raise DeltaError(f"{p}: listed in {MANIFEST} but missing; the save was interrupted "
@@ -176,41 +216,58 @@ def read_adapter_dir(directory: str | os.PathLike, verify: bool = True) -> tuple
                 data = p.read_bytes()
                 if len(data) != meta.get("bytes") or sha256(data) != meta.get("sha256"):
                     raise DeltaError(f"{p}: checksum mismatch ({len(data)} bytes, expected {meta.get('bytes')}); "
-                                     "the file is truncated or corrupted - re-save or restore it")
-        m = method_of(ours.get("method", ""))
-        cfg = m.config_cls.from_dict(ours.get("config", {}))
+                                     "the file is truncated or corrupted, or was replaced after deltatune saved "
+                                     f"it - re-save or restore it (or delete {MANIFEST} to load it unverified)")
+                verified[fname] = data  # parse exactly the bytes that were checked
+        try:
+            m = method_of(ours.get("method", ""))
+            if not isinstance(ours.get("config", {}), dict):
+                raise DeltaError("'config' is not a JSON object")
+            cfg = m.config_cls.from_dict(ours.get("config", {}))
+        except (DeltaError, TypeError) as e:
+            raise DeltaError(f"{d / MANIFEST}: {e}") from None
         saved_name = ours.get("name")
     else:
         if not (d / CONFIG).exists():
             raise DeltaError(f"{d}: no {CONFIG} or {MANIFEST}; this is not an adapter directory")
+        verified = {}
         peft_cfg = _read_json(d / CONFIG)
+        if not isinstance(peft_cfg, dict):
+            raise DeltaError(f"{d / CONFIG}: expected a JSON object, got {type(peft_cfg).__name__}")
         ptype = peft_cfg.get("peft_type")
         cands = [m for m in METHODS.values() if m.peft_type and m.peft_type == ptype]
         if not cands:
             known = sorted(m.peft_type for m in METHODS.values() if m.peft_type)
             raise DeltaError(f"{d / CONFIG}: peft_type {ptype!r} is not supported; deltatune reads {known}")
         m = cands[0]
-        cfg = m.from_peft(peft_cfg)
+        try:
+            cfg = m.from_peft(peft_cfg)
+        except (DeltaError, TypeError, ValueError) as e:
+            raise DeltaError(f"{d / CONFIG}: {e}") from None
         saved_name = None
-    tensors = _read_weights(d)
-    tensors = m.normalize_keys({k.removeprefix(PREFIX): v for k, v in tensors.items()})
+    tensors = _read_weights(d, verified.get(WEIGHTS))
+    tensors = m.normalize_keys({m.from_file_key(k): v for k, v in tensors.items()})
     return tensors, m.name, cfg, saved_name
 
 
-def _read_weights(d: Path) -> dict[str, torch.Tensor]:
+def _read_weights(d: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     if (d / WEIGHTS).exists():
         try:
-            return load_file(str(d / WEIGHTS))
+            return load(data) if data is not None else load_file(str(d / WEIGHTS))
         except (SafetensorError, OSError, ValueError) as e:
             raise DeltaError(f"{d / WEIGHTS}: unreadable safetensors file ({e}); it is truncated or corrupted")
     if (d / LEGACY_WEIGHTS).exists():
         try:  # peft's legacy format; weights_only refuses arbitrary pickled objects
-            return torch.load(d / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
+            sd = torch.load(d / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
         except Exception as e:
             raise DeltaError(f"{d / LEGACY_WEIGHTS}: refused or unreadable ({e}); only plain tensors are loaded")
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise DeltaError(f"{d / LEGACY_WEIGHTS}: not a flat {{name: tensor}} state dict; refusing it")
+        return sd
     raise DeltaError(f"{d}: no {WEIGHTS} (nor {LEGACY_WEIGHTS}) inside")
 
 
@@ -222,7 +279,13 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     The new adapter is activated."""
     from .api import _remove, activate, adapter_tensors, attach
 
+    from .safety import describe, first_nonfinite
+
     tensors, method, cfg, saved_name = read_adapter_dir(directory, verify=verify)
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # a diverged run's checkpoint: refuse rather than load garbage silently
+        raise DeltaError(f"{directory}: tensor {bad} has {describe(tensors[bad])}; this adapter was saved "
+                         "from a diverged run - load an earlier checkpoint")
     st = model.__dict__.get("_deltatune")
     taken = set(st.adapters) if st else set()
     if name is None:
@@ -240,6 +303,8 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     for k in sorted(set(expected) & set(tensors)):
         if tuple(expected[k].shape) != tuple(tensors[k].shape):
             problems.append(f"shape of {k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}")
+        elif tensors[k].is_floating_point() != expected[k].is_floating_point():
+            problems.append(f"dtype of {k}: file {tensors[k].dtype} vs model {expected[k].dtype}")
     if problems:  # undo the attach: the model is left as it was
         _remove(model, name)
         for p, g in grads:

@@ -1,0 +1,167 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for
+Generation", arXiv:2101.00190): every attention layer gets P trainable key/value vectors that all
+real tokens can attend to; the model's weights stay frozen.
+
+    layer l:  K_l = [Pk_l ; W_k h]   V_l = [Pv_l ; W_v h]          Pk_l, Pv_l: (H_kv, P, d_h)
+              softmax(Q K_lᵀ / √d_h) V_l                            (real tokens see the prefix)
+
+    training (reparameterised, §4.3, prefix_projection=True):
+        [Pk ; Pv] = MLP(E),  E (P, H_kv·d_h),  MLP = Linear(H_kv·d_h → 512) ─ tanh ─ Linear(→ L·2·H_kv·d_h)
+    saving / inference: the MLP is folded away, only the table MLP(E) (P, L·2·H_kv·d_h) is kept
+        (peft's ``prompt_embeddings``; read as (P, L, 2, H_kv, d_h): layer l's key then value).
+
+The prefix is handed to the model as a transformers ``DynamicCache`` (``past_key_values``) by the
+forward pre-hook of ``_virtual_tokens.py``, which also extends the attention mask and shifts the
+positions by P (as peft does), so decoders (Llama, GPT-2) can ``generate()`` and encoders (BERT)
+attend to the prefix bidirectionally.  Not mergeable: the prefix is extra keys/values in the
+softmax, not a weight change.  Not compatible with gradient checkpointing (the cache is mutated).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import DeltaConfig, DeltaError, Method, get_state, register
+from . import _virtual_tokens as vt
+from .prompt import _saved_modules, peft_modules_to_save
+
+
+@dataclass
+class PrefixConfig(DeltaConfig):
+    num_virtual_tokens: int = 10  # P; Li & Liang Fig. 4: table-to-text peaks near 10 (200 for summarisation)
+    prefix_projection: bool = True  # train through the MLP (§4.3): direct optimisation is unstable
+    encoder_hidden_size: int = 512  # MLP width; the paper's 512 (table-to-text), 800 for summarisation
+
+    method = "prefix"
+
+    def __post_init__(self):
+        for k in ("num_virtual_tokens", "encoder_hidden_size"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DeltaError(f"prefix: {k} must be a positive integer, got {v!r}")
+
+
+class PrefixEncoder(nn.Module):
+    """The prefix of one adapter: either ``embedding`` + ``mlp`` (reparameterised, training) or
+    the folded table ``weight`` (P, L·2·H_kv·d_h)."""
+
+    kind = "prefix"
+
+    def __init__(self, tokens: int, layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int):
+        super().__init__()
+        self.num_virtual_tokens, self.shape = tokens, (tokens, layers, 2, kv_heads, head_dim)
+        kv_dim, width = kv_heads * head_dim, layers * 2 * kv_heads * head_dim
+        self.projection = projection
+        if projection:
+            self.embedding = nn.Parameter(torch.randn(tokens, kv_dim))  # (P, H_kv·d_h)
+            self.mlp = nn.Sequential(nn.Linear(kv_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+        else:
+            self.weight = nn.Parameter(torch.randn(tokens, width))  # (P, L·2·H_kv·d_h), peft's init
+
+    def table(self) -> torch.Tensor:
+        return self.mlp(self.embedding) if self.projection else self.weight  # (P, L·2·H_kv·d_h)
+
+    def key_values(self) -> torch.Tensor:
+        return self.table().view(self.shape).permute(1, 2, 3, 0, 4)  # (L, 2, H_kv, P, d_h)
+
+
+def _build(model: nn.Module, cfg: PrefixConfig, projection: bool) -> PrefixEncoder:
+    d = vt.dims(model)
+    return PrefixEncoder(cfg.num_virtual_tokens, d["layers"], d["kv_heads"], d["head_dim"], projection,
+                         cfg.encoder_hidden_size).to(vt.param_device(model))
+
+
+@register
+class PrefixTuning(Method):
+    name = "prefix"
+    config_cls = PrefixConfig
+    peft_type = "PREFIX_TUNING"
+    summary = "prefix tuning: trainable key/value prefixes at every attention layer (Li & Liang 2021)"
+    layer_types = ("attention layers reading a transformers Cache",)
+    mergeable = False
+    merge_note = "a prefix adds keys/values to every softmax, which no weight change reproduces"
+
+    def attach(self, model: nn.Module, cfg: PrefixConfig, name: str, state) -> None:
+        import inspect
+
+        vt.check_model(model, "prefix")
+        backbone = getattr(model, "base_model", model)
+        if "past_key_values" not in inspect.signature(backbone.forward).parameters:
+            raise DeltaError(f"prefix: {type(backbone).__name__}.forward takes no past_key_values, so a prefix "
+                             "cannot reach its attention layers; use prompt tuning or lora instead")
+        if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise DeltaError("prefix: gradient checkpointing re-runs layers against a mutated cache; "
+                             "call model.gradient_checkpointing_disable() first")
+        vt.store(model, create=True).deltas[name] = _build(model, cfg, cfg.prefix_projection)
+
+    def own_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        s = vt.store(model)
+        if s is None or name not in s.deltas:
+            return {}
+        enc = s.deltas[name]
+        if not enc.projection:
+            return {"prompt_embeddings": enc.weight}
+        return {f"prefix_encoder.{k}": p for k, p in enc.named_parameters()}
+
+    def export(self, model, name, tensors, cfg: PrefixConfig):
+        # fold the MLP away: the file holds the prefix table only (what peft saves)
+        enc = vt.store(model).deltas[name]
+        if not enc.projection:
+            return tensors, cfg
+        out = {k: v for k, v in tensors.items() if not k.startswith("prefix_encoder.")}
+        with torch.no_grad():
+            out["prompt_embeddings"] = enc.table().detach()
+        return out, dataclasses.replace(cfg, prefix_projection=False)
+
+    def delete(self, model: nn.Module, name: str) -> None:
+        vt.remove(model, name)
+
+    def unload(self, model: nn.Module, name: str) -> None:
+        vt.remove(model, name)
+
+    file_key = staticmethod(vt.file_key)
+    from_file_key = staticmethod(vt.from_file_key)
+
+    def to_peft(self, cfg: PrefixConfig, model: nn.Module, name: str) -> dict[str, Any]:
+        d = vt.dims(model)
+        return {
+            "peft_type": "PREFIX_TUNING", "task_type": vt.task_type(model),
+            "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": d["kv_heads"] * d["head_dim"],
+            "num_transformer_submodules": 1, "num_attention_heads": d["kv_heads"], "num_layers": d["layers"],
+            "encoder_hidden_size": cfg.encoder_hidden_size, "prefix_projection": False, "init_weights": None,
+            "modules_to_save": _saved_modules(model, name), "inference_mode": True, "revision": None,
+            "auto_mapping": None,
+        }
+
+    def from_peft(self, d: dict[str, Any]) -> PrefixConfig:
+        if d.get("num_transformer_submodules") not in (None, 1):
+            raise DeltaError("prefix: peft file for an encoder-decoder model (num_transformer_submodules=2); "
+                             "deltatune supports decoder-only and encoder-only models")
+        # peft saves the folded table whatever prefix_projection says
+        return PrefixConfig(num_virtual_tokens=int(d["num_virtual_tokens"]), prefix_projection=False,
+                            encoder_hidden_size=int(d.get("encoder_hidden_size") or 512),
+                            modules_to_save=peft_modules_to_save(d))
+
+
+def fold(model: nn.Module, name: str = "default") -> None:
+    """Replace a trained prefix adapter's MLP by the table it computes (what is saved): the same
+    outputs, no MLP per forward.  Training afterwards updates the table directly."""
+    from ..api import refresh
+
+    rec = get_state(model).adapters.get(name)
+    if rec is None or rec.method != "prefix":
+        raise DeltaError(f"no prefix adapter named {name!r} to fold")
+    s = vt.store(model)
+    enc = s.deltas[name]
+    if not enc.projection:
+        return
+    new = _build(model, rec.config, projection=False)
+    with torch.no_grad():
+        new.weight.copy_(enc.table())
+    s.deltas[name] = new.train(enc.training)
+    rec.config = dataclasses.replace(rec.config, prefix_projection=False)
+    refresh(model)

@@ -1,0 +1,243 @@
+"""Mixed-adapter batches: every row of one batch goes through its own adapter.
+
+    rows = ["a", "b", "a", None]          (None = the bare base model)
+
+    x (B, ..., in) ──► base(x) once for the whole batch ──► y (B, ..., out)
+                       for each adapter k used by the batch:
+                           y[rows_k] = delta_k(x[rows_k], y[rows_k])      gather → delta → scatter
+                       LoRA, many adapters (punica / S-LoRA style, Chen et al. 2023
+                       arXiv:2310.18547, Sheng et al. 2023 arXiv:2311.03285):
+                           y[i] += s_i · (x[i] A_iᵀ) B_iᵀ   for all rows i in one pair of bmm calls
+
+The frozen base runs once on the whole batch, so the cost of serving many adapters at once is the
+cost of their small deltas.  A delta with an input transform (``pre``, e.g. IA³ on a feed-forward
+input) rewrites its rows of ``x`` before the base runs; a ``replaces`` delta (a classification
+head copy, ``modules_to_save``) recomputes its rows.
+
+The row list may be shorter than the batch the layer sees: ``generate(num_beams=k)`` and
+``num_return_sequences`` expand every prompt into k consecutive rows (``repeat_interleave``), and
+so does flattening (B, T, C) to (B·T, C).  The mapping is therefore derived from each layer's
+current input: a batch of n·k rows maps row j to prompt j // k.  The batch dimension must be the
+first one (true for every transformers model).
+
+    with dt.mixed(model, ["a", "b", None]):
+        logits = model(input_ids).logits
+    out = dt.generate_mixed(model, ["a", "b"], input_ids=ids, num_beams=4, max_new_tokens=20)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .core import Delta, DeltaError, DeltaLayer, get_state, iter_delta_layers, method_of
+
+RowName = str | None
+BMM_MIN_ADAPTERS = 2  # LoRA adapters of one rank per layer from which the gathered bmm is used
+
+
+class RowPlan(list):
+    """The per-row adapter list, plus its row groups cached per (batch size, device): every
+    wrapped layer of one forward sees the same batch size, so the grouping is computed once."""
+
+    def __init__(self, rows: Sequence[RowName]):
+        super().__init__(rows)
+        self._cache: dict[tuple[int, str], tuple[list[RowName], dict[RowName, tuple[torch.Tensor, slice | None]]]] = {}
+
+    def expand(self, n: int, device: torch.device):
+        """(row names for a batch of n rows, {adapter: (row index tensor, slice if contiguous)})."""
+        key = (n, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        m = len(self)
+        if m == 0 or n % m:
+            raise DeltaError(f"mixed batch: {m} row adapter(s) given but the layer sees a batch of {n} rows; "
+                             "pass one adapter name (or None) per input row")
+        k = n // m  # beams / return sequences / flattened tokens per input row
+        names = [self[j // k] for j in range(n)]
+        rows: dict[RowName, list[int]] = {}
+        for j, a in enumerate(names):
+            rows.setdefault(a, []).append(j)
+        groups = {}
+        for a, idx in rows.items():
+            contiguous = idx[-1] - idx[0] + 1 == len(idx)
+            groups[a] = (torch.tensor(idx, device=device), slice(idx[0], idx[-1] + 1) if contiguous else None)
+        self._cache[key] = (names, groups)
+        return names, groups
+
+
+# --------------------------------------------------------------------------- row helpers
+
+def _take(t: torch.Tensor, idx: torch.Tensor, sl: slice | None) -> torch.Tensor:
+    return t[sl] if sl is not None else t.index_select(0, idx)
+
+
+def _put(y: torch.Tensor, idx: torch.Tensor, sl: slice | None, rows: torch.Tensor, name: str) -> torch.Tensor:
+    expect = (len(idx), *y.shape[1:])
+    if tuple(rows.shape) != expect:
+        raise DeltaError(f"mixed batch: adapter {name!r} changes this layer's output shape "
+                         f"({tuple(rows.shape)} vs {expect}, e.g. prompt/prefix tokens); such adapters cannot "
+                         "share a batch with others - run their rows in a separate batch")
+    rows = rows.to(y.dtype)
+    if _inplace_ok(y):
+        if sl is not None:
+            y[sl] = rows
+        else:
+            y.index_copy_(0, idx, rows)
+        return y
+    return y.index_copy(0, idx, rows)
+
+
+def _inplace_ok(y: torch.Tensor) -> bool:
+    # the base output is fresh, but autograd may have saved it (e.g. a base ending in sigmoid)
+    return not (torch.is_grad_enabled() and y.requires_grad)
+
+
+def _slice_rows(obj: Any, n: int, idx: torch.Tensor, sl: slice | None) -> Any:
+    """Rows of every tensor argument whose first dimension is the batch."""
+    if isinstance(obj, torch.Tensor) and obj.dim() and obj.shape[0] == n:
+        return _take(obj, idx, sl)
+    return obj
+
+
+def _has_pre(d: Delta) -> bool:
+    return type(d).pre is not Delta.pre
+
+
+# --------------------------------------------------------------------------- LoRA: batched gather
+
+def _bmm_ok(d: Delta, y: torch.Tensor) -> bool:
+    from .methods.lora import LoraLinear
+
+    return (isinstance(d, LoraLinear) and type(d).forward is LoraLinear.forward and not d.use_dora
+            and getattr(d, "A0", None) is None and (isinstance(d.dropout, nn.Identity) or not d.training)
+            and y.dtype == d.lora_B.weight.dtype)
+
+
+def _lora_bmm(x: torch.Tensor, y: torch.Tensor, names: list[RowName], deltas: dict[str, Delta],
+              use: list[str]) -> torch.Tensor:
+    """y[i] += s_i (x[i] A_iᵀ) B_iᵀ for every row whose adapter is in ``use`` (all of one rank)."""
+    rows = [j for j, a in enumerate(names) if a in use]
+    n = x.shape[0]
+    pos = {a: i for i, a in enumerate(use)}
+    A = torch.stack([deltas[a].lora_A.weight for a in use])  # (k, r, in)
+    B = torch.stack([deltas[a].lora_B.weight for a in use])  # (k, out, r)
+    s = torch.tensor([deltas[a].scaling for a in use], dtype=A.dtype, device=A.device)  # (k,)
+    sel = torch.tensor([pos[names[j]] for j in rows], device=A.device)  # (b,) adapter of each row
+    if len(rows) == n:
+        xs, idx = x, None
+    else:
+        idx = torch.tensor(rows, device=x.device)
+        xs = x.index_select(0, idx)
+    b = xs.shape[0]
+    xs = xs.reshape(b, -1, xs.shape[-1]).to(A.dtype)  # (b, L, in)
+    h = torch.bmm(xs, A.index_select(0, sel).transpose(1, 2))  # (b, L, r)
+    h = h * s.index_select(0, sel).view(b, 1, 1)
+    upd = torch.bmm(h, B.index_select(0, sel).transpose(1, 2))  # (b, L, out)
+    upd = upd.view(b, *y.shape[1:]).to(y.dtype)
+    if idx is None:
+        return y.add_(upd) if _inplace_ok(y) else y + upd
+    return y.index_add_(0, idx, upd) if _inplace_ok(y) else y.index_add(0, idx, upd)
+
+
+# --------------------------------------------------------------------------- the layer forward
+
+def mixed_forward(layer: DeltaLayer, row_adapters: Sequence[RowName], args: tuple, kwargs: dict):
+    """``DeltaLayer.forward`` when the model runs a mixed batch (``DeltaState.row_adapters`` set)."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    n = x.shape[0]
+    plan = row_adapters if isinstance(row_adapters, RowPlan) else RowPlan(row_adapters)
+    names, groups = plan.expand(n, x.device)
+    deltas = {a: layer.deltas[a] for a in groups if a is not None and a in layer.deltas and a not in layer.merged}
+    if not deltas:
+        return layer.base_layer(*args, **kwargs)
+
+    # 1. input transforms (pre) rewrite their rows of x before the shared base runs
+    for a, d in deltas.items():
+        if _has_pre(d):
+            idx, sl = groups[a]
+            nx = d.pre(_take(x, idx, sl))
+            if nx is not None:
+                x = x.index_copy(0, idx, nx.to(x.dtype))
+    if x is not (args[0] if args else next(iter(kwargs.values()))):
+        if args:
+            args = (x, *args[1:])
+        else:
+            kwargs = {**kwargs, next(iter(kwargs)): x}
+
+    # 2. the base, once for the whole batch; full replacements (head copies) redo their rows
+    y = layer.base_layer(*args, **kwargs)
+    for a, d in deltas.items():
+        if d.replaces:
+            idx, sl = groups[a]
+            ra = tuple(_slice_rows(v, n, idx, sl) for v in args)
+            rk = {k: _slice_rows(v, n, idx, sl) for k, v in kwargs.items()}
+            y = _put(y, idx, sl, d(*ra, **rk), a)
+
+    # 3. additive deltas: LoRA adapters of equal rank share one gathered bmm, the rest go per group
+    additive = {a: d for a, d in deltas.items() if not d.replaces}
+    by_rank: dict[int, list[str]] = {}
+    if isinstance(y, torch.Tensor) and y.dim() >= 2:
+        for a, d in additive.items():
+            if _bmm_ok(d, y):
+                by_rank.setdefault(d.r, []).append(a)
+    batched = set()
+    for use in by_rank.values():
+        if len(use) >= BMM_MIN_ADAPTERS:
+            y = _lora_bmm(x, y, names, additive, use)
+            batched.update(use)
+    for a, d in additive.items():
+        if a in batched:
+            continue
+        idx, sl = groups[a]
+        y = _put(y, idx, sl, d(_take(x, idx, sl), _take(y, idx, sl), layer.base_layer), a)
+    return y
+
+
+# --------------------------------------------------------------------------- public API
+
+def _check(model: nn.Module, rows: Sequence[RowName]) -> None:
+    st = get_state(model)
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise DeltaError(f"mixed batch: adapters must be a list with one name (or None) per row, got {rows!r}")
+    unknown = sorted({a for a in rows if a is not None and a not in st.adapters}, key=str)
+    if unknown:
+        raise DeltaError(f"mixed batch: unknown adapter(s) {unknown}; attached: {sorted(st.adapters)}")
+    if any(layer.merged for _, layer in iter_delta_layers(model)):
+        raise DeltaError("mixed batch: adapters are merged into the base weights; call dt.unmerge(model) first")
+    for a in sorted({a for a in rows if a is not None} | set(st.active)):
+        m = method_of(st.adapters[a].method)
+        if getattr(m, "supports_mixed", None) is False or (
+                getattr(m, "supports_mixed", None) is None and m.own_tensors(model, a)):
+            role = "used by a row" if a in rows else "active"
+            raise DeltaError(f"mixed batch: adapter {a!r} ({m.name}, {role}) changes the model outside its "
+                             "wrapped layers (prompt tokens or selected base tensors), so it cannot apply to "
+                             "some rows only; " + ("run its rows in a separate batch" if a in rows else
+                                                   f"deactivate it first (dt.activate(model, [...]))"))
+
+
+@contextlib.contextmanager
+def mixed(model: nn.Module, adapters: Sequence[RowName]) -> Iterator[nn.Module]:
+    """Inside the block, batch row i runs through adapter ``adapters[i]`` (None = bare base);
+    the active-adapter setting is ignored.  Works with ``model.generate`` (beam search too)."""
+    _check(model, adapters)
+    st = get_state(model)
+    prev = st.row_adapters
+    st.row_adapters = RowPlan(adapters)
+    try:
+        yield model
+    finally:
+        st.row_adapters = prev
+
+
+def generate_mixed(model: nn.Module, adapters: Sequence[RowName], **generate_kwargs):
+    """``model.generate(**generate_kwargs)`` with prompt i routed through ``adapters[i]``."""
+    ids = generate_kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.shape[0] != len(adapters):
+        raise DeltaError(f"generate_mixed: {len(adapters)} adapter name(s) for {ids.shape[0]} prompt(s); "
+                         "pass one per prompt")
+    with mixed(model, adapters):
+        return model.generate(**generate_kwargs)

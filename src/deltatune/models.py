@@ -1,0 +1,129 @@
+"""Loading base models for the CLI: a local directory, an id already in the local Hugging Face cache
+(never a download: offline is the default), or a GGUF file, dequantised once to float32 and cached
+under ``~/.cache/deltatune/``.  ``trust_remote_code`` stays off unless the user asks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .core import DeltaError
+
+AUTO_CLASSES = {
+    "classify": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "image-classify": "AutoModelForImageClassification",
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
+
+
+def quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def gguf_to_fp32(gguf_path: str | Path) -> Path:
+    """Dequantise a GGUF file once and cache a float32 transformers directory; return its path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(gguf_path)
+    st = src.stat()
+    out = cache_root() / f"{src.stem}-{st.st_size}-fp32"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        model.hf_quantizer = None  # else transformers refuses to save a "quantized" model
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # atomic: a crash leaves no half-written cache entry
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve(spec: str) -> str:
+    """A loadable directory or cached id for ``spec``; GGUF files become a cached fp32 directory."""
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(gguf_to_fp32(p))
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if not (p / "config.json").exists() and ggufs:
+            return str(gguf_to_fp32(ggufs[0]))
+        if not (p / "config.json").exists():
+            raise DeltaError(f"{p}: no config.json (nor a .gguf file); not a transformers model directory")
+        return str(p)
+    if p.exists():
+        raise DeltaError(f"{p}: expected a model directory or a .gguf file")
+    if spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(spec, "config.json")
+        except Exception:
+            hit = None
+        if isinstance(hit, str):
+            return spec
+        raise DeltaError(f"model {spec!r} is neither a local directory nor in the local Hugging Face cache; "
+                         "deltatune never downloads by itself: fetch it first (huggingface-cli download "
+                         f"{spec}) or pass a directory")
+    raise DeltaError(f"model directory {spec} does not exist")
+
+
+def load_model(spec: str, task: str, label_names: list[str] | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer or image processor, resolved path) for ``task``."""
+    import transformers
+
+    quiet_transformers()
+    if task not in AUTO_CLASSES:
+        raise DeltaError(f"unknown task {task!r}; choose one of {sorted(AUTO_CLASSES)}")
+    path = resolve(spec)
+    cls = getattr(transformers, AUTO_CLASSES[task])
+    kw: dict = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if label_names is not None:
+        kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                  label2id={n: i for i, n in enumerate(label_names)}, ignore_mismatched_sizes=True)
+    try:
+        model = cls.from_pretrained(path, **kw)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise DeltaError(f"{spec}: the model needs custom code from its repository; pass --trust-remote-code "
+                             "only if you trust it") from None
+        raise DeltaError(f"{spec}: cannot load as {AUTO_CLASSES[task]} ({e})") from None
+    except OSError as e:
+        raise DeltaError(f"{spec}: cannot load the model ({e})") from None
+    proc = None
+    if task == "image-classify":
+        try:
+            proc = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        except Exception:
+            proc = None  # arrays are fed as they are
+    else:
+        proc = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                          trust_remote_code=trust_remote_code)
+        if proc.pad_token is None:  # GPT-style tokenizers: pad with EOS (masked out anyway)
+            proc.pad_token = proc.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = proc.pad_token_id
+    return model, proc, path

@@ -1,0 +1,245 @@
+"""One training run, end to end, as the CLI (``train``, ``compare``, ``demo``) does it:
+
+    data file ─► Examples ─► train / validation split ─► token ids
+    model dir ─► model + tokenizer ─► forgetting snapshot, metrics before
+              ─► dt.attach(method) ─► Trainer ─► metrics after, forgetting
+              ─► OUT/adapter/ (+ task.json)  OUT/metrics.json  OUT/training.png
+
+``method="full"`` trains every weight (the reference in ``compare``) and saves the whole model to
+``OUT/model/`` instead of an adapter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .core import DeltaError
+
+# Learning rates per method, used when --lr is not given.  Adapters start at zero and, with a
+# freshly initialised head, need ~10x the rate of full fine-tuning; vector-scaling methods (IA3,
+# VeRA) and soft prompts move few numbers and are tuned at higher rates in their papers.
+DEFAULT_LR = {
+    "full": 5e-5,  # BERT / RoBERTa fine-tuning range (2e-5..1e-4)
+    "lora": 1e-3, "dora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "bitfit": 1e-3, "layernorm": 1e-3,
+    "ia3": 3e-3,  # T-Few (Liu et al. 2022)
+    "vera": 5e-3,  # VeRA trains only scaling vectors
+    "prompt": 3e-2, "prefix": 1e-2,  # soft prompts need large steps (Lester et al. 2021 used 0.3)
+}
+LM_LR_FACTOR = 0.5  # causal LMs have no fresh head and drift more easily: halve the rate
+MAX_LENGTH = {"classify": 128, "causal-lm": 256, "image-classify": 0}
+
+
+def default_lr(method: str, task: str) -> float:
+    lr = DEFAULT_LR.get(method, 1e-3)
+    return lr * (LM_LR_FACTOR if task == "causal-lm" and method != "full" else 1.0)
+
+
+@dataclass
+class RunOptions:
+    model: str
+    data: str
+    task: str = "classify"
+    method: str = "lora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    output: str = "runs/latest"
+    val_data: str | None = None
+    val_fraction: float = 0.1  # held out when no --val-data: enough rows for a stable accuracy
+    text_column: str | None = None
+    label_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
+    max_length: int | None = None  # None = per task (128 classify, 256 causal-lm)
+    max_train_rows: int | None = None
+    max_eval_rows: int | None = 2000  # keeps evaluation cheap on CPU
+    reference: str | None = None  # text file for forgetting; None = packaged general text
+    trust_remote_code: bool = False
+    resume: bool = False
+    overwrite: bool = False  # replace a previous run in ``output`` (its checkpoints are deleted)
+    lr: float | None = None
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+
+
+def _columns(o: RunOptions) -> dict:
+    return {k: getattr(o, k) for k in ("text_column", "label_column", "prompt_column", "response_column",
+                                       "messages_column")}
+
+
+def prepare(o: RunOptions, label_names=None):
+    """(train Examples, validation Examples) for the options."""
+    from .data import load_examples, split_validation
+
+    ex = load_examples(o.task, o.data, label_names=label_names, **_columns(o))
+    seed = o.train.get("seed", 0)
+    if o.val_data:
+        val = load_examples(o.task, o.val_data, label_names=ex.label_names or None, **_columns(o))
+        train = ex
+    else:
+        train, val = split_validation(ex, o.val_fraction, seed=seed)
+    if o.max_train_rows and len(train) > o.max_train_rows:
+        train = train.subset(range(o.max_train_rows))
+    if o.max_eval_rows and len(val) > o.max_eval_rows:
+        val = val.subset(range(o.max_eval_rows))
+    return train, val
+
+
+def encode_examples(ex, proc, max_length: int):
+    from .data import encode
+
+    if ex.task == "image-classify" and proc is not None:
+        import numpy as np
+
+        pix = proc(images=[np.asarray(r) for r in ex.rows], return_tensors="np", do_rescale=False)["pixel_values"]
+        return [{"pixel_values": p, "labels": y} for p, y in zip(pix, ex.labels)]
+    return encode(ex, proc, max_length)
+
+
+def collate_for(proc):
+    from functools import partial
+
+    from .data import collate
+
+    pad = getattr(proc, "pad_token_id", None) or 0
+    return partial(collate, pad_id=pad)
+
+
+def attach_method(model, method: str, options: dict):
+    """Attach ``method`` (or make everything trainable for ``full``)."""
+    import deltatune as dt
+
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    return dt.attach(model, method, **options)
+
+
+def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Callable | None = None) -> dict:
+    """Train per ``o``; write the adapter, metrics.json and training.png; return the metrics.
+    ``on_model(stage, model, tokenizer)`` is called with stage "base" (before the adapter is
+    attached) and "trained" (after training)."""
+    import torch
+
+    import deltatune as dt
+    from .evaluate import MAIN_METRIC, Forgetting, read_reference, task_metrics
+    from .io import atomic_write_json
+    from .models import load_model
+    from .trainer import TrainConfig, Trainer, plot
+
+    t_start = time.perf_counter()
+    out = Path(o.output)
+    if o.overwrite and not o.resume:
+        import shutil
+
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    elif out.exists() and any(out.iterdir()) and not o.resume:
+        if (out / "metrics.json").exists() or (out / "checkpoints").exists():
+            raise DeltaError(f"output directory {out} already holds a run; pass --resume to continue it, "
+                             "or choose another --output")
+    if o.method != "full":
+        dt.make_config(o.method, **o.method_options)  # fail on typos before loading anything
+    train_ex, val_ex = prepare(o)
+    seed = o.train.get("seed", 0)
+    torch.manual_seed(seed)  # the fresh head's init is part of the run
+    model, proc, path = load_model(o.model, o.task, train_ex.label_names or None, o.trust_remote_code)
+    max_length = o.max_length or MAX_LENGTH[o.task]
+    log(f"data: {len(train_ex)} train / {len(val_ex)} validation rows from {o.data}"
+        + (f"; labels {train_ex.label_names}" if train_ex.label_names else ""))
+    train_f = encode_examples(train_ex, proc, max_length)
+    val_f = encode_examples(val_ex, proc, max_length)
+    coll = collate_for(proc)
+    metric, greater = MAIN_METRIC[o.task]
+    tok = proc if o.task != "image-classify" else None
+    fg = Forgetting(tok, o.task, read_reference(o.reference) if o.reference else None).snapshot(model)
+    before = task_metrics(o.task, model, val_f, coll)
+    log("before: " + _fmt(before))
+    if on_model is not None:
+        on_model("base", model, proc)
+    attach_method(model, o.method, o.method_options)
+    counts = dt.trainable_parameters(model)
+    log(f"method: {o.method} {o.method_options or ''} | trainable {counts.trainable:,} of {counts.total:,} "
+        f"({counts.percent:.3f}%)")
+    lr = o.lr or default_lr(o.method, o.task)
+    cfg = TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **o.train})
+    trainer = Trainer(model, train_f, cfg, collate=coll, output_dir=out,
+                      eval_fn=lambda m: task_metrics(o.task, m, val_f, coll))
+    result = trainer.train(resume=o.resume)
+    after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps and not cfg.early_stopping \
+        else task_metrics(o.task, model, val_f, coll)
+    after = {k: v for k, v in after.items() if k != "step"}
+    forgetting = fg.measure(model)
+    log("after:  " + _fmt(after))
+    if on_model is not None:
+        on_model("trained", model, proc)
+    # ---- outputs
+    task_info = {"task": o.task, "base_model": o.model, "resolved_model": path, "label_names": train_ex.label_names,
+                 "max_length": max_length, "columns": _columns(o), "method": o.method,
+                 "trust_remote_code": o.trust_remote_code}
+    if o.method == "full":
+        art = out / "model"
+        save_pretrained_atomic(model, proc, art)
+        atomic_write_json(art / "task.json", task_info)
+    else:
+        art = out / "adapter"
+        dt.save(model, art)
+        atomic_write_json(art / "task.json", task_info)
+    size = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
+    plot(result, out / "training.png", metric, title=f"{o.method} on {Path(o.data).name}")
+    metrics = {
+        "task": o.task, "model": o.model, "data": o.data, "method": o.method, "method_options": o.method_options,
+        "train_rows": len(train_ex), "val_rows": len(val_ex), "lr": lr, "train_config": dataclasses.asdict(cfg),
+        "before": before, "after": after, "metric": metric, "forgetting": forgetting,
+        "trainable_params": counts.trainable, "total_params": counts.total, "trainable_percent": counts.percent,
+        "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
+        "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
+        "samples_per_s": result.samples_per_s, "peak_rss_mb": result.peak_rss_mb,
+        "artifact": str(art), "artifact_bytes": size, "history": result.history, "evals": result.evals,
+        "plot": str(out / "training.png"),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def save_pretrained_atomic(model, proc, out: Path) -> Path:
+    """``save_pretrained`` into a temp dir next to ``out``, then rename: no half-written model dirs."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if proc is not None and hasattr(proc, "save_pretrained"):
+            proc.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+
+
+def read_task(adapter_dir: str | Path) -> dict:
+    p = Path(adapter_dir) / "task.json"
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DeltaError(f"{p}: not valid JSON ({e})") from None

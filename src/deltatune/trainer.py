@@ -1,0 +1,433 @@
+"""A small training loop for deltatune models (used by the CLI, usable from Python).
+
+    for step in range(start, total_steps):            # one step = one optimizer update
+        for micro in range(grad_accum):                # gradient accumulation
+            loss = loss_fn(model, next(batches)) / grad_accum;  loss.backward()
+        clip_grad_norm_(trainable, max_grad_norm);  optimizer.step();  scheduler.step()
+        run_step_hooks(model, step + 1, total_steps)  # methods' per-step logic (grads still present)
+        callbacks(step + 1, total_steps, model);  optimizer.zero_grad()
+        every eval_every: evaluate, early stopping;  every save_every: checkpoint (atomic)
+
+AdamW over the trainable tensors (``requires_grad``, i.e. the active adapter), a linear / cosine /
+constant schedule with linear warmup, gradient clipping, seeded data order, optional gradient
+checkpointing and bf16 autocast.  Checkpoints hold the trainable tensors, optimizer, scheduler,
+RNG states and the data position, so ``train(resume=True)`` continues *exactly*: the final adapter
+equals that of an uninterrupted run (tested).
+
+**Step-hook interface (for methods such as AdaLoRA).**  After every optimizer step, before the
+gradients are zeroed, the trainer calls, for each trainable adapter of the model whose method
+defines it::
+
+    Method.step_hook(self, model, name: str, step: int, total_steps: int) -> None
+
+(``step`` counts finished optimizer steps from 1; ``total_steps`` is the planned number).  Plain
+PyTorch loops get the same behaviour by calling :func:`run_step_hooks` after ``optimizer.step()``.
+User callbacks are plain callables ``cb(step, total_steps, model)`` passed as ``callbacks=[...]``.
+
+Data: the trainer takes a list of feature dicts and a ``collate`` function (see
+:mod:`deltatune.data`); batch order per epoch is a permutation drawn from a generator seeded with
+``(seed, epoch)``, so it never depends on the global RNG and can be replayed on resume.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .core import METHODS, DeltaError, has_adapters
+from .io import atomic_write, atomic_write_json
+
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    # progress in [0, 1] after warmup -> lr multiplier
+    "linear": lambda p: max(0.0, 1.0 - p),
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0))),
+    "constant": lambda p: 1.0,
+}
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3  # adapters and fresh heads learn at ~1e-3 (full fine-tuning wants ~5e-5; the CLI picks per method)
+    weight_decay: float = 0.0  # adapters are tiny and start at zero: decay only pulls them back (peft default 0)
+    batch_size: int = 16  # fits a 2-core CPU with 128-token rows; raise with grad_accum for stabler steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # used when max_steps is None
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    warmup_ratio: float = 0.06  # of total steps: the RoBERTa / BERT fine-tuning recipe
+    schedule: str = "linear"  # "linear" | "cosine" | "constant" after warmup
+    max_grad_norm: float | None = 1.0  # clip: guards a fresh head's first large gradients
+    seed: int = 0  # model init of new tensors, data order, dropout
+    eval_every: int | None = None  # steps between evaluations; None = about 4 per run
+    save_every: int | None = None  # steps between checkpoints; None = only the final adapter
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    early_stopping: int | None = None  # stop after this many evaluations without improvement
+    metric: str = "loss"  # key of the eval dict that early stopping / best tracking watches
+    greater_is_better: bool = False  # False for loss, True for accuracy
+    restore_best: bool | None = None  # end with the best evaluated weights; None = only with early_stopping
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast; CPU and GPU)
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    progress: bool = True  # tqdm bar with loss, throughput and ETA (stderr)
+
+    def validate(self) -> None:
+        checks = {
+            "lr": self.lr > 0, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "epochs": self.epochs > 0, "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1, "schedule": self.schedule in SCHEDULES,
+            "precision": self.precision in ("fp32", "bf16"),
+            "eval_every": self.eval_every is None or self.eval_every >= 1,
+            "save_every": self.save_every is None or self.save_every >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            k = bad[0]
+            raise DeltaError(f"training option {k}={getattr(self, k)!r} is invalid"
+                             + (f"; choose one of {sorted(SCHEDULES)}" if k == "schedule" else ""))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    total_steps: int
+    wall_time_s: float
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr"} per step
+    evals: list[dict] = field(default_factory=list)  # {"step", **metrics}
+    best: dict | None = None
+    stopped_early: bool = False
+    samples_per_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def run_step_hooks(model: nn.Module, step: int, total_steps: int) -> None:
+    """Call ``Method.step_hook(model, name, step, total_steps)`` for each trainable adapter."""
+    st = model.__dict__.get("_deltatune")
+    if st is None:
+        return
+    for name, rec in list(st.adapters.items()):
+        hook = getattr(METHODS.get(rec.method), "step_hook", None)
+        if hook is not None and getattr(rec, "trainable", True) and name in st.active:
+            hook(model, name, step, total_steps)
+
+
+def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    out = model(**batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None:
+        raise DeltaError(f"{type(model).__name__} returned no loss for a batch with keys {sorted(batch)}; "
+                         "pass loss_fn=... to Trainer")
+    return loss
+
+
+def peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+class Trainer:
+    """``Trainer(model, features, config, eval_fn=..., output_dir=...).train(resume=False)``.
+
+    ``features``: list of dicts turned into a batch by ``collate``; ``eval_fn(model) -> dict`` of
+    metrics (called in eval mode, under ``torch.no_grad``).  With ``output_dir``, checkpoints go
+    to ``output_dir/checkpoints/step-N/``."""
+
+    def __init__(self, model: nn.Module, features: Sequence[dict], config: TrainConfig | None = None, *,
+                 collate: Callable[[list], dict] | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
+                 loss_fn: Callable[[nn.Module, dict], torch.Tensor] = default_loss,
+                 output_dir: str | Path | None = None, callbacks: Sequence[Callable] = (),
+                 param_groups: list[dict] | None = None):
+        from .data import collate as default_collate
+
+        self.model, self.features = model, list(features)
+        self.cfg = config or TrainConfig()
+        self.cfg.validate()
+        if not self.features:
+            raise DeltaError("no training examples")
+        self.collate = collate or default_collate
+        self.eval_fn, self.loss_fn = eval_fn, loss_fn
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.callbacks = list(callbacks)
+        self.device = torch.device("cuda" if self.cfg.device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if self.cfg.device == "auto" else self.cfg.device))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise DeltaError("the model has no trainable tensors; attach an adapter (dt.attach) first")
+        self.param_groups = param_groups
+        c = self.cfg
+        self.batches_per_epoch = math.ceil(len(self.features) / c.batch_size)
+        self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.batches_per_epoch / c.grad_accum))
+        self.eval_every = c.eval_every or max(1, math.ceil(self.total_steps / 4))
+
+    # ------------------------------------------------------------------ data order
+    def _batch(self, micro: int) -> dict:
+        epoch, pos = divmod(micro, self.batches_per_epoch)
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.features), generator=g).tolist()
+            self._perm_epoch = epoch
+        idx = self._perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]
+        batch = self.collate([self.features[i] for i in idx])
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ pieces
+    def _optimizer(self):
+        groups = self.param_groups or [{"params": self.params}]
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warm = int(self.cfg.warmup_ratio * self.total_steps)
+        decay = SCHEDULES[self.cfg.schedule]
+        total = self.total_steps
+
+        def mult(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            return decay((step - warm) / max(1, total - warm))
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, mult)
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(own) != set(tensors):
+            diff = sorted(set(own) ^ set(tensors))[:5]
+            raise DeltaError(f"checkpoint does not match this model's trainable tensors (e.g. {diff}); "
+                             "resume with the same model, method and options")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(tensors[n].to(p.device, p.dtype))
+
+    def _evaluate(self) -> dict:
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            m = dict(self.eval_fn(self.model))
+        self.model.train(was)
+        return m
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        b = self.best[self.cfg.metric]
+        return value > b if self.cfg.greater_is_better else value < b
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_dir(self) -> Path:
+        if self.output_dir is None:
+            raise DeltaError("checkpoints need an output_dir")
+        return self.output_dir / "checkpoints"
+
+    def save_checkpoint(self, step: int, opt, sched) -> Path:
+        import numpy as np
+
+        d = self.checkpoint_dir() / f"step-{step:07d}"
+        if has_adapters(self.model):
+            from .io import save
+
+            save(self.model, d / "adapter")
+        np_state = np.random.get_state()
+        state = {
+            "step": step, "total_steps": self.total_steps, "trainable": self._trainable_state(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                    "python_v": random.getstate()[0], "numpy": torch.from_numpy(np_state[1].astype("int64")),
+                    "numpy_pos": int(np_state[2])},
+            "history": json.dumps({"history": self.history, "evals": self.evals, "best": self.best,
+                                   "bad_evals": self.bad_evals}),
+            "best_state": self.best_state,
+            "config": json.dumps(asdict(self.cfg)),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(d / "trainer_state.pt", buf.getvalue())
+        atomic_write(self.checkpoint_dir() / "latest", d.name.encode())  # last: names a complete checkpoint
+        done = sorted(p for p in self.checkpoint_dir().glob("step-*") if p.is_dir() and p != d)
+        for old in done[: max(0, len(done) - self.cfg.keep_checkpoints + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return d
+
+    def latest_checkpoint(self) -> Path | None:
+        f = self.checkpoint_dir() / "latest"
+        if not f.exists():
+            return None
+        d = self.checkpoint_dir() / f.read_text().strip()
+        return d if (d / "trainer_state.pt").exists() else None
+
+    def _restore(self, d: Path, opt, sched) -> int:
+        import numpy as np
+
+        try:
+            state = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DeltaError(f"{d / 'trainer_state.pt'}: unreadable checkpoint ({e}); delete it to resume "
+                             "from the previous one") from None
+        if state["total_steps"] != self.total_steps:
+            raise DeltaError(f"{d}: the checkpoint planned {state['total_steps']} steps, this run plans "
+                             f"{self.total_steps}; resume with the same data, batch size, epochs/steps")
+        self._load_trainable(state["trainable"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        r = state["rng"]
+        torch.set_rng_state(r["torch"])
+        random.setstate((r["python_v"], tuple(r["python"]), None))
+        np.random.set_state(("MT19937", r["numpy"].numpy().astype("uint32"), r["numpy_pos"], 0, 0.0))
+        h = json.loads(state["history"])
+        self.history, self.evals, self.best, self.bad_evals = h["history"], h["evals"], h["best"], h["bad_evals"]
+        self.best_state = state["best_state"]
+        return int(state["step"])
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool = False) -> TrainResult:
+        import numpy as np
+
+        c, model = self.cfg, self.model
+        model.to(self.device)
+        self.history, self.evals, self.best, self.bad_evals, self.best_state = [], [], None, 0, None
+        opt, sched = self._optimizer()
+        start = 0
+        ckpt = self.latest_checkpoint() if resume and self.output_dir else None
+        if resume and ckpt is None and self.output_dir is not None and (self.checkpoint_dir()).exists():
+            raise DeltaError(f"{self.checkpoint_dir()}: no complete checkpoint to resume from")
+        if ckpt is not None:
+            start = self._restore(ckpt, opt, sched)
+        else:
+            torch.manual_seed(c.seed)
+            random.seed(c.seed)
+            np.random.seed(c.seed)
+        if c.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise DeltaError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                                 "gradient checkpointing needs a transformers model")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if c.precision == "bf16"
+                    else _Null())
+        bar = None
+        if c.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        model.train()
+        t0, samples, stopped = time.perf_counter(), 0, False
+        step = start
+        try:
+            while step < self.total_steps:
+                loss_sum = 0.0
+                for k in range(c.grad_accum):
+                    batch = self._batch(step * c.grad_accum + k)
+                    with autocast:
+                        loss = self.loss_fn(model, batch)
+                    if not torch.isfinite(loss):
+                        last = self.latest_checkpoint() if self.output_dir else None
+                        raise DeltaError(f"loss is {loss.item()} at step {step + 1}; stopping (last good "
+                                         f"checkpoint: {last or 'none'}). Lower --lr or check the data")
+                    (loss / c.grad_accum).backward()
+                    loss_sum += loss.item() / c.grad_accum
+                    samples += len(next(iter(batch.values())))
+                if c.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                run_step_hooks(model, step, self.total_steps)
+                for cb in self.callbacks:
+                    cb(step, self.total_steps, model)
+                opt.zero_grad(set_to_none=True)
+                self.history.append({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0]})
+                if bar is not None:
+                    rate = samples / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+                    bar.update(1)
+                if self.eval_fn is not None and (step % self.eval_every == 0 or step == self.total_steps):
+                    stopped = self._after_eval(step, bar)
+                if self.output_dir is not None and c.save_every and (step % c.save_every == 0):
+                    self.save_checkpoint(step, opt, sched)
+                if stopped:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        restore = c.restore_best if c.restore_best is not None else bool(c.early_stopping)
+        if restore and self.best_state is not None:
+            self._load_trainable(self.best_state)
+        wall = time.perf_counter() - t0
+        model.eval()
+        return TrainResult(step, self.total_steps, wall, self.history, self.evals, self.best, stopped,
+                           samples / max(wall, 1e-9), peak_rss_mb())
+
+    def _after_eval(self, step: int, bar) -> bool:
+        m = self._evaluate()
+        m["step"] = step
+        self.evals.append(m)
+        if bar is not None:
+            bar.write("eval step %d: %s" % (step, ", ".join(f"{k}={v:.4f}" for k, v in m.items()
+                                                           if k != "step" and isinstance(v, float))))
+        if self.cfg.metric not in m:
+            raise DeltaError(f"eval_fn returned {sorted(m)}; no {self.cfg.metric!r} to track (set metric=...)")
+        if self._improved(m[self.cfg.metric]):
+            self.best, self.bad_evals = dict(m), 0
+            if self.cfg.early_stopping or self.cfg.restore_best:
+                self.best_state = self._trainable_state()
+        else:
+            self.bad_evals += 1
+        return bool(self.cfg.early_stopping and self.bad_evals >= self.cfg.early_stopping)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# --------------------------------------------------------------------------- outputs
+
+def plot(result: TrainResult, path: str | Path, metric: str | None = None, title: str = "") -> Path:
+    """Training loss (raw and smoothed) and the evaluation metric against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in result.history]
+    losses = [h["loss"] for h in result.history]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="train loss")
+    if len(losses) >= 5:
+        w = max(2, len(losses) // 20)
+        sm = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1]) for i in range(len(losses))]
+        ax.plot(steps, sm, color="tab:blue", lw=2, label=f"train loss (mean of {w})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if result.evals:
+        keys = [metric] if metric and metric in result.evals[0] else [k for k in result.evals[0] if k != "step"][:2]
+        ax2 = ax.twinx()
+        for k, col in zip(keys, ("tab:orange", "tab:green")):
+            ax2.plot([e["step"] for e in result.evals], [e[k] for e in result.evals], "o-", color=col, label=f"eval {k}")
+        ax2.set_ylabel(", ".join(keys))
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title(title or "training")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return Path(path)
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    atomic_write_json(path, metrics)
