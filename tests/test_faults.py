@@ -13,6 +13,7 @@ each kill costs milliseconds, not an interpreter start (see ``ForkServer``).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -70,6 +71,10 @@ def _serve() -> None:
     torch.set_num_threads(1)  # no OpenMP pool before fork
     from transformers import pytorch_utils  # noqa: F401  (imported once, not per child)
 
+    import deltatune.data  # noqa: F401
+    import deltatune.trainer  # noqa: F401
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo (~5 s) once
+
     for line in sys.stdin:
         cmd, *args = json.loads(line)
         if cmd == "start":
@@ -77,7 +82,8 @@ def _serve() -> None:
             if pid == 0:
                 code = 0
                 try:
-                    globals()[args[0]](*args[1:])
+                    mod, _, fn = args[0].rpartition(":")  # "func" here or "module:func"
+                    (getattr(importlib.import_module(mod), fn) if mod else globals()[fn])(*args[1:])
                 except SystemExit as e:
                     code = e.code or 0
                 except BaseException:

@@ -14,6 +14,8 @@ from specs import SKIP, SPECS
 
 pytest.importorskip("bitsandbytes")
 ATOL = 1e-5
+# methods that train entries of W itself: quantized storage has no float W to train
+INCOMPATIBLE = {"sparse"}
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +44,8 @@ def perturb(model, name="default", seed=1):
 
 
 def storage(model):
-    return {p: {k: v.clone() for k, v in q.state_dict().items()} for p, q in Q.quantized_layers(model)}
+    # the quantized weight storage (biases are ordinary parameters: BitFit trains them)
+    return {p: {k: v.clone() for k, v in q.state_dict().items() if k != "bias"} for p, q in Q.quantized_layers(model)}
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
@@ -54,6 +57,10 @@ def test_invariants_on_quantized_base(spec, model_name, scheme, tmp_path):
         pytest.skip(f"{spec} does not apply to {model_name}")
     skip = SKIP.get(spec, set())
     model = quantized(model_name, scheme)
+    if SPECS[spec][0] in INCOMPATIBLE:  # must refuse with a DeltaError, not crash or train nothing
+        with pytest.raises(dt.DeltaError):
+            attach(model, model_name, spec)
+        return
     y_base = run(model, model_name)
     stored = storage(model)
     attach(model, model_name, spec)
@@ -95,7 +102,7 @@ def test_invariants_on_quantized_base(spec, model_name, scheme, tmp_path):
         except dt.DeltaError as e:
             assert "tied" in str(e), e  # e.g. LoRA on GPT-2's wte, which is tied to lm_head
         else:
-            assert not any(isinstance(m, (Q.QuantLinear, dt.DeltaLayer)) for m in merged.modules())
+            assert not any(isinstance(m, dt.DeltaLayer) for m in merged.modules())
             torch.testing.assert_close(run(merged, model_name), y, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(run(model, model_name), y, atol=ATOL, rtol=0)
 

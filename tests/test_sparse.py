@@ -48,7 +48,7 @@ def test_selection_finds_the_known_weights(rule):
     model, batches, known, _ = known_task()
     sel = select_sparse(model, batches, budget=len(known), rule=rule, loss_fn=mse, targets=["lin"])
     assert set(sel["lin"].tolist()) == known
-    assert all(not p.requires_grad and p.grad is None for p in model.parameters())  # left as found
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())  # left as found
 
 
 def test_training_moves_only_the_selected_entries_and_learns():

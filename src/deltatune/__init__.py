@@ -22,3 +22,4 @@ __all__ = [
 ]
 from .mixed import generate_mixed, mixed  # noqa: E402  (issue 6: mixed-adapter batches)
 from .importance import (adalora_hook, adalora_orth_penalty, adalora_ranks, adalora_report, adalora_to_lora, importance, select_sparse)  # noqa: E402,F401  (issue 4: budget)
+from .losses import chunked_causal_lm_loss, linear_cross_entropy  # noqa: E402,F401  (issue 9: loss without full logits)

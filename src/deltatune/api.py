@@ -33,10 +33,6 @@ def make_config(method: str | DeltaConfig, config: DeltaConfig | None = None, **
     if isinstance(method, DeltaConfig):
         config, method = method, method.method
     m = method_of(method)
-    if config is not None:
-        if options:
-            config = dataclasses.replace(config, **options)
-        return config
     fields = {f.name for f in dataclasses.fields(m.config_cls)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -45,6 +41,8 @@ def make_config(method: str | DeltaConfig, config: DeltaConfig | None = None, **
         hints = {u: difflib.get_close_matches(u, fields, n=1) for u in unknown}
         hint = "; ".join(f"{u!r} (did you mean {h[0]!r}?)" if h else repr(u) for u, h in hints.items())
         raise DeltaError(f"method {method!r} has no option {hint}. Options: {sorted(fields)}")
+    if config is not None:
+        return dataclasses.replace(config, **options) if options else config
     return m.config_cls(**options)
 
 
@@ -228,7 +226,10 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: boo
             raise DeltaError(f"cannot merge into {path}: its weight is tied to {owners[id(w)]} and merging would "
                              "change those too; untie the weights first or keep the adapter unmerged")
     from .core import base_weight
+    from .methods._compose import check_merge, merge_order
     from .safety import describe, first_nonfinite
+
+    check_merge(model, names)  # composed adapters: refuse merges that would not be exact
 
     for n in names:  # never fold NaN/Inf into the weights (a diverged run's adapter)
         tensors = adapter_tensors(model, n)
@@ -242,7 +243,7 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: boo
     done: list[tuple[DeltaLayer, str, nn.Module]] = []  # (layer, adapter, base before to_float): for rollback
     with torch.no_grad():
         for path, layer in iter_delta_layers(model):
-            todo = [n for n in names if n in layer.deltas and n not in layer.merged]
+            todo = merge_order(layer, names, st.active)  # forward order, input scalings last
             if not todo:
                 continue
             orig_base = layer.base_layer

@@ -59,6 +59,8 @@ class DeltaConfig:
     def from_dict(cls, d: dict[str, Any], *, strict: bool = False) -> "DeltaConfig":
         import warnings
 
+        if not isinstance(d, dict):
+            raise DeltaError(f"{cls.__name__}: expected a dict of options, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"method"})
         if unknown:
@@ -373,6 +375,9 @@ def register(method_cls: type[Method]) -> type[Method]:
 
 
 def method_of(name: str) -> Method:
+    if not isinstance(name, str):
+        raise DeltaError(f"method must be a name such as 'lora', got {type(name).__name__} {name!r}; "
+                         f"available: {sorted(METHODS)}")
     if name not in METHODS:
         import difflib
 

@@ -22,6 +22,7 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
@@ -36,7 +37,7 @@ def compute_loss(model: nn.Module, batch: Any, loss_fn: Callable | None) -> torc
     """``loss_fn(model, batch)`` if given, else ``model(**batch).loss`` (transformers with labels)."""
     if loss_fn is not None:
         return loss_fn(model, batch)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dict, transformers' BatchEncoding
         out = model(**batch)
         loss = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
         if loss is not None:

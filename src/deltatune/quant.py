@@ -110,7 +110,8 @@ class QuantLinear(nn.Module):
         self.name = name  # for error messages
         self.allow_lossy = False  # set_weight refuses to round an update away unless True
         self.last_rounding: Rounding | None = None
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # registered even when None (like nn.Linear), so BitFit's add_missing can add one
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach(), requires_grad=False))
         self._store(w.to(self.compute_dtype).contiguous())
 
     # -- what HF code and the methods read
@@ -176,13 +177,13 @@ class QuantLinear(nn.Module):
         m.weight = nn.Parameter(w, requires_grad=False)
         if self.bias is not None:
             m.bias = self.bias
-        return m
+        return m.train(self.training)
 
     @classmethod
     def from_float(cls, module: nn.Module, name: str = "", **options) -> "QuantLinear":
         conv1d = _conv1d_class()
         k = _variant(cls) if conv1d is not None and isinstance(module, conv1d) else cls
-        return k(module.weight, getattr(module, "bias", None), name, **options)
+        return k(module.weight, getattr(module, "bias", None), name, **options).train(module.training)
 
     # -- keep the quantization statistics in fp32 and on the storage's device under .to()/.half()
     def _apply(self, fn, recurse=True):

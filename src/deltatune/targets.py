@@ -64,6 +64,20 @@ def matches(path: str, pattern: list[str] | tuple[str, ...] | str | None) -> boo
     return any(path == p or path.endswith("." + p) for p in pattern)
 
 
+def _check_pattern(what: str, pattern) -> None:
+    """A list of module names or one regex string; say which, instead of a TypeError later."""
+    if pattern is None:
+        return
+    if isinstance(pattern, str):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise DeltaError(f"{what} {pattern!r} is not a valid regular expression ({e}); "
+                             "pass a list of module names for exact/suffix matching") from None
+    elif not isinstance(pattern, (list, tuple, set)) or not all(isinstance(p, str) for p in pattern):
+        raise DeltaError(f"{what} must be a list of module names or a regex string, got {pattern!r}")
+
+
 def find_targets(
     model: nn.Module,
     targets: list[str] | str | None,
@@ -77,6 +91,8 @@ def find_targets(
     types = tuple(types) if types is not None else None
     if targets is None:
         targets = default
+    for what, pat in (("targets", targets), ("exclude", exclude)):
+        _check_pattern(what, pat)
     modules = [(p, m) for p, m in iter_base_modules(model) if p]
     if targets == "all-linear":
         lin = linear_types()

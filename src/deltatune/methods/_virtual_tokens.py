@@ -28,6 +28,7 @@ output keeps the virtual positions: ``logits`` is (B, P_p+T, V) for prompt tunin
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -92,6 +93,54 @@ def task_type(model: nn.Module) -> str:
 
 def param_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
+
+
+# --------------------------------------------------------------------------- init from text
+
+def token_ids(cfg, method: str) -> list[int]:
+    """Token ids of ``cfg.init_text`` from ``cfg.tokenizer`` (or a local ``tokenizer_name_or_path``)."""
+    tok = cfg.tokenizer
+    if tok is None:
+        if not cfg.tokenizer_name_or_path:
+            raise DeltaError(f"{method}: init_text needs a tokenizer: pass tokenizer=<transformers tokenizer> "
+                             "or tokenizer_name_or_path=<local dir>, or give init_token_ids=[...]")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
+    ids = tok(cfg.init_text, add_special_tokens=False)["input_ids"]  # no BOS/CLS inside a prompt
+    if not ids:
+        raise DeltaError(f"{method}: init_text {cfg.init_text!r} tokenizes to nothing; give a longer text")
+    return list(ids)
+
+
+def with_token_ids(cfg, method: str):
+    """The config with ``init_token_ids`` filled from the text, and no tokenizer object: the ids are
+    saved with the adapter, so loading it never needs the tokenizer."""
+    if cfg.init_token_ids:
+        return dataclasses.replace(cfg, tokenizer=None)
+    return dataclasses.replace(cfg, init_token_ids=token_ids(cfg, method), tokenizer=None,
+                               tokenizer_name_or_path=cfg.tokenizer_name_or_path
+                               or getattr(cfg.tokenizer, "name_or_path", None) or None)
+
+
+def config_dict(cfg) -> dict:
+    # the tokenizer object is not data: record where it came from instead
+    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "tokenizer"}
+    if cfg.tokenizer is not None and not d["tokenizer_name_or_path"]:
+        d["tokenizer_name_or_path"] = getattr(cfg.tokenizer, "name_or_path", None) or None
+    return {"method": cfg.method, **d}
+
+
+def repeat_to(ids: list[int], n: int) -> torch.Tensor:
+    """Repeat a short id list / truncate a long one to ``n`` ids (peft's rule)."""
+    return torch.tensor((list(ids) * -(-n // len(ids)))[:n])
+
+
+def check_ids(model: nn.Module, ids: torch.Tensor, method: str) -> None:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise DeltaError(f"{method}: init token id out of range for a vocabulary of {vocab}; "
+                         "was the tokenizer made for this model?")
 
 
 # --------------------------------------------------------------------------- container + hook

@@ -46,7 +46,8 @@ class IA3Config(DeltaConfig):
 
 
 def _is_conv1d(mod: nn.Module) -> bool:
-    return type(mod).__name__ == "Conv1D"  # transformers' GPT-2 layer, weight stored (in, out)
+    # transformers' GPT-2 layer, weight stored (in, out); subclasses too (quant.NF4Conv1D)
+    return any(c.__name__ == "Conv1D" for c in type(mod).__mro__)
 
 
 class IA3Delta(Delta):
@@ -65,6 +66,10 @@ class IA3Delta(Delta):
         dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
         self.conv = isinstance(base, CONV_TYPES)
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype))
+
+    @property
+    def transforms_input(self) -> bool:  # feedforward vectors scale x: merged last (see _compose.py)
+        return self.feedforward
 
     def _vec(self) -> torch.Tensor:
         return self.ia3_l if self.conv else self.ia3_l.flatten()  # conv (1,C,1..), linear (n,)

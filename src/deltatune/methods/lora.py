@@ -51,15 +51,27 @@ class LoraConfig(DeltaConfig):
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise DeltaError(f"lora: r must be a positive integer, got {self.r!r} (typical: 4, 8, 16)")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        if not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
             raise DeltaError(f"lora: alpha must be a positive number, got {self.alpha!r} (typical: 2*r)")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise DeltaError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise DeltaError(f"lora: init must be one of {INITS}, got {self.init!r}")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            pat = getattr(self, field_name)
+            if not isinstance(pat, dict):
+                raise DeltaError(f"lora: {field_name} must be a dict {{module regex: value}}, got {pat!r}")
+            for k in pat:
+                try:
+                    re.compile(k)
+                except (re.error, TypeError) as e:
+                    raise DeltaError(f"lora: {field_name} key {k!r} is not a valid regex ({e})") from None
         for k, v in self.rank_pattern.items():
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise DeltaError(f"lora: rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+        for k, v in self.alpha_pattern.items():
+            if not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise DeltaError(f"lora: alpha_pattern[{k!r}] must be a positive number, got {v!r}")
 
 
 def _pattern_value(path: str, pattern: dict[str, Any], default):

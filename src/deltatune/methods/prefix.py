@@ -19,7 +19,7 @@ softmax, not a weight change.  Not compatible with gradient checkpointing (the c
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,11 @@ class PrefixConfig(DeltaConfig):
     num_virtual_tokens: int = 10  # P; Li & Liang Fig. 4: table-to-text peaks near 10 (200 for summarisation)
     prefix_projection: bool = True  # train through the MLP (§4.3): direct optimisation is unstable
     encoder_hidden_size: int = 512  # MLP width; the paper's 512 (table-to-text), 800 for summarisation
+    init: str | None = None  # "random" | "vocab" | "text"; None: "random" with the MLP, else "vocab" (§7.2)
+    init_text: str | None = None  # init the table with this text's keys/values (needs tokenizer)
+    tokenizer: Any = field(default=None, repr=False)  # a transformers tokenizer for init_text (not saved)
+    tokenizer_name_or_path: str | None = None  # or a local tokenizer path
+    init_token_ids: list[int] | None = None  # token ids of the init text (filled from init_text at attach)
 
     method = "prefix"
 
@@ -43,6 +48,19 @@ class PrefixConfig(DeltaConfig):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise DeltaError(f"prefix: {k} must be a positive integer, got {v!r}")
+        if self.init is None:
+            words = self.init_text is not None or self.init_token_ids
+            self.init = "random" if self.prefix_projection else ("text" if words else "vocab")
+        if self.init not in ("random", "vocab", "text"):
+            raise DeltaError(f"prefix: init must be 'random', 'vocab' or 'text', got {self.init!r}")
+        if self.init != "random" and self.prefix_projection:
+            raise DeltaError(f"prefix: init={self.init!r} copies real keys/values into the prefix table, which the "
+                             "MLP cannot produce; pass prefix_projection=False, or init='random'")
+        if self.init == "text" and self.init_text is None and not self.init_token_ids:
+            raise DeltaError("prefix: init='text' needs init_text=... (with tokenizer=...) or init_token_ids=[...]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return vt.config_dict(self)
 
 
 class PrefixEncoder(nn.Module):
@@ -75,6 +93,26 @@ def _build(model: nn.Module, cfg: PrefixConfig, projection: bool) -> PrefixEncod
                          cfg.encoder_hidden_size).to(vt.param_device(model))
 
 
+def real_key_values(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The frozen model's keys/values for ``ids`` (P,), as a prefix table (P, L·2·H_kv·d_h): Li & Liang
+    §7.2 found initialising with activations of real words much better than random.  (Measured on
+    SmolLM2-135M, 8 virtual tokens: chatterbot loss 2.59 bare, 7.30 with an N(0,1) table, peft's
+    default; real-word init starts near the bare loss.)"""
+    from transformers import DynamicCache
+
+    vt.check_ids(model, ids, "prefix")
+    st = get_state(model)
+    cache = DynamicCache(config=model.config)  # passed explicitly: encoders fill it too
+    was, st.disabled = st.disabled, True  # the bare model, whatever else is attached
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[None].to(vt.param_device(model)), past_key_values=cache)
+    finally:
+        st.disabled = was
+    kv = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in cache.layers])  # (L, 2, H, P, d)
+    return kv.permute(3, 0, 1, 2, 4).reshape(ids.shape[0], -1).float()  # (P, L·2·H·d)
+
+
 @register
 class PrefixTuning(Method):
     name = "prefix"
@@ -96,7 +134,16 @@ class PrefixTuning(Method):
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise DeltaError("prefix: gradient checkpointing re-runs layers against a mutated cache; "
                              "call model.gradient_checkpointing_disable() first")
-        vt.store(model, create=True).deltas[name] = _build(model, cfg, cfg.prefix_projection)
+        if cfg.init == "text":
+            state.adapters[name].config = cfg = vt.with_token_ids(cfg, "prefix")
+        enc = _build(model, cfg, cfg.prefix_projection)
+        if cfg.init != "random":
+            n = cfg.num_virtual_tokens
+            ids = vt.repeat_to(cfg.init_token_ids, n) if cfg.init == "text" else \
+                torch.randint(0, model.get_input_embeddings().weight.shape[0], (n,))
+            with torch.no_grad():
+                enc.weight.copy_(real_key_values(model, ids))
+        vt.store(model, create=True).deltas[name] = enc
 
     def own_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         s = vt.store(model)
@@ -115,7 +162,7 @@ class PrefixTuning(Method):
         out = {k: v for k, v in tensors.items() if not k.startswith("prefix_encoder.")}
         with torch.no_grad():
             out["prompt_embeddings"] = enc.table().detach()
-        return out, dataclasses.replace(cfg, prefix_projection=False)
+        return out, dataclasses.replace(cfg, prefix_projection=False, init="random")
 
     def delete(self, model: nn.Module, name: str) -> None:
         vt.remove(model, name)
@@ -142,7 +189,7 @@ class PrefixTuning(Method):
             raise DeltaError("prefix: peft file for an encoder-decoder model (num_transformer_submodules=2); "
                              "deltatune supports decoder-only and encoder-only models")
         # peft saves the folded table whatever prefix_projection says
-        return PrefixConfig(num_virtual_tokens=int(d["num_virtual_tokens"]), prefix_projection=False,
+        return PrefixConfig(num_virtual_tokens=int(d["num_virtual_tokens"]), prefix_projection=False, init="random",
                             encoder_hidden_size=int(d.get("encoder_hidden_size") or 512),
                             modules_to_save=peft_modules_to_save(d))
 
@@ -163,5 +210,5 @@ def fold(model: nn.Module, name: str = "default") -> None:
     with torch.no_grad():
         new.weight.copy_(enc.table())
     s.deltas[name] = new.train(enc.training)
-    rec.config = dataclasses.replace(rec.config, prefix_projection=False)
+    rec.config = dataclasses.replace(rec.config, prefix_projection=False, init="random")
     refresh(model)

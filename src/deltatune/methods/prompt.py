@@ -20,7 +20,6 @@ PROMPT_TUNING layout (``prompt_embeddings`` of shape (P, D)).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,55 +53,31 @@ class PromptConfig(DeltaConfig):
             raise DeltaError("prompt: init='text' needs init_text=... (with tokenizer=...) or init_token_ids=[...]")
 
     def to_dict(self) -> dict[str, Any]:
-        # the tokenizer object is not data: record where it came from instead
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tokenizer"}
-        if self.tokenizer is not None and not d["tokenizer_name_or_path"]:
-            d["tokenizer_name_or_path"] = getattr(self.tokenizer, "name_or_path", None) or None
-        return {"method": self.method, **d}
+        return vt.config_dict(self)
 
 
 # --------------------------------------------------------------------------- init schemes
 
-def _init_random(cfg: PromptConfig, emb: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
+def _init_random(cfg: PromptConfig, model: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
     return torch.empty(shape).uniform_(-0.5, 0.5)
 
 
-def _init_vocab(cfg: PromptConfig, emb: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
-    ids = torch.randint(0, emb.weight.shape[0], (shape[0],))
-    return _embed(emb, ids)
+def _init_vocab(cfg: PromptConfig, model: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
+    return _embed(model, torch.randint(0, model.get_input_embeddings().weight.shape[0], (shape[0],)))
 
 
-def _init_text(cfg: PromptConfig, emb: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
-    ids = list(cfg.init_token_ids)
-    reps = -(-shape[0] // len(ids))  # repeat a short text, truncate a long one (peft's rule)
-    return _embed(emb, torch.tensor((ids * reps)[:shape[0]]))
+def _init_text(cfg: PromptConfig, model: nn.Module, shape: tuple[int, int]) -> torch.Tensor:
+    return _embed(model, vt.repeat_to(cfg.init_token_ids, shape[0]))
 
 
-def _embed(emb: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    vocab = emb.weight.shape[0]
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise DeltaError(f"prompt: init token id out of range for a vocabulary of {vocab}; "
-                         "was the tokenizer made for this model?")
+def _embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    vt.check_ids(model, ids, "prompt")
+    emb = model.get_input_embeddings()
     with torch.no_grad():
-        return emb(ids.to(emb.weight.device)).detach().float().cpu()
+        return emb(ids.to(emb.weight.device)).detach().float().cpu()  # (P, D)
 
 
 INITS = {"random": _init_random, "vocab": _init_vocab, "text": _init_text}
-
-
-def _token_ids(cfg: PromptConfig) -> list[int]:
-    tok = cfg.tokenizer
-    if tok is None:
-        if not cfg.tokenizer_name_or_path:
-            raise DeltaError("prompt: init_text needs a tokenizer: pass tokenizer=<transformers tokenizer> "
-                             "or tokenizer_name_or_path=<local dir>, or give init_token_ids=[...]")
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
-    ids = tok(cfg.init_text, add_special_tokens=False)["input_ids"]  # no BOS/CLS inside a prompt
-    if not ids:
-        raise DeltaError(f"prompt: init_text {cfg.init_text!r} tokenizes to nothing; give a longer text")
-    return list(ids)
 
 
 # --------------------------------------------------------------------------- the module
@@ -134,13 +109,9 @@ class PromptTuning(Method):
     def attach(self, model: nn.Module, cfg: PromptConfig, name: str, state) -> None:
         vt.check_model(model, "prompt")
         emb = model.get_input_embeddings()
-        if cfg.init == "text" and not cfg.init_token_ids:
-            ids = _token_ids(cfg)
-            # keep the ids (not the tokenizer) in the adapter's config: saved, and re-used on load
-            state.adapters[name].config = cfg = dataclasses.replace(
-                cfg, init_token_ids=ids, tokenizer=None,
-                tokenizer_name_or_path=cfg.tokenizer_name_or_path or getattr(cfg.tokenizer, "name_or_path", None))
-        init = INITS[cfg.init](cfg, emb, (cfg.num_virtual_tokens, emb.weight.shape[1]))
+        if cfg.init == "text":
+            state.adapters[name].config = cfg = vt.with_token_ids(cfg, "prompt")
+        init = INITS[cfg.init](cfg, model, (cfg.num_virtual_tokens, emb.weight.shape[1]))
         vt.store(model, create=True).deltas[name] = PromptEmbedding(init.to(vt.param_device(model)))
 
     def own_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:

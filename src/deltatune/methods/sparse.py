@@ -102,7 +102,8 @@ def select_sparse(model: nn.Module, batches, budget: float = 0.005, rule: str = 
     from .lora import _conv1d_type
 
     SparseConfig(budget=budget, rule=rule)  # validates
-    mods = [(p, m) for p, m in weighted_modules(model, targets, exclude) if isinstance(m, _types())]
+    mods = [(p, m) for p, m in weighted_modules(model, targets, exclude)
+            if isinstance(m, _types()) and not hasattr(m, "dequantize")]  # quantized storage: no float W
     if not mods:
         raise DeltaError("sparse: no Linear/Conv1D/Conv/Embedding weight among the targets")
     stat, pick = RULES[rule]

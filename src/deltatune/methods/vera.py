@@ -80,7 +80,7 @@ class Shared:
 
 def _in_out(base: nn.Module) -> tuple[int, int, bool]:
     w = base_weight(base)
-    conv1d = type(base).__name__ == "Conv1D"  # GPT-2: weight (in, out)
+    conv1d = any(c.__name__ == "Conv1D" for c in type(base).__mro__)  # GPT-2 (and quant.NF4Conv1D): (in, out)
     return (w.shape[0], w.shape[1], True) if conv1d else (w.shape[1], w.shape[0], False)
 
 
