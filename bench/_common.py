@@ -168,7 +168,9 @@ def dt_step(model, bench_name, ids, *, loss: str = "chunked", chunk: int = 256, 
         return out
 
     if compile:
-        fwd_bwd = torch.compile(fwd_bwd)
+        from deltatune.fast import compile_step
+
+        fwd_bwd = compile_step(fwd_bwd)
 
     def step():
         out = fwd_bwd()

@@ -147,9 +147,20 @@ def main() -> None:
     ap.add_argument("--write", default=None, help="markdown file whose budget section gets the table")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log", default=None, help="append each result as a JSON line here")
+    ap.add_argument("--render", default=None, help="only render the table from a --log file")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.steps, a.n_train, a.n_test, a.seed)))
+        return
+    if a.render:
+        results = [json.loads(line) for line in open(a.render) if line.strip()]
+        cmd = f"python bench/budget.py --steps {a.steps} --rounds {a.rounds} --methods {a.methods} " \
+              f"--n-train {a.n_train} --n-test {a.n_test}"
+        table = render(results, cmd, a.steps)
+        print(table)
+        if a.write:
+            write_section(Path(a.write), table)
         return
     results = []
     for rnd in range(a.rounds):
@@ -162,6 +173,9 @@ def main() -> None:
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(res)
             print(json.dumps(res), flush=True)
+            if a.log:
+                with open(a.log, "a") as f:
+                    f.write(json.dumps(res) + "\n")
     cmd = "python bench/budget.py " + " ".join(sys.argv[1:])
     table = render(results, cmd, a.steps)
     print(table)

@@ -109,6 +109,22 @@ def test_fold_is_exact_and_is_what_is_saved(tmp_path):
     assert all(t.requires_grad for t in dt.adapter_tensors(fresh, "default").values())
 
 
+def test_init_from_text_copies_real_keys_and_values(tmp_path):
+    base = tiny_llama()
+    fake_tok = lambda text, add_special_tokens=True: {"input_ids": [7, 8]}  # noqa: E731
+    model = dt.attach(base, "prefix", num_virtual_tokens=P, prefix_projection=False, init_text="hi", tokenizer=fake_tok)
+    with dt.disabled(model):
+        real = model(input_ids=torch.tensor([[7, 8, 7]]), use_cache=True).past_key_values
+    kv = model.deltatune_virtual.deltas["default"].key_values()  # (L, 2, H_kv, P, d_h)
+    for layer in range(2):
+        torch.testing.assert_close(kv[layer, 0], real.layers[layer].keys[0])
+        torch.testing.assert_close(kv[layer, 1], real.layers[layer].values[0])
+    dt.save(model, tmp_path)
+    assert json.loads((tmp_path / "deltatune.json").read_text())["config"]["init_token_ids"] == [7, 8]
+    with pytest.raises(dt.DeltaError, match="prefix_projection=False"):
+        dt.attach(tiny_llama(), "prefix", init="vocab")
+
+
 def test_only_prefix_trains_and_clear_errors():
     model = dt.attach(tiny_llama(), "prefix", num_virtual_tokens=P)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

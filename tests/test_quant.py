@@ -269,3 +269,35 @@ def test_gradient_checkpointing(quantized):
     assert all(v.abs().sum() > 0 for v in g1.values())
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- streaming load
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_load_quantized_streams_the_same_model(model_name, tmp_path):
+    make = MODELS[model_name][0]
+    make().save_pretrained(tmp_path / "m")
+    for scheme in SCHEMES:
+        want = run(Q.quantize(make(), scheme), model_name)
+        m = dt.load_quantized(tmp_path / "m", scheme)
+        assert not any(t.is_meta for t in m.parameters())
+        torch.testing.assert_close(run(m, model_name), want, atol=0, rtol=0)  # identical storage
+        if model_name == "gpt2":
+            assert m.lm_head.weight is m.transformer.wte.weight  # ties restored
+        dt.attach(m, "lora", r=2)  # and it is an ordinary quantized base
+        train_step(m, model_name)
+
+
+def test_load_quantized_errors(tmp_path):
+    with pytest.raises(dt.DeltaError, match="not a directory"):
+        dt.load_quantized(tmp_path / "nope", "nf4")
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    with pytest.raises(dt.DeltaError, match="gguf_to_fp32"):
+        dt.load_quantized(tmp_path / "x.gguf", "nf4")
+    tiny_llama().save_pretrained(tmp_path / "m")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if "layers.1.mlp" not in k}, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(dt.DeltaError, match="lacks"):
+        dt.load_quantized(tmp_path / "m", "int8")

@@ -325,7 +325,10 @@ def load_images(path, label_names: list[str] | None = None) -> Examples:
         for k in ("images", "labels"):
             if k not in z:
                 raise DeltaError(f"{path}: no array {k!r}; arrays are {list(z.keys())}")
-        imgs, labs = z["images"], z["labels"]
+        try:
+            imgs, labs = z["images"], z["labels"]
+        except ValueError as e:  # object arrays need pickle, which we refuse
+            raise DeltaError(f"{path}: refused ({e}); store images and labels as plain numeric arrays") from None
         if imgs.ndim not in (3, 4) or len(imgs) != len(labs):
             raise DeltaError(f"{path}: images must be (N, H, W[, C]) with one label each; got images "
                              f"{imgs.shape}, labels {labs.shape}")

@@ -145,11 +145,17 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
                      CONFIG: {"sha256": sha256(cfg_bytes), "bytes": len(cfg_bytes)}}
     # the three files are built in a sibling temp dir and swapped in with one rename, so a reader
     # (or a crash) sees the previous adapter or this one, never a mix; other files in d are kept
+    ours["manifest_sha256"] = _manifest_digest(ours)  # the manifest vouches for itself too
     with atomic_dir(d, carry_over=True) as tmp:
         (tmp / WEIGHTS).write_bytes(weights)
         (tmp / CONFIG).write_bytes(cfg_bytes)
         (tmp / MANIFEST).write_text(json.dumps(ours, indent=2, sort_keys=True, default=_json_default) + "\n")
     return d
+
+
+def _manifest_digest(ours: dict) -> str:
+    body = {k: v for k, v in ours.items() if k != "manifest_sha256"}
+    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=_json_default).encode())
 
 
 # --------------------------------------------------------------------------- load
@@ -202,6 +208,9 @@ def _read_adapter_dir_once(directory, verify):
             raise DeltaError(f"{d / MANIFEST}: format_version {ver} was written by a newer deltatune "
                              f"(this one reads <= {FORMAT_VERSION}); upgrade deltatune to load it")
         verified: dict[str, bytes] = {}
+        if verify and "manifest_sha256" in ours and ours["manifest_sha256"] != _manifest_digest(ours):
+            raise DeltaError(f"{d / MANIFEST}: checksum mismatch (its content was changed after saving); "
+                             "the file is corrupted - re-save or restore the adapter")
         if verify:
             if WEIGHTS not in ours.get("files", {}) and LEGACY_WEIGHTS not in ours.get("files", {}):
                 raise DeltaError(f"{d / MANIFEST}: lists no weights file, so {d} cannot be verified; "
@@ -293,7 +302,11 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         if name is None:
             raise DeltaError(f"model already has adapters {sorted(taken)}; pass name=... to load {directory} under a new name")
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    attach(model, cfg, name=name)
+    try:
+        attach(model, cfg, name=name)
+    except DeltaError as e:  # attach left the model as it was; say which adapter did not fit
+        raise DeltaError(f"adapter in {directory} cannot be attached to this {type(model).__name__} "
+                         f"(was it trained on another base model?): {e}") from None
     expected = adapter_tensors(model, name)
     problems = []
     for k in sorted(set(expected) - set(tensors)):

@@ -28,11 +28,12 @@ from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weig
 from ..targets import find_targets, linear_types, matches
 
 # peft's defaults per architecture family: (targets, feedforward); the first family whose
-# targets all exist in the model wins.  (Llama/Mistral/Qwen, GPT-2, BERT/RoBERTa/ViT.)
+# targets all exist in the model wins.  (Llama/Mistral/Qwen, GPT-2, BERT/RoBERTa, OPT/CLIP/ViT.)
 DEFAULTS: list[tuple[list[str], list[str]]] = [
     (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
     (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
     (["key", "value", "output.dense"], ["output.dense"]),
+    (["k_proj", "v_proj", "fc2"], ["fc2"]),  # OPT, CLIP, transformers 5's ViT
 ]
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

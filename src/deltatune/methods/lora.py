@@ -262,6 +262,10 @@ class LoraLinear(LoraDelta):
         if self.use_dora or getattr(self, "A0", None) is not None or y.dtype != self.lora_B.weight.dtype:
             return super().forward(x, y, base)
         # fast path: one fused addmm, y + s·(x A^T) B^T, without materialising the scaled branch
+        if self.training and isinstance(self.dropout, nn.Dropout) and x.dtype == self.lora_A.weight.dtype:
+            from ..fast import lora_dropout_addmm  # keeps a 1-byte mask, not a dropped-out copy of x
+
+            return lora_dropout_addmm(x, y, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout.p)
         h = F.linear(self.dropout(x), self.lora_A.weight)  # (..., r)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(),
                           alpha=self.scaling)
@@ -280,7 +284,7 @@ class LoraConv(LoraDelta):
         self._setup(r, alpha, cfg)
         if cfg.init == "pissa":
             raise DeltaError("lora: init='pissa' supports linear layers only")
-        conv = type(base)
+        conv = next(t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(base, t))  # not a subclass's __init__
         self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                            bias=False, padding_mode=base.padding_mode, dtype=base.weight.dtype)
         self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, dtype=base.weight.dtype)

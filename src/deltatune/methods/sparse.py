@@ -76,14 +76,24 @@ def _global_topk(scores: dict[str, torch.Tensor], k: int, _rows: Callable) -> di
 
 
 def _per_neuron_topk(scores: dict[str, torch.Tensor], k: int, rows: Callable) -> dict[str, torch.Tensor]:
-    n_rows = sum(rows(p)[0].shape[0] for p in scores)
-    per = max(1, k // n_rows)  # the same k for every output neuron, as GPS
-    out = {}
-    for p in scores:
-        view, to_native = rows(p)
-        j = torch.topk(view, min(per, view.shape[1]), dim=1).indices  # (out, per)
-        flat = (torch.arange(view.shape[0])[:, None] * view.shape[1] + j).reshape(-1)
-        out[p] = to_native(flat).sort().values
+    # GPS: every output neuron gets its top-`base` inputs; the `rem` neurons whose next-best entry
+    # scores highest get one more, so exactly k entries are chosen
+    views = {p: rows(p) for p in scores}
+    n_rows = sum(v.shape[0] for v, _ in views.values())
+    base, rem = divmod(k, n_rows)
+    top = {p: torch.topk(v, min(base + 1, v.shape[1]), dim=1) for p, (v, _) in views.items()}  # (out, base+1)
+    nxt = torch.cat([t.values[:, base] if t.values.shape[1] > base else torch.full((t.values.shape[0],), -1.0)
+                     for t in top.values()])
+    extra = torch.zeros(n_rows, dtype=torch.bool)
+    extra[torch.topk(nxt, rem).indices] = True
+    out, start = {}, 0
+    for p, (v, to_native) in views.items():
+        n_out, n_in = v.shape
+        take = torch.arange(top[p].indices.shape[1])[None, :] < (base + extra[start:start + n_out].long())[:, None]
+        flat = (torch.arange(n_out)[:, None] * n_in + top[p].indices)[take]  # (row, col) -> flat in the view
+        if flat.numel():
+            out[p] = to_native(flat).sort().values
+        start += n_out
     return out
 
 
@@ -170,7 +180,30 @@ class SparseDelta(Delta):
         z = self.sparse_values.new_zeros(n)
         return z.index_put((self.sparse_idx,), self.sparse_values).view(self.shape)  # ΔW, native layout
 
+    def _coo(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(indices (2, k) of ΔW as an (out, in) matrix in row-major order, the permutation of the
+        values into that order, (out, in)).  Cached until the positions change (e.g. on load)."""
+        key = (self.sparse_idx.data_ptr(), self.sparse_idx._version)
+        if getattr(self, "_coo_key", None) != key:
+            idx = self.sparse_idx
+            if self.kind == "Conv1D":  # stored (in, out): entry (i, o) is ΔW^T
+                in_f, out_f = self.shape
+                rows, cols = idx % out_f, idx // out_f
+            else:
+                out_f, in_f = self.shape
+                rows, cols = idx // in_f, idx % in_f
+            perm = torch.argsort(rows * in_f + cols)
+            self._coo_cache = (torch.stack([rows[perm], cols[perm]]), perm, (out_f, in_f))
+            self._coo_key = key
+        return self._coo_cache
+
     def forward(self, x, y, base):
+        if self.kind in ("Linear", "Conv1D"):  # sparse matmul: O(k·tokens), no dense ΔW (out, in)
+            ind, perm, (out_f, in_f) = self._coo()
+            s = torch.sparse_coo_tensor(ind, self.sparse_values[perm], (out_f, in_f), is_coalesced=True,
+                                        check_invariants=False)  # (out, in), k entries
+            x2 = x.reshape(-1, in_f).to(self.sparse_values.dtype)  # (N, in)
+            return y + torch.sparse.mm(s, x2.t()).t().reshape(y.shape).to(y.dtype)  # (N, out)
         dw = self.dense()
         xin = x if self.kind == "Embedding" else x.to(dw.dtype)
         return y + APPLY[self.kind](xin, dw, base).to(y.dtype)

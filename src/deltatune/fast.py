@@ -1,0 +1,71 @@
+"""Speed/memory switches for training deltas on a frozen base (issue 9).  Each one keeps the loss
+and gradients of the plain computation (tests/test_fast.py); bench/run.py --ablation measures them.
+
+* :func:`enable_checkpointing` — activation checkpointing per transformer block that cooperates
+  with adapters: non-reentrant checkpointing, so blocks whose inputs do not require grad (a frozen
+  embedding) still back-propagate into the adapter parameters inside them, with no
+  ``enable_input_require_grads`` hack.  Trades one extra forward per block for activation memory.
+* :func:`compile_step` — ``torch.compile`` of a forward+backward closure (inductor fuses the
+  frozen base's element-wise ops: RMSNorm, rotary, SiLU·gate).  Pays a one-off compile time.
+* The chunked loss lives in :mod:`deltatune.losses`; the LoRA layer's own fast path (one fused
+  ``addmm``, no dropout copy at p = 0) in :mod:`deltatune.methods.lora`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .core import DeltaError
+
+
+def enable_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each transformer block's activations in the backward instead of storing them."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise DeltaError(f"{type(model).__name__} does not support gradient checkpointing; wrap its blocks "
+                         "with torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def compile_step(fn: Callable, **compile_kwargs) -> Callable:
+    """``torch.compile`` for a training closure (forward + ``backward()``); dynamic shapes off by
+    default because a training run repeats one batch shape.  The first call compiles."""
+    compile_kwargs.setdefault("dynamic", False)
+    return torch.compile(fn, **compile_kwargs)
+
+
+class _LoraDropoutBranch(torch.autograd.Function):
+    """y + s · ((x ⊙ keep / (1−p)) Aᵀ) Bᵀ for LoRA with dropout p > 0.
+
+    Plain autograd keeps the dropped-out fp32 copy of x for A's gradient; this keeps only x
+    (which the rest of the block holds anyway) and the 1-byte mask, and rebuilds the copy in the
+    backward: one (N, in) fp32 tensor less per adapted layer."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, scaling, p):  # x (N, in), y (N, out), a (r, in), b (out, r)
+        keep = torch.rand_like(x) >= p  # (N, in) bool
+        h = (x * keep / (1 - p)) @ a.t()  # (N, r); the dropped copy is freed right here
+        ctx.save_for_backward(x, keep, h, a, b)
+        ctx.scaling, ctx.p = scaling, p
+        return torch.addmm(y, h, b.t(), alpha=scaling)  # (N, out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):  # go (N, out)
+        x, keep, h, a, b = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        gh = (go @ b) * s  # (N, r)
+        ga = gh.t() @ (x * keep / (1 - p)) if ctx.needs_input_grad[2] else None  # (r, in)
+        gb = (go.t() @ h) * s if ctx.needs_input_grad[3] else None  # (out, r)
+        gx = (gh @ a) * keep / (1 - p) if ctx.needs_input_grad[0] else None  # (N, in)
+        return gx, go, ga, gb, None, None
+
+
+def lora_dropout_addmm(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                       p: float) -> torch.Tensor:
+    """LoRA branch with inverted dropout on its input, added to the base output ``y``.
+    x (..., in), y (..., out) -> (..., out)."""
+    out = _LoraDropoutBranch.apply(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), a, b, scaling, p)
+    return out.view(y.shape)

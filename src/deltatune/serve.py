@@ -1,0 +1,359 @@
+"""``deltatune serve``: one base model, many adapters, one HTTP server (FastAPI + uvicorn).
+
+    POST   /v1/generate           {"adapter": "a", "prompt": "...", "max_new_tokens": 32}  causal LMs
+    POST   /v1/classify           {"adapter": "b", "text": "..."}                          classifiers
+    GET    /v1/adapters           loaded adapters, and those available in the adapter directory
+    POST   /v1/adapters           {"name": "c"}   load ADAPTER_DIR/c            (bearer token)
+    DELETE /v1/adapters/{name}    unload it                                   (bearer token)
+    GET    /health, GET /metrics (Prometheus), GET /docs, GET /openapi.json
+
+Requests for different adapters that arrive within ``window_ms`` of each other run as one mixed
+batch (``deltatune.mixed``; see ``serve_engine``).  Decoding is greedy (``num_beams`` ≥ 1), so an
+answer never depends on what it was batched with.  Mutating endpoints need
+``Authorization: Bearer <token>`` (``token=`` or the env var ``DELTATUNE_SERVE_TOKEN``): no
+token configured → 403 (disabled), missing header → 401, wrong token → 403.  Adapter names are
+1-64 of ``[A-Za-z0-9_-]`` (anything else, e.g. ``../x``, is a 400) and are only looked up as
+direct children of the adapter directory.  Binds to 127.0.0.1 unless told otherwise.
+
+    from deltatune.serve import build_app, run
+    run("path/to/model", "adapters/", task="causal-lm", port=8000)
+"""
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
+
+import hmac
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .core import DeltaError, get_state
+from .serve_engine import Engine, EngineConfig, Job, RequestError, validate_ids
+
+TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
+log = logging.getLogger("deltatune.serve")
+TASKS = {"ForSequenceClassification": "classify", "ForCausalLM": "generate", "LMHeadModel": "generate"}
+
+
+def _task_of(model) -> str:
+    name = type(model).__name__
+    for suffix, task in TASKS.items():
+        if name.endswith(suffix):
+            return task
+    return "generate" if callable(getattr(model, "generate", None)) else "classify"
+
+
+def _valid_name(name: Any) -> str:
+    from .api import _NAME_RE
+
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RequestError(400, f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-'")
+    return name
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("deltatune_requests_total", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("deltatune_request_seconds", "request latency", ["endpoint"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.batch = Histogram("deltatune_batch_size", "requests per model call", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.adapters = Counter("deltatune_adapter_requests_total", "rows served per adapter", ["adapter"], registry=r)
+        self.errors = Counter("deltatune_errors_total", "failed requests", ["endpoint", "status"], registry=r)
+        self.loaded = Gauge("deltatune_adapters_loaded", "adapters loaded", registry=r)
+        self.queue = Gauge("deltatune_queue_depth", "requests waiting", registry=r)
+
+    def on_batch(self, jobs: list[Job]) -> None:
+        self.batch.observe(len(jobs))
+        for j in jobs:
+            self.adapters.labels(j.adapter or "(base)").inc()
+
+
+def _available(adapter_dir: Path | None) -> list[str]:
+    from .api import _NAME_RE
+    from .io import CONFIG, MANIFEST
+
+    if adapter_dir is None or not adapter_dir.is_dir():
+        return []
+    return sorted(p.name for p in adapter_dir.iterdir()
+                  if p.is_dir() and _NAME_RE.match(p.name) and ((p / CONFIG).exists() or (p / MANIFEST).exists()))
+
+
+def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
+    if adapter_dir is None:
+        raise RequestError(404, "this server has no adapter directory to load from")
+    root = adapter_dir.resolve()
+    p = (root / name).resolve()
+    if p.parent != root:  # a symlink pointing elsewhere: refuse to leave the directory
+        raise RequestError(400, f"adapter {name!r} resolves outside the adapter directory")
+    if name not in _available(adapter_dir):
+        raise RequestError(404, f"no adapter {name!r} in the adapter directory; available: {_available(adapter_dir)}")
+    return p
+
+
+def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = None, *, token: str | None = None,
+              task: str = "auto", window_ms: float = 5.0, max_batch: int = 16, max_new_tokens: int = 256,
+              max_input_tokens: int = 1024, load_all: bool = True):
+    """A FastAPI app serving ``model`` (already on its device, eval mode) with the adapters found in
+    ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``)."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from .api import delete
+    from .io import load
+
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    adir = Path(adapter_dir) if adapter_dir is not None else None
+    task = _task_of(model) if task == "auto" else {"causal-lm": "generate"}.get(task, task)
+    if task not in ("generate", "classify"):
+        raise DeltaError(f"serve: task must be 'causal-lm'/'generate', 'classify' or 'auto', got {task!r}")
+    model.eval()
+    metrics = Metrics()
+    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens),
+                    on_batch=metrics.on_batch)
+    failed: dict[str, str] = {}
+    if load_all:
+        for name in _available(adir):
+            try:
+                load(model, adir / name, name=name)
+            except DeltaError as e:
+                failed[name] = str(e)
+                log.warning("adapter %s not loaded: %s", name, e)
+    metrics.loaded.set(len(get_state(model).adapters))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await engine.stop()
+
+    app = FastAPI(title="deltatune serve", version="1", lifespan=lifespan,
+                  description="One base model, many adapters, mixed batches.")
+    app.state.engine, app.state.metrics = engine, metrics
+    bearer = HTTPBearer(auto_error=False)
+
+    class GenerateIn(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        adapter: str | None = Field(None, description="adapter name; null = the bare base model")
+        prompt: str | None = Field(None, description="text prompt (needs the server's tokenizer)")
+        input_ids: list[int] | None = Field(None, description="token ids instead of a prompt")
+        max_new_tokens: int = Field(16, ge=1)
+        num_beams: int = Field(1, ge=1, le=8)
+
+    class GenerateOut(BaseModel):
+        adapter: str | None
+        text: str | None
+        output_ids: list[int]
+        batch_size: int = Field(description="requests in the model call that served this one")
+
+    class ClassifyIn(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        adapter: str | None = None
+        text: str | None = None
+        input_ids: list[int] | None = None
+
+    class ClassifyOut(BaseModel):
+        adapter: str | None
+        label: int
+        label_name: str | None
+        scores: list[float]
+        batch_size: int
+
+    class LoadIn(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: Any = Field(description="a sub-directory of the server's adapter directory")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
+
+    @app.exception_handler(DeltaError)
+    async def _delta_error(request: Request, e: DeltaError):
+        return JSONResponse({"detail": str(e)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        errs = [{"loc": list(x.get("loc", ())), "msg": x.get("msg", "")} for x in e.errors()]
+        return JSONResponse({"detail": "invalid request body", "errors": errs}, status_code=422)
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next):
+        t0 = time.perf_counter()
+        try:
+            response = await call_next(request)
+            status = response.status_code
+        except Exception:
+            status = 500
+            raise
+        finally:
+            route = request.scope.get("route")
+            ep = getattr(route, "path", "unmatched")
+            metrics.requests.labels(ep, str(status)).inc()
+            metrics.latency.labels(ep).observe(time.perf_counter() - t0)
+            if status >= 400:
+                metrics.errors.labels(ep, str(status)).inc()
+        return response
+
+    def auth(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            raise RequestError(403, f"adapter management is disabled: start the server with a token ({TOKEN_ENV})")
+        if cred is None:
+            raise RequestError(401, "missing 'Authorization: Bearer <token>' header")
+        if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
+            raise RequestError(403, "invalid token")
+
+    def ids_of(text: str | None, ids: list[int] | None) -> list[int]:
+        if (text is None) == (ids is None):
+            raise RequestError(400, "give exactly one of the text field or 'input_ids'")
+        if text is not None:
+            if tokenizer is None:
+                raise RequestError(400, "this server has no tokenizer: send 'input_ids'")
+            ids = list(tokenizer(text)["input_ids"])
+        validate_ids(ids, vocab, engine.cfg.max_input_tokens)
+        return ids
+
+    def check(kind: str, adapter: str | None) -> None:
+        if task != kind:
+            other = {"generate": "/v1/generate", "classify": "/v1/classify"}[task]
+            raise RequestError(400, f"this server hosts a {'causal LM' if task == 'generate' else 'classifier'}; "
+                                    f"use {other}")
+        if adapter is not None:
+            _valid_name(adapter)
+            if adapter not in get_state(model).adapters:
+                raise RequestError(404, f"adapter {adapter!r} is not loaded; GET /v1/adapters lists them")
+
+    async def run_job(job: Job) -> Job:
+        metrics.queue.set(engine.depth())
+        return await engine.submit(job)
+
+    @app.post("/v1/generate", response_model=GenerateOut, tags=["inference"])
+    async def generate(body: GenerateIn):
+        check("generate", body.adapter)
+        if body.max_new_tokens > engine.cfg.max_new_tokens:
+            raise RequestError(400, f"max_new_tokens is at most {engine.cfg.max_new_tokens} on this server")
+        job = await run_job(Job("generate", body.adapter, ids_of(body.prompt, body.input_ids),
+                                body.max_new_tokens, body.num_beams))
+        return {"adapter": body.adapter, **job.result}
+
+    @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"])
+    async def classify(body: ClassifyIn):
+        check("classify", body.adapter)
+        job = await run_job(Job("classify", body.adapter, ids_of(body.text, body.input_ids)))
+        return {"adapter": body.adapter, **job.result}
+
+    def _listing() -> dict:
+        st = get_state(model)
+        loaded = [{"name": n, "method": r.method} for n, r in list(st.adapters.items())]
+        names = {d["name"] for d in loaded}
+        return {"loaded": loaded, "available": [n for n in _available(adir) if n not in names],
+                "failed": dict(failed)}
+
+    @app.get("/v1/adapters", tags=["adapters"])
+    async def list_adapters():
+        return await engine.admin(_listing)
+
+    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(auth)], tags=["adapters"])
+    async def load_adapter(body: LoadIn):
+        name = _valid_name(body.name)
+        path = _adapter_path(adir, name)
+
+        def do():
+            if name in get_state(model).adapters:
+                raise RequestError(409, f"adapter {name!r} is already loaded; DELETE it first to reload")
+            try:
+                load(model, path, name=name)
+            except DeltaError as e:
+                raise RequestError(422, f"adapter {name!r} cannot be loaded: {e}")
+            failed.pop(name, None)
+            metrics.loaded.set(len(get_state(model).adapters))
+            return {"name": name, "method": get_state(model).adapters[name].method}
+
+        return await engine.admin(do)
+
+    @app.delete("/v1/adapters/{name:path}", dependencies=[Depends(auth)], tags=["adapters"])
+    async def delete_adapter(name: str):
+        _valid_name(name)
+
+        def do():
+            if name not in get_state(model).adapters:
+                raise RequestError(404, f"adapter {name!r} is not loaded")
+            delete(model, name)
+            metrics.loaded.set(len(get_state(model).adapters))
+            return {"deleted": name}
+
+        return await engine.admin(do)
+
+    @app.get("/health", tags=["ops"])
+    async def health():
+        return {"status": "ok", "task": task, "model": type(model).__name__,
+                "adapters": len(get_state(model).adapters), "queue_depth": engine.depth()}
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        metrics.queue.set(engine.depth())
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class ServerThread:
+    """Run an app with uvicorn on a background thread (tests, benchmarks, notebooks).
+
+    >>> with ServerThread(app) as srv: httpx.get(srv.url + "/health")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    lifespan="on", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="deltatune-serve")
+        self.host = host
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("deltatune serve: the server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-lm", host: str = "127.0.0.1",
+        port: int = 8000, token: str | None = None, window_ms: float = 5.0, max_batch: int = 16,
+        max_new_tokens: int = 256, threads: int | None = None) -> None:
+    """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted."""
+    import uvicorn
+
+    from .models import configure_threads, load_model
+
+    configure_threads(threads)
+    model, tok, _ = load_model(base_model, task)
+    app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,
+                    max_new_tokens=max_new_tokens)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: reachable from other machines", host)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+__all__ = ["TOKEN_ENV", "ServerThread", "build_app", "run"]
