@@ -27,6 +27,19 @@ def test_budget_schedule_is_cubic():
     assert budget_schedule(7, 20, 4, 6, 2, 12, 4)[1] is False  # deltaT=2: prune on even steps only
 
 
+def test_target_reached_even_when_deltaT_misses_the_last_budget_step():
+    model = dt.attach(tiny_mlp(), "adalora", **{**OPTS, "deltaT": 4})  # budget phase ends at step 14
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    adalora_hook(model, total_steps=20, optimizer=opt)
+    for step in range(1, 16):
+        opt.zero_grad()
+        mlp_loss(model).backward()
+        opt.step()
+        if step == 12:
+            assert sum(adalora_ranks(model).values()) == budget_schedule(12, 20, 4, 6, 4, 12, 4)[0]
+    assert sum(adalora_ranks(model).values()) == 4  # first step of the final phase
+
+
 def test_ranks_drop_to_target_on_schedule():
     model = dt.attach(tiny_mlp(), "adalora", **OPTS)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -476,7 +476,66 @@ for _id, _args, _files, _exp in [
     ("cli_merge_adapter_missing", ("merge", "--adapter", "{ws}/nope", "--output", "{ws}/merged"), None, ("nope",)),
     ("cli_inspect_missing_path", ("inspect", "{ws}/nope"), None, ("nope",)),
 ]:
-    CASES[_id.removeprefix("cli_")] = Case("cli", _exp, _cli(*_args, files=_files), "deltatune " + " ".join(_args))
+    CASES[_id] = Case("cli", _exp, _cli(*_args, files=_files), "deltatune " + " ".join(_args))
+
+
+# --------------------------------------------------------------------------- HTTP bodies
+
+TOKEN = "t0ken"
+
+
+def _http(method: str, url: str, body=None, headers=None, raw: bytes | None = None):
+    """A request to a fresh server (tiny Llama, adapters 'a' and a corrupted 'bad' in ws/adapters)."""
+    def build(ws):
+        pytest.importorskip("fastapi")
+        from fastapi.testclient import TestClient
+
+        from deltatune.serve import build_app
+
+        adir = ws / "adapters"
+        m = tiny_llama()
+        dt.save(dt.attach(tiny_llama(), "lora", targets=["q_proj", "v_proj"], name="a"), adir / "a", name="a")
+        bad = dt.save(dt.attach(tiny_llama(), "lora", targets=["q_proj"], name="bad"), adir / "bad", name="bad")
+        (bad / W).write_bytes((bad / W).read_bytes()[:-10])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            app = build_app(m, None, adir, token=TOKEN, max_new_tokens=32)
+
+        def act():
+            with TestClient(app) as client:
+                h = {"Authorization": f"Bearer {TOKEN}", **(headers or {})}
+                h = {k: v for k, v in h.items() if v is not None}
+                kw = {"content": raw, "headers": {**h, "Content-Type": "application/json"}} if raw is not None \
+                    else {"json": body, "headers": h}
+                r = client.request(method, url, **kw)
+            return r.status_code, r.text
+        return m, act
+    return build
+
+
+for _id, _req, _exp in [
+    ("http_body_not_json", ("POST", "/v1/generate", None, None, b"{not json"), ("invalid request body",)),
+    ("http_unknown_field", ("POST", "/v1/generate", {"input_ids": [1], "temperature": 2}), ("invalid request body", "temperature")),
+    ("http_wrong_type", ("POST", "/v1/generate", {"input_ids": "one two"}), ("invalid request body", "input_ids")),
+    ("http_max_new_tokens_zero", ("POST", "/v1/generate", {"input_ids": [1], "max_new_tokens": 0}), ("max_new_tokens",)),
+    ("http_max_new_tokens_too_many", ("POST", "/v1/generate", {"input_ids": [1], "max_new_tokens": 10**6}), ("max_new_tokens is at most 32",)),
+    ("http_ids_out_of_vocab", ("POST", "/v1/generate", {"input_ids": [1, 10**9]}), ("input_ids must be in [0, 64)",)),
+    ("http_empty_prompt", ("POST", "/v1/generate", {"input_ids": []}), ("the prompt is empty",)),
+    ("http_no_tokenizer", ("POST", "/v1/generate", {"prompt": "hi"}), ("no tokenizer",)),
+    ("http_unknown_adapter", ("POST", "/v1/generate", {"adapter": "zz", "input_ids": [1]}), ("adapter 'zz' is not loaded",)),
+    ("http_adapter_traversal", ("POST", "/v1/generate", {"adapter": "../a", "input_ids": [1]}), ("invalid adapter name '../a'",)),
+    ("http_wrong_endpoint", ("POST", "/v1/classify", {"input_ids": [1]}), ("hosts a causal LM", "/v1/generate")),
+    ("http_load_without_token", ("POST", "/v1/adapters", {"name": "a"}, {"Authorization": None}), ("missing 'Authorization",)),
+    ("http_load_wrong_token", ("POST", "/v1/adapters", {"name": "a"}, {"Authorization": "Bearer nope"}), ("invalid token",)),
+    ("http_load_traversal", ("POST", "/v1/adapters", {"name": "../../etc"}), ("invalid adapter name '../../etc'",)),
+    ("http_load_absent", ("POST", "/v1/adapters", {"name": "zz"}), ("no adapter 'zz' in the adapter directory",)),
+    ("http_load_name_not_string", ("POST", "/v1/adapters", {"name": ["a"]}), ("invalid adapter name",)),
+    ("http_load_already_loaded", ("POST", "/v1/adapters", {"name": "a"}), ("already loaded",)),
+    ("http_load_corrupted", ("POST", "/v1/adapters", {"name": "bad"}), ("adapter_model.safetensors", "checksum mismatch")),
+    ("http_delete_unknown", ("DELETE", "/v1/adapters/zz", None), ("adapter 'zz' is not loaded",)),
+    ("http_delete_without_token", ("DELETE", "/v1/adapters/a", None, {"Authorization": None}), ("missing 'Authorization",)),
+]:
+    CASES[_id] = Case("http", _exp, _http(*_req), f"{_req[0]} {_req[1]} {_req[2]!r:.60}")
 
 
 # --------------------------------------------------------------------------- tests
@@ -490,7 +549,7 @@ def test_catalogue_size():
     from collections import Counter
 
     areas = Counter(c.area for c in CASES.values())
-    assert len(CASES) >= 40 and {"config", "adapter-dir", "data", "cli"} <= set(areas), areas
+    assert len(CASES) >= 40 and {"config", "adapter-dir", "data", "cli", "http"} <= set(areas), areas
 
 
 def test_malicious_pickle_did_not_run(tmp_path):

@@ -162,3 +162,13 @@ def test_images_npz_and_folder(tmp_path):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "imgs" / c / "a.png")
     ex = load_examples("image-classify", tmp_path / "imgs")
     assert ex.label_names == ["cat", "dog"] and ex.rows[0].shape == (4, 4, 3)
+
+
+def test_macro_f1_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    from deltatune.evaluate import macro_f1
+
+    g, p = [0, 1, 2, 2, 1, 0, 0], [0, 2, 2, 2, 1, 1, 0]
+    assert macro_f1(g, p) == pytest.approx(f1_score(g, p, average="macro", zero_division=0))
+    assert macro_f1([0, 0], [1, 1]) == pytest.approx(f1_score([0, 0], [1, 1], average="macro", zero_division=0))

@@ -304,3 +304,40 @@ def test_merge_overflow_rolls_back_every_layer():
     torch.testing.assert_close(after["fc1.base_layer.weight"], before["fc1.base_layer.weight"], atol=2e-3, rtol=0)
     assert not any(layer.merged for _, layer in dt.core.iter_delta_layers(model))
     assert dt.adapters(model)
+
+
+# --------------------------------------------------------------------------- the trainer keeps the last good checkpoint
+
+def _train_until_fault(tmp_path, fault: str):
+    from deltatune.trainer import TrainConfig, Trainer
+
+    model = dt.attach(tiny_mlp(), "lora", targets=["fc1", "fc2"])
+    feats = [{"input_ids": [i % 20, (i + 3) % 20, 5], "labels": i % 3} for i in range(16)]
+    calls = [0]
+
+    def loss_fn(m, batch):
+        calls[0] += 1
+        loss = torch.nn.functional.cross_entropy(m(batch["input_ids"]), batch["labels"])
+        if calls[0] == 5:  # the 5th optimizer step goes wrong
+            if fault == "loss":
+                return loss * float("nan")
+            b = m.fc1.deltas["default"].lora_B.weight
+            return loss + (b - b.detach()).abs().sqrt().sum()  # finite loss, infinite gradient
+        return loss
+
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=8, save_every=1, progress=False)
+    tr = Trainer(model, feats, cfg, loss_fn=loss_fn, output_dir=tmp_path / "run")
+    with pytest.raises(dt.DeltaError) as e:
+        tr.train()
+    return str(e.value), tr
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
+def test_trainer_stops_on_nonfinite_and_keeps_last_good_checkpoint(tmp_path, fault):
+    msg, tr = _train_until_fault(tmp_path, fault)
+    assert "step 5" in msg and "step-0000004" in msg, msg
+    assert ("loss is nan" if fault == "loss" else "gradient of fc1.deltas.default.lora_B.weight") in msg, msg
+    last = tr.latest_checkpoint()
+    assert last.name == "step-0000004"
+    model = dt.load(tiny_mlp(), last / "adapter")  # verified, and refused if it held NaN/Inf
+    assert all(torch.isfinite(t).all() for t in dt.adapter_tensors(model, "default").values())

@@ -176,3 +176,18 @@ def test_row_plan_expansion():
     assert groups["a"][0].tolist() == [0, 1, 4, 5] and groups["a"][1] is None
     assert groups[None][0].tolist() == [2, 3] and groups[None][1] == slice(2, 4)
     assert plan.expand(6, torch.device("cpu"))[1] is groups  # cached per batch size
+
+
+def test_cached_stacks_follow_weight_changes():
+    """Inside one mixed context the stacked LoRA weights are cached; an in-place change (training
+    step, hot-swap) must still be seen."""
+    model = three_adapters("llama", "lora")
+    x = batch_input("llama")
+    with torch.no_grad(), dt.mixed(model, ROWS):
+        y0 = model(x).logits
+        for t in dt.adapter_tensors(model, "b").values():
+            t.mul_(2.0)
+        y1 = model(x).logits
+    for i, name in enumerate(ROWS):
+        torch.testing.assert_close(y1[i:i + 1], alone(model, "llama", x[i:i + 1], name), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(y0[1], y1[1]) and torch.equal(y0[0], y1[0])

@@ -164,6 +164,7 @@ def kill_plans(n_calls: int) -> list[list[tuple[str, int]]]:
     # file-system calls after the first checkpoint is complete (about 2/STEPS of the run's calls)
     calls = rng.sample(range(2 * n_calls // STEPS + 8, n_calls - 2), 5)
     return ([[("step", s)] for s in steps] + [[("call", c)] for c in calls]
+            + [[("call", 5)]]  # inside the first checkpoint: nothing to resume, starts over
             + [[("step", 3), ("call", n_calls // 2), ("step", 10)]])
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "trainable_parameters", "unmerge",
 ]
 from .mixed import generate_mixed, mixed; from .arithmetic import combine; from .hotswap import hot_swap  # noqa: E402,E702 (issue 6)
-from .importance import (adalora_hook, adalora_orth_penalty, adalora_ranks, adalora_report, adalora_to_lora, importance, select_sparse)  # noqa: E402,F401  (issue 4: budget)
+from .importance import (adalora_hook, adalora_orth_penalty, adalora_ranks, adalora_report,  # noqa: E402,F401
+                         adalora_to_lora, importance, magnitude_prune, select_sparse, truncate_lora)  # (issue 4)
 from .losses import chunked_causal_lm_loss, linear_cross_entropy  # noqa: E402,F401  (issue 9: loss without full logits)
 from .quant import load_quantized, quantize  # noqa: E402,F401  (issue 8: quantized bases)

@@ -38,8 +38,6 @@ def _device(model: nn.Module):
 @torch.no_grad()
 def classify_metrics(model: nn.Module, features: Sequence[dict], collate: Callable, batch_size: int = 64) -> dict:
     """accuracy, f1 (macro over classes present in labels or predictions), loss."""
-    from sklearn.metrics import f1_score
-
     was = model.training
     model.eval()
     preds, gold, loss_sum = [], [], 0.0
@@ -52,8 +50,19 @@ def classify_metrics(model: nn.Module, features: Sequence[dict], collate: Callab
     model.train(was)
     n = max(len(gold), 1)
     acc = sum(p == g for p, g in zip(preds, gold)) / n
-    return {"accuracy": acc, "f1": float(f1_score(gold, preds, average="macro", zero_division=0)),
-            "loss": loss_sum / n}
+    return {"accuracy": acc, "f1": macro_f1(gold, preds), "loss": loss_sum / n}
+
+
+def macro_f1(gold: list[int], pred: list[int]) -> float:
+    """Mean per-class F1 over the classes seen in ``gold`` or ``pred`` (sklearn's macro F1 with
+    zero_division=0; computed here because importing sklearn costs seconds per CLI call)."""
+    scores = []
+    for c in sorted(set(gold) | set(pred)):
+        tp = sum(g == c and p == c for g, p in zip(gold, pred))
+        fp = sum(g != c and p == c for g, p in zip(gold, pred))
+        fn = sum(g == c and p != c for g, p in zip(gold, pred))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / max(len(scores), 1)
 
 
 def lm_token_loss(model: nn.Module, batch: dict) -> tuple[float, int]:

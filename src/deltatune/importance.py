@@ -280,3 +280,4 @@ def _out_in(m: nn.Module) -> tuple[int, int]:
 from .methods.adalora import (adalora_hook, adalora_ranks, adalora_to_lora, orth_penalty as adalora_orth_penalty,  # noqa: E402,F401
                               rank_report as adalora_report)
 from .methods.sparse import select_sparse  # noqa: E402,F401
+from .prune import magnitude_prune, truncate_lora  # noqa: E402,F401

@@ -45,6 +45,7 @@ class RowPlan(list):
     def __init__(self, rows: Sequence[RowName]):
         super().__init__(rows)
         self._cache: dict[tuple[int, str], tuple[list[RowName], dict[RowName, tuple[torch.Tensor, slice | None]]]] = {}
+        self._stacks: dict[tuple, tuple] = {}  # per layer: stacked LoRA weights (see _stacks)
 
     def expand(self, n: int, device: torch.device):
         """(row names for a batch of n rows, {adapter: (row index tensor, slice if contiguous)})."""
@@ -117,27 +118,40 @@ def _bmm_ok(d: Delta, y: torch.Tensor) -> bool:
             and y.dtype == d.lora_B.weight.dtype)
 
 
-def _lora_bmm(x: torch.Tensor, y: torch.Tensor, names: list[RowName], deltas: dict[str, Delta],
-              use: list[str]) -> torch.Tensor:
-    """y[i] += s_i (x[i] A_iᵀ) B_iᵀ for every row whose adapter is in ``use`` (all of one rank)."""
-    rows = [j for j, a in enumerate(names) if a in use]
-    n = x.shape[0]
+def _stacks(plan: RowPlan, layer: DeltaLayer, names: list[RowName], deltas: dict[str, Delta], use: list[str]):
+    """(A (k, r, in), s·B (k, out, r), adapter of each row (b,) or None if rows are 0..k-1 in order,
+    rows (b,) or None if every row) - cached per layer while no parameter changed (no-grad only:
+    under autograd the stacks are rebuilt so gradients reach each adapter)."""
+    params = [t for a in use for t in (deltas[a].lora_A.weight, deltas[a].lora_B.weight)]
+    key = (id(layer), len(names), tuple(use))
+    version = tuple(t._version for t in params) + tuple(deltas[a].scaling for a in use)
+    cacheable = not torch.is_grad_enabled()
+    hit = plan._stacks.get(key) if cacheable else None
+    if hit is not None and hit[0] == version:
+        return hit[1]
     pos = {a: i for i, a in enumerate(use)}
+    rows = [j for j, a in enumerate(names) if a in pos]
     A = torch.stack([deltas[a].lora_A.weight for a in use])  # (k, r, in)
-    B = torch.stack([deltas[a].lora_B.weight for a in use])  # (k, out, r)
-    s = torch.tensor([deltas[a].scaling for a in use], dtype=A.dtype, device=A.device)  # (k,)
-    sel = torch.tensor([pos[names[j]] for j in rows], device=A.device)  # (b,) adapter of each row
-    if len(rows) == n:
-        xs, idx = x, None
-    else:
-        idx = torch.tensor(rows, device=x.device)
-        xs = x.index_select(0, idx)
+    B = torch.stack([deltas[a].lora_B.weight * deltas[a].scaling for a in use])  # (k, out, r)
+    order = [pos[names[j]] for j in rows]
+    sel = None if order == list(range(len(use))) else torch.tensor(order, device=A.device)  # (b,)
+    idx = None if len(rows) == len(names) else torch.tensor(rows, device=A.device)  # (b,)
+    out = (A, B, sel, idx)
+    if cacheable:
+        plan._stacks[key] = (version, out)
+    return out
+
+
+def _lora_bmm(plan: RowPlan, layer: DeltaLayer, x: torch.Tensor, y: torch.Tensor, names: list[RowName],
+              deltas: dict[str, Delta], use: list[str]) -> torch.Tensor:
+    """y[i] += s_i (x[i] A_iᵀ) B_iᵀ for every row whose adapter is in ``use`` (all of one rank)."""
+    A, B, sel, idx = _stacks(plan, layer, names, deltas, use)
+    if sel is not None:
+        A, B = A.index_select(0, sel), B.index_select(0, sel)  # (b, r, in), (b, out, r)
+    xs = x if idx is None else x.index_select(0, idx.to(x.device))
     b = xs.shape[0]
-    xs = xs.reshape(b, -1, xs.shape[-1]).to(A.dtype)  # (b, L, in)
-    h = torch.bmm(xs, A.index_select(0, sel).transpose(1, 2))  # (b, L, r)
-    h = h * s.index_select(0, sel).view(b, 1, 1)
-    upd = torch.bmm(h, B.index_select(0, sel).transpose(1, 2))  # (b, L, out)
-    upd = upd.view(b, *y.shape[1:]).to(y.dtype)
+    h = torch.bmm(xs.reshape(b, -1, xs.shape[-1]).to(A.dtype), A.transpose(1, 2))  # (b, L, r)
+    upd = torch.bmm(h, B.transpose(1, 2)).view(b, *y.shape[1:]).to(y.dtype)  # (b, L, out)
     if idx is None:
         return y.add_(upd) if _inplace_ok(y) else y + upd
     return y.index_add_(0, idx, upd) if _inplace_ok(y) else y.index_add(0, idx, upd)
@@ -187,7 +201,7 @@ def mixed_forward(layer: DeltaLayer, row_adapters: Sequence[RowName], args: tupl
     batched = set()
     for use in by_rank.values():
         if len(use) >= BMM_MIN_ADAPTERS:
-            y = _lora_bmm(x, y, names, additive, use)
+            y = _lora_bmm(plan, layer, x, y, names, additive, use)
             batched.update(use)
     for a, d in additive.items():
         if a in batched:

@@ -488,7 +488,8 @@ def lossy_merge(model: nn.Module) -> Iterator[MergeReport]:
 
 
 def load_quantized(path, scheme: str = "nf4", **kwargs):
-    """Build a model from a checkpoint, quantizing layer by layer (see ``quant_load``)."""
+    """Build a transformers model from a safetensors directory or a .gguf file, quantizing layer by
+    layer without the whole float model in memory (see ``quant_load``)."""
     from .quant_load import load_quantized as _load
 
     return _load(path, scheme, **kwargs)

@@ -206,28 +206,15 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
 
 
 def save_pretrained_atomic(model, proc, out: Path) -> Path:
-    """``save_pretrained`` into a temp dir next to ``out``, then rename: no half-written model dirs."""
-    import shutil
-    import tempfile
+    """``save_pretrained`` into a temp dir next to ``out``, fsync, then one atomic swap
+    (``safety.atomic_dir``): readers and crashes see the old model dir or the new one, never half."""
+    from .safety import atomic_dir
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if proc is not None and hasattr(proc, "save_pretrained"):
             proc.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -45,6 +45,7 @@ from torch import nn
 
 from .core import METHODS, DeltaError, has_adapters
 from .io import atomic_write, atomic_write_json
+from .safety import first_nonfinite
 
 SCHEDULES: dict[str, Callable[[float], float]] = {
     # progress in [0, 1] after warmup -> lr multiplier
@@ -300,7 +301,11 @@ class Trainer:
         start = 0
         ckpt = self.latest_checkpoint() if resume and self.output_dir else None
         if resume and ckpt is None and self.output_dir is not None and (self.checkpoint_dir()).exists():
-            raise DeltaError(f"{self.checkpoint_dir()}: no complete checkpoint to resume from")
+            # killed while writing the first checkpoint: nothing to lose, a fresh start is the exact
+            # resume; but complete checkpoints that `latest` does not name mean something is broken
+            if any((d / "trainer_state.pt").exists() for d in self.checkpoint_dir().glob("step-*")):
+                raise DeltaError(f"{self.checkpoint_dir()}: 'latest' names no complete checkpoint; write the "
+                                 "name of the step-* directory to resume from into it")
         if ckpt is not None:
             start = self._restore(ckpt, opt, sched)
         else:
@@ -336,6 +341,11 @@ class Trainer:
                     (loss / c.grad_accum).backward()
                     loss_sum += loss.item() / c.grad_accum
                     samples += len(next(iter(batch.values())))
+                bad = first_nonfinite([(n, q.grad) for n, q in model.named_parameters() if q.requires_grad])
+                if bad is not None:  # stepping would write NaN into the weights (and the next checkpoint)
+                    last = self.latest_checkpoint() if self.output_dir else None
+                    raise DeltaError(f"gradient of {bad} is NaN/Inf at step {step + 1}; stopping (last good "
+                                     f"checkpoint: {last or 'none'}). Lower --lr or enable gradient clipping")
                 if c.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
                 opt.step()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,6 +94,25 @@ def task_type(model: nn.Module) -> str:
 
 def param_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
+
+
+def saved_modules(model: nn.Module, name: str) -> list[str] | None:
+    from ..core import CopyDelta, iter_delta_layers
+
+    out = sorted(p for p, layer in iter_delta_layers(model)
+                 if name in layer.deltas and isinstance(layer.deltas[name], CopyDelta))
+    return out or None
+
+
+def peft_modules_to_save(d: dict[str, Any]):
+    """peft lists ["classifier", "score"] for every SEQ_CLS prompt model: let "auto" pick the one
+    this model has; other lists are taken as written."""
+    mts = d.get("modules_to_save")
+    if not mts:
+        return None
+    if d.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and set(mts) <= {"classifier", "score"}:
+        return "auto"
+    return list(mts)
 
 
 # --------------------------------------------------------------------------- init from text

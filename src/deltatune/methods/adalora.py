@@ -194,7 +194,7 @@ class RankAllocator:
         if step < self.total - self.tfinal:
             self.update_importance()
         budget, prune = budget_schedule(step, self.total, self.tinit, self.tfinal, self.cfg.deltaT, self.b0, self.bT)
-        if prune and step <= self.total - self.tfinal and self.ema:
+        if prune and self.ema:  # final phase: frozen scores, so the mask settles on the target and stays
             self.mask_to_budget(budget)
         for _, d in self.layers:  # keep pruned Λ_i at zero (the optimizer may have moved them)
             d.apply_mask()
@@ -346,7 +346,7 @@ def adalora_to_lora(model: nn.Module, name: str | None = None, new_name: str | N
     parts, ranks = {}, {}
     with torch.no_grad():
         for path, d in _layers(model, name):
-            keep = d.rank_mask.nonzero().view(-1)
+            keep = (d.rank_mask & (d.lora_E.view(-1) != 0)).nonzero().view(-1)  # E = 0: pruned before a save
             if keep.numel():
                 a = (d.lora_A * d.lora_E)[keep].detach().clone()  # (k, in)
                 b = (d.lora_B[:, keep] * d.scaling).detach().clone()  # (out, k), scaling folded in

@@ -27,7 +27,6 @@ from torch import nn
 
 from ..core import DeltaConfig, DeltaError, Method, get_state, register
 from . import _virtual_tokens as vt
-from .prompt import _saved_modules, peft_modules_to_save
 
 
 @dataclass
@@ -180,7 +179,7 @@ class PrefixTuning(Method):
             "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": d["kv_heads"] * d["head_dim"],
             "num_transformer_submodules": 1, "num_attention_heads": d["kv_heads"], "num_layers": d["layers"],
             "encoder_hidden_size": cfg.encoder_hidden_size, "prefix_projection": False, "init_weights": None,
-            "modules_to_save": _saved_modules(model, name), "inference_mode": True, "revision": None,
+            "modules_to_save": vt.saved_modules(model, name), "inference_mode": True, "revision": None,
             "auto_mapping": None,
         }
 
@@ -191,7 +190,7 @@ class PrefixTuning(Method):
         # peft saves the folded table whatever prefix_projection says
         return PrefixConfig(num_virtual_tokens=int(d["num_virtual_tokens"]), prefix_projection=False, init="random",
                             encoder_hidden_size=int(d.get("encoder_hidden_size") or 512),
-                            modules_to_save=peft_modules_to_save(d))
+                            modules_to_save=vt.peft_modules_to_save(d))
 
 
 def fold(model: nn.Module, name: str = "default") -> None:

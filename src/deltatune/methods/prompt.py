@@ -139,7 +139,7 @@ class PromptTuning(Method):
             "num_transformer_submodules": 1, "num_attention_heads": d["heads"], "num_layers": d["layers"],
             "prompt_tuning_init": init, "prompt_tuning_init_text": cfg.init_text if text else None,
             "tokenizer_name_or_path": tok_path if text else None, "tokenizer_kwargs": None,
-            "modules_to_save": _saved_modules(model, name), "inference_mode": True, "revision": None,
+            "modules_to_save": vt.saved_modules(model, name), "inference_mode": True, "revision": None,
             "auto_mapping": None,
         }
 
@@ -148,26 +148,7 @@ class PromptTuning(Method):
         return PromptConfig(num_virtual_tokens=int(d["num_virtual_tokens"]), init="random",
                             init_text=d.get("prompt_tuning_init_text"),
                             tokenizer_name_or_path=d.get("tokenizer_name_or_path"),
-                            modules_to_save=peft_modules_to_save(d))
-
-
-def _saved_modules(model: nn.Module, name: str) -> list[str] | None:
-    from ..core import CopyDelta, iter_delta_layers
-
-    out = sorted(p for p, layer in iter_delta_layers(model)
-                 if name in layer.deltas and isinstance(layer.deltas[name], CopyDelta))
-    return out or None
-
-
-def peft_modules_to_save(d: dict[str, Any]):
-    """peft lists ["classifier", "score"] for every SEQ_CLS prompt model: let "auto" pick the one
-    this model has; other lists are taken as written."""
-    mts = d.get("modules_to_save")
-    if not mts:
-        return None
-    if d.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and set(mts) <= {"classifier", "score"}:
-        return "auto"
-    return list(mts)
+                            modules_to_save=vt.peft_modules_to_save(d))
 
 
 def virtual_positions(model: nn.Module) -> int:
