@@ -37,7 +37,7 @@ def same_on_all_ranks(model) -> bool:
 def data(rank, world, n=8):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 64, (n * world, 8), generator=g)[rank::world]
-    return [{"input_ids": r, "labels": r} for r in ids]
+    return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
 
 
 def with_accelerate(out: Path):
@@ -49,7 +49,7 @@ def with_accelerate(out: Path):
     opt = torch.optim.AdamW(dtd.trainable_parameters(model), lr=1e-2)
     model, opt = acc.prepare(model, opt)
     for feats in [data(acc.process_index, acc.num_processes)[i:i + 2] for i in range(0, 8, 2)]:
-        ids = torch.stack([f["input_ids"] for f in feats])
+        ids = torch.tensor([f["input_ids"] for f in feats])
         acc.backward(model(input_ids=ids, labels=ids).loss)
         opt.step()
         opt.zero_grad()

@@ -41,6 +41,13 @@ def rss_mb(field: str = "VmRSS") -> float:
     raise RuntimeError(field)
 
 
+def trim() -> None:
+    """Return freed heap pages to the OS, so RSS shows live memory (glibc keeps them otherwise)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -125,7 +132,7 @@ def held_text(tok, n_seq: int = 16) -> "torch.Tensor":
 def worker(job: dict) -> dict:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(job["threads"])
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -140,7 +147,11 @@ def worker(job: dict) -> dict:
     base0 = rss_mb()
     reset_peak()
     model = load(job["base"], d)
-    out = {"load_peak": rss_mb("VmHWM") - base0, "resident": rss_mb() - base0, "tensors": tensor_mb(model)}
+    load_peak = rss_mb("VmHWM") - base0
+    with torch.no_grad():  # touch every weight (mmap-backed fp32 checkpoints are resident only once read)
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+    trim()
+    out = {"load_peak": load_peak, "resident": rss_mb() - base0, "tensors": tensor_mb(model)}
     if job["kind"] == "ppl":
         from transformers import AutoTokenizer
 
@@ -173,7 +184,10 @@ def worker(job: dict) -> dict:
 
 
 def run_worker(job: dict) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # a fixed mmap threshold: tensors >= 256 KiB are mmapped and unmapped on free, so peaks are real
+    # peaks rather than glibc's heap high-water mark (same setting for every row)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
     p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                        env=env, cwd=ROOT)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -230,8 +244,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads per worker (1: on the shared machine every OpenMP region of 2 threads "
+                         "waits for a busy second core, which penalises bitsandbytes' many small kernels)")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
@@ -245,25 +262,28 @@ def main() -> None:
     t0 = time.time()
     for b in batches:
         for m in models:
-            for base in bases:  # interleaved: each model's bases back to back, same machine state
-                r = run_worker({"kind": "train", "dir": dirs[m], "base": base, "batch": b, "steps": steps})
+            for base in (bases if b == 1 else [x for x in bases if not x.startswith("peft")]):
+                # interleaved: each model's bases back to back, same machine state (peft: batch 1 only)
+                r = run_worker({"kind": "train", "dir": dirs[m], "base": base, "batch": b, "steps": steps,
+                                  "threads": a.threads})
                 results[(m, base, b)] = r
                 print(m, base, b, r, flush=True)
     ppl = {}
     for base in ["fp32", "nf4", "int8"]:
-        ppl[base] = run_worker({"kind": "ppl", "dir": dirs["smollm2"], "base": base})
+        ppl[base] = run_worker({"kind": "ppl", "dir": dirs["smollm2"], "base": base, "threads": a.threads})
         print("ppl", base, ppl[base], flush=True)
     minutes = (time.time() - t0) / 60
-    text = report(results, ppl, models, batches, bases, steps, minutes, a.quick)
+    text = report(results, ppl, models, batches, bases, steps, minutes, a.quick, a.threads)
     print(text)
     if not a.no_write:
         write_section(text)
 
 
-def report(results, ppl, models, batches, bases, steps, minutes, quick) -> str:
+def report(results, ppl, models, batches, bases, steps, minutes, quick, threads) -> str:
     lines = [
         "Command: `.venv/bin/python bench/quant.py`" + (" --quick" if quick else "") +
-        f" ({minutes:.0f} min; torch {__import__('torch').__version__} CPU, 2 threads on a shared 2-core machine).",
+        f" ({minutes:.0f} min; torch {__import__('torch').__version__} CPU, {threads} thread(s) per worker on a 2-core "
+        "machine shared with other jobs, load average ~20).",
         f"LoRA r=8 on q_proj, v_proj; AdamW; sequence {SEQ}; step time = median of {steps} steps after one warm-up.",
         "Memory in MB above the process's RSS before the model is built (one process per cell); ratios are to "
         "the fp32 row of the same model. `[n]` = exact bytes of the model's tensors (MB). "

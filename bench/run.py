@@ -56,6 +56,43 @@ def ablation_group(size, args):
     return steps
 
 
+def saved_activations(size, args):
+    """MiB of distinct tensors autograd keeps for the backward after one forward (load-independent)."""
+    import torch
+
+    import deltatune as dt
+
+    def measure(model, fn):
+        seen = {}
+
+        def pack(t):
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(model)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        del loss
+        return sum(v for (ptr, _), v in seen.items() if ptr not in params) / 2**20
+
+    ids = C.batch(args.batch, args.seq)
+    out = {}
+    for label, opts in [("lora_qv", {}), ("lora_all_p0.05", {"targets": "all-linear", "dropout": 0.05})]:
+        for loss in ("plain", "chunked"):
+            m = C.make_model(size)
+            dt.attach(m, "lora", r=8, alpha=16, **({"targets": C.QV} | opts))
+            fn = ((lambda mm: mm(input_ids=ids, labels=ids).loss) if loss == "plain"
+                  else (lambda mm: dt.chunked_causal_lm_loss(mm, ids, ids, chunk=args.chunk)))
+            out[f"{label}/{loss}_loss"] = measure(m, fn)
+            if label != "lora_qv":  # the same without the dropout Function (plain nn.Dropout path)
+                import deltatune.methods.lora as L
+                for _, layer in dt.core.iter_delta_layers(m):
+                    for d in layer.deltas.values():
+                        d.forward = L.LoraDelta.forward.__get__(d)
+                out[f"{label}/{loss}_loss/plain_dropout"] = measure(m, fn)
+    return out
+
+
 def inference_group(size, batch_size, args):
     import torch
 
@@ -141,7 +178,7 @@ def run(args):
 
     C.set_threads(args.threads)
     out = {"machine": machine(args), "args": vars(args), "train": {}, "memory": {}, "inference": {},
-           "ablation": {}, "skipped": {}}
+           "ablation": {}, "activations": {}, "skipped": {}}
     methods = []
     for m in args.methods:
         if m != "full" and C.dt_method(m) is None:
@@ -153,6 +190,10 @@ def run(args):
                 print(f"note {m}: deltatune config lacks {C.dt_method(m)[2]}")
     for size in args.sizes:
         size_methods = methods if size == args.sizes[0] else [m for m in methods if m in args.big_methods]
+        if args.activations:
+            out["activations"][size] = saved_activations(size, args)
+            print(json.dumps(out["activations"][size], indent=1), flush=True)
+            continue
         if args.ablation:
             print(f"[{size}] ablation (LoRA q,v)", flush=True)
             t = C.interleaved(ablation_group(size, args), args.reps, args.warmup)
@@ -161,7 +202,7 @@ def run(args):
                                      "vs_floor": {k: C.paired_ratio(v, t["floor"]) for k, v in t.items()}}
             print(json.dumps(out["ablation"][size], indent=1), flush=True)
             continue
-        for m in size_methods:
+        for m in ([] if args.skip_train else size_methods):
             print(f"[{size}] train {m}", flush=True)
             t0 = time.perf_counter()
             t = C.interleaved(train_group(size, m, args), args.reps, args.warmup)
@@ -215,6 +256,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="42m, LoRA q,v only, 3 rounds, batch-1 inference")
     ap.add_argument("--ablation", action="store_true", help="LoRA optimisations one by one instead of the suite")
+    ap.add_argument("--activations", action="store_true", help="MiB saved for backward, plain vs chunked loss")
     ap.add_argument("--ablate-compile", action="store_true", help="with --ablation: add torch.compile")
     ap.add_argument("--ablate-checkpointing", action="store_true", help="with --ablation: add checkpointing")
     ap.add_argument("--sizes", default="42m,110m", help="comma list of " + ",".join(C.SIZES))
@@ -230,6 +272,7 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=256, help="rows per chunk of the chunked loss")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mem-steps", type=int, default=2)
+    ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-inference", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "last.json"))

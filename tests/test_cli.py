@@ -148,7 +148,7 @@ def test_inspect_adapter_and_model(ws, tmp_path):
     assert res["integrity"] == "FAILED" and "checksum mismatch" in res["error"]
     res = json.loads(run("inspect", ws["bert"], "--task", "classify", "--opt", "r=2", "--json").stdout)
     assert res["class"] == "BertForSequenceClassification" and "classifier" in res["heads"]
-    assert len(res["candidate_targets"]["all-linear"]) == 12 and "classifier" in res["trainable_by_layer"]
+    assert len(res["candidate_targets"]["all-linear"]) == 13 and "classifier" in res["trainable_by_layer"]
     r = run("inspect", ws["bert"])
     assert "targets 'attention'" in r.output and "trainable" in r.output
 

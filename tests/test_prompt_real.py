@@ -19,7 +19,9 @@ from real_data import accuracy, asset_dir, minilm_classifier, sms_spam, train_st
 @pytest.mark.slow
 @pytest.mark.parametrize("method, opts, lr", [
     ("prompt", {"num_virtual_tokens": 20}, 3e-2),  # Lester et al. train with a large lr (0.3 with Adafactor)
-    ("prefix", {"num_virtual_tokens": 10}, 5e-3),
+    # the table starts from real keys/values (init="vocab"); a random prefix (MLP) first scrambles the
+    # [CLS] summary the head reads, and 24 steps were not enough to recover (0.50 accuracy)
+    ("prefix", {"num_virtual_tokens": 10, "prefix_projection": False}, 5e-3),
 ])
 def test_learns_sms_spam(method, opts, lr, tmp_path):
     model, tok = minilm_classifier()
@@ -28,6 +30,7 @@ def test_learns_sms_spam(method, opts, lr, tmp_path):
     dt.attach(model, method, **opts)
     train_steps(model, train, tok, steps=24, lr=lr)
     after = accuracy(model, test, tok)
+    print(f"{method}: accuracy {before:.3f} -> {after:.3f}")
     assert after > max(before, 0.5) + 0.15, (before, after)
     dt.save(model, tmp_path)
     fresh, _ = minilm_classifier(seed=1)  # a differently initialised head: the saved one must win
@@ -81,6 +84,7 @@ def test_smollm2_loss_decreases_and_generates(method, opts, lr):
     model.eval()
     with torch.no_grad():
         final = model(**batch).loss.item()
+    print(f"{method}: loss {losses[0]:.3f} -> {final:.3f} ({losses})")
     assert final < losses[0] - 0.1, (losses, final)
     enc = tok(["User: What is your favorite book?\nAssistant:"], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)

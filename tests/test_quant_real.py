@@ -14,6 +14,14 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():  # see test_quant.py: bitsandbytes' OpenMP regions stall on the shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")

@@ -260,3 +260,40 @@ def test_classify_equals_library_with_per_adapter_heads(tmp_path):
                 dt.activate(ref, a)
                 logits = ref(torch.tensor([ids])).logits
         torch.testing.assert_close(torch.tensor(r.json()["scores"]), logits.softmax(-1)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_serve_command(tmp_path, adir):
+    """`deltatune serve` in a subprocess on a free loopback port: health, generation, clean stop."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tokenizer().save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DELTATUNE_SERVE_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1", "DELTATUNE_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "serve", "--model", str(model_dir), "--adapters",
+                             str(adir), "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        r = httpx.post(url + "/v1/generate", json={"adapter": "b", "prompt": "w1 w2", "max_new_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["output_ids"]) <= 3
+        assert httpx.delete(url + "/v1/adapters/c", headers=AUTH, timeout=30).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -1,4 +1,4 @@
-"""The ``deltatune`` command line: train, eval, compare, inspect, merge, demo.
+"""The ``deltatune`` command line: train, eval, compare, inspect, merge, demo, serve.
 
 Every command takes flags or ``--config FILE.yaml`` (keys are the flag names, ``-`` or ``_``;
 flags given on the command line win), prints a human summary by default and one JSON object with
@@ -160,7 +160,7 @@ def train(
                    prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
                    max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
                    trust_remote_code=trust_remote_code, lr=lr,
-                   train=_train_dict(epochs=epochs if epochs is not None else (3.0 if max_steps is None else None),
+                   train=_train_dict(epochs=epochs,
                                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                      warmup_ratio=warmup_ratio, schedule=schedule, max_grad_norm=max_grad_norm,
                                      weight_decay=weight_decay, seed=seed, eval_every=eval_every,
@@ -359,6 +359,29 @@ def demo(
     m = DEMOS[task](output=output or ("runs/demo" if task == "classify" else "runs/demo-lm"), log=out.log,
                     progress=progress, **kw)
     out.done(_summary(m), lambda: _print_run(out, m))
+
+
+@app.command()
+@_errors
+def serve(
+    model: str = typer.Option(..., help="Base model: a directory, a cached id or a .gguf file."),
+    adapters: Optional[str] = typer.Option(None, help="Directory of adapters (one sub-directory each)."),
+    task: str = typer.Option("causal-lm", help="causal-lm (POST /v1/generate) | classify (POST /v1/classify)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (default: loopback only)."),
+    port: int = typer.Option(8000),
+    window_ms: float = typer.Option(5.0, help="Batching window: wait this long for requests to batch together."),
+    max_batch: int = typer.Option(16, help="Most requests in one model call."),
+    max_new_tokens: int = typer.Option(256, help="Cap on max_new_tokens per request."),
+    token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token for adapter management "
+                                                          "(default: env DELTATUNE_SERVE_TOKEN; none = disabled)."),
+    config: Optional[Path] = ConfigOpt,
+):
+    """HTTP server: one base model, many adapters, mixed batches (see deltatune.serve)."""
+    from .serve import run
+
+    token = token_file.read_text().strip() if token_file else None
+    run(model, adapters, task=task, host=host, port=port, token=token, window_ms=window_ms, max_batch=max_batch,
+        max_new_tokens=max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,9 +119,10 @@ def _bmm_ok(d: Delta, y: torch.Tensor) -> bool:
 
 
 def _stacks(plan: RowPlan, layer: DeltaLayer, names: list[RowName], deltas: dict[str, Delta], use: list[str]):
-    """(A (k, r, in), s·B (k, out, r), adapter of each row (b,) or None if rows are 0..k-1 in order,
-    rows (b,) or None if every row) - cached per layer while no parameter changed (no-grad only:
-    under autograd the stacks are rebuilt so gradients reach each adapter)."""
+    """(Aᵀ (k, in, r), s·Bᵀ (k, r, out), adapter of each row (b,) or None if the rows are 0..k-1 in
+    order, rows (b,) or None for every row).  Stored contiguous in bmm's layout (strided
+    transposes made bmm up to 2x slower here) and cached per layer while no parameter changed
+    (no-grad only: under autograd they are rebuilt so gradients reach each adapter)."""
     params = [t for a in use for t in (deltas[a].lora_A.weight, deltas[a].lora_B.weight)]
     key = (id(layer), len(names), tuple(use))
     version = tuple(t._version for t in params) + tuple(deltas[a].scaling for a in use)
@@ -131,12 +132,12 @@ def _stacks(plan: RowPlan, layer: DeltaLayer, names: list[RowName], deltas: dict
         return hit[1]
     pos = {a: i for i, a in enumerate(use)}
     rows = [j for j, a in enumerate(names) if a in pos]
-    A = torch.stack([deltas[a].lora_A.weight for a in use])  # (k, r, in)
-    B = torch.stack([deltas[a].lora_B.weight * deltas[a].scaling for a in use])  # (k, out, r)
+    At = torch.stack([deltas[a].lora_A.weight.t() for a in use])  # (k, in, r)
+    Bt = torch.stack([deltas[a].lora_B.weight.t() * deltas[a].scaling for a in use])  # (k, r, out)
     order = [pos[names[j]] for j in rows]
-    sel = None if order == list(range(len(use))) else torch.tensor(order, device=A.device)  # (b,)
-    idx = None if len(rows) == len(names) else torch.tensor(rows, device=A.device)  # (b,)
-    out = (A, B, sel, idx)
+    sel = None if order == list(range(len(use))) else torch.tensor(order, device=At.device)  # (b,)
+    idx = None if len(rows) == len(names) else torch.tensor(rows, device=At.device)  # (b,)
+    out = (At, Bt, sel, idx)
     if cacheable:
         plan._stacks[key] = (version, out)
     return out
@@ -145,13 +146,16 @@ def _stacks(plan: RowPlan, layer: DeltaLayer, names: list[RowName], deltas: dict
 def _lora_bmm(plan: RowPlan, layer: DeltaLayer, x: torch.Tensor, y: torch.Tensor, names: list[RowName],
               deltas: dict[str, Delta], use: list[str]) -> torch.Tensor:
     """y[i] += s_i (x[i] A_iᵀ) B_iᵀ for every row whose adapter is in ``use`` (all of one rank)."""
-    A, B, sel, idx = _stacks(plan, layer, names, deltas, use)
+    At, Bt, sel, idx = _stacks(plan, layer, names, deltas, use)
     if sel is not None:
-        A, B = A.index_select(0, sel), B.index_select(0, sel)  # (b, r, in), (b, out, r)
+        At, Bt = At.index_select(0, sel), Bt.index_select(0, sel)  # (b, in, r), (b, r, out)
     xs = x if idx is None else x.index_select(0, idx.to(x.device))
     b = xs.shape[0]
-    h = torch.bmm(xs.reshape(b, -1, xs.shape[-1]).to(A.dtype), A.transpose(1, 2))  # (b, L, r)
-    upd = torch.bmm(h, B.transpose(1, 2)).view(b, *y.shape[1:]).to(y.dtype)  # (b, L, out)
+    h = torch.bmm(xs.reshape(b, -1, xs.shape[-1]).to(At.dtype), At)  # (b, L, r)
+    if idx is None and y.is_contiguous() and y.dtype == Bt.dtype:
+        y3 = y.view(b, -1, y.shape[-1])  # (b, L, out)
+        return (y3.baddbmm_(h, Bt) if _inplace_ok(y) else torch.baddbmm(y3, h, Bt)).view(y.shape)
+    upd = torch.bmm(h, Bt).view(b, *y.shape[1:]).to(y.dtype)  # (b, ..., out)
     if idx is None:
         return y.add_(upd) if _inplace_ok(y) else y + upd
     return y.index_add_(0, idx, upd) if _inplace_ok(y) else y.index_add(0, idx, upd)

@@ -53,6 +53,7 @@ def gguf_to_fp32(gguf_path: str | Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is an ordinary directory
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)  # atomic: a crash leaves no half-written cache entry

@@ -25,7 +25,7 @@ from .core import DeltaError
 # VeRA) and soft prompts move few numbers and are tuned at higher rates in their papers.
 DEFAULT_LR = {
     "full": 5e-5,  # BERT / RoBERTa fine-tuning range (2e-5..1e-4)
-    "lora": 1e-3, "dora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "bitfit": 1e-3, "layernorm": 1e-3,
+    "lora": 1e-3, "dora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "bitfit": 1e-3, "ln": 1e-3, "sparse": 1e-3,
     "ia3": 3e-3,  # T-Few (Liu et al. 2022)
     "vera": 5e-3,  # VeRA trains only scaling vectors
     "prompt": 3e-2, "prefix": 1e-2,  # soft prompts need large steps (Lester et al. 2021 used 0.3)

@@ -159,10 +159,14 @@ def atomic_dir(path: str | os.PathLike, *, carry_over: bool = False) -> Iterator
     does not delete the user's other files there.  Use ``carry_over=False`` for whole
     directories such as ``save_pretrained`` output or training checkpoints, where stale files
     (old shards) must not survive."""
-    final = Path(path)
+    final = Path(path).resolve()  # a symlinked directory is replaced where it really lives
     if final.exists() and not final.is_dir():
         raise DeltaError(f"cannot write directory {final}: a file with that name exists; remove it or "
                          "choose another path")
+    cwd = Path.cwd().resolve()
+    if final == cwd or final in cwd.parents or final.parent == final:
+        raise DeltaError(f"cannot atomically replace {final}: it is the current directory or one of its "
+                         "parents; save into a sub-directory (e.g. ./adapter)")
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.dt-new-{os.getpid()}-", dir=final.parent))

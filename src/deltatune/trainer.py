@@ -61,7 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # adapters are tiny and start at zero: decay only pulls them back (peft default 0)
     batch_size: int = 16  # fits a 2-core CPU with 128-token rows; raise with grad_accum for stabler steps
     grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: float = 1.0  # used when max_steps is None
+    epochs: float = 3.0  # used when max_steps is None; small task sets need a few passes (HF's default too)
     max_steps: int | None = None  # optimizer steps; overrides epochs
     warmup_ratio: float = 0.06  # of total steps: the RoBERTa / BERT fine-tuning recipe
     schedule: str = "linear"  # "linear" | "cosine" | "constant" after warmup

@@ -280,7 +280,11 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
 def _post_forward(model: nn.Module, args: tuple, kwargs: dict, out):
     # use_cache=False: some models (Llama) still return the cache they were given; returning the
     # prefix cache would make generate() treat the next full-sequence step as a decoding step
-    if kwargs.get("use_cache") is False and isinstance(out, dict) and out.get("past_key_values") is not None:
+    if kwargs.get("use_cache") is not False or not isinstance(out, dict) or out.get("past_key_values") is None:
+        return out
+    st, s = model.__dict__.get(STATE_ATTR), model._modules.get(STORE)
+    if st is not None and s is not None and not st.disabled and \
+            any(s.deltas[n].kind == "prefix" for n in st.active if n in s.deltas):
         out["past_key_values"] = None
     return out
 
