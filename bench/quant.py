@@ -246,6 +246,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--render", metavar="LOG", help="re-render the section from the printed results of a run")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads per worker (1: on the shared machine every OpenMP region of 2 threads "
                          "waits for a busy second core, which penalises bitsandbytes' many small kernels)")
@@ -257,6 +258,13 @@ def main() -> None:
     batches = [1] if a.quick else [1, 8]
     bases = BASES[:3] if a.quick else BASES
     steps = 1 if a.quick else a.steps
+    if a.render:
+        results, ppl, minutes = parse_log(Path(a.render))
+        text = report(results, ppl, models, batches, bases, steps, minutes, a.quick, a.threads)
+        print(text)
+        if not a.no_write:
+            write_section(text)
+        return
     dirs = {m: str(model_dir(m)) for m in models}
     results: dict = {}
     t0 = time.time()
@@ -273,10 +281,26 @@ def main() -> None:
         ppl[base] = run_worker({"kind": "ppl", "dir": dirs["smollm2"], "base": base, "threads": a.threads})
         print("ppl", base, ppl[base], flush=True)
     minutes = (time.time() - t0) / 60
+    print(f"minutes {minutes:.1f}")
     text = report(results, ppl, models, batches, bases, steps, minutes, a.quick, a.threads)
     print(text)
     if not a.no_write:
         write_section(text)
+
+
+def parse_log(path: Path):
+    import ast
+
+    results, ppl, minutes = {}, {}, 0.0
+    for line in path.read_text().splitlines():
+        parts = line.split(" ", 3)
+        if line.startswith("ppl "):
+            ppl[parts[1]] = ast.literal_eval(line.split(" ", 2)[2])
+        elif line.startswith("minutes "):
+            minutes = float(parts[1])
+        elif len(parts) == 4 and parts[0] in ("smollm2", "llama110m") and parts[3].startswith("{"):
+            results[(parts[0], parts[1], int(parts[2]))] = ast.literal_eval(parts[3])
+    return results, ppl, minutes
 
 
 def report(results, ppl, models, batches, bases, steps, minutes, quick, threads) -> str:
@@ -298,8 +322,32 @@ def report(results, ppl, models, batches, bases, steps, minutes, quick, threads)
                      ", ".join(f"{k} {v['ppl']:.2f} ({100 * (v['ppl'] / f - 1):+.1f} %)" for k, v in ppl.items()) + ".")
     else:
         lines.append(f"Perplexity run failed: {ppl}")
-    lines += ["", targets_met(results, ppl, batches)]
+    lines += ["", targets_met(results, ppl, batches), "", NOTES]
     return "\n".join(lines)
+
+
+NOTES = """Notes.
+- Backend: NF4 uses bitsandbytes 0.50.2 (`quantize_4bit`/`dequantize_4bit`/`matmul_4bit`), measured
+  against torchao 0.18 NF4 and a pure-torch NF4 on SmolLM2's layer shapes (fwd+bwd, batch 1024 rows):
+  bitsandbytes 1.0-1.15x fp32 `F.linear`, torchao and pure torch 1.4-1.6x; dequantizing a 768x3072
+  matrix 0.46 ms vs 4.8 / 4.3 ms. torchao's `to_nf4` also rejects SmolLM2's 576x576 and 192x576
+  projections (block count not divisible by its 256-scaler block). int8 is plain torch.
+- "resident" counts process memory, which includes allocator and Python overhead (~80 MB in every row
+  here); the bracketed tensor bytes are the exact model size: NF4 / fp32 = 160/513 = 0.31 for SmolLM2
+  (its 113 MB fp32 tied embedding is the floor) and 136/418 = 0.32 for the 110M Llama.
+- Streaming: `dt.load_quantized` reads one module's tensors at a time, so its load peak stays far below
+  the fp32 model; the fp32 rows' low load peak is only because transformers memory-maps the file (pages
+  become resident when first touched, as the "resident" column shows).
+- GGUF: `dt.load_quantized("SmolLM2-135M-Instruct.Q4_1.gguf", "nf4")` also streams: each Q4_1 tensor
+  (32-weight blocks of fp16 scale and min, 4-bit codes) is dequantized alone with `gguf` and re-quantized
+  to NF4, never building the fp32 model; the result is bit-identical to quantizing the cached fp32
+  directory. Keeping Q4_1 blocks as the storage format (no re-rounding, 5 bits/weight) would need a
+  Q4_1 matmul kernel; not done.
+- peft + bitsandbytes on CPU (transformers `BitsAndBytesConfig`, `get_peft_model`) runs; its load and
+  resident memory are high here because transformers' CPU path keeps extra weight copies (bitsandbytes
+  repacks 4-bit weights for its CPU kernel at the first no-grad forward).
+- Machine: 2 cores shared with other jobs (load average ~20 during the run): step times are noisy; read
+  the ratios, and prefer the memory columns."""
 
 
 def targets_met(results, ppl, batches) -> str:

@@ -1,4 +1,4 @@
-"""Run the bad-input catalogue of tests/test_bad_inputs.py and print it as a markdown table:
+"""Run the bad-input catalogue of tests/bad_input_cases.py and print it as a markdown table:
 case, area, what was tried, and the message the user gets (each case is also checked to change
 nothing on disk and nothing in the model, exactly as the tests do).
 
@@ -35,7 +35,7 @@ def run() -> tuple[list[tuple], float]:
     import logging
 
     logging.getLogger("deltatune.serve").setLevel(logging.ERROR)  # the corrupted test adapter is expected
-    from test_bad_inputs import CASES, run_case
+    from bad_input_cases import CASES, run_case
 
     rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

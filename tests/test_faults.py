@@ -276,3 +276,61 @@ def test_reader_never_sees_a_mix(tmp_path, server):
         server.wait(pid)
     assert len(set(values)) > 1, "the writer made no progress while reading: the test proved nothing"
     assert values == sorted(values), f"a reader went back in time: {values}"
+
+
+# --------------------------------------------------------------------------- training checkpoints
+
+CKPT_KILLS = 20
+
+
+def _train_forever(out: str) -> None:
+    """Resume (or start) a long training run that checkpoints every step, until killed."""
+    import torch.nn.functional as F
+
+    from conftest import tiny_mlp
+    from deltatune.trainer import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = dt.attach(tiny_mlp(), "lora", targets=["fc1", "fc2"], r=4)
+    feats = [{"input_ids": [i % 20, (3 * i) % 20, 7], "labels": i % 3} for i in range(32)]
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=100_000, save_every=1, keep_checkpoints=2, progress=False)
+    Trainer(model, feats, cfg, output_dir=out,
+            loss_fn=lambda m, b: F.cross_entropy(m(b["input_ids"]), b["labels"])).train(resume=True)
+
+
+def check_latest_checkpoint(out: Path) -> int:
+    """The checkpoint `latest` names is complete and self-consistent; returns its step."""
+    from conftest import tiny_mlp
+
+    ck = out / "checkpoints"
+    name = (ck / "latest").read_text().strip()
+    st = torch.load(ck / name / "trainer_state.pt", map_location="cpu", weights_only=True)
+    assert name == f"step-{st['step']:07d}", f"latest names {name} but holds step {st['step']}"
+    model = dt.load(tiny_mlp(), ck / name / "adapter")  # verified against its manifest
+    saved = {k.replace(".deltas.default.", ".").replace(".base_layer.", "."): v for k, v in st["trainable"].items()}
+    for k, t in dt.adapter_tensors(model, "default").items():
+        assert torch.equal(saved[k], t), f"{name}: adapter and trainer state disagree on {k}"
+    return st["step"]
+
+
+def test_random_kills_during_training_checkpoints(tmp_path, server):
+    """A run checkpointing every step is SIGKILLed at random moments and resumed each time:
+    the checkpoint `latest` names is always complete and consistent, and steps never go back."""
+    out = tmp_path / "run"
+    rng = random.Random(3)
+    steps = [0]
+    for kill in range(CKPT_KILLS):
+        pid = server.start("_train_forever", str(out))
+        deadline = time.time() + 60
+        while not (out / "checkpoints" / "latest").exists():  # let the first checkpoint land
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.15))
+        os.kill(pid, signal.SIGKILL)
+        assert server.wait(pid) == -signal.SIGKILL
+        steps.append(check_latest_checkpoint(out))
+        assert steps[-1] >= steps[-2], f"kill {kill}: resumed run went back from step {steps[-2]} to {steps[-1]}"
+    assert steps[-1] > CKPT_KILLS, f"too little progress to mean anything: {steps}"
+    print(f"\n{CKPT_KILLS} kills during training with a checkpoint every step: latest always complete "
+          f"(steps reached {steps[1:]})")

@@ -160,6 +160,11 @@ def test_composes_with_lora(tmp_path):
     dt.merge(model, "lora", unload=False)  # LoRA folds in, the prompt stays a prompt
     torch.testing.assert_close(model(input_ids=ids).logits, y_both, atol=1e-5, rtol=1e-5)
     dt.unmerge(model)
+    dt.activate(model, "lora")  # merging a copy drops the (inactive) prompt from the copy only
+    plain = dt.merge(model, copy=True)
+    assert not plain._forward_pre_hooks and not hasattr(plain, "deltatune_virtual")
+    dt.activate(model, ["lora", "p"])
+    torch.testing.assert_close(model(input_ids=ids).logits, y_both)
     dt.save(model, tmp_path / "lora", name="lora")
     dt.save(model, tmp_path / "p", name="p")
     fresh = dt.load(tiny_llama(), tmp_path / "lora", name="lora")

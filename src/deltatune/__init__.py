@@ -25,3 +25,4 @@ from .importance import (adalora_hook, adalora_orth_penalty, adalora_ranks, adal
                          adalora_to_lora, importance, magnitude_prune, select_sparse, truncate_lora)  # (issue 4)
 from .losses import chunked_causal_lm_loss, linear_cross_entropy  # noqa: E402,F401  (issue 9: loss without full logits)
 from .quant import load_quantized, quantize  # noqa: E402,F401  (issue 8: quantized bases)
+from . import safety  # noqa: E402,F401  (issue 7: dt.safety.atomic_dir / check_finite / NanGuard / safe_join)

@@ -176,8 +176,14 @@ class LayerReport:
             ax.set_xlabel(self.value)
         ax.set_title(self.title)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        from pathlib import Path
+
+        from .io import atomic_write
+
+        buf = io.BytesIO()  # rendered in memory, then written atomically (no half-written image)
+        fig.savefig(buf, dpi=110, format=Path(path).suffix.lstrip(".").lower() or "png")
         plt.close(fig)
+        atomic_write(path, buf.getvalue())
         return str(path)
 
 

@@ -46,6 +46,7 @@ class RowPlan(list):
         super().__init__(rows)
         self._cache: dict[tuple[int, str], tuple[list[RowName], dict[RowName, tuple[torch.Tensor, slice | None]]]] = {}
         self._stacks: dict[tuple, tuple] = {}  # per layer: stacked LoRA weights (see _stacks)
+        self._layers: dict[tuple, "_LayerPlan"] = {}  # per layer and batch size: what to run
 
     def expand(self, n: int, device: torch.device):
         """(row names for a batch of n rows, {adapter: (row index tensor, slice if contiguous)})."""
@@ -123,13 +124,12 @@ def _stacks(plan: RowPlan, layer: DeltaLayer, names: list[RowName], deltas: dict
     order, rows (b,) or None for every row).  Stored contiguous in bmm's layout (strided
     transposes made bmm up to 2x slower here) and cached per layer while no parameter changed
     (no-grad only: under autograd they are rebuilt so gradients reach each adapter)."""
-    params = [t for a in use for t in (deltas[a].lora_A.weight, deltas[a].lora_B.weight)]
     key = (id(layer), len(names), tuple(use))
-    version = tuple(t._version for t in params) + tuple(deltas[a].scaling for a in use)
     cacheable = not torch.is_grad_enabled()
     hit = plan._stacks.get(key) if cacheable else None
-    if hit is not None and hit[0] == version:
-        return hit[1]
+    if hit is not None and all(t._version == v for t, v in zip(hit[0], hit[1])):
+        return hit[2]
+    params = [t for a in use for t in (deltas[a].lora_A.weight, deltas[a].lora_B.weight)]
     pos = {a: i for i, a in enumerate(use)}
     rows = [j for j, a in enumerate(names) if a in pos]
     At = torch.stack([deltas[a].lora_A.weight.t() for a in use])  # (k, in, r)
@@ -138,8 +138,8 @@ def _stacks(plan: RowPlan, layer: DeltaLayer, names: list[RowName], deltas: dict
     sel = None if order == list(range(len(use))) else torch.tensor(order, device=At.device)  # (b,)
     idx = None if len(rows) == len(names) else torch.tensor(rows, device=At.device)  # (b,)
     out = (At, Bt, sel, idx)
-    if cacheable:
-        plan._stacks[key] = (version, out)
+    if cacheable:  # params and their version counters: an in-place change (hot-swap, step) rebuilds
+        plan._stacks[key] = (params, [t._version for t in params], out)
     return out
 
 
@@ -169,50 +169,66 @@ def mixed_forward(layer: DeltaLayer, row_adapters: Sequence[RowName], args: tupl
     n = x.shape[0]
     plan = row_adapters if isinstance(row_adapters, RowPlan) else RowPlan(row_adapters)
     names, groups = plan.expand(n, x.device)
-    deltas = {a: layer.deltas[a] for a in groups if a is not None and a in layer.deltas and a not in layer.merged}
-    if not deltas:
+    lp = plan._layers.get((id(layer), n))
+    if lp is None:
+        lp = plan._layers[(id(layer), n)] = _LayerPlan(layer, groups)
+    if not lp.deltas:
         return layer.base_layer(*args, **kwargs)
 
     # 1. input transforms (pre) rewrite their rows of x before the shared base runs
-    for a, d in deltas.items():
-        if _has_pre(d):
-            idx, sl = groups[a]
-            nx = d.pre(_take(x, idx, sl))
-            if nx is not None:
-                x = x.index_copy(0, idx, nx.to(x.dtype))
-    if x is not (args[0] if args else next(iter(kwargs.values()))):
-        if args:
-            args = (x, *args[1:])
-        else:
-            kwargs = {**kwargs, next(iter(kwargs)): x}
+    for a in lp.pre:
+        idx, sl = groups[a]
+        nx = lp.deltas[a].pre(_take(x, idx, sl))
+        if nx is not None:
+            x = x.index_copy(0, idx, nx.to(x.dtype))
+            if args:
+                args = (x, *args[1:])
+            else:
+                kwargs = {**kwargs, next(iter(kwargs)): x}
 
     # 2. the base, once for the whole batch; full replacements (head copies) redo their rows
     y = layer.base_layer(*args, **kwargs)
-    for a, d in deltas.items():
-        if d.replaces:
-            idx, sl = groups[a]
-            ra = tuple(_slice_rows(v, n, idx, sl) for v in args)
-            rk = {k: _slice_rows(v, n, idx, sl) for k, v in kwargs.items()}
-            y = _put(y, idx, sl, d(*ra, **rk), a)
+    for a in lp.replaces:
+        idx, sl = groups[a]
+        ra = tuple(_slice_rows(v, n, idx, sl) for v in args)
+        rk = {k: _slice_rows(v, n, idx, sl) for k, v in kwargs.items()}
+        y = _put(y, idx, sl, lp.deltas[a](*ra, **rk), a)
 
     # 3. additive deltas: LoRA adapters of equal rank share one gathered bmm, the rest go per group
-    additive = {a: d for a, d in deltas.items() if not d.replaces}
-    by_rank: dict[int, list[str]] = {}
-    if isinstance(y, torch.Tensor) and y.dim() >= 2:
-        for a, d in additive.items():
-            if _bmm_ok(d, y):
-                by_rank.setdefault(d.r, []).append(a)
-    batched = set()
-    for use in by_rank.values():
-        if len(use) >= BMM_MIN_ADAPTERS:
-            y = _lora_bmm(plan, layer, x, y, names, additive, use)
-            batched.update(use)
-    for a, d in additive.items():
-        if a in batched:
-            continue
+    bmm_groups, rest = lp.split(y)
+    for use in bmm_groups:
+        y = _lora_bmm(plan, layer, x, y, names, lp.deltas, use)
+    for a in rest:
         idx, sl = groups[a]
-        y = _put(y, idx, sl, d(_take(x, idx, sl), _take(y, idx, sl), layer.base_layer), a)
+        y = _put(y, idx, sl, lp.deltas[a](_take(x, idx, sl), _take(y, idx, sl), layer.base_layer), a)
     return y
+
+
+class _LayerPlan:
+    """What one wrapped layer does for one mixed batch, decided once per layer and batch size."""
+
+    def __init__(self, layer: DeltaLayer, groups: dict):
+        self.deltas = {a: layer.deltas[a] for a in groups
+                       if a is not None and a in layer.deltas and a not in layer.merged}
+        self.pre = [a for a, d in self.deltas.items() if _has_pre(d)]
+        self.replaces = [a for a, d in self.deltas.items() if d.replaces]
+        self.additive = [a for a, d in self.deltas.items() if not d.replaces]
+        self._split: dict[tuple, tuple[list[list[str]], list[str]]] = {}
+
+    def split(self, y) -> tuple[list[list[str]], list[str]]:
+        """(groups of equal-rank LoRA adapters for the gathered bmm, adapters to run per group)."""
+        key = (y.dtype, y.dim() if isinstance(y, torch.Tensor) else 0, any(self.deltas[a].training for a in self.additive))
+        hit = self._split.get(key)
+        if hit is None:
+            by_rank: dict[int, list[str]] = {}
+            if isinstance(y, torch.Tensor) and y.dim() >= 2:
+                for a in self.additive:
+                    if _bmm_ok(self.deltas[a], y):
+                        by_rank.setdefault(self.deltas[a].r, []).append(a)
+            groups = [use for use in by_rank.values() if len(use) >= BMM_MIN_ADAPTERS]
+            batched = {a for use in groups for a in use}
+            hit = self._split[key] = (groups, [a for a in self.additive if a not in batched])
+        return hit
 
 
 # --------------------------------------------------------------------------- public API

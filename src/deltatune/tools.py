@@ -193,6 +193,8 @@ def inspect_adapter(d: Path) -> dict:
         if meta:
             data = f.read_bytes()
             entry["checksum"] = "ok" if (len(data) == meta.get("bytes") and sha256(data) == meta.get("sha256")) else "MISMATCH"
+        elif f.name == "deltatune.json":
+            entry["checksum"] = "(the manifest)"
         files.append(entry)
     try:
         tensors, method, cfg, name = read_adapter_dir(d, verify=True)
@@ -208,7 +210,7 @@ def inspect_adapter(d: Path) -> dict:
             "base_model": man.get("base_model"), "task": read_task(d) or None,
             "tensors": [{"key": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                         for k, t in sorted(tensors.items())],
-            "params": sum(t.numel() for t in tensors.values()), "params_by_module": dict(by_module)}
+            "params": sum(t.numel() for t in tensors.values()), "params_by_module": dict(sorted(by_module.items()))}
 
 
 def inspect_model(spec: str, task: str | None, method: str, options: dict, trust_remote_code: bool) -> dict:
