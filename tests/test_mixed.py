@@ -191,3 +191,23 @@ def test_cached_stacks_follow_weight_changes():
     for i, name in enumerate(ROWS):
         torch.testing.assert_close(y1[i:i + 1], alone(model, "llama", x[i:i + 1], name), atol=2e-5, rtol=1e-4)
     assert not torch.allclose(y0[1], y1[1]) and torch.equal(y0[0], y1[0])
+
+
+def test_stack_cache_follows_adapter_set_changes():
+    """The stacked weights persist on the layer across mixed blocks; adding, deleting or
+    hot-swapping adapters must invalidate them."""
+    model = three_adapters("llama", "lora")
+    x = batch_input("llama")
+    with torch.no_grad(), dt.mixed(model, ROWS):
+        model(x)
+    dt.delete(model, "c")
+    torch.manual_seed(7)
+    dt.attach(model, "lora", name="c", r=8)  # same name, new weights
+    with torch.no_grad():
+        for t in dt.adapter_tensors(model, "c").values():
+            t.add_(torch.randn_like(t) * 0.2)
+    dt.hot_swap(model, "a", {k: v * 0.5 for k, v in dt.adapter_tensors(model, "a").items()})
+    with torch.no_grad(), dt.mixed(model, ROWS):
+        y = model(x).logits
+    for i, name in enumerate(ROWS):
+        torch.testing.assert_close(y[i:i + 1], alone(model, "llama", x[i:i + 1], name), atol=2e-5, rtol=1e-4)
