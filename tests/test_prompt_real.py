@@ -47,14 +47,14 @@ def smollm2():
     return model.eval(), tok
 
 
-def chat_batch(tok, n=8):
+def chat_batch(tok, n=4):
     from deltatune.demo import chatterbot_pairs
 
     asset_dir("chatterbot_corpus")
     pairs = chatterbot_pairs()
     random.Random(0).shuffle(pairs)
     texts = [f"User: {a}\nAssistant: {b}{tok.eos_token}" for a, b in pairs[:n]]
-    enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    enc = tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
     enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     return enc
 
@@ -75,7 +75,7 @@ def test_smollm2_loss_decreases_and_generates(method, opts, lr):
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
     model.train()
-    for _ in range(5):
+    for _ in range(4):
         loss = model(**batch).loss
         losses.append(loss.item())
         opt.zero_grad()
@@ -87,9 +87,9 @@ def test_smollm2_loss_decreases_and_generates(method, opts, lr):
     print(f"{method}: loss {losses[0]:.3f} -> {final:.3f} ({losses})")
     assert final < losses[0] - 0.1, (losses, final)
     enc = tok(["User: What is your favorite book?\nAssistant:"], return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     ids = enc["input_ids"]
     with torch.no_grad():
-        for _ in range(6):
+        for _ in range(4):
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ids)

@@ -343,7 +343,7 @@ def merge(
 @_errors
 def demo(
     task: str = typer.Option("classify", help="classify (MiniLM-L6 + SMS spam) | causal-lm (SmolLM2-135M + chatterbot)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps (default 150 classify, 40 causal-lm)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default 100 classify, 40 causal-lm)."),
     output: Optional[str] = typer.Option(None, help="Output directory (default runs/demo or runs/demo-lm)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
     as_json: bool = JsonOpt,

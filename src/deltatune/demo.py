@@ -61,7 +61,7 @@ def chatterbot_pairs() -> list[tuple[str, str]]:
 DEMO_PROMPTS = ("What is your favorite book?", "Tell me a joke.", "What is artificial intelligence?")
 
 
-def demo_classify(output: str = "runs/demo", steps: int = 150, log: Callable = print, **train) -> dict:
+def demo_classify(output: str = "runs/demo", steps: int = 100, log: Callable = print, **train) -> dict:
     o = RunOptions(model=str(minilm_dir()), data=str(sms_spam_csv()), task="classify", method="lora",
                    output=output, text_column="text", label_column="spam", max_length=64, overwrite=True,
                    train={"max_steps": steps, "batch_size": 32, "eval_every": max(1, steps // 3), **train})

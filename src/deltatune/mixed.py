@@ -20,6 +20,11 @@ so does flattening (B, T, C) to (B·T, C).  The mapping is therefore derived fro
 current input: a batch of n·k rows maps row j to prompt j // k.  The batch dimension must be the
 first one (true for every transformers model).
 
+Methods that change the model outside its wrapped layers (prompt and prefix tuning, the BitFit /
+LayerNorm / sparse selectors) cannot apply to some rows only and are refused with a DeltaError
+(a Method may declare ``supports_mixed = True`` once it routes rows itself).  Attach and delete
+adapters outside a ``mixed`` block: its row plan is computed once per batch size.
+
     with dt.mixed(model, ["a", "b", None]):
         logits = model(input_ids).logits
     out = dt.generate_mixed(model, ["a", "b"], input_ids=ids, num_beams=4, max_new_tokens=20)

@@ -130,7 +130,7 @@ class PromptTuning(Method):
     def to_peft(self, cfg: PromptConfig, model: nn.Module, name: str) -> dict[str, Any]:
         d = vt.dims(model)
         tok_path = cfg.to_dict()["tokenizer_name_or_path"]
-        text = cfg.init == "text" and cfg.init_text is not None and tok_path
+        text = bool(cfg.init == "text" and cfg.init_text is not None and tok_path)
         init = "TEXT" if text else {"vocab": "SAMPLE_VOCAB"}.get(cfg.init, "RANDOM")
         return {
             "peft_type": "PROMPT_TUNING", "task_type": vt.task_type(model),
