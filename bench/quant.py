@@ -351,6 +351,12 @@ NOTES = """Notes.
   (reproduced on a tiny Llama: layer-0 `lora_A.grad` is None after one `torch.no_grad()` forward) and
   the step is cheaper than a correct one. Its resident memory is also high (the repacked copies).
   deltatune's `NF4Linear` never repacks and keeps gradients (tested in tests/test_quant.py).
+- Perplexity: the only SmolLM2 weights here are the GGUF's Q4_1 values, so "fp32" is already a 4-bit
+  model and NF4 rounds it a second time: a per-block uniform 16-level grid re-rounded onto NF4's
+  non-uniform 16 levels maps distinct values together. Block size does not change it (measured once:
+  NF4 block 32 without double quantization 61.6, block 64 without 61.0, QLoRA default 61.1), int8's 255
+  levels keep it (-0.1 %). The 5 % target is therefore not testable against a true fp32 SmolLM2 here;
+  on this already-quantized checkpoint NF4 costs +22 %, int8 nothing.
 - Machine: 2 cores shared with other jobs (load average ~20 during the run): step times are noisy; read
   the ratios, and prefer the memory columns."""
 

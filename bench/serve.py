@@ -1,7 +1,7 @@
 """Load benchmark of ``deltatune serve``: requests/s and p50/p99 latency for 1, 4 and 16 concurrent
 clients, each request for one of 8 LoRA adapters (round-robin), over HTTP on loopback.
 
-    .venv/bin/python bench/serve.py [--requests 48] [--new-tokens 8] [--window-ms 10]
+    .venv/bin/python bench/serve.py [--requests 48] [--new-tokens 8] [--window-ms 10] [--max-batch 16]
 
 The server runs in a subprocess (so client threads do not share its GIL) on 127.0.0.1 with a
 small random Llama (hidden 256, 4 layers, vocab 4096; 8 LoRA r=8 adapters on q,k,v,o) and
@@ -46,13 +46,13 @@ def make_adapters(d: str) -> None:
         dt.save(m, os.path.join(d, f"a{i}"), name=f"a{i}")
 
 
-def serve(d: str, window_ms: float, port_file: str, threads: int) -> None:
+def serve(d: str, window_ms: float, port_file: str, threads: int, max_batch: int) -> None:
     import torch
 
     from deltatune.serve import ServerThread, build_app
 
     torch.set_num_threads(threads)
-    app = build_app(build_model(), None, d, window_ms=window_ms, max_batch=16)
+    app = build_app(build_model(), None, d, window_ms=window_ms, max_batch=max_batch)
     with ServerThread(app) as srv:
         with open(port_file, "w") as f:
             f.write(srv.url)
@@ -74,17 +74,18 @@ def main() -> None:
     ap.add_argument("--window-ms", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--max-batch", type=int, default=16, help="1 = no batching (the comparison row)")
     ap.add_argument("--_serve", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._serve:
-        return serve(a._serve[0], a.window_ms, a._serve[1], a.threads)
+        return serve(a._serve[0], a.window_ms, a._serve[1], a.threads, a.max_batch)
     import httpx
 
     with tempfile.TemporaryDirectory() as d:
         make_adapters(d)
         port_file = os.path.join(d, "url")
         proc = subprocess.Popen([sys.executable, __file__, "--window-ms", str(a.window_ms), "--threads",
-                                 str(a.threads), "--_serve", d, port_file])
+                                 str(a.threads), "--max-batch", str(a.max_batch), "--_serve", d, port_file])
         try:
             deadline = time.time() + 300
             while not os.path.exists(port_file) or not open(port_file).read():

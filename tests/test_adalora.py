@@ -132,8 +132,8 @@ def _trained(model_fn=tiny_mlp, opts=OPTS, steps=20):
 
 def test_to_lora_keeps_outputs_and_peft_loads_it(tmp_path):
     peft = pytest.importorskip("peft")
-    opts = dict(targets=["q_proj", "v_proj", "o_proj"], r=4, target_r=2, tinit=2, tfinal=3, deltaT=1)
-    model = _trained(tiny_llama, opts, steps=12)
+    opts = dict(targets=["q_proj", "v_proj", "o_proj"], r=4, target_r=2, tinit=1, tfinal=2, deltaT=1)
+    model = _trained(tiny_llama, opts, steps=8)
     ranks = adalora_ranks(model)
     assert sum(ranks.values()) == 2 * len(ranks) and len(set(ranks.values())) > 1  # uneven allocation
     y = run(model, "llama")
@@ -162,8 +162,8 @@ def test_adalora_file_round_trip_and_peft_adalora(tmp_path):
 
 
 def test_rank_report_table_and_heatmap(tmp_path):
-    opts = dict(targets=["q_proj", "v_proj"], r=4, target_r=2, tinit=2, tfinal=3, deltaT=1)
-    model = _trained(tiny_llama, opts, steps=12)
+    opts = dict(targets=["q_proj", "v_proj"], r=4, target_r=2, tinit=1, tfinal=2, deltaT=1)
+    model = _trained(tiny_llama, opts, steps=8)
     rep = dt.adalora_report(model)
     text = rep.table()
     for p, r in adalora_ranks(model).items():

@@ -390,10 +390,9 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not any("pytest" in m for m in sys.modules):
-        from .models import configure_threads
+    from .models import configure_threads
 
-        configure_threads(int(os.environ["DELTATUNE_THREADS"]) if os.environ.get("DELTATUNE_THREADS") else None)
+    configure_threads(int(os.environ["DELTATUNE_THREADS"]) if os.environ.get("DELTATUNE_THREADS") else None)
     try:
         app(args=argv, standalone_mode=True)
     except DeltaError as e:
