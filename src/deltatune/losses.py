@@ -137,10 +137,11 @@ def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor | None = No
     """
     if labels is None:
         raise DeltaError("chunked_causal_lm_loss needs labels (use input_ids for plain language modelling)")
-    cfg = getattr(model, "config", None)
+    inner = getattr(model, "module", model)  # DDP: swap the head inside, call the wrapper (grad sync)
+    cfg = getattr(inner, "config", None)
     if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING):
         return model(input_ids=input_ids, labels=labels, **model_kwargs).loss
-    parent, attr, head = _head_slot(model)
+    parent, attr, head = _head_slot(inner)
     parent._modules[attr] = _Capture()
     try:
         h = model(input_ids=input_ids, **model_kwargs).logits  # (B, T', D): the head's input
