@@ -30,7 +30,7 @@ def ws(tmp_path_factory):
     return {"dir": d, "bert": bert, "data": data, "val": val, "run": out, "metrics": json.loads(r.stdout)}
 
 
-@pytest.mark.parametrize("cmd", ["train", "eval", "compare", "inspect", "merge", "demo"])
+@pytest.mark.parametrize("cmd", ["train", "eval", "compare", "inspect", "merge", "demo", "importance"])
 def test_help(cmd):
     r = run(cmd, "--help")
     assert "--json" in r.output and "--config" in r.output

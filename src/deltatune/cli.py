@@ -296,6 +296,45 @@ def compare(
     out.done(res, human)
 
 
+@app.command()
+@_errors
+def importance(
+    model: str = typer.Option(..., help="Model directory, id in the local HF cache, or .gguf file."),
+    data: str = typer.Option(..., help="Data file of the task (same formats and columns as train)."),
+    task: str = typer.Option("classify", help="classify | causal-lm | image-classify"),
+    output: str = typer.Option("runs/importance", help="Directory for importance.json/.png/.txt."),
+    budget: Optional[float] = typer.Option(None, help="LoRA parameter budget (count, or fraction < 1): writes lora_options.json."),
+    metric: str = typer.Option("taylor", help="taylor (sum |w*g|) | fisher (sum g^2)."),
+    max_batches: int = typer.Option(8, help="Batches of data to score on."),
+    batch_size: int = typer.Option(16),
+    max_length: Optional[int] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None),
+    label_column: Optional[str] = typer.Option(None),
+    prompt_column: Optional[str] = typer.Option(None),
+    response_column: Optional[str] = typer.Option(None),
+    trust_remote_code: bool = typer.Option(False),
+    as_json: bool = JsonOpt,
+    config: Optional[Path] = ConfigOpt,
+):
+    """Rank the model's layers by gradient sensitivity on DATA; with --budget, a LoRA config for it."""
+    from .importance_cli import importance_report
+
+    out = Out(as_json)
+    cols = {"text_column": text_column, "label_column": label_column, "prompt_column": prompt_column,
+            "response_column": response_column}
+    res = importance_report(model, data, task, output, budget, metric, max_batches, batch_size, max_length,
+                            {k: v for k, v in cols.items() if v is not None}, trust_remote_code)
+
+    def human():
+        out.console.print(res["table"])
+        if "lora_options" in res:
+            out.log(f"LoRA for budget {budget:g}: {len(res['lora_options']['targets'])} modules, "
+                    f"ranks {sorted(set(res['lora_options']['rank_pattern'].values()))} -> {output}/lora_options.json")
+        out.log(f"plot: {res['plot']}")
+
+    out.done({k: v for k, v in res.items() if k != "table"}, human)
+
+
 # --------------------------------------------------------------------------- inspect / merge / demo
 
 @app.command()
