@@ -149,6 +149,13 @@ def test_future_format_version(tmp_path):
 ])
 def test_corrupt_manifest(tmp_path, content, pattern):
     d = saved(tmp_path)
+    try:  # a well-formed dict gets a valid self-checksum, so the deeper checks are what fire
+        man = json.loads(content)
+        if isinstance(man, dict):
+            man["manifest_sha256"] = dt.io._manifest_digest(man)
+            content = json.dumps(man).encode()
+    except (UnicodeDecodeError, ValueError):
+        pass
     (d / M).write_bytes(content)
     load_fails(d, M if pattern != "checksum mismatch" else W, pattern)
 
@@ -341,3 +348,11 @@ def test_trainer_stops_on_nonfinite_and_keeps_last_good_checkpoint(tmp_path, fau
     assert last.name == "step-0000004"
     model = dt.load(tiny_mlp(), last / "adapter")  # verified, and refused if it held NaN/Inf
     assert all(torch.isfinite(t).all() for t in dt.adapter_tensors(model, "default").values())
+
+
+def test_manifest_without_its_checksum_is_refused(tmp_path):
+    d = saved(tmp_path)
+    man = json.loads((d / M).read_text())
+    man.pop("manifest_sha256")
+    (d / M).write_text(json.dumps(man))
+    load_fails(d, M, "checksum mismatch or missing")

@@ -208,9 +208,10 @@ def _read_adapter_dir_once(directory, verify):
             raise DeltaError(f"{d / MANIFEST}: format_version {ver} was written by a newer deltatune "
                              f"(this one reads <= {FORMAT_VERSION}); upgrade deltatune to load it")
         verified: dict[str, bytes] = {}
-        if verify and "manifest_sha256" in ours and ours["manifest_sha256"] != _manifest_digest(ours):
-            raise DeltaError(f"{d / MANIFEST}: checksum mismatch (its content was changed after saving); "
-                             "the file is corrupted - re-save or restore the adapter")
+        if verify and ours.get("manifest_sha256") != _manifest_digest(ours):
+            # every format-1 manifest carries its own checksum: a missing one is damage too
+            raise DeltaError(f"{d / MANIFEST}: checksum mismatch or missing (its content was changed after "
+                             "saving); the file is corrupted - re-save or restore the adapter")
         if verify:
             if WEIGHTS not in ours.get("files", {}) and LEGACY_WEIGHTS not in ours.get("files", {}):
                 raise DeltaError(f"{d / MANIFEST}: lists no weights file, so {d} cannot be verified; "
