@@ -7,22 +7,30 @@
 __version__ = "0.1.0"
 
 from . import methods as _methods  # noqa: F401  (fills METHODS)
+from . import safety  # noqa: F401  (dt.safety.atomic_dir / check_finite / NanGuard / safe_join)
 from .api import (ParamCount, activate, active_adapters, adapter_tensors, adapters, attach, delete, disabled,
                   make_config, merge, trainable_parameters, unmerge)
+from .arithmetic import combine
 from .core import METHODS, Delta, DeltaConfig, DeltaError, DeltaLayer, Method, register
+from .hotswap import hot_swap
+from .importance import importance
 from .io import load, save
+from .losses import chunked_causal_lm_loss, linear_cross_entropy
+from .methods.adalora import adalora_hook, adalora_ranks, adalora_to_lora
+from .methods.adalora import orth_penalty as adalora_orth_penalty
+from .methods.adalora import rank_report as adalora_report
 from .methods.lora import LoraConfig, lora_plus_groups
+from .methods.sparse import select_sparse
+from .mixed import generate_mixed, mixed
+from .prune import magnitude_prune, truncate_lora
+from .quant import load_quantized, quantize
 from .targets import find_targets
 
 __all__ = [
     "METHODS", "Delta", "DeltaConfig", "DeltaError", "DeltaLayer", "LoraConfig", "Method", "ParamCount",
-    "activate", "active_adapters", "adapter_tensors", "adapters", "attach", "delete", "disabled",
-    "find_targets", "load", "lora_plus_groups", "make_config", "merge", "register", "save",
-    "trainable_parameters", "unmerge",
+    "activate", "active_adapters", "adalora_hook", "adalora_orth_penalty", "adalora_ranks", "adalora_report",
+    "adalora_to_lora", "adapter_tensors", "adapters", "attach", "chunked_causal_lm_loss", "combine", "delete",
+    "disabled", "find_targets", "generate_mixed", "hot_swap", "importance", "linear_cross_entropy", "load",
+    "load_quantized", "lora_plus_groups", "magnitude_prune", "make_config", "merge", "mixed", "quantize",
+    "register", "safety", "save", "select_sparse", "trainable_parameters", "truncate_lora", "unmerge",
 ]
-from .mixed import generate_mixed, mixed; from .arithmetic import combine; from .hotswap import hot_swap  # noqa: E402,E702 (issue 6)
-from .importance import (adalora_hook, adalora_orth_penalty, adalora_ranks, adalora_report,  # noqa: E402,F401
-                         adalora_to_lora, importance, magnitude_prune, select_sparse, truncate_lora)  # (issue 4)
-from .losses import chunked_causal_lm_loss, linear_cross_entropy  # noqa: E402,F401  (issue 9: loss without full logits)
-from .quant import load_quantized, quantize  # noqa: E402,F401  (issue 8: quantized bases)
-from . import safety  # noqa: E402,F401  (issue 7: dt.safety.atomic_dir / check_finite / NanGuard / safe_join)

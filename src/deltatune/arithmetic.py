@@ -23,7 +23,6 @@ peft's "linear"), which is not Σ wᵢΔWᵢ; use ``cat`` or ``svd`` for that.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable
 

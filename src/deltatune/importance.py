@@ -279,11 +279,3 @@ def _out_in(m: nn.Module) -> tuple[int, int]:
     if isinstance(m, nn.Embedding):
         return w.shape[1], w.shape[0]
     return w.shape[0], int(w[0].numel())
-
-
-# The budget feature's public names (AdaLoRA, sparse selection, pruning), re-exported by
-# deltatune/__init__.py through one import line.
-from .methods.adalora import (adalora_hook, adalora_ranks, adalora_to_lora, orth_penalty as adalora_orth_penalty,  # noqa: E402,F401
-                              rank_report as adalora_report)
-from .methods.sparse import select_sparse  # noqa: E402,F401
-from .prune import magnitude_prune, truncate_lora  # noqa: E402,F401

@@ -12,18 +12,19 @@ missing, unexpected or mis-shaped tensor by name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .core import METHODS, PREFIX, DeltaError, get_state, method_of
+from .core import METHODS, DeltaError, get_state, method_of
+from .safety import fsync_path
 
 WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
@@ -46,10 +47,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -60,27 +61,6 @@ def _json_default(o):
     if isinstance(o, (set, tuple)):
         return sorted(o) if isinstance(o, set) else list(o)
     raise TypeError(f"cannot store {type(o).__name__} in a config")
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 def sha256(data: bytes) -> str:
