@@ -12,7 +12,6 @@ Nothing is downloaded and the data files are read where pip installed them (not 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Callable
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .core import DeltaError, iter_base_modules
+from .core import DeltaError
 
 METRICS = ("taylor", "fisher")
 

@@ -275,7 +275,7 @@ def _check(model: nn.Module, rows: Sequence[RowName]) -> None:
             raise DeltaError(f"mixed batch: adapter {a!r} ({m.name}, {role}) changes the model outside its "
                              "wrapped layers (prompt tokens or selected base tensors), so it cannot apply to "
                              "some rows only; " + ("run its rows in a separate batch" if a in rows else
-                                                   f"deactivate it first (dt.activate(model, [...]))"))
+                                                   "deactivate it first (dt.activate(model, [...]))"))
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant_registry
-from .core import DeltaError, DeltaLayer, get_submodule_clean, iter_base_modules, iter_delta_layers
+from .core import DeltaError, get_submodule_clean, iter_base_modules, iter_delta_layers
 from .targets import HEAD_NAMES, matches
 
 __all__ = ["NF4Linear", "Int8Linear", "QuantLinear", "quantize", "load_quantized", "merge", "lossy_merge",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (DeltaConfig, DeltaError, Delta, DeltaLayer, Method, base_weight, get_state, iter_delta_layers,
+from ..core import (DeltaConfig, DeltaError, Delta, Method, base_weight, get_state, iter_delta_layers,
                     register, set_base_weight, wrap)
 from ..targets import find_targets
 
