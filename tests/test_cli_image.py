@@ -38,6 +38,8 @@ def test_train_and_eval_image_classification(vit_and_data, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     after = m["after"]["accuracy"] if "after" in m else m["metrics"]["accuracy"]
     assert after >= 0.75, m
+    fg = m["forgetting"]  # drift on general photos the model was not trained on
+    assert fg["kind"] == "representation_drift" and 0 < fg["value"] < 2, fg
     r = CliRunner().invoke(app, ["eval", "--adapter", str(out), "--data", str(data), "--json"])
     assert r.exit_code == 0, (r.output, r.exception)
     assert "accuracy" in r.stdout

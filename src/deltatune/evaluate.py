@@ -108,7 +108,9 @@ class Forgetting:
                  batch_size: int = 16):
         from .reference_text import TEXTS
 
-        self.kind = {"classify": "representation_drift", "causal-lm": "perplexity_change"}.get(task)
+        self.kind = {"classify": "representation_drift", "causal-lm": "perplexity_change",
+                     "image-classify": "representation_drift"}.get(task)
+        self.images = task == "image-classify"  # reference = general photos, not text
         self.tok, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.texts = list(texts) if texts is not None else list(TEXTS)
         if not self.texts:
@@ -117,24 +119,55 @@ class Forgetting:
 
     @property
     def available(self) -> bool:
-        return self.kind is not None and self.tok is not None
+        return self.kind is not None and (self.tok is not None or self.images)
 
     def _encoded(self):
+        if self.images:
+            yield from self._image_batches()
+            return
         for i in range(0, len(self.texts), self.batch_size):
             enc = self.tok(self.texts[i:i + self.batch_size], padding=True, truncation=True,
                            max_length=self.max_length, return_tensors="pt")
             yield {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+    def _image_batches(self):
+        """Crops of scikit-learn's two packaged photographs (a temple, a flower): general images the
+        user did not train on, resized to the model's input size and scaled to [-1, 1]."""
+        if not hasattr(self, "_pixels"):
+            from sklearn.datasets import load_sample_images
+
+            cfg_size = getattr(self, "_size", (3, 224))
+            c, size = cfg_size
+            crops = []
+            for img in load_sample_images().images:  # (427, 640, 3) uint8 each
+                t = torch.tensor(img).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+                for y in range(0, t.shape[1] - 200, 100):
+                    for x in range(0, t.shape[2] - 200, 110):
+                        crops.append(t[:, y:y + 200, x:x + 200])
+            px = nn.functional.interpolate(torch.stack(crops), size=(size, size), mode="bilinear",
+                                           align_corners=False)  # (N, 3, S, S)
+            px = px.mean(1, keepdim=True).expand(-1, c, -1, -1) if c != 3 else px
+            self._pixels = (px - 0.5) / 0.5
+            self.texts = [f"photo crop {i}" for i in range(len(px))]
+        for i in range(0, len(self._pixels), self.batch_size):
+            yield {"pixel_values": self._pixels[i:i + self.batch_size]}
 
     @torch.no_grad()
     def _features(self, model) -> torch.Tensor:
         was = model.training
         model.eval()
         dev, outs = _device(model), []
+        if self.images:
+            cfg = getattr(model, "config", None)
+            self._size = (getattr(cfg, "num_channels", 3), int(getattr(cfg, "image_size", 224) or 224))
         for b in self._encoded():
             b = {k: v.to(dev) for k, v in b.items()}
-            h = model(**b, output_hidden_states=True).hidden_states[-1].float()  # (B, T, H)
-            m = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-            outs.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu())  # (B, H)
+            h = model(**b, output_hidden_states=True).hidden_states[-1].float()  # (B, T, H) or (B, C, h, w)
+            if "attention_mask" in b:
+                m = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+                outs.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu())  # (B, H)
+            else:  # images: mean over tokens (ViT) or over the spatial grid (CNNs)
+                outs.append((h.mean(1) if h.dim() == 3 else h.flatten(2).mean(-1)).cpu())
         model.train(was)
         return torch.cat(outs)  # (N, H)
 
@@ -178,7 +211,8 @@ class Forgetting:
         if self.kind == "representation_drift":
             cos = nn.functional.cosine_similarity(self.base, now, dim=-1)  # (N,)
             return {"kind": self.kind, "value": float(1 - cos.mean()), "texts": len(self.texts),
-                    "description": "1 - mean cosine of base vs tuned mean-pooled hidden states on reference text"}
+                    "description": "1 - mean cosine of base vs tuned mean-pooled hidden states on reference "
+                                   + ("photos (scikit-learn sample images)" if self.images else "text")}
         return {"kind": self.kind, "value": 100.0 * (now / self.base - 1.0), "ppl_base": self.base,
                 "ppl_tuned": now, "texts": len(self.texts),
                 "description": "% change of perplexity on general reference text"}
