@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (DeltaConfig, DeltaError, Delta, Method, base_weight, get_state, iter_delta_layers, register,
+from ..core import (DeltaConfig, DeltaError, Delta, Method, get_state, iter_delta_layers, register,
                     wrap)
 from ..targets import find_targets, linear_types
 
@@ -92,13 +92,9 @@ class AdaLoraDelta(Delta):
 
     def __init__(self, base: nn.Module, cfg: AdaLoraConfig):
         super().__init__()
-        from .lora import _conv1d_type
+        from .lora import linear_layout
 
-        conv1d = _conv1d_type()
-        self.fan_in_fan_out = conv1d is not None and isinstance(base, conv1d)
-        w = base_weight(base)
-        out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else (w.shape[0], w.shape[1])
-        dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
+        self.fan_in_fan_out, out_f, in_f, dtype = linear_layout(base)
         r = cfg.r
         self.r = r
         self.scaling = cfg.alpha / (r + 1e-5)  # peft: lora_alpha / (ranknum + 1e-5)

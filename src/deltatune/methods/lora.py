@@ -91,6 +91,17 @@ def _conv1d_type():
         return None
 
 
+def linear_layout(base: nn.Module) -> tuple[bool, int, int, torch.dtype]:
+    """(fan_in_fan_out, out, in, delta dtype) of a linear-like base. GPT-2's Conv1D stores its
+    weight as (in, out); fp16 bases get fp32 deltas (Adam's updates underflow in fp16)."""
+    conv1d = _conv1d_type()
+    t = conv1d is not None and isinstance(base, conv1d)
+    w = base_weight(base)
+    out_f, in_f = (w.shape[1], w.shape[0]) if t else (w.shape[0], w.shape[1])
+    dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
+    return t, out_f, in_f, dtype
+
+
 # --------------------------------------------------------------------------- deltas
 
 class _Magnitude(nn.Module):
@@ -191,11 +202,7 @@ class LoraLinear(LoraDelta):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoraConfig):
         super().__init__()
-        conv1d = _conv1d_type()
-        self.fan_in_fan_out = conv1d is not None and isinstance(base, conv1d)
-        w = base_weight(base)
-        out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else (w.shape[0], w.shape[1])
-        dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
+        self.fan_in_fan_out, out_f, in_f, dtype = linear_layout(base)
         self._setup(r, alpha, cfg)
         self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype)  # (r, in)
         self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype)  # (out, r)
