@@ -129,3 +129,40 @@ def test_compiled_step_equals_eager():
     step = compile_step(lambda: dt.chunked_causal_lm_loss(m, ids(), ids(), chunk=4))
     got = lora_grads(m, lambda mm: step())
     assert_same(got, eager)
+
+
+@pytest.mark.parametrize("bias,fan_in_fan_out", [(True, False), (False, False), (True, True)])
+def test_dora_fast_path_equals_the_plain_dora_formula(bias, fan_in_fan_out):
+    """The DoRA autograd function gives the paper's output and gradients (x, A, B, m) of
+    y' = m / ‖W + sBA‖ (detached) ⊙ (W + sBA) x + b."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    if fan_in_fan_out:
+        base = Conv1D(6, 5)  # GPT-2 layout: weight (in, out)
+        nn.init.normal_(base.bias)
+    else:
+        base = nn.Linear(5, 6, bias=bias)
+    model = nn.Sequential(base)
+    dt.attach(model, "lora", r=3, alpha=6, dora=True, targets=["0"])
+    d = model[0].deltas["default"]
+    with torch.no_grad():
+        d.lora_B.weight.normal_()
+        d.lora_magnitude_vector.weight.mul_(1.5)
+    x = torch.randn(4, 7, 5, requires_grad=True)
+    out = model(x)
+    assert "DoraLinearBranch" in type(out.grad_fn.next_functions[0][0]).__name__  # the fast path ran
+    (out * torch.arange(6.0)).sum().backward()
+    fast = [out.detach(), x.grad, d.lora_A.weight.grad, d.lora_B.weight.grad, d.lora_magnitude_vector.weight.grad]
+
+    a, b, m = (t.detach().clone().requires_grad_() for t in
+               (d.lora_A.weight, d.lora_B.weight, d.lora_magnitude_vector.weight))
+    w = base.weight.detach().t() if fan_in_fan_out else base.weight.detach()  # (out, in)
+    wd = w + d.scaling * b @ a
+    xd = x.detach().clone().requires_grad_()
+    ref = (m / wd.norm(dim=1).detach()) * (xd @ wd.t())
+    if base.bias is not None:
+        ref = ref + base.bias.detach()
+    (ref * torch.arange(6.0)).sum().backward()
+    for got, want in zip(fast, [ref.detach(), xd.grad, a.grad, b.grad, m.grad]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

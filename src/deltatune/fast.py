@@ -69,3 +69,44 @@ def lora_dropout_addmm(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: tor
     x (..., in), y (..., out) -> (..., out)."""
     out = _LoraDropoutBranch.apply(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), a, b, scaling, p)
     return out.view(y.shape)
+
+
+class _DoraLinearBranch(torch.autograd.Function):
+    """DoRA on a linear layer without dropout: out = c ⊙ (y₀ + s·(x Aᵀ) Bᵀ) + bias, c = m / ‖W + sBA‖.
+
+    y = W x + bias comes from the frozen base; the norm arrives detached (DoRA paper §4.3).  Plain
+    autograd keeps the scaled LoRA output, the base output and two products of them — four
+    (N, out) tensors per layer; this keeps one, u = (W + sBA) x (needed for m's gradient), plus
+    the (N, r) projection h."""
+
+    @staticmethod
+    def forward(ctx, x, y, bias, a, b, mag, norm, scaling):  # x (N, in), y (N, out), a (r, in), b (out, r)
+        h = x @ a.t()  # (N, r)
+        y0 = y if bias is None else y - bias
+        u = torch.addmm(y0, h, b.t(), alpha=scaling)  # (N, out) = (W + sBA) x
+        c = mag / norm  # (out,)
+        ctx.save_for_backward(x, h, u, a, b, c, norm)
+        ctx.scaling = scaling
+        return u * c if bias is None else torch.addcmul(bias, u, c)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):  # go (N, out)
+        x, h, u, a, b, c, norm = ctx.saved_tensors
+        s = ctx.scaling
+        gu = go * c  # (N, out) = ∂out/∂u ⊙ go; also the gradient of y
+        gmag = (go * u).sum(0) / norm if ctx.needs_input_grad[5] else None  # (out,)
+        gh = (gu @ b) * s  # (N, r)
+        ga = gh.t() @ x if ctx.needs_input_grad[3] else None  # (r, in)
+        gb = (gu.t() @ h) * s if ctx.needs_input_grad[4] else None  # (out, r)
+        gx = gh @ a if ctx.needs_input_grad[0] else None  # (N, in)
+        return gx, gu, None, ga, gb, gmag, None, None
+
+
+def dora_linear(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                mag: torch.Tensor, norm: torch.Tensor, scaling: float) -> torch.Tensor:
+    """DoRA output of a linear layer from its base output ``y`` (bias included).
+    x (..., in), y (..., out), a (r, in), b (out, r), mag / norm (out,) -> (..., out)."""
+    out = _DoraLinearBranch.apply(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), bias, a, b, mag,
+                                  norm, scaling)
+    return out.view(y.shape)

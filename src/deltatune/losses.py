@@ -44,18 +44,29 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros_like(bias) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # One (chunk, V) fp32 buffer serves every chunk: on CPU a fresh 32 MB tensor per chunk (and
+        # logsumexp's own temporaries) costs more in page faults than the arithmetic on it.
+        fp32 = h.dtype == torch.float32 and weight.dtype == torch.float32
+        buf = h.new_empty((min(chunk, h.shape[0]), weight.shape[0]), dtype=torch.float32) if fp32 else None
         for s in range(0, h.shape[0], chunk):
             hc, lc = h[s:s + chunk], labels[s:s + chunk]  # (c, D), (c,)
-            z = F.linear(hc, weight, bias).float()  # (c, V)
-            lse = torch.logsumexp(z, dim=-1)  # (c,)
-            total += (lse - z.gather(1, lc[:, None]).squeeze(1)).sum()
+            if fp32:
+                z = buf[:hc.shape[0]]  # (c, V)
+                torch.mm(hc, weight.t(), out=z) if bias is None else torch.addmm(bias, hc, weight.t(), out=z)
+            else:
+                z = F.linear(hc, weight, bias).float()  # (c, V)
+            picked = z.gather(1, lc[:, None]).squeeze(1)  # (c,) logit of the label
+            top = z.amax(dim=-1, keepdim=True)  # (c, 1); logsumexp by hand, in place in z
+            g = z.sub_(top).exp_()  # (c, V) exp(z - max)
+            norm = g.sum(dim=-1, keepdim=True)  # (c, 1)
+            total += (top.squeeze(1) + norm.log().squeeze(1) - picked).sum()
             if not grads:
                 continue
-            g = z.sub_(lse[:, None]).exp_()  # softmax, in place
+            g.div_(norm)  # softmax
             g[torch.arange(g.shape[0], device=g.device), lc] -= 1.0
             g = g.div_(denom).to(h.dtype)  # ∂loss/∂z (c, V)
             if need_h:
-                grad_h[s:s + chunk] = g @ weight
+                torch.mm(g, weight, out=grad_h[s:s + chunk])
             if need_w:
                 grad_w.addmm_(g.t(), hc)
             if need_b:

@@ -165,7 +165,8 @@ class LoraDelta(Delta):
             return y + lora.to(y.dtype)
         # DoRA: y' = m/‖W+sBA‖ ⊙ (W x_d + sBA x_d) + b ; the norm is detached (paper §4.3)
         w = self._w(base)
-        norm = self._norm(w + self.delta_weight(base).to(w.dtype)).detach()
+        with torch.no_grad():  # detached: no graph, no saved (out, in) copy for a gradient never taken
+            norm = self._norm(w + self.delta_weight(base).to(w.dtype))
         scale = self._channel(self._mag() / norm, y)
         if isinstance(self.dropout, nn.Identity):
             bias = getattr(base, "bias", None)
@@ -266,6 +267,17 @@ class LoraLinear(LoraDelta):
         return F.linear(x.to(self._w(base).dtype), self._w(base))
 
     def forward(self, x, y, base):
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if (self.use_dora and getattr(self, "A0", None) is None and x.dtype == y.dtype == a.dtype
+                and (isinstance(self.dropout, nn.Identity) or not self.training)):
+            from ..fast import dora_linear  # keeps one (N, out) tensor per layer instead of four
+
+            w = self._w(base)
+            with torch.no_grad():  # ‖W + sBA‖ per output row, detached (DoRA paper §4.3)
+                norm = torch.addmm(w.to(a.dtype), b, a, alpha=self.scaling).norm(dim=1)  # (out,)
+            bias = getattr(base, "bias", None)
+            return dora_linear(x, y, None if bias is None else bias.to(y.dtype), a, b, self._mag(), norm,
+                               self.scaling)
         if self.use_dora or getattr(self, "A0", None) is not None or y.dtype != self.lora_B.weight.dtype:
             return super().forward(x, y, base)
         # fast path: one fused addmm, y + s·(x A^T) B^T, without materialising the scaled branch
