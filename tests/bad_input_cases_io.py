@@ -171,7 +171,8 @@ def _http(method: str, url: str, body=None, headers=None, raw: bytes | None = No
 
 for _id, _req, _exp in [
     ("http_body_not_json", ("POST", "/v1/generate", None, None, b"{not json"), ("invalid request body",)),
-    ("http_unknown_field", ("POST", "/v1/generate", {"input_ids": [1], "temperature": 2}), ("invalid request body", "temperature")),
+    ("http_unknown_field", ("POST", "/v1/generate", {"input_ids": [1], "best_of": 2}), ("invalid request body", "best_of")),
+    ("http_bad_temperature", ("POST", "/v1/generate", {"input_ids": [1], "temperature": -1}), ("invalid request body", "temperature")),
     ("http_wrong_type", ("POST", "/v1/generate", {"input_ids": "one two"}), ("invalid request body", "input_ids")),
     ("http_max_new_tokens_zero", ("POST", "/v1/generate", {"input_ids": [1], "max_new_tokens": 0}), ("max_new_tokens",)),
     ("http_max_new_tokens_too_many", ("POST", "/v1/generate", {"input_ids": [1], "max_new_tokens": 10**6}), ("max_new_tokens is at most 32",)),

@@ -189,7 +189,7 @@ def test_bad_input_is_4xx_never_500(lm_server):
         ({"adapter": "a", "input_ids": [3], "max_new_tokens": 10_000}, 400),
         ({"adapter": "a", "input_ids": [3], "max_new_tokens": 0}, 422),
         ({"adapter": "a", "input_ids": "w1"}, 422),
-        ({"adapter": "a", "input_ids": [3], "temperature": 2}, 422),  # unknown field
+        ({"adapter": "a", "input_ids": [3], "best_of": 2}, 422),  # unknown field
         ({"adapter": 7, "input_ids": [3]}, 422),
         ({"adapter": "a", "input_ids": [3] * 2000}, 413),
     ]

@@ -1,6 +1,7 @@
 """``deltatune serve``: one base model, many adapters, one HTTP server (FastAPI + uvicorn).
 
     POST   /v1/generate           {"adapter": "a", "prompt": "...", "max_new_tokens": 32}  causal LMs
+                                  + "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop"
     POST   /v1/classify           {"adapter": "b", "text": "..."}                          classifiers
     GET    /v1/adapters           loaded adapters, and those available in the adapter directory
     POST   /v1/adapters           {"name": "c"}   load ADAPTER_DIR/c            (bearer token)
@@ -8,8 +9,10 @@
     GET    /health, GET /metrics (Prometheus), GET /docs, GET /openapi.json
 
 Requests for different adapters that arrive within ``window_ms`` of each other run as one mixed
-batch (``deltatune.mixed``; see ``serve_engine``).  Decoding is greedy (``num_beams`` ≥ 1), so an
-answer never depends on what it was batched with.  Mutating endpoints need
+batch (``deltatune.mixed``; see ``serve_engine``).  Decoding is greedy (``num_beams`` ≥ 1) unless
+``temperature`` ≥ 1e-5, which samples (top-k, top-p) from the request's own generator, seeded by
+``seed`` (drawn and reported when not given): neither a greedy nor a seeded answer depends on what
+it was batched with, and a seed replays its answer.  Mutating endpoints need
 ``Authorization: Bearer <token>`` (``token=`` or the env var ``DELTATUNE_SERVE_TOKEN``): no
 token configured → 403 (disabled), missing header → 401, wrong token → 403.  Adapter names are
 1-64 of ``[A-Za-z0-9_-]`` (anything else, e.g. ``../x``, is a 400) and are only looked up as
@@ -23,15 +26,19 @@ direct children of the adapter directory.  Binds to 127.0.0.1 unless told otherw
 import hmac
 import logging
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from .core import DeltaError, get_state
-from .serve_engine import Engine, EngineConfig, Job, RequestError, validate_ids
+from .serve_engine import Engine, EngineConfig, Job, RequestError, Sampling, validate_ids
 
 TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
+# temperatures below this are greedy (vLLM's rule: logits / 1e-40 overflow float32); above the cap the
+# distribution is uniform anyway, and a -inf logit divided by an overflowing temperature would be NaN
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 log = logging.getLogger("deltatune.serve")
 TASKS = {"ForSequenceClassification": "classify", "ForCausalLM": "generate", "LMHeadModel": "generate"}
 
@@ -66,11 +73,15 @@ class Metrics:
         self.errors = Counter("deltatune_errors_total", "failed requests", ["endpoint", "status"], registry=r)
         self.loaded = Gauge("deltatune_adapters_loaded", "adapters loaded", registry=r)
         self.queue = Gauge("deltatune_queue_depth", "requests waiting", registry=r)
+        self.decoding = Counter("deltatune_generate_rows_total", "generated rows per decoding mode",
+                                ["decoding"], registry=r)
 
     def on_batch(self, jobs: list[Job]) -> None:
         self.batch.observe(len(jobs))
         for j in jobs:
             self.adapters.labels(j.adapter or "(base)").inc()
+            if j.kind == "generate":
+                self.decoding.labels("beam" if j.num_beams > 1 else j.sampling.decoding).inc()
 
 
 def _available(adapter_dir: Path | None) -> list[str]:
@@ -104,7 +115,7 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
     from .api import delete
     from .io import load
@@ -128,6 +139,8 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
                 log.warning("adapter %s not loaded: %s", name, e)
     metrics.loaded.set(len(get_state(model).adapters))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    # the model's own repetition penalty (generation_config) stays the default, as generate() applies it
+    penalty = float(getattr(getattr(model, "generation_config", None), "repetition_penalty", None) or 1.0)
 
     from contextlib import asynccontextmanager
 
@@ -142,18 +155,65 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     app.state.engine, app.state.metrics = engine, metrics
     bearer = HTTPBearer(auto_error=False)
 
+    StopStr = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
     class GenerateIn(BaseModel):
         model_config = ConfigDict(extra="forbid")
         adapter: str | None = Field(None, description="adapter name; null = the bare base model")
         prompt: str | None = Field(None, description="text prompt (needs the server's tokenizer)")
         input_ids: list[int] | None = Field(None, description="token ids instead of a prompt")
         max_new_tokens: int = Field(16, ge=1)
-        num_beams: int = Field(1, ge=1, le=8)
+        num_beams: int = Field(1, ge=1, le=8, description="beam search (greedy only: temperature 0)")
+        temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                                   description=f"0 (default; in fact < {MIN_TEMPERATURE:g}) = greedy; "
+                                               "more = sample from softmax(logits / temperature)")
+        top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False,
+                             description="nucleus sampling: keep the most likely tokens summing to top_p (1 = off)")
+        top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+        seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                                 description="seed of this request's generator: same seed → same tokens; "
+                                             "none = a fresh one, reported in the response")
+        repetition_penalty: float | None = Field(None, ge=0.01, le=10, allow_inf_nan=False,
+                                                 description="> 1 discourages repeating prompt/output tokens "
+                                                             "(CTRL); default: the model's, else 1")
+        stop: list[StopStr] | None = Field(None, max_length=8, description="end the text before the first "
+                                           "of these strings (at most 8; one string is a list of one)")
+
+        @field_validator("stop", mode="before")
+        @classmethod
+        def _one_stop(cls, v: Any) -> Any:
+            return [v] if isinstance(v, str) else v
+
+        @model_validator(mode="before")
+        @classmethod
+        def _no_do_sample(cls, data: Any) -> Any:
+            if isinstance(data, dict) and "do_sample" in data:
+                raise ValueError("there is no 'do_sample' field: 'temperature' > 0 samples, 0 (default) is greedy")
+            return data
+
+        @model_validator(mode="after")
+        def _beams_are_greedy(self) -> "GenerateIn":
+            if self.temperature >= MIN_TEMPERATURE and self.num_beams > 1:
+                raise ValueError("'temperature' > 0 (sampling) needs 'num_beams' = 1")
+            return self
+
+    class SettingsOut(BaseModel):
+        decoding: str = Field(description="greedy | sample | beam")
+        max_new_tokens: int
+        num_beams: int
+        temperature: float
+        top_p: float
+        top_k: int
+        seed: int | None = Field(description="the generator's seed (sampling only): send it again to replay")
+        repetition_penalty: float
+        stop: list[str]
 
     class GenerateOut(BaseModel):
         adapter: str | None
         text: str | None
         output_ids: list[int]
+        finish_reason: str = Field(description="stop (EOS or a stop string) | length (max_new_tokens)")
+        settings: SettingsOut = Field(description="the generation settings used")
         batch_size: int = Field(description="requests in the model call that served this one")
 
     class ClassifyIn(BaseModel):
@@ -185,7 +245,10 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         errs = [{"loc": list(x.get("loc", ())), "msg": x.get("msg", "")} for x in e.errors()]
-        return JSONResponse({"detail": "invalid request body", "errors": errs}, status_code=422)
+        named = "; ".join(".".join(str(p) for p in x["loc"][1:]) + ": " + x["msg"] if len(x["loc"]) > 1
+                          else x["msg"] for x in errs)  # e.g. "temperature: Input should be ..."
+        return JSONResponse({"detail": f"invalid request body: {named}" if named else "invalid request body",
+                             "errors": errs}, status_code=422)
 
     @app.middleware("http")
     async def _measure(request: Request, call_next):
@@ -237,14 +300,30 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         metrics.queue.set(engine.depth())
         return await engine.submit(job)
 
+    def sampling_of(body: GenerateIn) -> Sampling:
+        stop = tuple(body.stop or ())
+        if stop and tokenizer is None:
+            raise RequestError(400, "'stop' needs the server's tokenizer: this server has none")
+        rp = body.repetition_penalty if body.repetition_penalty is not None else penalty
+        if body.temperature < MIN_TEMPERATURE:  # greedy: top_p, top_k, seed do not apply (as in vLLM and OpenAI)
+            return Sampling(repetition_penalty=rp, stop=stop)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**53)  # exact in JSON numbers
+        return Sampling(body.temperature, body.top_p, body.top_k, rp, seed, stop)
+
     @app.post("/v1/generate", response_model=GenerateOut, tags=["inference"])
     async def generate(body: GenerateIn):
         check("generate", body.adapter)
         if body.max_new_tokens > engine.cfg.max_new_tokens:
             raise RequestError(400, f"max_new_tokens is at most {engine.cfg.max_new_tokens} on this server")
+        sampling = sampling_of(body)
         job = await run_job(Job("generate", body.adapter, ids_of(body.prompt, body.input_ids),
-                                body.max_new_tokens, body.num_beams))
-        return {"adapter": body.adapter, **job.result}
+                                body.max_new_tokens, body.num_beams, sampling))
+        settings = {"decoding": "beam" if body.num_beams > 1 else sampling.decoding,
+                    "max_new_tokens": body.max_new_tokens, "num_beams": body.num_beams,
+                    "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                    "seed": sampling.seed, "repetition_penalty": sampling.repetition_penalty,
+                    "stop": list(sampling.stop)}
+        return {"adapter": body.adapter, "settings": settings, **job.result}
 
     @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"])
     async def classify(body: ClassifyIn):

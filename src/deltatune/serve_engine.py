@@ -11,6 +11,16 @@ any adapters into mixed batches.
 Everything that touches the model runs on that one thread, so loading or deleting an adapter
 never races a forward pass: queued requests keep their place, and a request whose adapter was
 deleted meanwhile gets a clean 404.
+
+Sampling is decided per row, so it never splits a batch: greedy and sampled requests with any
+temperature / top-k / top-p / seed share one ``generate(do_sample=False)`` call, and ``RowSampler``
+(a logits processor) draws each sampled row's token from that row's own ``torch.Generator`` and
+makes it the only finite logit, which greedy's argmax then takes.  Why not the alternatives:
+``generate(do_sample=True)`` draws every row from one global generator, so a row's tokens would
+depend on its neighbours (seeded requests could only run alone); a hand-written decode loop would
+re-implement the KV cache, stopping and mixed routing that ``generate`` already does.  A row's
+draws therefore depend only on its own seed and logits, and its first n tokens do not depend on
+how long the batch runs, so trimming each row to its own ``max_new_tokens`` stays exact.
 """
 from __future__ import annotations
 
@@ -34,6 +44,24 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one request picks its tokens.  temperature 0 is greedy (argmax) and ignores top_p, top_k
+    and seed; > 0 samples from softmax(logits / temperature) cut by top-k then top-p (the order
+    and code of transformers' own warpers), one draw per step from ``Generator().manual_seed(seed)``."""
+
+    temperature: float = 0.0  # 0 = greedy; > 0 = sample (1 = the model's distribution)
+    top_p: float = 1.0  # keep the most likely tokens whose probabilities sum to top_p (1 = all)
+    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019): logits of prompt/output tokens ÷ (or ×) this
+    seed: int | None = None  # of the row's generator; sampled rows always get one (serve.py draws it)
+    stop: tuple[str, ...] = ()  # the output text ends before the first of these (greedy or sampled)
+
+    @property
+    def decoding(self) -> str:
+        return "sample" if self.temperature > 0 else "greedy"
+
+
 @dataclass
 class Job:
     kind: str  # "generate" | "classify"
@@ -41,6 +69,7 @@ class Job:
     ids: list[int]  # (T,) prompt token ids
     max_new_tokens: int = 0
     num_beams: int = 1
+    sampling: Sampling = field(default_factory=Sampling)
     future: asyncio.Future | None = None
     result: Any = None
     error: RequestError | None = None
@@ -192,18 +221,42 @@ class Engine:
         return ids, mask
 
     def _generate(self, jobs: list[Job]) -> None:
-        ids, mask = self._padded(jobs, left=True)
+        ids, mask = self._padded(jobs, left=True)  # (B, T)
         new = max(j.max_new_tokens for j in jobs)
+        kw: dict[str, Any] = {}
+        if any(j.sampling.temperature > 0 or j.sampling.repetition_penalty != 1.0 for j in jobs):
+            kw["logits_processor"] = [RowSampler(jobs, ids.shape[1])]
+        if jobs[0].num_beams == 1 and self.tokenizer is not None and any(j.sampling.stop for j in jobs):
+            kw["stopping_criteria"] = [StopStrings(jobs, ids.shape[1], self._decode)]  # end those rows early
         with torch.inference_mode(), self._routed(jobs):
+            # repetition_penalty=1.0: the rows' own penalties are applied by RowSampler, not a batch-wide one
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                      num_beams=jobs[0].num_beams, pad_token_id=self.pad)
+                                      num_beams=jobs[0].num_beams, pad_token_id=self.pad, repetition_penalty=1.0,
+                                      **kw)
         gen = out[:, ids.shape[1]:]  # (B, new)
         for i, j in enumerate(jobs):
-            toks = gen[i, :j.max_new_tokens].tolist()  # greedy: a longer run has the same prefix
-            if self.eos is not None and self.eos in toks:
-                toks = toks[:toks.index(self.eos)]
-            text = self.tokenizer.decode(toks, skip_special_tokens=True) if self.tokenizer is not None else None
-            j.result = {"output_ids": toks, "text": text, "batch_size": len(jobs)}
+            # a row's first max_new_tokens tokens do not depend on how long the batch ran: greedy rows by
+            # definition, sampled rows because each draws from its own generator, once per step
+            toks, text, reason = self._finish(gen[i, :j.max_new_tokens].tolist(), j)
+            j.result = {"output_ids": toks, "text": text, "finish_reason": reason, "batch_size": len(jobs)}
+
+    def _decode(self, toks: list[int]) -> str:
+        return self.tokenizer.decode(toks, skip_special_tokens=True)
+
+    def _finish(self, toks: list[int], job: Job) -> tuple[list[int], str | None, str]:
+        """Cut at EOS or at the first stop string (finish_reason "stop"), else "length" (OpenAI's
+        names).  At a stop string the text ends before it; output_ids keep the token completing it."""
+        reason = "stop" if self.eos is not None and self.eos in toks else "length"
+        if reason == "stop":
+            toks = toks[:toks.index(self.eos)]
+        if self.tokenizer is None:
+            return toks, None, reason
+        text = self._decode(toks)
+        stops = [s for s in job.sampling.stop if s in text]
+        if stops:
+            k = next(k for k in range(1, len(toks) + 1) if any(s in self._decode(toks[:k]) for s in stops))
+            toks, text, reason = toks[:k], text[:min(text.index(s) for s in stops)], "stop"
+        return toks, text, reason
 
     def _classify(self, jobs: list[Job]) -> None:
         ids, mask = self._padded(jobs, left=False)
@@ -215,6 +268,75 @@ class Engine:
             label = int(probs[i].argmax())
             j.result = {"label": label, "label_name": names.get(label), "scores": probs[i].tolist(),
                         "batch_size": len(jobs)}
+
+
+class RowSampler:
+    """A logits processor giving each row its own settings (``jobs[i].sampling`` for row i, or rows
+    i·k … i·k+k-1 under beam search): repetition penalty on the row's own tokens (its left padding
+    excluded), then for sampled rows temperature → top-k → top-p with transformers' warpers, a
+    softmax and one ``torch.multinomial`` draw from the row's generator, exactly the operations of
+    ``generate(do_sample=True)`` on that row alone.  The drawn token becomes the row's only finite
+    logit.  Rows with default settings are left untouched (they stay greedy)."""
+
+    def __init__(self, jobs: list[Job], prompt_len: int):
+        from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                                  TopPLogitsWarper)
+
+        self.n = len(jobs)
+        self.rows = []  # (row, first real token, processors, sampled?, seed)
+        for i, j in enumerate(jobs):
+            s, procs = j.sampling, []
+            if s.repetition_penalty != 1.0:
+                procs.append(RepetitionPenaltyLogitsProcessor(float(s.repetition_penalty)))
+            if s.temperature > 0:  # the same conditions as transformers' _get_logits_processor
+                if s.temperature != 1.0:
+                    procs.append(TemperatureLogitsWarper(float(s.temperature)))
+                if s.top_k != 0:
+                    procs.append(TopKLogitsWarper(s.top_k))
+                if s.top_p < 1.0:
+                    procs.append(TopPLogitsWarper(float(s.top_p)))
+            if procs or s.temperature > 0:  # (temperature 1 without top-k/p: no warper, still a draw)
+                self.rows.append((i, prompt_len - len(j.ids), procs, s.temperature > 0, s.seed))
+        self.generators: dict[int, torch.Generator] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # (R, T), (R, V)
+        k = input_ids.shape[0] // self.n  # beams per request
+        for i, start, procs, sample, seed in self.rows:
+            for r in range(i * k, i * k + k):
+                row = scores[r:r + 1]  # (1, V)
+                for p in procs:
+                    row = p(input_ids[r:r + 1, start:], row)
+                if sample:
+                    g = self.generators.get(r)
+                    if g is None:
+                        g = self.generators[r] = torch.Generator(scores.device)
+                        if seed is None:
+                            g.seed()  # no seed given (serve.py always gives one): a fresh random one
+                        else:
+                            g.manual_seed(seed)
+                    probs = row.softmax(-1)
+                    if not torch.isfinite(probs).all():  # NaN/inf logits from the model: don't fail the batch
+                        probs = torch.ones_like(probs)
+                    tok = torch.multinomial(probs, 1, generator=g)  # (1, 1)
+                    row = torch.full_like(row, float("-inf")).scatter_(1, tok, 0.0)
+                scores[r:r + 1] = row
+        return scores
+
+
+class StopStrings:
+    """A stopping criterion: row i is done once its generated text contains one of its stop strings
+    (the rows of one batch stop separately; ``_finish`` then cuts the text)."""
+
+    def __init__(self, jobs: list[Job], prompt_len: int, decode: Callable[[list[int]], str]):
+        self.rows = [(i, j.sampling.stop) for i, j in enumerate(jobs) if j.sampling.stop]
+        self.t, self.decode = prompt_len, decode
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:  # (B, T) -> (B,) bool
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, stops in self.rows:
+            text = self.decode(input_ids[i, self.t:].tolist())
+            done[i] = any(s in text for s in stops)
+        return done
 
 
 RUNNERS: dict[str, Callable[[Engine, list[Job]], None]] = {"generate": Engine._generate, "classify": Engine._classify}
@@ -229,4 +351,5 @@ def validate_ids(ids: list[int], vocab: int | None, limit: int) -> None:
         raise RequestError(400, f"input_ids must be in [0, {vocab}) for this model")
 
 
-__all__ = ["Engine", "EngineConfig", "Job", "RequestError", "DeltaError", "validate_ids"]
+__all__ = ["Engine", "EngineConfig", "Job", "RequestError", "DeltaError", "RowSampler", "Sampling",
+           "StopStrings", "validate_ids"]
