@@ -5,10 +5,13 @@
 
 Models: SmolLM2-135M-Instruct (the packaged GGUF, dequantized once to an fp32 directory by
 ``deltatune.models.gguf_to_fp32``) and a 110M random-init Llama (hidden 768, 12 layers, MLP 2048,
-vocab 32000, tied embeddings) saved once as safetensors.  LoRA r=8 on q_proj, v_proj; AdamW.
+vocab 32000, tied embeddings) saved once as safetensors.  LoRA r=8 on q_proj, v_proj; AdamW;
+deltatune rows use its recommended causal-LM loss (``dt.chunked_causal_lm_loss``: no full
+logits), the peft row transformers' loss.
 
 Every measurement runs in its own process (``--worker``): memory is RSS above the process's RSS
-just before the model is built (torch, transformers, bitsandbytes already imported);
+just before the model is built (torch, transformers' Llama code, bitsandbytes, deltatune
+already imported: code, not model);
 "load peak" is the high-water mark while loading, "train peak" the high-water mark over the
 training steps (VmHWM reset via /proc/self/clear_refs after loading).  Configurations are run
 interleaved (round-robin over bases) because the 2-core machine is shared; ratios to the fp32
@@ -136,10 +139,15 @@ def worker(job: dict) -> dict:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import bitsandbytes  # noqa: F401  (imported before the baseline, like torch)
+    import bitsandbytes  # noqa: F401  (code is imported before the baseline: it is not the model)
     import transformers  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (transformers imports it lazily)
+    from transformers import AutoModelForCausalLM  # noqa: F401
 
     import deltatune  # noqa: F401
+    import deltatune.quant_load  # noqa: F401
+    if job["base"].startswith("peft"):
+        import peft  # noqa: F401
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -172,7 +180,8 @@ def worker(job: dict) -> dict:
     times = []
     for i in range(job["steps"] + 1):  # step 0 warms up (allocator, optimizer state)
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = (model(input_ids=ids, labels=ids).loss if job["base"].startswith("peft")
+                else deltatune.chunked_causal_lm_loss(model, ids, ids))  # our recipe: no full logits
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

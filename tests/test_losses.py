@@ -142,3 +142,28 @@ def test_errors():
         chunked_causal_lm_loss(nn.Linear(2, 2), data()[0], data()[1])
     with pytest.raises(dt.DeltaError, match="chunk"):
         linear_cross_entropy(torch.randn(2, 4), nn.Linear(4, 3), torch.tensor([0, 1]), chunk=0)
+
+
+def test_trainer_batch_loss_is_the_chunked_loss_with_the_models_value():
+    """The CLI's causal-LM loss_fn: same loss and gradients as model(**batch).loss, masks included."""
+    from deltatune.losses import causal_lm_batch_loss
+
+    m = llama()
+    dt.attach(m, "lora", targets=["q_proj", "v_proj"])
+    nudge_b(m)
+    ids, labels = data()
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    ref = m(**batch).loss
+    g_ref = grads(m, ref)
+    got = causal_lm_batch_loss(m, batch)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for k, v in grads(m, got).items():
+        torch.testing.assert_close(v, g_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    # no transformers head: the model's own loss is used
+    plain = nn.Linear(2, 2)
+    plain_loss = lambda **b: type("O", (), {"loss": b["x"].sum()})()  # noqa: E731
+    assert causal_lm_batch_loss(type("M", (), {"__call__": lambda self, **b: plain_loss(**b)})(),
+                                {"x": torch.ones(2)}).item() == 2.0
+    del plain

@@ -166,3 +166,15 @@ def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor | None = No
     shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # token t predicts t+1
     return linear_cross_entropy(h, head, shifted, chunk=chunk, ignore_index=ignore_index,
                                 num_items_in_batch=num_items_in_batch)
+
+
+def causal_lm_batch_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """A Trainer ``loss_fn`` for causal-LM batches (``input_ids``, ``labels``, ``attention_mask``,
+    ...): :func:`chunked_causal_lm_loss`, the same loss as ``model(**batch).loss``."""
+    inner = getattr(model, "module", model)
+    get = getattr(inner, "get_output_embeddings", None)
+    if get is None or get() is None or "labels" not in batch:  # not a transformers head: the model's loss
+        return model(**batch).loss
+    rest = dict(batch)
+    labels, ids = rest.pop("labels"), rest.pop("input_ids", None)
+    return chunked_causal_lm_loss(model, ids, labels, **rest)

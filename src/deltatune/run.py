@@ -127,6 +127,7 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     import deltatune as dt
     from .evaluate import MAIN_METRIC, Forgetting, read_reference, task_metrics
     from .io import atomic_write_json
+    from .losses import causal_lm_batch_loss
     from .models import load_model
     from .trainer import TrainConfig, Trainer, plot
 
@@ -165,8 +166,10 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
         f"({counts.percent:.3f}%)")
     lr = o.lr or default_lr(o.method, o.task)
     cfg = TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **o.train})
+    # causal LMs: the chunked loss (same value and gradients, no (B, T, V) fp32 logits in memory)
+    loss = {"loss_fn": causal_lm_batch_loss} if o.task == "causal-lm" else {}
     trainer = Trainer(model, train_f, cfg, collate=coll, output_dir=out,
-                      eval_fn=lambda m: task_metrics(o.task, m, val_f, coll))
+                      eval_fn=lambda m: task_metrics(o.task, m, val_f, coll), **loss)
     result = trainer.train(resume=o.resume)
     after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps and not cfg.early_stopping \
         else task_metrics(o.task, model, val_f, coll)
