@@ -1,7 +1,10 @@
 """Mixed-adapter batches: each row through its own adapter equals running that row alone, for every
 method spec in the invariant matrix (methods that cannot route per row are skipped with the reason),
-on every tiny model, with generate() and beam search."""
+on every tiny model, with generate() and beam search.  Prompt / prefix rows in detail:
+test_mixed_prompts.py."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -24,29 +27,53 @@ def out(model_name, o):
     return MODELS[model_name][2](o)
 
 
+def perturbed(model, method, name, seed, **opts):
+    """Attach adapter ``name`` and move its tensors off their init, so that it changes the output."""
+    torch.manual_seed(seed)
+    dt.attach(model, method, name=name, **opts)
+    g = torch.Generator().manual_seed(10 + seed)
+    with torch.no_grad():
+        for t in dt.adapter_tensors(model, name).values():
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.2)
+    return model
+
+
 def three_adapters(model_name, spec):
     method, opts, per_model = SPECS[spec]
     if model_name in per_model and per_model[model_name] is None:
         pytest.skip(f"{spec} does not apply to {model_name}")
     model = MODELS[model_name][0]()
     for i, name in enumerate("abc"):
-        torch.manual_seed(i)
-        dt.attach(model, method, name=name, **{**opts, **per_model.get(model_name, {})})
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for t in dt.adapter_tensors(model, name).values():
-                if t.is_floating_point():
-                    t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.2)
+        perturbed(model, method, name, i, **{**opts, **per_model.get(model_name, {})})
     return model
 
 
-def alone(model, model_name, x, name):
-    with torch.no_grad():
-        if name is None:
-            with dt.disabled(model):
-                return out(model_name, model(x))
+@contextlib.contextmanager
+def only(model, name):
+    """Run the model through adapter ``name`` only (None: the bare base)."""
+    if name is None:
+        with dt.disabled(model):
+            yield
+    else:
         dt.activate(model, name)
-        return out(model_name, model(x))
+        yield
+
+
+def alone(model, model_name, x, name, **kw):
+    with torch.no_grad(), only(model, name):
+        return out(model_name, model(x, **kw))
+
+
+def generate_alone(model, name, ids, **kw):
+    with only(model, name):
+        return model.generate(input_ids=ids, **kw)
+
+
+def row_of(y, i, ref):
+    """Row i of a mixed output, aligned with ``ref`` (that row run alone): prompt tuning prepends
+    P_max positions to every row of a mixed batch, and a row of P_i tokens starts P_max - P_i later."""
+    return y[i:i + 1, y.shape[1] - ref.shape[1]:] if y.dim() == 3 else y[i:i + 1]
 
 
 @pytest.fixture(params=list(SPECS))
@@ -66,7 +93,7 @@ def test_rows_equal_running_alone(model_name, spec):
     assert y.shape[0] == len(ROWS)
     for i, name in enumerate(ROWS):
         ref = alone(model, model_name, x[i:i + 1], name)
-        torch.testing.assert_close(y[i:i + 1], ref, atol=2e-5, rtol=1e-4, msg=f"row {i} ({name})")
+        torch.testing.assert_close(row_of(y, i, ref), ref, atol=2e-5, rtol=1e-4, msg=f"row {i} ({name})")
     # the rows really differ by adapter (else the check above is vacuous)
     assert not torch.allclose(y[0], y[1], atol=1e-4) or not torch.allclose(y[0], y[2], atol=1e-4)
 
@@ -94,13 +121,7 @@ def test_generate_and_beam_search(model_name, beams):
     assert got.shape[0] == len(rows) * beams
     outs = set()
     for i, name in enumerate(rows):
-        one = dict(kw, attention_mask=kw["attention_mask"][i:i + 1])
-        if name is None:
-            with dt.disabled(model):
-                ref = model.generate(input_ids=ids[i:i + 1], **one)
-        else:
-            dt.activate(model, name)
-            ref = model.generate(input_ids=ids[i:i + 1], **one)
+        ref = generate_alone(model, name, ids[i:i + 1], **dict(kw, attention_mask=kw["attention_mask"][i:i + 1]))
         assert got[i * beams:(i + 1) * beams].tolist() == ref.tolist(), f"prompt {i} ({name})"
         outs.add(tuple(ref[0, ids.shape[1]:].tolist()))
     assert len(outs) > 1  # adapters change the continuation

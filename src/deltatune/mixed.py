@@ -20,10 +20,12 @@ so does flattening (B, T, C) to (B·T, C).  The mapping is therefore derived fro
 current input: a batch of n·k rows maps row j to prompt j // k.  The batch dimension must be the
 first one (true for every transformers model).
 
-Methods that change the model outside its wrapped layers (prompt and prefix tuning, the BitFit /
-LayerNorm / sparse selectors) cannot apply to some rows only and are refused with a DeltaError
-(a Method may declare ``supports_mixed = True`` once it routes rows itself).  Attach and delete
-adapters outside a ``mixed`` block: its row plan is computed once per batch size.
+Prompt and prefix tuning route rows themselves (``supports_mixed = True``): their model-level hook
+gives each row its adapter's virtual tokens, padding rows that need fewer with masked slots where
+that is exact (causal LMs); see ``methods/_virtual_tokens.py``, whose ``check_mixed`` refuses the
+rest.  The BitFit / LayerNorm / sparse selectors change base tensors shared by all rows and are
+refused with a DeltaError.  Attach and delete adapters outside a ``mixed`` block: its row plan is
+computed once per batch size.
 
     with dt.mixed(model, ["a", "b", None]):
         logits = model(input_ids).logits
@@ -87,7 +89,7 @@ def _put(y: torch.Tensor, idx: torch.Tensor, sl: slice | None, rows: torch.Tenso
     expect = (len(idx), *y.shape[1:])
     if tuple(rows.shape) != expect:
         raise DeltaError(f"mixed batch: adapter {name!r} changes this layer's output shape "
-                         f"({tuple(rows.shape)} vs {expect}, e.g. prompt/prefix tokens); such adapters cannot "
+                         f"({tuple(rows.shape)} vs {expect}); such adapters cannot "
                          "share a batch with others - run their rows in a separate batch")
     rows = rows.to(y.dtype)
     if _inplace_ok(y):
@@ -272,10 +274,13 @@ def _check(model: nn.Module, rows: Sequence[RowName]) -> None:
         if getattr(m, "supports_mixed", None) is False or (
                 getattr(m, "supports_mixed", None) is None and m.own_tensors(model, a)):
             role = "used by a row" if a in rows else "active"
-            raise DeltaError(f"mixed batch: adapter {a!r} ({m.name}, {role}) changes the model outside its "
-                             "wrapped layers (prompt tokens or selected base tensors), so it cannot apply to "
+            raise DeltaError(f"mixed batch: adapter {a!r} ({m.name}, {role}) changes base tensors "
+                             "shared by every row (it selects tensors outside wrapped layers), so it cannot apply to "
                              "some rows only; " + ("run its rows in a separate batch" if a in rows else
                                                    "deactivate it first (dt.activate(model, [...]))"))
+    from .methods import _virtual_tokens
+
+    _virtual_tokens.check_mixed(model, rows)  # prompt / prefix rows: can their shapes be routed exactly?
 
 
 @contextlib.contextmanager

@@ -21,6 +21,22 @@ The prompt is prepended only when the cache is empty (a plain forward, or the fi
 virtual tokens already sit in the cache.  Wrapping the input-embedding module instead could not
 extend the attention mask, the labels or the cache, hence the model-level hook.
 
+Mixed batches (``dt.mixed``): the hook gives each row its own adapter's tokens.  Rows needing the
+same counts simply get different embeddings / key-values.  Otherwise (rows of 3 and 2 prompt
+tokens, a None or LoRA row, prefix rows next to prompt rows) the short rows are left-padded with
+masked slots, like left padding, and given the positions they would have alone:
+
+    row  adapter      cache: prefix slots (F_max=2)   sequence: prompt slots (P_max=3) ; tokens
+    0    prompt, P=3  ·  ·                            v0 v1 v2 ; x x x      positions 0 1 2 ; 3..
+    1    prompt, P=2  ·  ·                            ·  v0 v1 ; x x x      positions · 0 1 ; 2..
+    2    prefix, F=2  k0 k1                           ·  ·  ·  ; x x x      positions · · · ; 2..
+    3    None / LoRA  ·  ·                            ·  ·  ·  ; x x x      positions · · · ; 0..
+    · = masked slot (attention mask 0, zero embedding or zero key/value, position 0)
+
+Every row's output then equals running it alone (prompt rows: ``y[i, P_max - P_i:]``; a row of
+P_i = 0 also drops the loss term of its first token, which alone has no predecessor).
+``check_mixed`` admits the padded case only where that holds (causal LMs taking position_ids).
+
 The trainable tensors live in one container module, ``model.deltatune_virtual.deltas[name]``
 (mirroring ``DeltaLayer.deltas``), so ``.to()``, ``.parameters()`` and optimizers see them, and
 their state-dict keys contain ``.deltas.`` like every other adapter tensor.  As in peft, the
@@ -224,56 +240,128 @@ def _cat_front(t: torch.Tensor, n: int, value) -> torch.Tensor:
     return torch.cat([front, t], dim=1)
 
 
+# --------------------------------------------------------------------------- rows: who gets which tokens
+
+Row = tuple  # the virtual-token modules (PromptEmbedding / PrefixEncoder) one batch row gets, in order
+
+
+def _names(st) -> list:
+    return st.row_adapters if st.row_adapters is not None else st.active
+
+
+def _rows(st, s: Store, batch: int, device: torch.device) -> list[Row]:
+    """Per batch row, its virtual-token modules: the active ones for every row, or in a mixed batch
+    (``dt.mixed``, active setting ignored) the row's own adapter, none for None / LoRA & co. rows."""
+    if st.row_adapters is None:
+        return [tuple(s.deltas[n] for n in st.active if n in s.deltas)] * batch
+    from ..mixed import RowPlan
+
+    plan = st.row_adapters if isinstance(st.row_adapters, RowPlan) else RowPlan(st.row_adapters)
+    names = plan.expand(batch, device)[0]  # beams / return sequences map to their prompt's row
+    return [(s.deltas[a],) if a is not None and a in s.deltas else () for a in names]
+
+
+def _count(row: Row, kind: str) -> int:
+    return sum(a.num_virtual_tokens for a in row if a.kind == kind)
+
+
+def _stack_rows(rows: list[Row], part, n: int, dim: int) -> torch.Tensor:
+    """``part(row)`` (a tensor with at most n entries along ``dim``, or None for none) for every
+    row, left-padded with zeros to n along ``dim`` and stacked on a new batch dim 0.  Computed once
+    per distinct row; expanded, not copied, when all rows are alike (a single-adapter batch)."""
+    made = {r: part(r) for r in dict.fromkeys(rows)}  # distinct rows, first-seen order
+    like = next(t for t in made.values() if t is not None)
+    full = [*like.shape[:dim], n, *like.shape[dim + 1:]]
+
+    def pad(t):
+        if t is None:
+            return like.new_zeros(full)
+        gap = [*full[:dim], n - t.shape[dim], *full[dim + 1:]]
+        return torch.cat([t.new_zeros(gap), t], dim) if gap[dim] else t
+
+    made = {r: pad(t) for r, t in made.items()}
+    if len(made) == 1:
+        return next(iter(made.values())).unsqueeze(0).expand(len(rows), *full)
+    return torch.stack([made[r] for r in rows])
+
+
+def _prompt_part(row: Row):
+    parts = [a.embeddings() for a in row if a.kind == "prompt"]
+    return torch.cat(parts, dim=0) if parts else None  # (P_i, D)
+
+
+def _prefix_part(row: Row):
+    parts = [a.key_values() for a in row if a.kind == "prefix"]
+    return torch.cat(parts, dim=3) if parts else None  # (L, 2, H_kv, F_i, d_h)
+
+
+# --------------------------------------------------------------------------- the hook
+
 def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     st = model.__dict__.get(STATE_ATTR)
     s = model._modules.get(STORE)
-    if st is None or s is None or st.disabled:
-        return None
-    active = [s.deltas[n] for n in st.active if n in s.deltas]
-    if not active:
+    if st is None or s is None or st.disabled or not any(n is not None and n in s.deltas for n in _names(st)):
         return None
     kw = _as_kwargs(model, args, kwargs)
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     ref = embeds if embeds is not None else ids
     if ref is None:
         raise DeltaError("prompt/prefix adapters need input_ids or inputs_embeds in the call")
-    batch, length = ref.shape[0], ref.shape[1]
-    prompts = [a for a in active if a.kind == "prompt"]
-    prefixes = [a for a in active if a.kind == "prefix"]
-    n_prompt = sum(a.num_virtual_tokens for a in prompts)
-    n_prefix = sum(a.num_virtual_tokens for a in prefixes)
+    batch, length, dev = ref.shape[0], ref.shape[1], ref.device
+    rows = _rows(st, s, batch, dev)
+    n_p, n_f = [_count(r, "prompt") for r in rows], [_count(r, "prefix") for r in rows]
+    p_max, f_max = max(n_p), max(n_f)
+    # a mixed batch whose rows need different numbers of virtual slots: the short rows get masked
+    # slots in front (zero embedding / zero key-value, attention mask 0) and explicit positions,
+    # so each row computes what it computes alone (check_mixed admits only models where that holds)
+    padded = len(set(zip(n_p, n_f))) > 1
+    P = torch.tensor(n_p, device=dev)[:, None]  # (B, 1) prompt tokens of each row
+    F = torch.tensor(n_f, device=dev)[:, None]  # (B, 1) prefix tokens of each row
     past = kw.get("past_key_values")
-    prefill = past is None or past.get_seq_length() == 0
+    cached = 0 if past is None else past.get_seq_length()  # F_max + P_max + real tokens once filled
+    prefill = cached == 0
+    seen = 0 if prefill else cached - f_max - p_max  # real tokens already in the cache
 
     pos = kw.get("position_ids")
     if pos is not None and pos.dim() != 2:
         raise DeltaError(f"prompt/prefix adapters support 2-D position_ids only, got shape {tuple(pos.shape)}")
+    if pos is None and padded:  # the model's default, cache length + 0..T-1, would be that of the longest row
+        pos = torch.arange(seen, seen + length, device=dev).expand(batch, -1)  # (B, T)
+    if pos is not None:
+        pos = pos + (P + F).to(pos.dtype)  # real tokens come after the row's own virtual tokens
     if prefill:
-        if prompts:
+        if p_max:
             if embeds is None:
                 embeds = model.get_input_embeddings()(ids)  # (B, T, D); LoRA on the embedding applies
-            p = torch.cat([a.embeddings() for a in prompts], dim=0).to(embeds.dtype)  # (P_p, D)
-            kw["inputs_embeds"] = torch.cat([p.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+            prompt = _stack_rows(rows, _prompt_part, p_max, 0).to(embeds.dtype)  # (B, P_max, D)
+            kw["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)  # (B, P_max+T, D)
             kw["input_ids"] = None
             labels = kw.get("labels")
             if labels is not None and labels.dim() >= 2 and labels.shape[1] == length:  # token-level labels
-                kw["labels"] = _cat_front(labels, n_prompt, -100)
+                labels = _cat_front(labels, p_max, -100)
+                if padded and length:
+                    # a causal LM predicts token t at position t-1: alone, a row without a prompt
+                    # never predicts its first token; here that position is a masked slot
+                    labels[P[:, 0] == 0, p_max] = -100
+                kw["labels"] = labels
             if kw.get("token_type_ids") is not None:
-                kw["token_type_ids"] = _cat_front(kw["token_type_ids"], n_prompt, 0)
+                kw["token_type_ids"] = _cat_front(kw["token_type_ids"], p_max, 0)
             if pos is not None:
-                virt = torch.arange(n_prompt, device=pos.device, dtype=pos.dtype).expand(batch, -1)
-                pos = torch.cat([virt, pos + n_prompt], dim=1)
-        if prefixes:
-            kw["past_key_values"] = _prefix_cache(model, past, prefixes, batch)
-        if pos is not None:
-            kw["position_ids"] = pos + n_prefix
-    elif pos is not None:  # decoding: the virtual tokens are in the cache already
-        kw["position_ids"] = pos + n_prompt + n_prefix
+                slot = torch.arange(p_max, device=dev) - (p_max - P)  # (B, P_max): token index, < 0 if masked
+                pos = torch.cat([torch.where(slot >= 0, slot + F, 0).to(pos.dtype), pos], dim=1)
+        if f_max:
+            kw["past_key_values"] = _prefix_cache(model, past, rows, f_max)
+    if pos is not None:
+        kw["position_ids"] = pos
     mask = kw.get("attention_mask")
+    if mask is None and padded:
+        mask = torch.ones(batch, seen + length, dtype=torch.long, device=dev)
     if mask is not None:
         if mask.dim() != 2:
             raise DeltaError(f"prompt/prefix adapters need a 2-D attention_mask (B, T), got {tuple(mask.shape)}")
-        kw["attention_mask"] = _cat_front(mask, n_prompt + n_prefix, 1)
+        front = torch.cat([torch.arange(f_max, device=dev) >= f_max - F,  # (B, F_max): the row's prefix slots
+                           torch.arange(p_max, device=dev) >= p_max - P], dim=1)  # (B, P_max): its prompt
+        kw["attention_mask"] = torch.cat([front.to(mask.dtype), mask.to(dev)], dim=1)
     return (), kw
 
 
@@ -284,22 +372,64 @@ def _post_forward(model: nn.Module, args: tuple, kwargs: dict, out):
         return out
     st, s = model.__dict__.get(STATE_ATTR), model._modules.get(STORE)
     if st is not None and s is not None and not st.disabled and \
-            any(s.deltas[n].kind == "prefix" for n in st.active if n in s.deltas):
+            any(n is not None and n in s.deltas and s.deltas[n].kind == "prefix" for n in _names(st)):
         out["past_key_values"] = None
     return out
 
 
-def _prefix_cache(model: nn.Module, past, prefixes: list, batch: int):
-    """A transformers cache holding the key/value prefix of every layer (filled in place when the
-    caller passed an empty one, as ``generate`` does)."""
+def _prefix_cache(model: nn.Module, past, rows: list[Row], f_max: int):
+    """A transformers cache holding each row's key/value prefix in every layer, right-aligned in
+    F_max slots (filled in place when the caller passed an empty one, as ``generate`` does)."""
     from transformers import DynamicCache
 
     if past is None:
         past = DynamicCache(config=model.config)
     dtype = model.get_input_embeddings().weight.dtype
-    kv = torch.cat([a.key_values() for a in prefixes], dim=3).to(dtype)  # (L, 2, H_kv, P_f, d_h)
-    for layer in range(kv.shape[0]):
-        k = kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1)  # (B, H_kv, P_f, d_h)
-        v = kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1)
-        past.update(k, v, layer)
+    kv = _stack_rows(rows, _prefix_part, f_max, 3).to(dtype)  # (B, L, 2, H_kv, F_max, d_h)
+    for layer in range(kv.shape[1]):
+        past.update(kv[:, layer, 0], kv[:, layer, 1], layer)  # (B, H_kv, F_max, d_h) each
     return past
+
+
+# --------------------------------------------------------------------------- mixed batches
+
+def check_mixed(model: nn.Module, rows) -> None:
+    """Refuse a mixed batch (``dt.mixed``) whose rows need different numbers of virtual tokens on a
+    model where masked slots would not leave every row's result as it is alone.
+
+    Rows needing the same (prompt, prefix) token counts, e.g. prompt adapters of equal
+    num_virtual_tokens, work on any model the hook drives.  Otherwise the short rows are padded
+    (see ``_pre_forward``), which is exact only for a causal LM (a [CLS]/pooler head would read a
+    masked slot) that takes position_ids (else the model numbers the slots too), and, when prompt
+    rows and prefix rows meet, without a sliding window (it counts the slots between a row's
+    prefix and its tokens)."""
+    s = store(model)
+    if s is None:
+        return
+    need, where = {}, {}  # adapter -> (prompt tokens, prefix tokens); adapter -> its rows
+    for i, a in enumerate(rows):
+        d = s.deltas[a] if a is not None and a in s.deltas else None
+        need[a] = (0, 0) if d is None else (d.num_virtual_tokens, 0) if d.kind == "prompt" \
+            else (0, d.num_virtual_tokens)
+        where.setdefault(a, []).append(i)
+    if len(set(need.values())) <= 1:
+        return
+    import inspect
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    name = type(model).__name__
+    why = None
+    if task_type(model) != "CAUSAL_LM":
+        why = f"{name} is not a causal LM (its head may read a fixed position such as [CLS])"
+    elif "position_ids" not in inspect.signature(model.forward).parameters:
+        why = f"{name}.forward takes no position_ids, so the rows' positions cannot be kept"
+    elif any(p for p, _ in need.values()) and any(f for _, f in need.values()) and \
+            getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        why = (f"{name} has a sliding window, which would count the prompt slots between a prefix row's "
+               "prefix and its tokens; run prompt rows and prefix rows in separate batches")
+    if why:
+        what = ", ".join(f"{a!r} (rows {where[a]}): " + (f"{p} prompt tokens" if p else f"{f} prefix tokens"
+                                                        if f else "none") for a, (p, f) in need.items())
+        raise DeltaError(f"mixed batch: rows need different numbers of virtual tokens ({what}); {why}. "
+                         "Give every row an adapter with the same virtual tokens (e.g. prompt adapters of "
+                         "equal num_virtual_tokens, no None / LoRA rows), or run each group in its own batch")

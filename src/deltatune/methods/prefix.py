@@ -121,6 +121,7 @@ class PrefixTuning(Method):
     layer_types = ("attention layers reading a transformers Cache",)
     mergeable = False
     merge_note = "a prefix adds keys/values to every softmax, which no weight change reproduces"
+    supports_mixed = True  # the hook gives each row of dt.mixed its own tokens (_virtual_tokens.py)
 
     def attach(self, model: nn.Module, cfg: PrefixConfig, name: str, state) -> None:
         import inspect

@@ -105,6 +105,7 @@ class PromptTuning(Method):
     layer_types = ("input embeddings (transformers models)",)
     mergeable = False
     merge_note = "a soft prompt is extra input, not a weight change: there is nothing to fold it into"
+    supports_mixed = True  # the hook gives each row of dt.mixed its own tokens (_virtual_tokens.py)
 
     def attach(self, model: nn.Module, cfg: PromptConfig, name: str, state) -> None:
         vt.check_model(model, "prompt")
@@ -153,10 +154,14 @@ class PromptTuning(Method):
 
 def virtual_positions(model: nn.Module) -> int:
     """How many virtual positions the active prompt adapters prepend to the outputs now (strip
-    them with ``logits[:, n:]`` to align outputs with the input tokens)."""
+    them with ``logits[:, n:]`` to align outputs with the input tokens).  Inside ``dt.mixed``: the
+    most any row's prompt has, which every row gets (shorter rows are padded with masked slots)."""
     st = get_state(model)
     s = vt.store(model)
     if s is None or st.disabled:
         return 0
+    if st.row_adapters is not None:
+        return max((s.deltas[n].num_virtual_tokens for n in st.row_adapters
+                    if n is not None and n in s.deltas and s.deltas[n].kind == "prompt"), default=0)
     return sum(s.deltas[n].num_virtual_tokens for n in st.active
                if n in s.deltas and s.deltas[n].kind == "prompt")
