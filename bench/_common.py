@@ -143,12 +143,18 @@ def dt_attach(model, bench_name: str):
     return dt.attach(model, name, **opts)
 
 
-def dt_step(model, bench_name, ids, *, loss: str = "chunked", chunk: int = 256, compile: bool = False,
+def dt_step(model, bench_name, ids, *, loss: str = "chunked", chunk: int = 256, compile: bool | str = False,
             checkpointing: bool = False):
-    """deltatune's recommended path: attach, then the chunked loss (``loss="plain"``: HF's loss)."""
+    """deltatune's recommended path: attach, then the chunked loss (``loss="plain"``: HF's loss).
+    ``compile``: False, True / "step" (torch.compile of the whole step) or "blocks" (regional)."""
     from deltatune.losses import chunked_causal_lm_loss
 
     model = dt_attach(model, bench_name)
+    if compile == "blocks":
+        from deltatune.fast import compile_blocks
+
+        compile_blocks(model)
+        compile = False
     if checkpointing:
         from deltatune.fast import enable_checkpointing
 

@@ -42,12 +42,22 @@ def custom_group(size, entries, args):
     """``floor``, ``deltatune:METHOD`` or ``peft:METHOD`` entries, all in one interleaved group."""
     ids = C.batch(args.batch, args.seq)
     make = {"deltatune": lambda m: C.dt_step(C.make_model(size), m, ids, chunk=args.chunk),
+            "deltatune+blocks": lambda m: _compiled(C.dt_step(C.make_model(size), m, ids, chunk=args.chunk,
+                                                              compile="blocks")),
             "peft": lambda m: C.peft_step(C.make_model(size), m, ids)}
     steps = {}
     for e in entries:
         lib, _, m = e.partition(":")
         steps[e] = C.floor_step(C.make_model(size), ids) if lib == "floor" else make[lib](m)
     return steps
+
+
+def _compiled(step):
+    """Run the first (compiling) step now and report its time, so the timed rounds exclude it."""
+    t = time.perf_counter()
+    step()
+    print(f"  compile + first step: {time.perf_counter() - t:.1f} s", flush=True)
+    return step
 
 
 def ablation_group(size, args):
@@ -59,6 +69,9 @@ def ablation_group(size, args):
     if args.ablate_checkpointing:
         steps["dt_chunked+ckpt"] = C.dt_step(C.make_model(size), "lora_qv", ids, chunk=args.chunk,
                                              checkpointing=True)
+    if args.ablate_compile_blocks:
+        steps["dt_chunked+compile_blocks"] = _compiled(C.dt_step(C.make_model(size), "lora_qv", ids,
+                                                                 chunk=args.chunk, compile="blocks"))
     if args.ablate_compile:
         t = time.perf_counter()
         s = C.dt_step(C.make_model(size), "lora_qv", ids, chunk=args.chunk, compile=True)
@@ -281,8 +294,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="42m, LoRA q,v only, 3 rounds, batch-1 inference")
     ap.add_argument("--ablation", action="store_true", help="LoRA optimisations one by one instead of the suite")
     ap.add_argument("--activations", action="store_true", help="MiB saved for backward, plain vs chunked loss")
-    ap.add_argument("--group", help="one interleaved group, e.g. floor,deltatune:lora_qv,peft:lora_qv,deltatune:dora")
+    ap.add_argument("--group", help="one interleaved group, e.g. floor,deltatune:lora_qv,peft:lora_qv,deltatune:dora,"
+                         "deltatune+blocks:lora_qv (regional torch.compile)")
     ap.add_argument("--ablate-compile", action="store_true", help="with --ablation: add torch.compile")
+    ap.add_argument("--ablate-compile-blocks", action="store_true",
+                    help="with --ablation: add regional torch.compile (dt.fast.compile_blocks)")
     ap.add_argument("--ablate-checkpointing", action="store_true", help="with --ablation: add checkpointing")
     ap.add_argument("--sizes", default="42m,110m", help="comma list of " + ",".join(C.SIZES))
     ap.add_argument("--methods", default=",".join(C.METHODS), help="comma list of " + ",".join(C.METHODS))

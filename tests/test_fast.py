@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.fast import compile_step, enable_checkpointing, lora_dropout_addmm
+from deltatune.fast import compile_blocks, compile_step, enable_checkpointing, lora_dropout_addmm
 
 
 def llama():
@@ -129,6 +129,24 @@ def test_compiled_step_equals_eager():
     step = compile_step(lambda: dt.chunked_causal_lm_loss(m, ids(), ids(), chunk=4))
     got = lora_grads(m, lambda mm: step())
     assert_same(got, eager)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager():
+    m = llama()
+    dt.attach(m, "lora", targets=["q_proj", "v_proj"])
+    nudge(m)
+    m.train()
+    eager = lora_grads(m, lambda mm: dt.chunked_causal_lm_loss(mm, ids(), ids(), chunk=4))
+    compile_blocks(m)
+    got = lora_grads(m, lambda mm: dt.chunked_causal_lm_loss(mm, ids(), ids(), chunk=4))
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in m.model.layers)
+    assert_same(got, eager)
+
+
+def test_compile_blocks_needs_a_block_stack():
+    with pytest.raises(dt.DeltaError, match="no stack of repeated blocks"):
+        compile_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
 
 
 @pytest.mark.parametrize("bias,fan_in_fan_out", [(True, False), (False, False), (True, True)])

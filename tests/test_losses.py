@@ -167,3 +167,18 @@ def test_trainer_batch_loss_is_the_chunked_loss_with_the_models_value():
     assert causal_lm_batch_loss(type("M", (), {"__call__": lambda self, **b: plain_loss(**b)})(),
                                 {"x": torch.ones(2)}).item() == 2.0
     del plain
+
+
+def test_prompt_tuning_scores_the_first_real_token_like_the_model():
+    """With P virtual tokens the model's loss includes predicting token 0 from the last virtual
+    position; the chunked loss must too (and in a mixed batch it defers to the model)."""
+    m = llama()
+    dt.attach(m, "prompt", num_virtual_tokens=4, name="p4")
+    dt.attach(m, "prompt", num_virtual_tokens=2, name="p2")
+    dt.activate(m, "p4")
+    ids, labels = data()
+    check_same(m, chunk=5)
+    with dt.mixed(m, ["p4", None, "p2"]):
+        ref = m(input_ids=ids, labels=labels).loss
+        got = chunked_causal_lm_loss(m, ids, labels)
+    torch.testing.assert_close(got, ref)

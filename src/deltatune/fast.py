@@ -5,8 +5,9 @@ and gradients of the plain computation (tests/test_fast.py); bench/run.py --abla
   with adapters: non-reentrant checkpointing, so blocks whose inputs do not require grad (a frozen
   embedding) still back-propagate into the adapter parameters inside them, with no
   ``enable_input_require_grads`` hack.  Trades one extra forward per block for activation memory.
-* :func:`compile_step` — ``torch.compile`` of a forward+backward closure (inductor fuses the
-  frozen base's element-wise ops: RMSNorm, rotary, SiLU·gate).  Pays a one-off compile time.
+* :func:`compile_blocks` — regional ``torch.compile`` of each transformer block (inductor fuses
+  the frozen base's element-wise ops: RMSNorm, rotary, SiLU·gate); compiles one block, reuses it.
+* :func:`compile_step` — ``torch.compile`` of a whole forward+backward closure (slow to compile).
 * The chunked loss lives in :mod:`deltatune.losses`; the LoRA layer's own fast path (one fused
   ``addmm``, no dropout copy at p = 0) in :mod:`deltatune.methods.lora`.
 """
@@ -34,6 +35,35 @@ def compile_step(fn: Callable, **compile_kwargs) -> Callable:
     default because a training run repeats one batch shape.  The first call compiles."""
     compile_kwargs.setdefault("dynamic", False)
     return torch.compile(fn, **compile_kwargs)
+
+
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of identical blocks (transformer layers): the ``nn.ModuleList`` of one
+    block class holding the most parameters, or None."""
+    best, size = None, -1
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > size:
+                best, size = m, n
+    return best
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Regional compilation: ``torch.compile`` each repeated block in place instead of the whole
+    step.  The blocks share one class and shapes, so dynamo traces one and reuses its code for the
+    rest (parameters are graph inputs): compile time is one block's, not the model's (≈30 s for
+    the 42 M Llama here vs ≈400 s for the whole step), and inductor still fuses the element-wise
+    work inside (RMSNorm, rotary, SiLU·gate, the LoRA adds).  Attach adapters first; switching
+    adapters afterwards triggers one recompile."""
+    blocks = repeated_blocks(model)
+    if blocks is None:
+        raise DeltaError(f"{type(model).__name__} has no stack of repeated blocks (an nn.ModuleList of one "
+                         "class); use compile_step(...) or torch.compile(model) instead")
+    compile_kwargs.setdefault("dynamic", False)
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return model
 
 
 class _LoraDropoutBranch(torch.autograd.Function):

@@ -114,6 +114,15 @@ def linear_cross_entropy(h: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     return _chunked_checkpointed(head, h, labels, denom, chunk)
 
 
+def _mixed_rows(model: nn.Module) -> bool:
+    from .core import get_state
+
+    try:
+        return get_state(model).row_adapters is not None
+    except DeltaError:  # no adapters attached
+        return False
+
+
 class _Capture(nn.Module):
     """Stands in for the output head during one forward: returns the final hidden states."""
 
@@ -153,6 +162,9 @@ def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor | None = No
     if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING):
         return model(input_ids=input_ids, labels=labels, **model_kwargs).loss
     parent, attr, head = _head_slot(inner)
+    # a loss needs no KV cache: building one per layer costs memory and, under compile_blocks,
+    # a recompile per layer (the cache's per-layer state is guarded)
+    model_kwargs.setdefault("use_cache", False)
     parent._modules[attr] = _Capture()
     try:
         h = model(input_ids=input_ids, **model_kwargs).logits  # (B, T', D): the head's input
@@ -162,7 +174,11 @@ def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor | None = No
         raise DeltaError(f"{type(model).__name__} post-processes its hidden states before the head; "
                          "use model(input_ids, labels=labels).loss instead")
     t = labels.shape[-1]
-    h = h[:, -t:]  # prompt-style methods prepend virtual tokens: score only the real positions
+    if h.shape[1] > t:  # prompt tuning prepended P virtual tokens: label them -100, as the model does
+        if _mixed_rows(inner):  # rows of a mixed batch have their own P: the model knows which labels count
+            return model(input_ids=input_ids, labels=labels, **model_kwargs).loss
+        labels = F.pad(labels, (h.shape[1] - t, 0), value=ignore_index)  # (B, P+T); the last virtual
+        # position predicts the first real token, exactly as model(..., labels=labels).loss
     shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # token t predicts t+1
     return linear_cross_entropy(h, head, shifted, chunk=chunk, ignore_index=ignore_index,
                                 num_items_in_batch=num_items_in_batch)
