@@ -6,6 +6,7 @@ shuffling with a short last batch (data order), gradient accumulation (2 micro-b
 warmup + cosine schedule, AdamW moments, gradient clipping and a fully trained head
 (modules_to_save).  Kill points: after a random optimizer step (before its checkpoint), and at
 a random file-system call of the run (inside checkpoint writing), plus a run killed twice.
+AdaLoRA adds state outside its tensors (importance averages, rank masks): its resume is exact too.
 Every run is a child forked from ``test_faults.ForkServer`` so a kill is real (SIGKILL).
 """
 from __future__ import annotations
@@ -204,3 +205,65 @@ def test_a_wrong_resume_is_detected(server, reference, tmp_path):
     assert server.wait(server.start("test_resume:_train", str(out), 0, 0, "", True)) == 0
     d = diffs(ref, final_state(out))
     assert d["adapter"] > 1e-4 and d["rng"] > 0, d
+
+
+# --------------------------------------------------------------------------- AdaLoRA's extra state
+# AdaLoRA prunes by importance averages (Ī, Ū) and keeps rank masks outside its tensors; the
+# trainer checkpoints them through Method.train_state / load_train_state (method_state.safetensors).
+
+ADA = dict(targets=["fc1", "fc2"], r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, dropout=0.1,
+           modules_to_save=["head"])  # budget phase: steps 3..9, pruning on even steps
+
+
+def _train_adalora(out: str, kill_step: int = 0, forget_state: bool = False) -> None:
+    """Like ``_train`` with AdaLoRA; ``forget_state``: resume without the method state (negative control)."""
+    from deltatune.methods.adalora import AdaLoRA
+    from deltatune.trainer import Trainer
+
+    torch.set_num_threads(1)
+    if forget_state:
+        AdaLoRA.load_train_state = lambda self, model, name, tensors: None
+
+    def killer(step, total, model):
+        if step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = config()
+    cfg.lr = 5e-2  # large enough that a resume with wrong masks / averages visibly changes the result
+    torch.manual_seed(0)
+    model = dt.attach(tiny_mlp(), "adalora", **ADA)
+    Trainer(model, features(), cfg, loss_fn=loss_fn, output_dir=out, callbacks=[killer]).train(resume=True)
+
+
+def adalora_final(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    ck = out / "checkpoints"
+    d = ck / (ck / "latest").read_text().strip()
+    assert d.name == f"step-{STEPS:07d}", f"run did not finish: latest is {d.name}"
+    st = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=True)
+    method = load_file(str(d / "method_state.safetensors"))
+    return {"trainable": st["trainable"], "optimizer": st["optimizer"], "method": method,
+            "file": load_file(str(d / "adapter" / "adapter_model.safetensors"))}
+
+
+def test_adalora_resume_is_exact(server, tmp_path):
+    """An AdaLoRA run killed during the budget phase and resumed ends bit-exact: same tensors,
+    optimizer, importance averages and rank masks; without the method state it would not."""
+    assert server.wait(server.start("test_resume:_train_adalora", str(tmp_path / "ref"))) == 0
+    ref = adalora_final(tmp_path / "ref")
+    masks = {k: v for k, v in ref["method"].items() if k.endswith("rank_mask")}
+    assert masks and not all(bool(m.all()) for m in masks.values()), "nothing was pruned: a weak test"
+    assert any(k.endswith(".ema") for k in ref["method"]) and int(ref["method"]["default/global_step"]) == STEPS
+    for kill in (5, 8):  # 5: resumes from step 4 and replays step 5; 8: dies before its own checkpoint
+        out = tmp_path / f"k{kill}"
+        assert server.wait(server.start("test_resume:_train_adalora", str(out), kill)) == -signal.SIGKILL
+        assert server.wait(server.start("test_resume:_train_adalora", str(out))) == 0
+        got = adalora_final(out)
+        d = {k: max_diff(ref[k], got[k]) for k in ref}
+        assert max(d.values()) <= TOL, f"kill at step {kill}: {d}"
+    out = tmp_path / "forgot"  # negative control
+    assert server.wait(server.start("test_resume:_train_adalora", str(out), 5)) == -signal.SIGKILL
+    assert server.wait(server.start("test_resume:_train_adalora", str(out), 0, True)) == 0
+    got = adalora_final(out)
+    assert max_diff(ref["file"], got["file"]) > 1e-2, "resuming without the AdaLoRA state changed nothing"

@@ -168,7 +168,10 @@ def train(
                                      gradient_checkpointing=gradient_checkpointing or None, precision=precision,
                                      progress=progress))
     m = train_run(o, log=out.log)
-    out.done(_summary(m), lambda: _print_run(out, m))
+    from .distributed import rank
+
+    if rank() == 0:  # under torchrun, the other ranks stay quiet
+        out.done(_summary(m), lambda: _print_run(out, m))
 
 
 def _summary(m: dict) -> dict:

@@ -21,6 +21,9 @@ What is communicated:
 Either way the optimizer sees only the adapter parameters, and ``save`` writes the same files as
 ``dt.save`` on one process (FSDP shards are gathered first, collectively).  Correctness check:
 tests/test_distributed.py trains 2 ranks × batch b and compares with one process at batch 2b.
+
+``deltatune.trainer.Trainer`` uses the helpers at the bottom of this file (``wrap``, the
+collectives, whole <-> sharded tensors) to do all of the above by itself under torchrun.
 """
 from __future__ import annotations
 
@@ -53,6 +56,11 @@ def init(backend: str | None = None) -> tuple[int, int]:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return _world()
 
 
 def rank() -> int:
@@ -149,3 +157,148 @@ def save(model: nn.Module, directory, name: str | None = None):
     if _world() > 1:
         dist.barrier()
     return path
+
+
+# --------------------------------------------------------------------------- for the trainer
+# Everything below is a no-op / identity on one process, so the trainer calls it unconditionally.
+
+def launched() -> bool:
+    """True when the environment asks for several processes (torchrun, ``accelerate launch``)
+    or a process group of more than one rank already exists."""
+    return _world() > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, (DistributedDataParallel, FSDPModule))
+
+
+def wrap(model: nn.Module, how: str, device: torch.device) -> nn.Module:
+    """``ddp(model)`` or ``fsdp(model)`` for a model already on ``device`` (a wrapped model is
+    returned as it is).  Returns the module to call in training: the DDP wrapper, or the model."""
+    if is_wrapped(model) or _world() == 1:
+        return model
+    if how == "fsdp":
+        return fsdp(model)
+    on_gpu = device.type == "cuda"
+    return ddp(model, device_ids=[torch.cuda.current_device() if device.index is None else device.index] if on_gpu
+               else None)
+
+
+def local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of an FSDP DTensor (no communication); else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def sync_gradients(net: nn.Module, sync: bool) -> Iterator[None]:
+    """Backward inside the block reduces gradients over the ranks only if ``sync``: gradient
+    accumulation keeps them local for all micro-batches but the last (same sum, fewer messages)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync or _world() == 1:
+        yield
+    elif isinstance(net, DistributedDataParallel):
+        with net.no_sync():
+            yield
+    elif isinstance(net, FSDPModule):
+        net.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            net.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum over the ranks (one all-reduce, float64)."""
+    if _world() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_metrics(metrics: dict) -> dict:
+    """Average the numeric entries (int/float, not bool) of a metrics dict over the ranks, so
+    every rank sees and acts on the same numbers (early stopping, best checkpoint)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if _world() == 1 or not keys:
+        return metrics
+    sums = sum_across_ranks([float(metrics[k]) for k in keys])
+    return {**metrics, **{k: s / _world() for k, s in zip(keys, sums)}}
+
+
+def all_gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled over the wire, not to disk)."""
+    if _world() == 1:
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def same_on_all_ranks(rows: list[dict]) -> bool:
+    """Whether every rank holds the same list of feature dicts (a fingerprint of its length and
+    a few rows, not every row: it catches data pre-sharded by rank, cheaply)."""
+    if _world() == 1:
+        return True
+    import hashlib
+
+    n = len(rows)
+    h = hashlib.sha256(str(n).encode())
+    for i in sorted({0, n // 3, n // 2, n - 1} if n else ()):
+        for k, v in sorted(rows[i].items()):
+            v = v.detach().cpu().numpy() if torch.is_tensor(v) else v
+            h.update(k.encode() + (v.tobytes() if hasattr(v, "tobytes") else repr(v).encode()))
+    return len(set(all_gather_objects(h.hexdigest()))) == 1
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (collective: every rank calls it); else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out like ``like``: this rank's shard if ``like`` is an FSDP DTensor
+    (every rank holds the same ``whole``, so nothing is sent); else ``whole`` on ``like``'s device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        whole = whole.to(like.device_mesh.device_type, like.dtype)
+        return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+    return whole.to(like.device, like.dtype)
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with FSDP shards gathered, so a checkpoint has the single-process
+    layout (collective under FSDP)."""
+    sd = opt.state_dict()
+    sd["state"] = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    return sd
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """Inverse of :func:`optimizer_state`: each rank keeps the shard of its parameters."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sd = {**sd, "state": {i: {k: shard_like(v, params[int(i)]) if torch.is_tensor(v) and v.dim() else v
+                              for k, v in st.items()} for i, st in sd["state"].items()}}
+    opt.load_state_dict(sd)

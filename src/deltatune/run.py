@@ -125,6 +125,7 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     import torch
 
     import deltatune as dt
+    from . import distributed as dtd
     from .evaluate import MAIN_METRIC, Forgetting, read_reference, task_metrics
     from .io import atomic_write_json
     from .losses import causal_lm_batch_loss
@@ -133,7 +134,10 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
 
     t_start = time.perf_counter()
     out = Path(o.output)
-    if o.overwrite and not o.resume:
+    rank, _ = dtd.init() if dtd.launched() else (0, 1)  # under torchrun: rank 0 logs and writes
+    if rank != 0:
+        log = lambda msg: None  # noqa: E731
+    if o.overwrite and not o.resume and rank == 0:
         import shutil
 
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -182,16 +186,16 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     task_info = {"task": o.task, "base_model": o.model, "resolved_model": path, "label_names": train_ex.label_names,
                  "max_length": max_length, "columns": _columns(o), "method": o.method,
                  "trust_remote_code": o.trust_remote_code}
-    if o.method == "full":
-        art = out / "model"
-        save_pretrained_atomic(model, proc, art)
+    art = out / ("model" if o.method == "full" else "adapter")
+    if o.method != "full":
+        trainer.save_adapter(art)  # every rank calls it (FSDP gathers); rank 0 writes
+    if rank == 0:
+        if o.method == "full":
+            save_pretrained_atomic(model, proc, art)
         atomic_write_json(art / "task.json", task_info)
-    else:
-        art = out / "adapter"
-        dt.save(model, art)
-        atomic_write_json(art / "task.json", task_info)
+        plot(result, out / "training.png", metric, title=f"{o.method} on {Path(o.data).name}")
+    dtd.barrier()
     size = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
-    plot(result, out / "training.png", metric, title=f"{o.method} on {Path(o.data).name}")
     metrics = {
         "task": o.task, "model": o.model, "data": o.data, "method": o.method, "method_options": o.method_options,
         "train_rows": len(train_ex), "val_rows": len(val_ex), "lr": lr, "train_config": dataclasses.asdict(cfg),
@@ -203,7 +207,8 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
         "artifact": str(art), "artifact_bytes": size, "history": result.history, "evals": result.evals,
         "plot": str(out / "training.png"),
     }
-    atomic_write_json(out / "metrics.json", metrics)
+    if rank == 0:
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 

@@ -24,9 +24,26 @@ defines it::
 PyTorch loops get the same behaviour by calling :func:`run_step_hooks` after ``optimizer.step()``.
 User callbacks are plain callables ``cb(step, total_steps, model)`` passed as ``callbacks=[...]``.
 
+A method whose training carries state beyond its tensors (AdaLoRA's importance averages and
+rank masks) also defines the pair below; checkpoints keep it in ``method_state.safetensors``
+(never pickle), so resume stays exact::
+
+    Method.train_state(self, model, name) -> dict[str, torch.Tensor]
+    Method.load_train_state(self, model, name, tensors: dict[str, torch.Tensor]) -> None
+
 Data: the trainer takes a list of feature dicts and a ``collate`` function (see
 :mod:`deltatune.data`); batch order per epoch is a permutation drawn from a generator seeded with
 ``(seed, epoch)``, so it never depends on the global RNG and can be replayed on resume.
+
+**Several processes** (``torchrun`` / ``accelerate launch``; docs/distributed.md).  The trainer
+joins the process group from the environment (gloo on CPU, nccl on CUDA), wraps the model with
+DDP (or FSDP2: ``parallel="fsdp"``) and shards the data: every rank gets the *whole* feature
+list, draws the same epoch permutation (padded to a multiple of the world size W by repeating
+its first rows, as ``DistributedSampler`` does) and takes its contiguous W-th of each global
+batch of W × ``batch_size`` rows.  So ``batch_size`` is per rank, the global batch is W times
+it, and a run on W ranks follows the same data order, learning-rate schedule and updates as one
+process at batch W × ``batch_size`` (tested).  Losses and eval metrics are averaged over ranks;
+rank 0 alone shows progress and writes checkpoints, the others wait at a barrier.
 """
 from __future__ import annotations
 
@@ -43,6 +60,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from . import distributed as dtd
 from .core import METHODS, DeltaError, has_adapters
 from .io import atomic_write, atomic_write_json
 from .safety import first_nonfinite
@@ -77,14 +95,15 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; CPU and GPU)
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    progress: bool = True  # tqdm bar with loss, throughput and ETA (stderr)
+    progress: bool = True  # tqdm bar with loss, throughput and ETA (stderr); rank 0 only
+    parallel: str = "ddp"  # several processes: "ddp" (base fits one device) | "fsdp" (FSDP2 shards the base too)
 
     def validate(self) -> None:
         checks = {
             "lr": self.lr > 0, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "epochs": self.epochs > 0, "max_steps": self.max_steps is None or self.max_steps >= 1,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "schedule": self.schedule in SCHEDULES,
-            "precision": self.precision in ("fp32", "bf16"),
+            "precision": self.precision in ("fp32", "bf16"), "parallel": self.parallel in ("ddp", "fsdp"),
             "eval_every": self.eval_every is None or self.eval_every >= 1,
             "save_every": self.save_every is None or self.save_every >= 1,
         }
@@ -108,15 +127,37 @@ class TrainResult:
     peak_rss_mb: float = 0.0
 
 
+def _method_hooks(model: nn.Module, attr: str):
+    """(adapter name, bound ``Method.<attr>``) for each active trainable adapter whose method has it."""
+    st = model.__dict__.get("_deltatune")
+    for name, rec in list(st.adapters.items()) if st is not None else []:
+        hook = getattr(METHODS.get(rec.method), attr, None)
+        if hook is not None and getattr(rec, "trainable", True) and name in st.active:
+            yield name, hook
+
+
 def run_step_hooks(model: nn.Module, step: int, total_steps: int) -> None:
     """Call ``Method.step_hook(model, name, step, total_steps)`` for each trainable adapter."""
-    st = model.__dict__.get("_deltatune")
-    if st is None:
-        return
-    for name, rec in list(st.adapters.items()):
-        hook = getattr(METHODS.get(rec.method), "step_hook", None)
-        if hook is not None and getattr(rec, "trainable", True) and name in st.active:
-            hook(model, name, step, total_steps)
+    for name, hook in _method_hooks(model, "step_hook"):
+        hook(model, name, step, total_steps)
+
+
+def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Row indices of rank ``rank``'s batches in ``epoch``.  Every rank draws the same permutation
+    (seeded by ``(seed, epoch)``), pads it to a multiple of ``world`` by repeating its first rows
+    (as ``DistributedSampler`` does), cuts it into global batches of ``world × batch_size`` rows and
+    takes its contiguous ``world``-th of each: concatenated over ranks, a global batch is exactly
+    the batch of one process at ``world × batch_size`` (when ``world`` divides ``n``)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    perm += [perm[i % n] for i in range(-n % world)]
+    size = batch_size * world
+    out = []
+    for start in range(0, len(perm), size):
+        rows = perm[start:start + size]
+        k = len(rows) // world  # the last global batch may be short: equal shares, still
+        out.append(rows[rank * k:(rank + 1) * k])
+    return out
 
 
 def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -143,7 +184,13 @@ class Trainer:
 
     ``features``: list of dicts turned into a batch by ``collate``; ``eval_fn(model) -> dict`` of
     metrics (called in eval mode, under ``torch.no_grad``).  With ``output_dir``, checkpoints go
-    to ``output_dir/checkpoints/step-N/``."""
+    to ``output_dir/checkpoints/step-N/``.
+
+    Under torchrun every rank builds the same Trainer with the *whole* ``features`` (it shards
+    them itself); ``loss_fn`` is then given the DDP wrapper (call it; ``dtd.unwrap`` for
+    attributes), ``eval_fn`` and callbacks the model itself.  ``eval_fn`` runs on every rank and
+    its numbers are averaged: let each rank score its share of the eval set to save time.  Save
+    the result with :meth:`save_adapter` on every rank, or gate other writes on :attr:`is_main`."""
 
     def __init__(self, model: nn.Module, features: Sequence[dict], config: TrainConfig | None = None, *,
                  collate: Callable[[list], dict] | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
@@ -152,7 +199,7 @@ class Trainer:
                  param_groups: list[dict] | None = None):
         from .data import collate as default_collate
 
-        self.model, self.features = model, list(features)
+        self.features = list(features)
         self.cfg = config or TrainConfig()
         self.cfg.validate()
         if not self.features:
@@ -161,26 +208,39 @@ class Trainer:
         self.eval_fn, self.loss_fn = eval_fn, loss_fn
         self.output_dir = Path(output_dir) if output_dir else None
         self.callbacks = list(callbacks)
-        self.device = torch.device("cuda" if self.cfg.device == "auto" and torch.cuda.is_available()
-                                   else ("cpu" if self.cfg.device == "auto" else self.cfg.device))
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.rank, self.world = dtd.init() if dtd.launched() else (0, 1)
+        self.model, self.net = dtd.unwrap(model), model  # net: what the loss calls (the DDP wrapper, if any)
+        self.device = torch.device(self.cfg.device if self.cfg.device != "auto" else
+                                   f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise DeltaError("the model has no trainable tensors; attach an adapter (dt.attach) first")
         self.param_groups = param_groups
+        if not dtd.same_on_all_ranks(self.features):
+            raise DeltaError("the ranks were given different training data; give every rank the whole "
+                             "data set: the trainer shards it over the ranks itself")
         c = self.cfg
-        self.batches_per_epoch = math.ceil(len(self.features) / c.batch_size)
+        self.batches_per_epoch = len(epoch_batches(len(self.features), c.seed, 0, c.batch_size, 0, self.world))
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.batches_per_epoch / c.grad_accum))
         self.eval_every = c.eval_every or max(1, math.ceil(self.total_steps / 4))
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (rank 0; always on a single process)."""
+        return self.rank == 0
+
+    def save_adapter(self, directory: str | Path, name: str | None = None) -> Path | None:
+        """``dt.save`` of the trained model; every rank calls it, rank 0 writes (atomically)."""
+        return dtd.save(self.net, directory, name)
 
     # ------------------------------------------------------------------ data order
     def _batch(self, micro: int) -> dict:
         epoch, pos = divmod(micro, self.batches_per_epoch)
-        if getattr(self, "_perm_epoch", None) != epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(len(self.features), generator=g).tolist()
-            self._perm_epoch = epoch
-        idx = self._perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]
-        batch = self.collate([self.features[i] for i in idx])
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order = epoch_batches(len(self.features), self.cfg.seed, epoch, self.cfg.batch_size,
+                                        self.rank, self.world)
+            self._order_epoch = epoch
+        batch = self.collate([self.features[i] for i in self._order[pos]])
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ pieces
@@ -198,8 +258,9 @@ class Trainer:
 
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, mult)
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+    def _trainable_state(self) -> dict[str, torch.Tensor]:  # collective under FSDP
+        return {n: dtd.full_tensor(p.detach()).cpu().clone() for n, p in self.model.named_parameters()
+                if p.requires_grad}
 
     def _load_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         own = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -209,13 +270,13 @@ class Trainer:
                              "resume with the same model, method and options")
         with torch.no_grad():
             for n, p in own.items():
-                p.copy_(tensors[n].to(p.device, p.dtype))
+                p.copy_(dtd.shard_like(tensors[n], p))
 
     def _evaluate(self) -> dict:
         was = self.model.training
         self.model.eval()
         with torch.no_grad():
-            m = dict(self.eval_fn(self.model))
+            m = dtd.mean_metrics(dict(self.eval_fn(self.model)))
         self.model.train(was)
         return m
 
@@ -232,32 +293,38 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def save_checkpoint(self, step: int, opt, sched) -> Path:
-        import numpy as np
+        """Every rank calls it (FSDP shards and per-rank RNG states are gathered); rank 0 writes."""
+        from safetensors.torch import save as st_save
 
         d = self.checkpoint_dir() / f"step-{step:07d}"
         if has_adapters(self.model):
-            from .io import save
-
-            save(self.model, d / "adapter")
-        np_state = np.random.get_state()
+            dtd.save(self.net, d / "adapter")
+        rngs = dtd.all_gather_objects(_rng_state())
         state = {
-            "step": step, "total_steps": self.total_steps, "trainable": self._trainable_state(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                    "python_v": random.getstate()[0], "numpy": torch.from_numpy(np_state[1].astype("int64")),
-                    "numpy_pos": int(np_state[2])},
+            "step": step, "total_steps": self.total_steps, "world_size": self.world,
+            "trainable": self._trainable_state(), "optimizer": dtd.optimizer_state(opt),
+            "scheduler": sched.state_dict(), "rng": rngs[0],
             "history": json.dumps({"history": self.history, "evals": self.evals, "best": self.best,
                                    "bad_evals": self.bad_evals}),
             "best_state": self.best_state,
             "config": json.dumps(asdict(self.cfg)),
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write(d / "trainer_state.pt", buf.getvalue())
-        atomic_write(self.checkpoint_dir() / "latest", d.name.encode())  # last: names a complete checkpoint
-        done = sorted(p for p in self.checkpoint_dir().glob("step-*") if p.is_dir() and p != d)
-        for old in done[: max(0, len(done) - self.cfg.keep_checkpoints + 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.world > 1:
+            state["rng_by_rank"] = rngs
+        extra = {f"{name}/{k}": dtd.full_tensor(v).detach().cpu().contiguous()
+                 for name, hook in _method_hooks(self.model, "train_state")
+                 for k, v in hook(self.model, name).items()}
+        if self.is_main:
+            if extra:
+                atomic_write(d / "method_state.safetensors", st_save(extra))
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write(d / "trainer_state.pt", buf.getvalue())
+            atomic_write(self.checkpoint_dir() / "latest", d.name.encode())  # last: names a complete checkpoint
+            done = sorted(p for p in self.checkpoint_dir().glob("step-*") if p.is_dir() and p != d)
+            for old in done[: max(0, len(done) - self.cfg.keep_checkpoints + 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        dtd.barrier()
         return d
 
     def latest_checkpoint(self) -> Path | None:
@@ -268,8 +335,6 @@ class Trainer:
         return d if (d / "trainer_state.pt").exists() else None
 
     def _restore(self, d: Path, opt, sched) -> int:
-        import numpy as np
-
         try:
             state = torch.load(d / "trainer_state.pt", map_location="cpu", weights_only=True)
         except Exception as e:
@@ -278,13 +343,21 @@ class Trainer:
         if state["total_steps"] != self.total_steps:
             raise DeltaError(f"{d}: the checkpoint planned {state['total_steps']} steps, this run plans "
                              f"{self.total_steps}; resume with the same data, batch size, epochs/steps")
+        if state.get("world_size", 1) != self.world:
+            raise DeltaError(f"{d}: the checkpoint was written by {state.get('world_size', 1)} processes, this run "
+                             f"has {self.world}; resume with the same number of processes (the data order and "
+                             "global batch depend on it)")
         self._load_trainable(state["trainable"])
-        opt.load_state_dict(state["optimizer"])
+        dtd.load_optimizer_state(opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        r = state["rng"]
-        torch.set_rng_state(r["torch"])
-        random.setstate((r["python_v"], tuple(r["python"]), None))
-        np.random.set_state(("MT19937", r["numpy"].numpy().astype("uint32"), r["numpy_pos"], 0, 0.0))
+        _set_rng_state(state["rng_by_rank"][self.rank] if self.world > 1 else state["rng"])
+        if (d / "method_state.safetensors").exists():
+            from safetensors.torch import load_file
+
+            extra = load_file(str(d / "method_state.safetensors"))
+            for name, hook in _method_hooks(self.model, "load_train_state"):
+                mine = {k.split("/", 1)[1]: v for k, v in extra.items() if k.split("/", 1)[0] == name}
+                hook(self.model, name, {k: v.to(self.device) for k, v in mine.items()})
         h = json.loads(state["history"])
         self.history, self.evals, self.best, self.bad_evals = h["history"], h["evals"], h["best"], h["bad_evals"]
         self.best_state = state["best_state"]
@@ -295,7 +368,21 @@ class Trainer:
         import numpy as np
 
         c, model = self.cfg, self.model
-        model.to(self.device)
+        if c.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise DeltaError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                                 "gradient checkpointing needs a transformers model")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not dtd.is_wrapped(self.net):
+            model.to(self.device)
+            if self.world > 1:
+                hooked = [n for n, _ in _method_hooks(model, "step_hook")]
+                if c.parallel == "fsdp" and (self.param_groups or hooked):
+                    why = (f"adapter {hooked[0]!r} runs a step hook on whole tensors (AdaLoRA's rank allocation)"
+                           if hooked else "param_groups name the parameters that FSDP replaces")
+                    raise DeltaError(f"parallel='fsdp' is not supported here: {why}; use parallel='ddp'")
+                self.net = dtd.wrap(model, c.parallel, self.device)
+                self.params = [p for p in model.parameters() if p.requires_grad]  # FSDP: the sharded ones
         self.history, self.evals, self.best, self.bad_evals, self.best_state = [], [], None, 0, None
         opt, sched = self._optimizer()
         start = 0
@@ -312,19 +399,14 @@ class Trainer:
             torch.manual_seed(c.seed)
             random.seed(c.seed)
             np.random.seed(c.seed)
-        if c.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
-                raise DeltaError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-                                 "gradient checkpointing needs a transformers model")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if c.precision == "bf16"
                     else _Null())
         bar = None
-        if c.progress:
+        if c.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-        model.train()
+        self.net.train()
         t0, samples, stopped = time.perf_counter(), 0, False
         step = start
         try:
@@ -332,16 +414,22 @@ class Trainer:
                 loss_sum = 0.0
                 for k in range(c.grad_accum):
                     batch = self._batch(step * c.grad_accum + k)
-                    with autocast:
-                        loss = self.loss_fn(model, batch)
-                    if not torch.isfinite(loss):
-                        last = self.latest_checkpoint() if self.output_dir else None
-                        raise DeltaError(f"loss is {loss.item()} at step {step + 1}; stopping (last good "
-                                         f"checkpoint: {last or 'none'}). Lower --lr or check the data")
-                    (loss / c.grad_accum).backward()
+                    with dtd.sync_gradients(self.net, k == c.grad_accum - 1):  # all-reduce once per step
+                        with autocast:
+                            loss = self.loss_fn(self.net, batch)
+                        if not torch.isfinite(loss):
+                            last = self.latest_checkpoint() if self.output_dir else None
+                            raise DeltaError(f"loss is {loss.item()} at step {step + 1}; stopping (last good "
+                                             f"checkpoint: {last or 'none'}). Lower --lr or check the data")
+                        (loss / c.grad_accum).backward()
                     loss_sum += loss.item() / c.grad_accum
-                    samples += len(next(iter(batch.values())))
-                bad = first_nonfinite([(n, q.grad) for n, q in model.named_parameters() if q.requires_grad])
+                    samples += len(next(iter(batch.values()))) * self.world
+                bad = first_nonfinite([(n, dtd.local(q.grad)) for n, q in model.named_parameters()
+                                       if q.requires_grad])
+                if self.world > 1:  # the global batch's loss; every rank stops if one saw NaN
+                    loss_sum, n_bad = dtd.sum_across_ranks([loss_sum, float(bad is not None)])
+                    loss_sum /= self.world
+                    bad = bad or ("an adapter tensor (on another rank)" if n_bad else None)
                 if bad is not None:  # stepping would write NaN into the weights (and the next checkpoint)
                     last = self.latest_checkpoint() if self.output_dir else None
                     raise DeltaError(f"gradient of {bad} is NaN/Inf at step {step + 1}; stopping (last good "
@@ -393,6 +481,23 @@ class Trainer:
         else:
             self.bad_evals += 1
         return bool(self.cfg.early_stopping and self.bad_evals >= self.cfg.early_stopping)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_v": random.getstate()[0], "numpy": torch.from_numpy(np_state[1].astype("int64")),
+            "numpy_pos": int(np_state[2])}
+
+
+def _set_rng_state(r: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(r["torch"])
+    random.setstate((r["python_v"], tuple(r["python"]), None))
+    np.random.set_state(("MT19937", r["numpy"].numpy().astype("uint32"), r["numpy_pos"], 0, 0.0))
 
 
 class _Null:

@@ -401,6 +401,39 @@ class AdaLoRA(Method):
             hook.set_total_steps(int(total_steps))
         hook.step(step)
 
+    def train_state(self, model, name):
+        """What a checkpoint needs for an exact resume beyond the tensors: the step count, the
+        importance averages Ī, Ū and the rank masks (``deltatune.trainer`` saves it, safetensors)."""
+        hook = model.__dict__.get(HOOKS_ATTR, {}).get(name)
+        if hook is None or hook.allocator is None:
+            return {}
+        al = hook.allocator
+        out = {"global_step": torch.tensor(hook.global_step), "total_steps": torch.tensor(al.total)}
+        for path, d in al.layers:
+            out[f"{path}.rank_mask"] = d.rank_mask
+            for part in ("lora_A", "lora_B", "lora_E"):
+                k = id(getattr(d, part))
+                if k in al.ema:
+                    out[f"{path}.{part}.ema"], out[f"{path}.{part}.unc"] = al.ema[k], al.unc[k]
+        return out
+
+    def load_train_state(self, model, name, tensors):
+        if not tensors:
+            return
+        hook = adalora_hook(model, total_steps=int(tensors["total_steps"]), name=name)
+        al = hook.allocator
+        hook.global_step = int(tensors["global_step"])
+        al.ema.clear()
+        al.unc.clear()
+        with torch.no_grad():
+            for path, d in al.layers:
+                d.rank_mask.copy_(tensors[f"{path}.rank_mask"])
+                for part in ("lora_A", "lora_B", "lora_E"):
+                    if f"{path}.{part}.ema" in tensors:
+                        p = getattr(d, part)
+                        al.ema[id(p)] = tensors[f"{path}.{part}.ema"].to(p.device, p.dtype)
+                        al.unc[id(p)] = tensors[f"{path}.{part}.unc"].to(p.device, p.dtype)
+
     def delete(self, model, name):
         model.__dict__.get(HOOKS_ATTR, {}).pop(name, None)
 
