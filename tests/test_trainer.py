@@ -175,3 +175,72 @@ def test_works_inside_transformers_trainer(tmp_path):
     x.pop("labels")
     m.eval()
     assert torch.allclose(fresh(**x).logits, m(**x).logits, atol=1e-6)
+
+
+def test_compile_auto_rule(monkeypatch):
+    """compile="auto": only for long single-process runs with a C++ compiler; "on"/"off" obey."""
+    import deltatune.trainer as tr
+
+    feats = features(8)
+    short = Trainer(model_with_lora(0.0), feats, cfg(max_steps=4))
+    assert not short._compile()
+    long = Trainer(model_with_lora(0.0), feats, cfg(max_steps=tr.COMPILE_AUTO_STEPS))
+    monkeypatch.setattr(tr.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert long._compile()
+    monkeypatch.setattr(tr.shutil, "which", lambda name: None)  # no compiler: stay eager
+    assert not long._compile()
+    assert Trainer(model_with_lora(0.0), feats, cfg(max_steps=4, compile="on"))._compile()
+    assert not Trainer(model_with_lora(0.0), feats, cfg(max_steps=10**4, compile="off"))._compile()
+    with pytest.raises(DeltaError, match="compile"):
+        Trainer(model_with_lora(0.0), feats, cfg(compile="yes")).train()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opts", [dict(r=4), dict(r=4, dora=True)])
+def test_compiled_training_equals_eager(opts):
+    """compile="on" (regional torch.compile) trains to the same adapter as eager mode."""
+    from deltatune.losses import causal_lm_batch_loss
+    from test_fast import llama
+
+    g = torch.Generator().manual_seed(0)
+    feats = [{"input_ids": r, "labels": r} for r in torch.randint(0, 64, (16, 9), generator=g).tolist()]
+    got = {}
+    for mode in ("off", "on"):
+        m = llama()
+        dt.attach(m, "lora", targets=["q_proj", "v_proj"], **opts)
+        Trainer(m, feats, cfg(max_steps=3, save_every=None, compile=mode, lr=1e-2),
+                loss_fn=causal_lm_batch_loss).train()
+        got[mode] = {k: v.detach().clone() for k, v in dt.adapter_tensors(m, "default").items()}
+        if mode == "on":
+            assert all(getattr(b, "_compiled_call_impl", None) is not None for b in m.model.layers)
+    for k in got["off"]:
+        torch.testing.assert_close(got["on"][k], got["off"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_auto_compile_failure_falls_back_to_eager(monkeypatch):
+    """A compiler failure under compile="auto" costs the run nothing: same adapter as eager."""
+    import deltatune.trainer as tr
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    feats = features(16)
+    ref = model_with_lora(0.0)
+    Trainer(ref, feats, cfg(max_steps=3, save_every=None, compile="off")).train()
+
+    m = model_with_lora(0.0)
+    t = Trainer(m, feats, cfg(max_steps=3, save_every=None))
+    monkeypatch.setattr(Trainer, "_compile", lambda self: True)
+    calls = []
+
+    def broken(self, *a, **k):  # what a missing C++ toolchain looks like at the first compiled call
+        calls.append(1)
+        raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+    blocks = m.bert.encoder.layer
+    monkeypatch.setattr(tr, "COMPILE_AUTO_STEPS", 1)
+    import deltatune.fast as fast
+    monkeypatch.setattr(fast, "compile_blocks",
+                        lambda model, **kw: [setattr(b, "_compiled_call_impl", broken.__get__(b)) for b in blocks])
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        t.train()
+    assert calls and all(b._compiled_call_impl is None for b in blocks)
+    for k, v in dt.adapter_tensors(ref, "default").items():
+        torch.testing.assert_close(dt.adapter_tensors(m, "default")[k], v, msg=k)

@@ -142,6 +142,8 @@ def train(
     early_stopping: Optional[int] = typer.Option(None, help="Stop after N evaluations without improvement."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute activations: less memory, slower."),
     precision: Optional[str] = typer.Option(None, help="fp32 | bf16 (autocast)."),
+    compile: Optional[str] = typer.Option(None, help="Regional torch.compile of the model's blocks: auto (default: "
+                                          "on for runs of >= 500 steps when a C++ compiler exists) | on | off."),
     max_train_rows: Optional[int] = typer.Option(None, help="Use only the first N training rows."),
     reference: Optional[str] = typer.Option(None, help="Text file (one text a line) for the forgetting measure."),
     resume: bool = typer.Option(False, help="Continue the run in --output from its last checkpoint."),
@@ -166,7 +168,7 @@ def train(
                                      weight_decay=weight_decay, seed=seed, eval_every=eval_every,
                                      save_every=save_every, early_stopping=early_stopping,
                                      gradient_checkpointing=gradient_checkpointing or None, precision=precision,
-                                     progress=progress))
+                                     compile=compile, progress=progress))
     m = train_run(o, log=out.log)
     from .distributed import rank
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -71,6 +72,9 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
     "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0))),
     "constant": lambda p: 1.0,
 }
+
+
+COMPILE_AUTO_STEPS = 500  # compile="auto": ~30-60 s of compiling is repaid well before this many steps
 
 
 @dataclass
@@ -97,6 +101,10 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     progress: bool = True  # tqdm bar with loss, throughput and ETA (stderr); rank 0 only
     parallel: str = "ddp"  # several processes: "ddp" (base fits one device) | "fsdp" (FSDP2 shards the base too)
+    # regional torch.compile of the transformer blocks (fast.compile_blocks): ~30% faster steps for
+    # a one-off ~30-60 s compile; "auto" = on for runs of >= COMPILE_AUTO_STEPS steps in one process
+    # when a C++ compiler is installed (inductor needs one), where the compile pays for itself
+    compile: str = "auto"  # "auto" | "on" | "off"
 
     def validate(self) -> None:
         checks = {
@@ -104,6 +112,7 @@ class TrainConfig:
             "epochs": self.epochs > 0, "max_steps": self.max_steps is None or self.max_steps >= 1,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "schedule": self.schedule in SCHEDULES,
             "precision": self.precision in ("fp32", "bf16"), "parallel": self.parallel in ("ddp", "fsdp"),
+            "compile": self.compile in ("auto", "on", "off"),
             "eval_every": self.eval_every is None or self.eval_every >= 1,
             "save_every": self.save_every is None or self.save_every >= 1,
         }
@@ -363,6 +372,53 @@ class Trainer:
         self.best_state = state["best_state"]
         return int(state["step"])
 
+    def _accumulate(self, step: int, autocast) -> tuple[float, int]:
+        """Forward + backward of one optimizer step's micro-batches; returns (mean loss, rows seen)."""
+        c, loss_sum, samples = self.cfg, 0.0, 0
+        for k in range(c.grad_accum):
+            batch = self._batch(step * c.grad_accum + k)
+            with dtd.sync_gradients(self.net, k == c.grad_accum - 1):  # all-reduce once per step
+                with autocast:
+                    loss = self.loss_fn(self.net, batch)
+                if not torch.isfinite(loss):
+                    last = self.latest_checkpoint() if self.output_dir else None
+                    raise DeltaError(f"loss is {loss.item()} at step {step + 1}; stopping (last good "
+                                     f"checkpoint: {last or 'none'}). Lower --lr or check the data")
+                (loss / c.grad_accum).backward()
+            loss_sum += loss.item() / c.grad_accum
+            samples += len(next(iter(batch.values()))) * self.world
+        return loss_sum, samples
+
+    def _fallback_to_eager(self, err: Exception) -> bool:
+        """compile="auto" must never cost a run: if torch.compile itself fails (no working C++
+        toolchain, an op dynamo cannot trace), drop the compiled blocks and redo the step eagerly."""
+        from torch._dynamo.exc import TorchDynamoException
+
+        from .fast import repeated_blocks
+
+        if self.cfg.compile != "auto" or not isinstance(err, TorchDynamoException):
+            return False
+        import warnings
+
+        for block in repeated_blocks(self.model) or []:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+        self.model.zero_grad(set_to_none=True)
+        warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                      "training continues without it (pass compile='off' / --compile off to skip the attempt)")
+        return True
+
+    def _compile(self) -> bool:
+        from .fast import repeated_blocks
+
+        c = self.cfg
+        if c.compile == "on":
+            return True
+        if c.compile == "off" or self.total_steps < COMPILE_AUTO_STEPS or self.world > 1:
+            return False
+        return repeated_blocks(self.model) is not None and any(
+            shutil.which(cc) for cc in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = False) -> TrainResult:
         import numpy as np
@@ -373,6 +429,11 @@ class Trainer:
                 raise DeltaError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
                                  "gradient checkpointing needs a transformers model")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compiled = self._compile()
+        if compiled:
+            from . import fast
+
+            fast.compile_blocks(model, dynamic=None)  # dynamic=None: padded lengths vary, one dynamic recompile
         if not dtd.is_wrapped(self.net):
             model.to(self.device)
             if self.world > 1:
@@ -411,19 +472,16 @@ class Trainer:
         step = start
         try:
             while step < self.total_steps:
-                loss_sum = 0.0
-                for k in range(c.grad_accum):
-                    batch = self._batch(step * c.grad_accum + k)
-                    with dtd.sync_gradients(self.net, k == c.grad_accum - 1):  # all-reduce once per step
-                        with autocast:
-                            loss = self.loss_fn(self.net, batch)
-                        if not torch.isfinite(loss):
-                            last = self.latest_checkpoint() if self.output_dir else None
-                            raise DeltaError(f"loss is {loss.item()} at step {step + 1}; stopping (last good "
-                                             f"checkpoint: {last or 'none'}). Lower --lr or check the data")
-                        (loss / c.grad_accum).backward()
-                    loss_sum += loss.item() / c.grad_accum
-                    samples += len(next(iter(batch.values()))) * self.world
+                rng = torch.get_rng_state() if compiled else None  # a failed compile replays the step
+                try:
+                    loss_sum, n = self._accumulate(step, autocast)
+                except Exception as e:  # noqa: BLE001 - only compiler failures are handled, the rest re-raised
+                    if not (compiled and self._fallback_to_eager(e)):
+                        raise
+                    compiled = False
+                    torch.set_rng_state(rng)
+                    loss_sum, n = self._accumulate(step, autocast)
+                samples += n
                 bad = first_nonfinite([(n, dtd.local(q.grad)) for n, q in model.named_parameters()
                                        if q.requires_grad])
                 if self.world > 1:  # the global batch's loss; every rank stops if one saw NaN
