@@ -91,3 +91,38 @@ def test_unknown_architecture_asks_for_targets():
     assert "attention" in str(e.value)
     with pytest.raises(dt.DeltaError, match="placement must be one of"):
         dt.attach(tiny_mlp(), "adapter", placement="serial")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+def test_quantized_gpt2_matches_its_dequantized_float_twin(scheme, placement):
+    # quantized GPT-2 layers are Conv1Ds storing (in, out); the MLP's widths (32 -> 128 -> 32)
+    # must be read in that layout, and the adapter must behave as on the dequantized float model
+    if scheme == "nf4":
+        pytest.importorskip("bitsandbytes")
+    from deltatune.core import get_submodule_clean
+    from deltatune.quant import quantized_layers
+
+    quant = dt.quantize(tiny_gpt2(), scheme)
+    twin = tiny_gpt2()
+    with torch.no_grad():
+        for p, m in quantized_layers(quant):
+            get_submodule_clean(twin, p).weight.copy_(m.dequantize())
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    for model in (quant, twin):
+        dt.attach(model, "adapter", placement=placement)
+    perturb(quant)
+    with torch.no_grad():  # the same adapter values in both
+        for k, t in dt.adapter_tensors(twin, "default").items():
+            t.copy_(dt.adapter_tensors(quant, "default")[k])
+    outs, grads = [], []
+    for model in (quant, twin):
+        y = model(ids).logits
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append({k: t.grad for k, t in dt.adapter_tensors(model, "default").items()})
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert grads[0][k] is not None and grads[0][k].abs().sum() > 0, k
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-3, atol=1e-6)

@@ -110,3 +110,29 @@ def test_selector_follows_dtype_moves():
     dt.activate(model, "b")  # b's copies were not registered during .to(): they follow on swap-in
     x = torch.randint(0, 64, (2, 5))
     assert model(x).last_hidden_state.dtype == torch.float64
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_bitfit_on_quantized_gpt2(scheme):
+    # a quantized GPT-2 layer is a Conv1D storing (in, out): added biases must have its out size
+    if scheme == "nf4":
+        pytest.importorskip("bitsandbytes")
+    from deltatune.core import iter_delta_layers
+    from deltatune.quant import quantized_layers
+
+    model = dt.quantize(tiny_gpt2(), scheme)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    y_ref = model(ids).logits
+    biases = {p: m.bias.detach().clone() for p, m in quantized_layers(model)}
+    for _, m in quantized_layers(model):
+        m.bias = None
+    dt.attach(model, "bitfit", add_missing=True)
+    layers = dict(iter_delta_layers(model))
+    for p, b in biases.items():  # the added biases, set to the removed ones, give the same model back
+        added = layers[p].deltas["default"].bias
+        assert added.shape == (layers[p].base_layer.out_features,)
+        added.data.copy_(b)
+    y = model(ids).logits
+    torch.testing.assert_close(y, y_ref)
+    y.square().mean().backward()
+    assert all(layers[p].deltas["default"].bias.grad.abs().sum() > 0 for p in biases)

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..core import Delta, DeltaConfig, DeltaError, Method, iter_base_modules, register, wrap
 from ..targets import find_targets, linear_types
+from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 
@@ -91,10 +92,8 @@ def _leaf_dims(mod: nn.Module) -> tuple[int, int, int] | None:
     if isinstance(mod, nn.LayerNorm) and mod.normalized_shape:
         return mod.normalized_shape[-1], mod.normalized_shape[-1], -1
     if isinstance(mod, linear_types()) and getattr(mod, "weight", None) is not None:
-        w = mod.weight
-        if type(mod).__name__ == "Conv1D":  # GPT-2: (in, out)
-            return w.shape[0], w.shape[1], -1
-        return getattr(mod, "in_features", w.shape[-1]), getattr(mod, "out_features", w.shape[0]), -1
+        _, out_f, in_f, _ = linear_layout(mod)
+        return in_f, out_f, -1
     return None
 
 

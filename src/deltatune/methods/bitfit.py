@@ -28,6 +28,7 @@ from torch import nn
 from ..core import Delta, DeltaConfig, DeltaError, register, wrap
 from ..targets import HEAD_NAMES
 from ._selector import SelectorMethod, candidate_modules, is_norm
+from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 
 PARTS = ("attention", "ffn", "norm", "other")
 _ATTN = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention|q_proj|k_proj|v_proj|o_proj|query|key|value|"
@@ -96,9 +97,7 @@ def _out_features(mod: nn.Module) -> tuple[int, int] | None:
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return mod.out_channels, 1
     if isinstance(mod, linear_types()) and hasattr(mod, "weight"):
-        w = mod.weight
-        conv1d = type(mod).__name__ == "Conv1D"  # GPT-2 stores (in, out)
-        return (w.shape[1] if conv1d else w.shape[0]), -1
+        return linear_layout(mod)[1], -1
     return None
 
 
