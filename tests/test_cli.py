@@ -176,3 +176,15 @@ def test_compare_skips_missing_methods(ws, tmp_path):
     lora, full = res["rows"]
     assert lora["trainable_params"] < full["trainable_params"] and lora["artifact_bytes"] < full["artifact_bytes"]
     assert lora["peak_rss_mb"] > 0 and (tmp_path / "cmp" / "pareto.png").exists()
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "full", "ia3"])
+def test_causal_lm_training_with_other_methods(tmp_path, method):
+    """The CLI's causal-LM loss (chunked) works for every kind of delta: virtual tokens, prefixes,
+    full fine-tuning with a tied head, activation scaling."""
+    lm = tiny_llama_dir(tmp_path / "llama")
+    data = chat_jsonl(tmp_path / "chat.jsonl", 24)
+    r = run("train", "--model", lm, "--data", data, "--task", "causal-lm", "--method", method, "--output",
+            tmp_path / "o", "--max-steps", 4, "--batch-size", 4, "--no-progress", "--json")
+    m = json.loads(r.stdout)
+    assert m["after"]["loss"] < m["before"]["loss"], (method, m["before"], m["after"])

@@ -69,7 +69,9 @@ def lm_token_loss(model: nn.Module, batch: dict) -> tuple[float, int]:
     """(sum of next-token cross-entropy over labelled tokens, number of such tokens)."""
     labels = batch["labels"]
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    logits = out.logits[:, :-1].float()  # (B, T-1, V)
+    # prompt tuning prepends P virtual positions (logits (B, P+T, V)): score the same T-1 real
+    # next-token predictions as for the base model, so before/after compare like with like
+    logits = out.logits[:, -labels.shape[1]:-1].float()  # (B, T-1, V)
     tgt = labels[:, 1:]  # (B, T-1)
     loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                        ignore_index=-100, reduction="sum")
