@@ -178,7 +178,7 @@ def test_compare_skips_missing_methods(ws, tmp_path):
     assert lora["peak_rss_mb"] > 0 and (tmp_path / "cmp" / "pareto.png").exists()
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "full", "ia3"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "full", "ia3", "adapter", "adalora", "vera", "ln", "sparse"])
 def test_causal_lm_training_with_other_methods(tmp_path, method):
     """The CLI's causal-LM loss (chunked) works for every kind of delta: virtual tokens, prefixes,
     full fine-tuning with a tied head, activation scaling."""
@@ -188,3 +188,11 @@ def test_causal_lm_training_with_other_methods(tmp_path, method):
             tmp_path / "o", "--max-steps", 4, "--batch-size", 4, "--no-progress", "--json")
     m = json.loads(r.stdout)
     assert m["after"]["loss"] < m["before"]["loss"], (method, m["before"], m["after"])
+
+
+def test_classify_with_sparse_selects_from_training_batches(ws, tmp_path):
+    """`--method sparse` needs gradients to choose its weights: the CLI hands it training batches."""
+    r = run("train", "--model", ws["bert"], "--data", ws["data"], "--method", "sparse", "--output", tmp_path / "s",
+            "--max-steps", 2, "--no-progress", "--json")
+    m = json.loads(r.stdout)
+    assert m["method"] == "sparse" and m["trainable_params"] > 0

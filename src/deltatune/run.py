@@ -107,14 +107,21 @@ def collate_for(proc):
     return partial(collate, pad_id=pad)
 
 
-def attach_method(model, method: str, options: dict):
-    """Attach ``method`` (or make everything trainable for ``full``)."""
+def attach_method(model, method: str, options: dict, batches: Callable[[], list] | None = None):
+    """Attach ``method`` (or make everything trainable for ``full``).  Methods that choose their
+    weights from gradients (``sparse``) get ``batches()`` — a few training batches — unless the
+    options already give batches or a selection."""
+    import dataclasses
+
     import deltatune as dt
 
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    fields = {f.name for f in dataclasses.fields(dt.METHODS[method].config_cls)}
+    if "batches" in fields and batches is not None and not {"batches", "selection"} & set(options):
+        options = {**options, "batches": batches()}
     return dt.attach(model, method, **options)
 
 
@@ -164,7 +171,9 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     log("before: " + _fmt(before))
     if on_model is not None:
         on_model("base", model, proc)
-    attach_method(model, o.method, o.method_options)
+    bs = int(o.train.get("batch_size", TrainConfig.batch_size))
+    attach_method(model, o.method, o.method_options,  # selection pass: the first 8 training batches
+                  batches=lambda: [coll(train_f[i:i + bs]) for i in range(0, min(len(train_f), 8 * bs), bs)])
     counts = dt.trainable_parameters(model)
     log(f"method: {o.method} {o.method_options or ''} | trainable {counts.trainable:,} of {counts.total:,} "
         f"({counts.percent:.3f}%)")
