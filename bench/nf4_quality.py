@@ -187,18 +187,22 @@ def run_smollm2(variants: list[str]) -> list[dict]:
     rows = [{"model": "SmolLM2-135M", "variant": "fp32", "mse": 0.0, "wmse": 0.0, "seconds": None, "ppl": ppl(model)}]
     del model
     for v in variants:
-        model = load()
-        ref = snapshot(model)
-        t = time.perf_counter()
-        QUANTIZERS[v](model, cal_batches)
-        secs = time.perf_counter() - t
-        mse, wmse = weight_errors(ref, model, h)
-        del ref
-        rows.append({"model": "SmolLM2-135M", "variant": v, "mse": mse, "wmse": wmse, "seconds": secs,
-                     "ppl": ppl(model)})
+        model, row = quantized_row(load, v, cal_batches, h)
+        rows.append({"model": "SmolLM2-135M", **row, "ppl": ppl(model)})
         print(time.strftime("%X"), rows[-1], file=sys.stderr, flush=True)
         del model
     return rows
+
+
+def quantized_row(load, variant: str, cal, h) -> tuple:
+    """A fresh model quantized by ``variant``: (model, {variant, mse, wmse, seconds})."""
+    model = load()
+    ref = snapshot(model)
+    t = time.perf_counter()
+    QUANTIZERS[variant](model, cal)
+    secs = time.perf_counter() - t
+    mse, wmse = weight_errors(ref, model, h)
+    return model, {"variant": variant, "mse": mse, "wmse": wmse, "seconds": secs}
 
 
 def run_minilm(variants: list[str]) -> list[dict]:
@@ -228,15 +232,9 @@ def run_minilm(variants: list[str]) -> list[dict]:
     h = Q.input_stats(model, Q.plan(model), cal)
     rows = []
     for v in variants:
-        model = load()
-        ref = snapshot(model)
-        t = time.perf_counter()
-        QUANTIZERS[v](model, cal)
-        secs = time.perf_counter() - t
-        mse, wmse = weight_errors(ref, model, h)
+        model, row = quantized_row(load, v, cal, h)
         cos = (embed(model) * ref_emb).sum(1)
-        rows.append({"model": "all-MiniLM-L6-v2", "variant": v, "mse": mse, "wmse": wmse, "seconds": secs,
-                     "cos": cos.mean().item(), "cos_min": cos.min().item()})
+        rows.append({"model": "all-MiniLM-L6-v2", **row, "cos": cos.mean().item(), "cos_min": cos.min().item()})
         print(time.strftime("%X"), rows[-1], file=sys.stderr, flush=True)
     return rows
 

@@ -102,3 +102,14 @@ def run(model, name):
 @pytest.fixture(params=list(MODELS))
 def model_name(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """bitsandbytes' CPU kernels open an OpenMP region per call; on this shared 2-core machine
+    each region waits tens of ms for a second core, so quantized models are tested on one thread.
+    Quantization test modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

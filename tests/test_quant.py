@@ -15,15 +15,7 @@ from deltatune import quant as Q
 pytest.importorskip("bitsandbytes")
 SCHEMES = ["nf4", "int8"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """bitsandbytes' CPU kernels open an OpenMP region per call; on this shared 2-core machine
-    each region waits tens of ms for a second core, so tiny models are tested on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def heavy_tailed(out_f=96, in_f=128, seed=0):

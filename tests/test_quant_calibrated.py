@@ -12,13 +12,7 @@ from deltatune import quant as Q
 
 bf = pytest.importorskip("bitsandbytes.functional")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitsandbytes' CPU kernels on a shared 2-core machine (see test_quant.py)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def gaussian(out_f=96, in_f=192, seed=0):

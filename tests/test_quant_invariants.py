@@ -17,13 +17,7 @@ ATOL = 1e-5
 # methods that train entries of W itself: quantized storage has no float W to train
 INCOMPATIBLE = {"sparse"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # see test_quant.py: bitsandbytes' OpenMP regions stall on the shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def quantized(model_name, scheme):

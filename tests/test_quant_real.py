@@ -10,16 +10,8 @@ import torch
 
 import deltatune as dt
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # see test_quant.py: bitsandbytes' OpenMP regions stall on the shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
