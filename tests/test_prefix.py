@@ -152,6 +152,20 @@ def _out(m, key):
     return getattr(m(input_ids=ids, attention_mask=torch.ones_like(ids)), key)
 
 
+def _peft_out(pm, key):
+    """peft's output, or a skip naming the versions when peft itself cannot run prefix tuning on
+    this model (peft <= 0.21 looks for the old ``past_key_values`` name on sequence-classification
+    backbones, which transformers renamed to ``cache``)."""
+    try:
+        return _out(pm, key)
+    except ValueError as e:
+        if "does not support past key values" not in str(e):
+            raise
+        import transformers
+        pytest.skip(f"peft {peft.__version__} cannot run prefix tuning on {type(pm.base_model).__name__} "
+                    f"with transformers {transformers.__version__}: {e}")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_ours_loads_in_peft(case, tmp_path):
     make, _, key = CASES[case]
@@ -159,7 +173,7 @@ def test_ours_loads_in_peft(case, tmp_path):
     y = _out(model, key)
     dt.save(model, tmp_path)
     pm = peft.PeftModel.from_pretrained(make(), str(tmp_path)).eval()
-    torch.testing.assert_close(_out(pm, key), y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_peft_out(pm, key), y, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -172,7 +186,7 @@ def test_peft_loads_here(case, tmp_path):
         for p in pm.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
-    y = _out(pm, key)
+    y = _peft_out(pm, key)
     pm.save_pretrained(str(tmp_path))
     model = dt.load(make(), tmp_path)
     torch.testing.assert_close(_out(model, key), y, atol=1e-5, rtol=0)

@@ -4,11 +4,11 @@ live at the *model* level, not in a wrapped layer.
 How they attach (documented choice): one forward pre-hook with kwargs on the user's top model
 (``register_forward_pre_hook(with_kwargs=True)``) rewrites the call before the model sees it:
 
-    model(input_ids, attention_mask, labels, position_ids, past_key_values, ...)
+    model(input_ids, attention_mask, labels, position_ids, cache | past_key_values, ...)
       │  prompt  (P_p tokens): inputs_embeds = [prompt ; embed(input_ids)]        (B, P_p+T, D)
       │                        labels        = [-100 × P_p ; labels]              (causal LM)
       │                        token_type_ids = [0 × P_p ; token_type_ids]
-      │  prefix  (P_f tokens): past_key_values = DynamicCache holding the prefix  (B, H_kv, P_f, d_h)
+      │  prefix  (P_f tokens): cache          = DynamicCache holding the prefix  (B, H_kv, P_f, d_h)
       │  both:                 attention_mask = [1 × (P_f+P_p) ; attention_mask]
       │                        position_ids   = [P_f + 0..P_p-1 ; position_ids + P_f + P_p]
       ▼
@@ -106,6 +106,38 @@ def dims(model: nn.Module) -> dict[str, int]:
 def task_type(model: nn.Module) -> str:
     cls = type(model).__name__
     return next((t for suffix, t in TASK_TYPES.items() if cls.endswith(suffix)), "FEATURE_EXTRACTION")
+
+
+# The keyword a transformers model takes its KV cache under: "cache" in today's releases (renamed
+# with a deprecation shim), "past_key_values" before.  Read off the forward signature, never off a
+# version string; the newer name first, so a model that accepts both gets the one it prefers.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_kwarg(module: nn.Module) -> str | None:
+    """The name under which ``module.forward`` takes a KV cache, or None if it takes none.  A head
+    model whose forward only passes ``**kwargs`` on to its backbone (BertForSequenceClassification)
+    takes the cache under the backbone's name."""
+    params = inspect.signature(module.forward).parameters
+    key = next((k for k in CACHE_KWARGS if k in params), None)
+    backbone = getattr(module, "base_model", None)
+    if key is None and isinstance(backbone, nn.Module) and backbone is not module and \
+            any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return cache_kwarg(backbone)
+    return key
+
+
+def pop_cache(kw: dict):
+    """Remove the cache from call kwargs under either name and return it (None if absent)."""
+    found = [kw.pop(k, None) for k in CACHE_KWARGS]
+    return next((c for c in found if c is not None), None)
+
+
+def output_cache(out):
+    """The cache a model returned (``out.cache`` today, ``out.past_key_values`` before), or None."""
+    if not isinstance(out, dict):
+        return None
+    return next((out[k] for k in CACHE_KWARGS if out.get(k) is not None), None)
 
 
 def param_device(model: nn.Module) -> torch.device:
@@ -317,7 +349,10 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     padded = len(set(zip(n_p, n_f))) > 1
     P = torch.tensor(n_p, device=dev)[:, None]  # (B, 1) prompt tokens of each row
     F = torch.tensor(n_f, device=dev)[:, None]  # (B, 1) prefix tokens of each row
-    past = kw.get("past_key_values")
+    key = cache_kwarg(model) or next((k for k in CACHE_KWARGS if k in kw), CACHE_KWARGS[0])
+    past = pop_cache(kw)
+    if past is not None:
+        kw[key] = past
     cached = 0 if past is None else past.get_seq_length()  # F_max + P_max + real tokens once filled
     prefill = cached == 0
     seen = 0 if prefill else cached - f_max - p_max  # real tokens already in the cache
@@ -350,7 +385,7 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
                 slot = torch.arange(p_max, device=dev) - (p_max - P)  # (B, P_max): token index, < 0 if masked
                 pos = torch.cat([torch.where(slot >= 0, slot + F, 0).to(pos.dtype), pos], dim=1)
         if f_max:
-            kw["past_key_values"] = _prefix_cache(model, past, rows, f_max)
+            kw[key] = _prefix_cache(model, past, rows, f_max)
     if pos is not None:
         kw["position_ids"] = pos
     mask = kw.get("attention_mask")
@@ -368,12 +403,14 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
 def _post_forward(model: nn.Module, args: tuple, kwargs: dict, out):
     # use_cache=False: some models (Llama) still return the cache they were given; returning the
     # prefix cache would make generate() treat the next full-sequence step as a decoding step
-    if kwargs.get("use_cache") is not False or not isinstance(out, dict) or out.get("past_key_values") is None:
+    if kwargs.get("use_cache") is not False or output_cache(out) is None:
         return out
     st, s = model.__dict__.get(STATE_ATTR), model._modules.get(STORE)
     if st is not None and s is not None and not st.disabled and \
             any(n is not None and n in s.deltas and s.deltas[n].kind == "prefix" for n in _names(st)):
-        out["past_key_values"] = None
+        for k in CACHE_KWARGS:
+            if out.get(k) is not None:
+                out[k] = None
     return out
 
 

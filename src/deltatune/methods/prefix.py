@@ -10,7 +10,7 @@ real tokens can attend to; the model's weights stay frozen.
     saving / inference: the MLP is folded away, only the table MLP(E) (P, L·2·H_kv·d_h) is kept
         (peft's ``prompt_embeddings``; read as (P, L, 2, H_kv, d_h): layer l's key then value).
 
-The prefix is handed to the model as a transformers ``DynamicCache`` (``past_key_values``) by the
+The prefix is handed to the model as a transformers ``DynamicCache`` (``cache``, ``past_key_values`` in older transformers) by the
 forward pre-hook of ``_virtual_tokens.py``, which also extends the attention mask and shifts the
 positions by P (as peft does), so decoders (Llama, GPT-2) can ``generate()`` and encoders (BERT)
 attend to the prefix bidirectionally.  Not mergeable: the prefix is extra keys/values in the
@@ -105,7 +105,7 @@ def real_key_values(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     was, st.disabled = st.disabled, True  # the bare model, whatever else is attached
     try:
         with torch.no_grad():
-            model(input_ids=ids[None].to(vt.param_device(model)), past_key_values=cache)
+            model(input_ids=ids[None].to(vt.param_device(model)), **{vt.cache_kwarg(model) or "cache": cache})
     finally:
         st.disabled = was
     kv = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in cache.layers])  # (L, 2, H, P, d)
@@ -124,12 +124,10 @@ class PrefixTuning(Method):
     supports_mixed = True  # the hook gives each row of dt.mixed its own tokens (_virtual_tokens.py)
 
     def attach(self, model: nn.Module, cfg: PrefixConfig, name: str, state) -> None:
-        import inspect
-
         vt.check_model(model, "prefix")
         backbone = getattr(model, "base_model", model)
-        if "past_key_values" not in inspect.signature(backbone.forward).parameters:
-            raise DeltaError(f"prefix: {type(backbone).__name__}.forward takes no past_key_values, so a prefix "
+        if vt.cache_kwarg(backbone) is None or vt.cache_kwarg(model) is None:
+            raise DeltaError(f"prefix: {type(backbone).__name__}.forward takes no KV cache (cache / past_key_values), so a prefix "
                              "cannot reach its attention layers; use prompt tuning or lora instead")
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise DeltaError("prefix: gradient checkpointing re-runs layers against a mutated cache; "
