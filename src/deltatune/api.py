@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .core import (CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, get_state, iter_delta_layers,
-                   method_of, unwrap, wrap)
+from .core import (CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, cast_adapter_dtype, get_state,
+                   iter_delta_layers, method_of, unwrap, wrap)
 from .targets import auto_modules_to_save, find_targets
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -74,6 +74,7 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
         if mts:
             for path in find_targets(model, [mts] if isinstance(mts, str) else list(mts)):
                 wrap(model, path, st).deltas[name] = CopyDelta(_base_at(model, path))
+        cast_adapter_dtype(model, name, cfg.autocast_adapter_dtype)  # one dtype rule for every method
     except BaseException:  # leave the model exactly as it was
         _remove(model, name)
         for p, g in grads:

@@ -48,6 +48,10 @@ class DeltaConfig:
     modules_to_save: list[str] | str | None = "auto"
     """Modules trained in full and saved with the adapter (a fresh classification head must be).
     ``"auto"`` picks the head of ``*ForSequenceClassification``-style models."""
+    autocast_adapter_dtype: bool = True
+    """peft's switch: on a float16/bfloat16 base the adapter's trainable tensors are float32 (Adam's
+    updates underflow in half precision: fp16 gives NaN, bf16 does not move at lr 1e-4).  False keeps
+    them in the base's dtype (half the memory, for inference or bf16-aware optimizers)."""
 
     method: ClassVar[str] = ""
 
@@ -126,6 +130,55 @@ def set_base_weight(base: nn.Module, w: torch.Tensor) -> None:
         base.weight.data.copy_(w.to(base.weight.dtype))
 
 
+# --------------------------------------------------------------------------- dtypes
+# One rule for every method (peft's ``autocast_adapter_dtype``): an adapter computes in float32 on a
+# half-precision base and hands back the dtype it was given.  ``cast_adapter_dtype`` applies the rule
+# once, after a method has built its tensors; ``DeltaLayer.forward`` casts inputs and outputs.
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast: bool = True) -> torch.dtype:
+    """dtype of an adapter's tensors on a base computing in ``base_dtype``."""
+    return torch.float32 if autocast and base_dtype in HALF_DTYPES else base_dtype
+
+
+def module_dtype(mod: nn.Module) -> torch.dtype:
+    """The dtype a module computes in: a quantized base's ``compute_dtype``, else its first floating
+    parameter or buffer (float32 for a module that has none)."""
+    d = getattr(mod, "compute_dtype", None)
+    if isinstance(d, torch.dtype):
+        return d
+    for t in (*mod.parameters(), *mod.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def build_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype methods build a new adapter's tensors in: float32 on a half base, so the init is
+    exact; ``cast_adapter_dtype`` then rounds it once when ``autocast_adapter_dtype=False``."""
+    return adapter_dtype(module_dtype(base))
+
+
+def cast_tensors(tensors, dtype: torch.dtype) -> None:
+    """Cast floating tensors in place (``.data``, so Parameter identity and optimizer refs survive)."""
+    for t in tensors:
+        if t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+
+
+def cast_like(y, dtype: torch.dtype | None):
+    """``y`` (a tensor, or a tuple whose first item is the hidden state) in ``dtype``."""
+    if dtype is None:
+        return y
+    if isinstance(y, torch.Tensor):
+        return y.to(dtype) if y.is_floating_point() and y.dtype != dtype else y
+    if isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor):
+        return (cast_like(y[0], dtype), *y[1:])
+    return y
+
+
 # --------------------------------------------------------------------------- deltas
 
 class Delta(nn.Module):
@@ -143,19 +196,39 @@ class Delta(nn.Module):
         """Optionally transform the input before the base runs (None = no change)."""
         return None
 
+    def param_dtype(self) -> torch.dtype | None:
+        """The dtype this delta computes in (that of its first floating parameter)."""
+        p = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return None if p is None else p.dtype
+
+    def run(self, x, y, base):
+        """``forward`` with the dtype rule: x arrives in the delta's dtype, the result leaves in y's."""
+        dt = self.param_dtype()
+        if dt is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dt:
+            x = x.to(dt)
+        return cast_like(self(x, y, base), y.dtype if isinstance(y, torch.Tensor) else
+                         y[0].dtype if isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor) else None)
+
+    def run_pre(self, x: torch.Tensor) -> torch.Tensor | None:
+        nx = self.pre(x)
+        return None if nx is None else cast_like(nx, x.dtype)
+
     def forward(self, x, y, base):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         raise DeltaError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    # merges add in the wider of the two dtypes and round once (set_base_weight casts back)
     def merge(self, base: nn.Module) -> None:
-        w = base_weight(base)
-        set_base_weight(base, w + self.delta_weight(base).to(w.dtype))
+        w, d = base_weight(base), self.delta_weight(base)
+        dt = torch.promote_types(w.dtype, d.dtype)
+        set_base_weight(base, w.to(dt) + d.to(dt))
 
     def unmerge(self, base: nn.Module) -> None:
-        w = base_weight(base)
-        set_base_weight(base, w - self.delta_weight(base).to(w.dtype))
+        w, d = base_weight(base), self.delta_weight(base)
+        dt = torch.promote_types(w.dtype, d.dtype)
+        set_base_weight(base, w.to(dt) - d.to(dt))
 
     def save_key(self, local_key: str) -> str:
         """Map a key of this delta's own state dict to the key used in files (peft layout)."""
@@ -177,6 +250,10 @@ class CopyDelta(Delta):
             p.requires_grad_(True)
 
     def forward(self, *args, **kwargs):
+        # the copy may be float32 on a half base: floating inputs follow it (DeltaLayer casts back)
+        dt = self.param_dtype()
+        args = tuple(cast_like(a, dt) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: cast_like(v, dt) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return self.module(*args, **kwargs)
 
     def merge(self, base: nn.Module) -> None:
@@ -228,15 +305,17 @@ class DeltaLayer(nn.Module):
             return self.base_layer(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         for _, d in active:
-            nx = d.pre(x)
+            nx = d.run_pre(x)
             if nx is not None:
                 x = nx
                 args = (x, *args[1:]) if args else args
-        run = next((d for _, d in active if d.replaces), self.base_layer)
-        y = run(*args, **kwargs)
+        run = next((d for _, d in active if d.replaces), None)
+        # a replacing copy may compute in float32: the layer still answers in the base's dtype
+        y = self.base_layer(*args, **kwargs) if run is None else cast_like(run(*args, **kwargs),
+                                                                            module_dtype(self.base_layer))
         for _, d in active:
             if not d.replaces:
-                y = d(x, y, self.base_layer)
+                y = d.run(x, y, self.base_layer)
         return y
 
     def extra_repr(self) -> str:
@@ -323,6 +402,14 @@ class Method:
         """Tensors that belong to the adapter but live outside DeltaLayers (selectors, prompts)."""
         return {}
 
+    def own_dtypes(self, model: nn.Module, name: str) -> dict[str, torch.dtype]:
+        """For each of ``own_tensors``, the dtype of the base it works with (``adapter_dtype`` picks
+        the adapter's own from it).  Default: the input embeddings' (prompts, prefixes)."""
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        dt = module_dtype(emb if isinstance(emb, nn.Module) else model)
+        return {k: dt for k in self.own_tensors(model, name)}
+
     def delete(self, model: nn.Module, name: str) -> None:
         """Remove what ``attach`` added outside DeltaLayers."""
 
@@ -362,6 +449,19 @@ class Method:
                cfg: DeltaConfig) -> tuple[dict[str, torch.Tensor], DeltaConfig]:
         """Hook to convert tensors and config at save time (e.g. PiSSA → plain LoRA)."""
         return tensors, cfg
+
+
+def cast_adapter_dtype(model: nn.Module, name: str, autocast: bool = True) -> None:
+    """Give every tensor of adapter ``name`` the dtype of the ``adapter_dtype`` rule (peft's
+    ``cast_adapter_dtype``), whatever dtype its method built it in: called once by ``dt.attach``."""
+    for _, layer in iter_delta_layers(model):
+        if name in layer.deltas:
+            d = layer.deltas[name]
+            cast_tensors((*d.parameters(), *d.buffers()), adapter_dtype(module_dtype(layer.base_layer), autocast))
+    m = method_of(get_state(model).adapters[name].method)
+    base = m.own_dtypes(model, name)
+    for k, t in m.own_tensors(model, name).items():
+        cast_tensors([t], adapter_dtype(base[k], autocast))
 
 
 METHODS: dict[str, Method] = {}
