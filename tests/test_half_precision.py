@@ -17,7 +17,7 @@ import torch
 
 import deltatune as dt
 from conftest import MODELS
-from deltatune.core import DeltaLayer, adapter_dtype
+from deltatune.core import DeltaLayer
 from specs import SKIP, SPECS
 from test_invariants import perturb
 
@@ -103,7 +103,7 @@ def test_trains_saves_merges_in_dtype(spec, model_name, dtype_name, tmp_path):
     dtype = DTYPES[dtype_name]
     try:
         model = build(spec, model_name, dtype)
-        want = adapter_dtype(dtype)  # fp32 on a half base, else the base's
+        want = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # peft's rule
         tensors = dt.adapter_tensors(model, "default")
         assert {str(t.dtype) for t in tensors.values() if t.is_floating_point()} == {str(want)}
 
@@ -166,3 +166,34 @@ def test_autocast_off_keeps_the_base_dtype(spec, dtype_name, tmp_path):
     # the caller may still ask for float32 masters when resuming training (peft's load option)
     up = dt.load(MODELS[model_name][0]().to(dtype), tmp_path / "a", autocast_adapter_dtype=True, trainable=True)
     assert {t.dtype for t in dt.adapter_tensors(up, "default").values() if t.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit", "ln", "prompt", "adapter"])
+def test_head_copy_is_float32_and_answers_in_the_base_dtype(method, dtype_name, tmp_path):
+    # modules_to_save ("auto": BERT's classifier) is a full trainable copy: float32 like any adapter
+    # tensor, its output cast back so the logits keep the model's dtype
+    from conftest import ids_input, tiny_bert_cls
+
+    dtype = DTYPES[dtype_name]
+    model = dt.attach(tiny_bert_cls().to(dtype), method)
+    tensors = dt.adapter_tensors(model, "default")
+    assert tensors["classifier.weight"].dtype == torch.float32
+    ids = ids_input(vocab=64)
+    start = {k: t.detach().clone() for k, t in tensors.items()}
+    model.train()
+    opt = torch.optim.Adam([t for t in tensors.values() if t.requires_grad], lr=1e-4)
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids).logits.float().sum().backward()
+        opt.step()
+    model.eval()
+    still = sorted(k for k, t in tensors.items() if torch.equal(t.detach(), start[k]))
+    assert not still and all(torch.isfinite(t).all() for t in tensors.values()), still[:4]
+    with torch.no_grad():
+        y = model(ids).logits
+    assert y.dtype == dtype
+    dt.save(model, tmp_path / "a")
+    fresh = dt.load(tiny_bert_cls().to(dtype), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, y, atol=0, rtol=0)
