@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
+from .dtypes import adapter_dtype, cast_like, cast_tensors, module_dtype
+
 STATE_ATTR = "_deltatune"
 PREFIX = "base_model.model."  # peft's key prefix, kept so files are interchangeable
 
@@ -130,55 +132,6 @@ def set_base_weight(base: nn.Module, w: torch.Tensor) -> None:
         base.weight.data.copy_(w.to(base.weight.dtype))
 
 
-# --------------------------------------------------------------------------- dtypes
-# One rule for every method (peft's ``autocast_adapter_dtype``): an adapter computes in float32 on a
-# half-precision base and hands back the dtype it was given.  ``cast_adapter_dtype`` applies the rule
-# once, after a method has built its tensors; ``DeltaLayer.forward`` casts inputs and outputs.
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def adapter_dtype(base_dtype: torch.dtype, autocast: bool = True) -> torch.dtype:
-    """dtype of an adapter's tensors on a base computing in ``base_dtype``."""
-    return torch.float32 if autocast and base_dtype in HALF_DTYPES else base_dtype
-
-
-def module_dtype(mod: nn.Module) -> torch.dtype:
-    """The dtype a module computes in: a quantized base's ``compute_dtype``, else its first floating
-    parameter or buffer (float32 for a module that has none)."""
-    d = getattr(mod, "compute_dtype", None)
-    if isinstance(d, torch.dtype):
-        return d
-    for t in (*mod.parameters(), *mod.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
-
-
-def build_dtype(base: nn.Module) -> torch.dtype:
-    """The dtype methods build a new adapter's tensors in: float32 on a half base, so the init is
-    exact; ``cast_adapter_dtype`` then rounds it once when ``autocast_adapter_dtype=False``."""
-    return adapter_dtype(module_dtype(base))
-
-
-def cast_tensors(tensors, dtype: torch.dtype) -> None:
-    """Cast floating tensors in place (``.data``, so Parameter identity and optimizer refs survive)."""
-    for t in tensors:
-        if t.is_floating_point() and t.dtype != dtype:
-            t.data = t.data.to(dtype)
-
-
-def cast_like(y, dtype: torch.dtype | None):
-    """``y`` (a tensor, or a tuple whose first item is the hidden state) in ``dtype``."""
-    if dtype is None:
-        return y
-    if isinstance(y, torch.Tensor):
-        return y.to(dtype) if y.is_floating_point() and y.dtype != dtype else y
-    if isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor):
-        return (cast_like(y[0], dtype), *y[1:])
-    return y
-
-
 # --------------------------------------------------------------------------- deltas
 
 class Delta(nn.Module):
@@ -206,8 +159,8 @@ class Delta(nn.Module):
         dt = self.param_dtype()
         if dt is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dt:
             x = x.to(dt)
-        return cast_like(self(x, y, base), y.dtype if isinstance(y, torch.Tensor) else
-                         y[0].dtype if isinstance(y, tuple) and y and isinstance(y[0], torch.Tensor) else None)
+        h = y[0] if isinstance(y, tuple) and y else y  # some HF modules return (hidden, extras...)
+        return cast_like(self(x, y, base), h.dtype if isinstance(h, torch.Tensor) else None)
 
     def run_pre(self, x: torch.Tensor) -> torch.Tensor | None:
         nx = self.pre(x)

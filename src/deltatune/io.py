@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import METHODS, DeltaError, get_state, method_of, module_dtype
+from .core import METHODS, DeltaError, get_state, method_of
+from .dtypes import module_dtype
 from .safety import fsync_path
 
 WEIGHTS = "adapter_model.safetensors"

@@ -20,13 +20,14 @@ The saved file holds the adapter's tensor **values** (not differences), keyed by
 own path (``encoder.layer.0.attention.self.query.bias``): loading onto a fresh copy of the base
 reproduces the outputs exactly, and a file is directly readable as "the fine-tuned biases".
 Merging is trivial (the values are already in place); ``unload`` keeps them and drops the
-originals.
+originals.  Two active selector adapters that select the same tensor cannot both be in place:
+that is refused with a clear error.
 
-Half-precision bases: the copies follow ``core.adapter_dtype`` like every adapter (float32 on an
+Half-precision bases: the copies follow ``dtypes.adapter_dtype`` like every adapter (float32 on an
 fp16/bf16 base), so they are *master* weights.  A forward pre-hook on the selected module hands the
 module each selected tensor cast to the dtype it computes in (that of its floating input; a
-differentiable cast, so gradients reach the float32 copy), and a forward hook puts the copy back.  Two active selector adapters that select the same tensor cannot both be in place:
-that is refused with a clear error.
+differentiable cast, so gradients reach the float32 copy), and a forward hook puts the copy back;
+``unload`` rounds a master into the base's dtype.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core import Delta, DeltaConfig, DeltaError, Method, build_dtype, iter_base_modules, register, wrap
+from ..core import Delta, DeltaConfig, DeltaError, Method, iter_base_modules, register, wrap
+from ..dtypes import build_dtype
 from ..targets import find_targets, linear_types
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, build_dtype, iter_base_modules,
+from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_base_modules,
                     iter_delta_layers, register, set_base_weight, wrap)
+from ..dtypes import build_dtype
 from ..targets import find_targets, linear_types, matches
 
 # peft's defaults per architecture family: (targets, feedforward); the first family whose

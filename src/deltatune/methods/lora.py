@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (DeltaConfig, DeltaError, Delta, Method, base_weight, build_dtype, get_state, iter_delta_layers,
+from ..core import (DeltaConfig, DeltaError, Delta, Method, base_weight, get_state, iter_delta_layers,
                     register, set_base_weight, wrap)
+from ..dtypes import build_dtype
 from ..targets import find_targets
 
 INITS = ("default", "gaussian", "pissa")

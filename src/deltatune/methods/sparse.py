@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (Delta, DeltaConfig, DeltaError, Method, base_weight, build_dtype, iter_delta_layers, register,
+from ..core import (Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers, register,
                     set_base_weight, wrap)
+from ..dtypes import build_dtype
 
 RUNTIME = ("batches", "loss_fn", "selection")  # config fields used at attach time, never saved
 

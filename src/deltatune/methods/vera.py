@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, build_dtype, iter_delta_layers,
+from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers,
                     register, wrap)
+from ..dtypes import build_dtype
 from ..targets import find_targets, linear_types
 
 
