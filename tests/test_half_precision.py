@@ -197,3 +197,39 @@ def test_head_copy_is_float32_and_answers_in_the_base_dtype(method, dtype_name, 
     fresh = dt.load(tiny_bert_cls().to(dtype), tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, y, atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft → transformers
+@pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["llama-all-dora", "gpt2-conv1d-rslora", "mlp-embedding", "conv", "conv-dora"])
+def test_same_dtypes_and_outputs_as_peft(case, dtype_name, tmp_path):
+    # peft on the same half base (autocast_adapter_dtype=True, its default): same adapter dtypes, and
+    # its file gives the same outputs here
+    peft = pytest.importorskip("peft")
+    from test_peft_compat import CASES
+
+    dtype = DTYPES[dtype_name]
+    model_name, opts = CASES[case]
+    o = dict(opts)
+    kw = dict(target_modules=o.pop("targets"), r=o.pop("r", 8), lora_alpha=o.pop("alpha", 16),
+              use_dora=o.pop("dora", False), use_rslora=o.pop("rslora", False),
+              modules_to_save=o.pop("modules_to_save", None), fan_in_fan_out=model_name == "gpt2")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(MODELS[model_name][0]().to(dtype), peft.LoraConfig(**kw)).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
+    # deliberate difference: peft leaves a modules_to_save copy in the base dtype (Adam on it in fp16
+    # is the NaN this rule avoids); deltatune makes it float32 like every other adapter tensor
+    theirs = {p.dtype for n, p in pm.named_parameters() if p.requires_grad and "modules_to_save" not in n}
+    y = _eval(pm, model_name, dtype)
+    pm.save_pretrained(str(tmp_path))
+    model = dt.load(MODELS[model_name][0]().to(dtype), tmp_path)
+    ours = {t.dtype for k, t in dt.adapter_tensors(model, "default").items() if ".lora_" in k}
+    assert ours == theirs, f"adapter dtypes: peft {theirs}, deltatune {ours}"
+    y_ours = _eval(model, model_name, dtype)
+    assert y_ours.dtype == y.dtype == dtype
+    err = float((y_ours.float() - y.float()).abs().max() / y.float().abs().max())
+    assert err <= 2 * torch.finfo(dtype).eps, f"{err:.2e} of max|y| from peft's output"
