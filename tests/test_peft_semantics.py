@@ -84,3 +84,27 @@ def test_gaussian_init_on_embedding_is_peft_s():
     assert torch.count_nonzero(a) == 0 and torch.count_nonzero(d.lora_embedding_A) == 0  # A = 0
     assert b.std().item() == pytest.approx(1.0, abs=0.25)  # B ~ N(0, 1) in both
     assert d.lora_embedding_B.std().item() == pytest.approx(1.0, abs=0.25)
+
+
+def test_default_distilbert_classifier_file_loads_in_peft(tmp_path):
+    """peft matches modules_to_save=["classifier"] by string suffix, so it also takes
+    "pre_classifier": deltatune's default file must not put LoRA there."""
+    peft = pytest.importorskip("peft")
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    cfg = DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32,
+                           num_labels=3)
+
+    def make():
+        torch.manual_seed(0)
+        return DistilBertForSequenceClassification(cfg).eval()
+
+    m = dt.attach(make(), "lora")
+    perturb(m, "default", 1)
+    ids = torch.randint(3, 60, (2, 6))
+    with torch.no_grad():
+        y = m(input_ids=ids).logits
+    dt.save(m, tmp_path)
+    pm = peft.PeftModel.from_pretrained(make(), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, y, atol=1e-5, rtol=1e-5)
