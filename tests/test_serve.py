@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import tiny_bert_cls, tiny_llama
+from conftest import tiny_bert_cls, tiny_llama, word_tokenizer
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -23,13 +23,7 @@ ADAPTERS = ["a", "b", "c"]
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(61)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    return word_tokenizer()
 
 
 def perturbed(model, name, seed):
