@@ -341,7 +341,8 @@ def _read_adapter_dir_once(directory, verify):
         try:
             cfg = m.from_peft(peft_cfg)
         except (DeltaError, TypeError, ValueError, ArithmeticError) as e:  # e.g. int(1e400) in from_peft
-            raise DeltaError(f"{d / CONFIG}: {e}") from None
+            hint = "" if isinstance(e, DeltaError) else " (a value of the wrong type or out of range: the config is corrupted)"
+            raise DeltaError(f"{d / CONFIG}: {e}{hint}") from None
         saved_name = None
     tensors = _read_weights(d, verified.get(WEIGHTS))
     tensors = m.normalize_keys({m.from_file_key(k): v for k, v in tensors.items()})

@@ -388,8 +388,9 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         return await engine.admin(do)
 
     @app.delete("/v1/adapters/{name:path}", dependencies=[Depends(auth)], tags=["adapters"])
-    async def delete_adapter(name: str):
-        _valid_name(name)
+    async def delete_adapter(name: str, request: Request):
+        # the route's regex ends with "$", which drops a final newline: "a%0A" would match as "a"
+        name = _valid_name(request.scope["path"].split("/v1/adapters/", 1)[-1])
 
         def do():
             if name not in get_state(model).adapters:
