@@ -200,7 +200,8 @@ def _parse_json(data: bytes, path: Path):
     try:
         obj = json.loads(data.decode("utf-8"))
     except ValueError as e:  # not UTF-8, not JSON, or an integer of more than 4300 digits
-        raise DeltaError(f"{path}: not valid JSON ({e}); the file is corrupted or not an adapter config") from None
+        why = e if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)) else "a number with thousands of digits"
+        raise DeltaError(f"{path}: not valid JSON ({why}); the file is corrupted or not an adapter config") from None
     except RecursionError:  # nested past the parser's stack
         obj = deep = None
     else:
