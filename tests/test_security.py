@@ -243,6 +243,14 @@ def test_adapter_files_are_regular_files_inside_their_directory(tmp_path):
         assert "passwd" not in said and "bytes" not in said and "/dev" not in said and str(tmp_path / "w") not in said
     inside = weights_replaced("inside", lambda w, data: ((w.parent / "w").write_bytes(data), w.symlink_to("w")))
     dt.load(tiny_mlp(), inside)
+    # the Hugging Face cache keeps files as links from snapshots/<rev>/ to the repo's blobs/: allowed
+    snap = tmp_path / "models--org--lora" / "snapshots" / "abc"
+    (tmp_path / "models--org--lora" / "blobs").mkdir(parents=True)
+    for f in adapter_dir(tmp_path / "hub").iterdir():
+        f.rename(tmp_path / "models--org--lora" / "blobs" / f.name)
+        (snap / f.name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    dt.load(tiny_mlp(), snap)
 
 
 # --------------------------------------------------------------------------- 4. the server

@@ -163,7 +163,10 @@ def _read_file(path: Path, limit: int | None = None, header=None, too_big: str |
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):  # missing, a dangling link or a link loop
         raise DeltaError(f"{path}: missing or a broken symlink") from None
-    if real.parent != d and d not in real.parents:  # never read, nor report on, what it points to
+    inside = [d]
+    if d.parent.name == "snapshots":  # the Hugging Face cache: snapshots/<rev>/file -> ../../blobs/<hash>
+        inside.append(d.parent.parent / "blobs")
+    if not any(real.parent == root or root in real.parents for root in inside):  # never read, nor report on, it
         raise DeltaError(f"{path}: a symlink pointing outside the adapter directory; refusing it "
                          "(copy the file into the directory instead)")
     fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))

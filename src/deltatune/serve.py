@@ -67,9 +67,9 @@ def _valid_name(name: Any) -> str:
 def _public(message: str, adapter_dir: Path | None) -> str:
     """``message`` without server paths: the adapter directory becomes relative, any other absolute
     path becomes <path> (messages shown to callers who may hold no token)."""
-    if adapter_dir is not None:
-        for root in {str(adapter_dir.resolve()), str(adapter_dir)}:
-            message = message.replace(root + os.sep, "").replace(root, "<adapters>")
+    if adapter_dir is not None:  # adapters are loaded from resolved paths (_adapter_path)
+        root = str(adapter_dir.resolve())
+        message = message.replace(root + os.sep, "").replace(root, "<adapters>")
     return re.sub(r"(?<![\w.<])/[^\s:;,'\"()]+", "<path>", message)
 
 
