@@ -128,6 +128,9 @@ def test_long_text_is_refused_by_characters_and_tokenizing_leaves_health_respons
         assert r.status_code == 413 and "1200 characters" in r.json()["detail"]
         r = c.post("/v1/generate", json={"prompt": "w1 " * 3_000_000, "max_new_tokens": 2})  # 9 MB: refused before it is read
         assert r.status_code == 413 and "request body" in r.json()["detail"]
+        chunked = (b'{"prompt": "' + b"w1 " * 100_000 for _ in range(30))  # no Content-Length: refused while it streams
+        r = c.post("/v1/generate", content=chunked, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "request body" in r.json()["detail"]
         assert tok.calls == calls, "the tokenizer saw a prompt over the limit"
         assert c.get("/health").status_code == 200
 

@@ -270,17 +270,14 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         return JSONResponse({"detail": f"invalid request body: {named}" if named else "invalid request body",
                              "errors": errs}, status_code=422)
 
+    app.add_middleware(BodyLimit, limit=max_body)  # inside _measure (added next), so 413s are counted
+
     @app.middleware("http")
     async def _measure(request: Request, call_next):
         t0 = time.perf_counter()
         status = 500
         try:
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > max_body:  # refused before it is read
-                response = JSONResponse({"detail": f"the request body is larger than this server accepts "
-                                                   f"({max_body} bytes)"}, status_code=413)
-            else:
-                response = await call_next(request)
+            response = await call_next(request)
             status = response.status_code
         except Exception:  # noqa: BLE001 - a bug: answer 500 here, so the connection is kept open
             log.exception("request failed: %s %s", request.method, request.url.path)
@@ -422,6 +419,45 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     return app
 
 
+class BodyLimit:
+    """ASGI middleware refusing a request body over ``limit`` bytes (413) before the app reads it:
+    by its Content-Length, or, for a chunked body, as soon as the bytes received pass the limit
+    (the chunks are then replayed to the app), so a 10 MB prompt never reaches the JSON parser."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None:
+            if size.isdigit() and int(size) > self.limit:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, n, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(msg.get("body", b""))
+            n, more = n + len(chunks[-1]), msg.get("more_body", False)
+            if n > self.limit:
+                return await self._refuse(scope, receive, send)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        from fastapi.responses import JSONResponse
+
+        await JSONResponse({"detail": f"the request body is larger than this server accepts ({self.limit} bytes)"},
+                           status_code=413)(scope, receive, send)
+
+
 class ServerThread:
     """Run an app with uvicorn on a background thread (tests, benchmarks, notebooks).
 
@@ -472,4 +508,4 @@ def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-__all__ = ["TOKEN_ENV", "ServerThread", "build_app", "run"]
+__all__ = ["TOKEN_ENV", "BodyLimit", "ServerThread", "build_app", "run"]
