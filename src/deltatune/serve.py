@@ -499,8 +499,6 @@ def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-
 
     configure_threads(threads)
     model, tok, _ = load_model(base_model, task)
-    if adapter_dir is not None and not Path(adapter_dir).is_dir():  # a typo would serve no adapters silently
-        log.warning("adapter directory %s does not exist: serving the base model only", adapter_dir)
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,
                     max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars, liveness_s=liveness_s)
     if host not in ("127.0.0.1", "localhost", "::1"):
