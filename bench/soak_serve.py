@@ -264,8 +264,10 @@ def soak(url: str, pid: int, pairs: list[tuple], a, httpx) -> int:
     warm = [mb for t, mb in rss if t >= min(60.0, a.seconds / 2)] or [rss[-1][1]]
     print(f"good requests: {n} ({n / a.seconds:.1f}/s), statuses {dict(good)}, 5xx {good_5xx}, wrong answers "
           f"{len(wrong)}; p50 {lat[len(lat) // 2] * 1000:.0f} ms, p99 {lat[int(0.99 * (len(lat) - 1))] * 1000:.0f} ms")
-    print(f"poison: {sum(sum(c.values()) for c in poison_seen.values())} hostile/admin requests, 5xx {poison_5xx}, "
-          f"unexpected statuses {unexpected or 'none'}; model-bug rows {dict(isolation)} (500 expected, alone)")
+    churn = sum(sum(c.values()) for k, c in poison_seen.items() if k.startswith("churn"))
+    hostile = sum(sum(c.values()) for k, c in poison_seen.items() if not k.startswith("churn"))
+    print(f"poison: {hostile} hostile requests + {sum(isolation.values())} model-bug rows {dict(isolation)} (500 "
+          f"expected, alone), {churn} adapter deletes/loads; 5xx {poison_5xx}, unexpected statuses {unexpected or 'none'}")
     print("poison statuses: " + ", ".join(f"{k} {dict(v)}" for k, v in sorted(poison_seen.items())))
     print(f"server RSS MB: start {rss[0][1]:.0f}, after warm-up {warm[0]:.0f}, max {max(m for _, m in rss):.0f}, "
           f"end {rss[-1][1]:.0f} ({len(rss)} samples); /health at the end: {health}")
