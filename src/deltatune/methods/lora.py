@@ -358,10 +358,8 @@ class LoraEmbedding(LoraDelta):
         self.dropout = nn.Identity()  # token ids cannot be dropped out; peft does the same
         dt = base.weight.dtype
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, dtype=dt))  # (r, V)
-        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, dtype=dt))  # (D, r)
-        if cfg.init == "gaussian":
-            nn.init.normal_(self.lora_embedding_A, std=1 / r)
-            nn.init.zeros_(self.lora_embedding_B)
+        # (D, r); init="gaussian" too: peft draws embeddings' B from N(0, 1) whatever the init
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, dtype=dt))
 
     def b_params(self):
         return [self.lora_embedding_B]
