@@ -34,6 +34,7 @@ import re
 import secrets
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -392,7 +393,9 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         def do():
             if name not in get_state(model).adapters:
                 raise RequestError(404, f"adapter {name!r} is not loaded")
-            delete(model, name)
+            with warnings.catch_warnings():  # "was active, X is active now": requests route per row here
+                warnings.simplefilter("ignore", UserWarning)
+                delete(model, name)
             metrics.loaded.set(len(get_state(model).adapters))
             return {"deleted": name}
 
