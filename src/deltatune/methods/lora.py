@@ -47,6 +47,7 @@ class LoraConfig(DeltaConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha
 
     method = "lora"
+    size_fields = ("r", "rank_pattern")  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
