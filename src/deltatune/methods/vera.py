@@ -42,6 +42,7 @@ class VeraConfig(DeltaConfig):
     dropout: float = 0.0  # dropout on the VeRA branch input
 
     method = "vera"
+    size_fields = ("r",)  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -87,6 +88,8 @@ def _in_out(base: nn.Module) -> tuple[int, int, bool]:
 
 
 class VeraDelta(Delta):
+    additive = True  # y + Λ_b B Λ_d A x
+
     def __init__(self, base: nn.Module, shared: Shared, cfg: VeraConfig):
         super().__init__()
         self.in_f, self.out_f, self.fan_in_fan_out = _in_out(base)
