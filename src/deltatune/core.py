@@ -377,10 +377,15 @@ class Method:
     def own_dtypes(self, model: nn.Module, name: str) -> dict[str, torch.dtype]:
         """For each of ``own_tensors``, the dtype of the base it works with (``adapter_dtype`` picks
         the adapter's own from it).  Default: the input embeddings' (prompts, prefixes)."""
-        get = getattr(model, "get_input_embeddings", None)
-        emb = get() if callable(get) else None
+        own = self.own_tensors(model, name)
+        if not own:
+            return {}
+        try:  # vision/audio models raise NotImplementedError: they have no token embeddings
+            emb = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            emb = None
         dt = module_dtype(emb if isinstance(emb, nn.Module) else model)
-        return {k: dt for k in self.own_tensors(model, name)}
+        return {k: dt for k in own}
 
     def delete(self, model: nn.Module, name: str) -> None:
         """Remove what ``attach`` added outside DeltaLayers."""
