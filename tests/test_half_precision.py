@@ -1,7 +1,7 @@
 """Half-precision bases: {fp32, fp16, bf16} × every method spec × the tiny models (Linear: MLP/Llama/
 BERT, Conv1d/Conv2d: conv net, Embedding: ``lora_embedding``, GPT-2's Conv1D: gpt2).
 
-peft's ``autocast_adapter_dtype`` contract, which deltatune follows (``core.adapter_dtype``):
+peft's ``autocast_adapter_dtype`` contract, which deltatune follows (``dtypes.adapter_dtype``):
 * an adapter's trainable tensors are float32 on an fp16/bf16 base (fp16 Adam gives NaN from a zero
   gradient - its eps underflows - and bf16 cannot hold a 1e-4 step of a value near 1);
 * every wrapped layer answers in its input's dtype, so the next (half) layer runs;
@@ -59,8 +59,8 @@ def build(spec, model_name, dtype, **kw):
     return dt.attach(model, method, **opts, **kw)
 
 
-def _layer_dtypes(model) -> set:
-    """Output dtypes of every wrapped layer during one forward."""
+def _layer_dtypes(model) -> tuple[set, list]:
+    """(set filled with the output dtypes of every wrapped layer on the next forward, hook handles)."""
     seen = set()
 
     def hook(mod, args, out):
