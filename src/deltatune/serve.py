@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from .core import DeltaError, get_state
-from .serve_engine import Engine, EngineConfig, Job, RequestError, Sampling, validate_ids
+from .serve_engine import (MAX_TEMPERATURE, MIN_TEMPERATURE, Engine, EngineConfig, Job, RequestError, Sampling,
+                           validate_ids)
+from .serve_openai import OpenAIConfig, add_openai_routes
+from .serve_stream import EngineEvents
 
 TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
-# temperatures below this are greedy (vLLM's rule: logits / 1e-40 overflow float32); above the cap the
-# distribution is uniform anyway, and a -inf logit divided by an overflowing temperature would be NaN
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 log = logging.getLogger("deltatune.serve")
 TASKS = {"ForSequenceClassification": "classify", "ForCausalLM": "generate", "LMHeadModel": "generate"}
 
@@ -59,7 +59,11 @@ def _valid_name(name: Any) -> str:
     return name
 
 
-class Metrics:
+def _label(job: Job) -> str:
+    return job.adapter or "(base)"
+
+
+class Metrics(EngineEvents):
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -75,13 +79,34 @@ class Metrics:
         self.queue = Gauge("deltatune_queue_depth", "requests waiting", registry=r)
         self.decoding = Counter("deltatune_generate_rows_total", "generated rows per decoding mode",
                                 ["decoding"], registry=r)
+        self.prompt_tokens = Counter("deltatune_prompt_tokens_total", "prompt tokens per adapter", ["adapter"],
+                                     registry=r)
+        self.generated_tokens = Counter("deltatune_generated_tokens_total", "tokens generated per adapter "
+                                        "(after cutting at EOS / stop strings)", ["adapter"], registry=r)
+        seconds = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("deltatune_time_to_first_token_seconds", "arrival to first generated token "
+                              "(queueing + prefill)", ["adapter"], registry=r, buckets=seconds)
+        self.itl = Histogram("deltatune_inter_token_seconds", "time between a request's successive tokens",
+                             ["adapter"], registry=r, buckets=(.001, .0025) + seconds[:-2])
+        self.running = Gauge("deltatune_running_rows", "rows still decoding in the current model call", registry=r)
 
     def on_batch(self, jobs: list[Job]) -> None:
         self.batch.observe(len(jobs))
         for j in jobs:
-            self.adapters.labels(j.adapter or "(base)").inc()
+            self.adapters.labels(_label(j)).inc()
+            self.prompt_tokens.labels(_label(j)).inc(len(j.ids))
             if j.kind == "generate":
                 self.decoding.labels("beam" if j.num_beams > 1 else j.sampling.decoding).inc()
+
+    def on_token(self, job: Job, first: bool, gap: float) -> None:
+        (self.ttft if first else self.itl).labels(_label(job)).observe(gap)
+
+    def on_running(self, rows: int) -> None:
+        self.running.set(rows)
+
+    def on_done(self, job: Job) -> None:
+        if job.kind == "generate":
+            self.generated_tokens.labels(_label(job)).inc(len(job.result["output_ids"]))
 
 
 def _available(adapter_dir: Path | None) -> list[str]:
@@ -108,9 +133,11 @@ def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
 
 def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = None, *, token: str | None = None,
               task: str = "auto", window_ms: float = 5.0, max_batch: int = 16, max_new_tokens: int = 256,
-              max_input_tokens: int = 1024, load_all: bool = True):
+              max_input_tokens: int = 1024, load_all: bool = True, max_queue: int = 256,
+              openai: OpenAIConfig | None = None):
     """A FastAPI app serving ``model`` (already on its device, eval mode) with the adapters found in
-    ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``)."""
+    ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``),
+    and the OpenAI-compatible endpoints of ``serve_openai`` (configured by ``openai``)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -127,8 +154,8 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         raise DeltaError(f"serve: task must be 'causal-lm'/'generate', 'classify' or 'auto', got {task!r}")
     model.eval()
     metrics = Metrics()
-    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens),
-                    on_batch=metrics.on_batch)
+    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens, max_queue),
+                    events=metrics)
     failed: dict[str, str] = {}
     if load_all:
         for name in _available(adir):
@@ -235,7 +262,7 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {**({"WWW-Authenticate": "Bearer"} if e.status == 401 else {}), **(e.headers or {})}
         return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
 
     @app.exception_handler(DeltaError)
@@ -385,6 +412,9 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         metrics.queue.set(engine.depth())
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_openai_routes(app, model, tokenizer, engine, openai or OpenAIConfig.default(model), task=task,
+                      adapter_dir=adir, default_penalty=penalty, admin_auth=auth,
+                      load_adapter=lambda name: load_adapter(LoadIn(name=name)), unload_adapter=delete_adapter)
     return app
 
 

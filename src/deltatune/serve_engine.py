@@ -34,14 +34,20 @@ from typing import Any, Callable
 import torch
 
 from .core import DeltaError, get_state
+from .serve_stream import Cancelled, EngineEvents, RowStreamer
+
+
+# temperatures below this are greedy (vLLM's rule: logits / 1e-40 overflow float32); above the cap the
+# distribution is uniform anyway, and a -inf logit divided by an overflowing temperature would be NaN
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 
 
 class RequestError(Exception):
     """A problem with one request: becomes an HTTP ``status`` with ``message``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,9 @@ class Job:
     result: Any = None
     error: RequestError | None = None
     t0: float = field(default_factory=time.perf_counter)
+    # streaming: called on the model thread with each new token id as it is decoded (serve_stream.RowStreamer)
+    on_token: Callable[[int], None] | None = None
+    cancelled: bool = False  # the client went away: skip the job if queued, end its row at the next step
 
 
 @dataclass
@@ -82,12 +91,13 @@ class EngineConfig:
     max_batch: int = 16  # rows per model call; more requests wait for the next batch
     max_new_tokens: int = 256  # per-request cap on generated tokens
     max_input_tokens: int = 1024  # per-request cap on prompt length
+    max_queue: int = 256  # requests waiting beyond this are refused (429 + Retry-After), not queued without bound
 
 
 class Engine:
-    def __init__(self, model, tokenizer, cfg: EngineConfig, on_batch: Callable[[list[Job]], None] | None = None):
+    def __init__(self, model, tokenizer, cfg: EngineConfig, events: EngineEvents | None = None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.on_batch = on_batch or (lambda jobs: None)
+        self.events = events or EngineEvents()
         get_state(model, create=True)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltatune-model")
         self.queue: asyncio.Queue | None = None
@@ -117,10 +127,20 @@ class Engine:
     def depth(self) -> int:
         return self.queue.qsize() if self.queue is not None else 0
 
+    def enqueue(self, jobs: list[Job]) -> list[asyncio.Future]:
+        """Queue ``jobs`` (each future gets its finished job), or none of them with a 429 when the queue
+        would hold more than ``max_queue``."""
+        if self.cfg.max_queue and self.depth() + len(jobs) > self.cfg.max_queue:
+            raise RequestError(429, f"the server is busy: {self.depth()} requests are waiting (at most "
+                                    f"{self.cfg.max_queue}); retry later", {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        for j in jobs:
+            j.future = loop.create_future()
+            self.queue.put_nowait(j)
+        return [j.future for j in jobs]
+
     async def submit(self, job: Job) -> Job:
-        job.future = asyncio.get_running_loop().create_future()
-        await self.queue.put(job)
-        return await job.future
+        return await self.enqueue([job])[0]
 
     async def admin(self, fn: Callable, *args):
         """Run ``fn(*args)`` on the model thread, after the batches already running."""
@@ -159,6 +179,7 @@ class Engine:
                         if j.error is not None:
                             j.future.set_exception(j.error)
                         else:
+                            self.events.on_done(j)
                             j.future.set_result(j)
 
     # ------------------------------------------------------------------ model thread
@@ -166,7 +187,9 @@ class Engine:
         st = get_state(self.model)
         ok = []
         for j in jobs:
-            if j.adapter is not None and j.adapter not in st.adapters:
+            if j.cancelled:  # its client left while it waited
+                j.error = RequestError(499, "the client disconnected")
+            elif j.adapter is not None and j.adapter not in st.adapters:
                 j.error = RequestError(404, f"adapter {j.adapter!r} is not loaded; GET /v1/adapters lists them")
             else:
                 ok.append(j)
@@ -190,7 +213,7 @@ class Engine:
                         j.error = RequestError(400, str(e2))
 
     def _call(self, jobs: list[Job]) -> None:
-        self.on_batch(jobs)
+        self.events.on_batch(jobs)
         RUNNERS[jobs[0].kind](self, jobs)
 
     @contextlib.contextmanager
@@ -226,8 +249,13 @@ class Engine:
         kw: dict[str, Any] = {}
         if any(j.sampling.temperature > 0 or j.sampling.repetition_penalty != 1.0 for j in jobs):
             kw["logits_processor"] = [RowSampler(jobs, ids.shape[1])]
-        if jobs[0].num_beams == 1 and self.tokenizer is not None and any(j.sampling.stop for j in jobs):
-            kw["stopping_criteria"] = [StopStrings(jobs, ids.shape[1], self._decode)]  # end those rows early
+        if jobs[0].num_beams == 1:  # (transformers streams only without beams)
+            # each row's tokens as they are decoded (streaming, time-to-first-token); a row whose client
+            # left is finished at the next step
+            kw["streamer"] = RowStreamer(jobs, self.eos, self.events)
+            kw["stopping_criteria"] = [Cancelled(jobs)]
+            if self.tokenizer is not None and any(j.sampling.stop for j in jobs):
+                kw["stopping_criteria"].append(StopStrings(jobs, ids.shape[1], self._decode))  # end those rows early
         with torch.inference_mode(), self._routed(jobs):
             # repetition_penalty=1.0: the rows' own penalties are applied by RowSampler, not a batch-wide one
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
@@ -351,5 +379,5 @@ def validate_ids(ids: list[int], vocab: int | None, limit: int) -> None:
         raise RequestError(400, f"input_ids must be in [0, {vocab}) for this model")
 
 
-__all__ = ["Engine", "EngineConfig", "Job", "RequestError", "DeltaError", "RowSampler", "Sampling",
+__all__ = ["Engine", "EngineConfig", "EngineEvents", "Job", "RequestError", "DeltaError", "RowSampler", "Sampling",
            "StopStrings", "validate_ids"]
