@@ -169,3 +169,45 @@ def test_chat_errors(client, lm_server):  # noqa: F811
     no_template = openai.OpenAI(base_url=lm_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         no_template.chat.completions.create(model="a", messages=[{"role": "user", "content": "w1"}])
+
+
+def test_cli_serve_speaks_openai(tmp_path, adir):  # noqa: F811
+    """`deltatune serve` in a subprocess with an API key from the environment, a served name, a cap
+    on n: the openai client lists, chats (the saved tokenizer's chat template) and is refused."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    chat_tokenizer().save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DELTATUNE_API_KEY": "sk-cli", "HF_HUB_OFFLINE": "1", "DELTATUNE_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "serve", "--model", str(model_dir), "--adapters",
+                             str(adir), "--port", str(port), "--served-model-name", "tiny", "--max-n", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                ids = [m.id for m in c.models.list()]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.3)
+        assert ids[0] == "tiny" and sorted(ids[1:]) == sorted(ADAPTERS)
+        r = c.chat.completions.create(model="a", messages=[{"role": "user", "content": "w1 w2"}], max_tokens=3)
+        assert r.choices[0].message.content is not None and r.usage.completion_tokens <= 3
+        with pytest.raises(openai.BadRequestError, match="at most 2"):
+            c.completions.create(model="tiny", prompt="w1", n=3)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-no", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(30)

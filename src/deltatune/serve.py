@@ -450,16 +450,21 @@ class ServerThread:
 
 def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-lm", host: str = "127.0.0.1",
         port: int = 8000, token: str | None = None, window_ms: float = 5.0, max_batch: int = 16,
-        max_new_tokens: int = 256, threads: int | None = None) -> None:
-    """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted."""
+        max_new_tokens: int = 256, threads: int | None = None, max_input_tokens: int = 1024, max_queue: int = 256,
+        api_key: str | None = None, served_name: str | None = None, max_n: int = 8) -> None:
+    """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted.
+    ``served_name`` is the base model's name in the OpenAI API (default: the file or directory name)."""
     import uvicorn
 
     from .models import configure_threads, load_model
 
     configure_threads(threads)
     model, tok, _ = load_model(base_model, task)
+    p = Path(base_model)
+    name = served_name or (p.stem if p.suffix == ".gguf" else p.name) or "base"
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,
-                    max_new_tokens=max_new_tokens)
+                    max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens, max_queue=max_queue,
+                    openai=OpenAIConfig(served_name=name, api_key=api_key, max_n=max_n))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines", host)
     uvicorn.run(app, host=host, port=port, log_level="info")
