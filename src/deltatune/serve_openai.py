@@ -180,7 +180,7 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
         try:
             validate_ids(ids, vocab, engine.cfg.max_input_tokens)
         except RequestError as e:  # OpenAI says 400 for a prompt too long, and names the field
-            raise ParamError(400, e.message, param, "context_length_exceeded" if e.status == 413 else None)
+            raise ParamError(400, f"{param}: {e.message}", param, "context_length_exceeded" if e.status == 413 else None)
         return ids
 
     def prompts_of(body: "CompletionIn") -> list[list[int]]:
