@@ -7,6 +7,8 @@
     POST   /v1/adapters           {"name": "c"}   load ADAPTER_DIR/c            (bearer token)
     DELETE /v1/adapters/{name}    unload it                                   (bearer token)
     GET    /health, GET /metrics (Prometheus), GET /docs, GET /openapi.json
+    GET    /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true = SSE)   OpenAI's API,
+    POST   /v1/load_lora_adapter, /v1/unload_lora_adapter (bearer token)     ``model`` = adapter (serve_openai)
 
 Requests for different adapters that arrive within ``window_ms`` of each other run as one mixed
 batch (``deltatune.mixed``; see ``serve_engine``).  Decoding is greedy (``num_beams`` ≥ 1) unless
@@ -16,7 +18,10 @@ it was batched with, and a seed replays its answer.  Mutating endpoints need
 ``Authorization: Bearer <token>`` (``token=`` or the env var ``DELTATUNE_SERVE_TOKEN``): no
 token configured → 403 (disabled), missing header → 401, wrong token → 403.  Adapter names are
 1-64 of ``[A-Za-z0-9_-]`` (anything else, e.g. ``../x``, is a 400) and are only looked up as
-direct children of the adapter directory.  Binds to 127.0.0.1 unless told otherwise.
+direct children of the adapter directory.  Inference needs ``Authorization: Bearer <api key>`` when
+a key is configured (``OpenAIConfig.api_key`` or env ``DELTATUNE_API_KEY``); more than
+``max_queue`` waiting requests are refused with 429 and ``Retry-After``.  Binds to 127.0.0.1
+unless told otherwise.
 
     from deltatune.serve import build_app, run
     run("path/to/model", "adapters/", task="causal-lm", port=8000)
@@ -154,7 +159,8 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         raise DeltaError(f"serve: task must be 'causal-lm'/'generate', 'classify' or 'auto', got {task!r}")
     model.eval()
     metrics = Metrics()
-    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens, max_queue),
+    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens,
+                                                   max_queue=max_queue),
                     events=metrics)
     failed: dict[str, str] = {}
     if load_all:

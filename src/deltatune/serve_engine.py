@@ -21,6 +21,10 @@ depend on its neighbours (seeded requests could only run alone); a hand-written 
 re-implement the KV cache, stopping and mixed routing that ``generate`` already does.  A row's
 draws therefore depend only on its own seed and logits, and its first n tokens do not depend on
 how long the batch runs, so trimming each row to its own ``max_new_tokens`` stays exact.
+
+Each row's tokens leave ``generate`` as they are decoded (``serve_stream.RowStreamer``, for
+streaming responses and time-to-first-token); a job whose client left is skipped if still queued
+and finished at the next step if running (``serve_stream.Cancelled``).
 """
 from __future__ import annotations
 
