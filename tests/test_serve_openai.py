@@ -6,7 +6,9 @@ as the client's own exception classes."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+import deltatune as dt
 from test_serve import ADAPTERS, TOKEN, adir, expected, lm_server, prompt, reference, tokenizer  # noqa: F401
 from test_serve_sampling import library
 
@@ -140,7 +142,7 @@ def test_stop_strings_end_the_text(client):
     ({"temperature": -1}, "BadRequestError", "temperature"),
     ({"top_p": 0}, "BadRequestError", "top_p"),
     ({"stop": [""]}, "BadRequestError", "stop"),
-    ({"logprobs": 2}, "BadRequestError", "logprobs"),
+    ({"logprobs": 6}, "BadRequestError", "logprobs"),
     ({"echo": True}, "BadRequestError", "echo"),
     ({"presence_penalty": 0.5}, "BadRequestError", "presence_penalty"),
     ({"prompt": "w1 " * 2000}, "BadRequestError", "prompt"),
@@ -165,7 +167,9 @@ def test_chat_errors(client, lm_server):  # noqa: F811
         client.chat.completions.create(model="a", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     with pytest.raises(openai.BadRequestError, match="not supported"):
-        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "w1"}], logprobs=True)
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "w1"}], frequency_penalty=1)
+    with pytest.raises(openai.BadRequestError, match="needs logprobs"):
+        client.chat.completions.create(model="a", messages=[{"role": "user", "content": "w1"}], top_logprobs=2)
     no_template = openai.OpenAI(base_url=lm_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         no_template.chat.completions.create(model="a", messages=[{"role": "user", "content": "w1"}])
@@ -211,3 +215,40 @@ def test_cli_serve_speaks_openai(tmp_path, adir):  # noqa: F811
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def model_logprobs(ref, adapter, ids, out):
+    """(len(out), V) log-softmax of ``ref`` (``adapter`` active) at each step of ``out`` after ``ids``."""
+    dt.activate(ref, adapter)
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids + out])).logits[0]  # (T, V)
+    return logits.float().log_softmax(-1)[len(ids) - 1:len(ids) - 1 + len(out)]  # row k predicts out[k]
+
+
+def test_logprobs_are_the_models_before_sampling(client, reference):  # noqa: F811
+    ids = tokenizer()("w2 w3 w4")["input_ids"]
+    for settings in ({"temperature": 0}, {"temperature": 1.5, "seed": 3}):  # a sampled row: still the model's
+        r = client.completions.create(model="a", prompt="w2 w3 w4", max_tokens=5, logprobs=3, **settings)
+        out = tokenizer()(r.choices[0].text)["input_ids"]
+        lps, lp = model_logprobs(reference, "a", ids, out), r.choices[0].logprobs
+        assert lp.tokens == [tokenizer().decode([t]) for t in out]
+        torch.testing.assert_close(torch.tensor(lp.token_logprobs), lps[range(len(out)), out], atol=1e-4, rtol=0)
+        top = lps.topk(3)
+        for k, alts in enumerate(lp.top_logprobs):
+            assert list(alts) == [tokenizer().decode([t]) for t in top.indices[k].tolist()]
+            torch.testing.assert_close(torch.tensor(list(alts.values())), top.values[k], atol=1e-4, rtol=0)
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert r.choices[0].text != client.completions.create(model="a", prompt="w2 w3 w4", max_tokens=5,
+                                                          temperature=0).choices[0].text  # it did sample
+    chunks = list(client.completions.create(model="a", prompt="w2 w3 w4", max_tokens=5, logprobs=3, stream=True,
+                                            **settings))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+
+    messages = [{"role": "user", "content": "w7 w8"}]
+    r = client.chat.completions.create(model="b", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [tokenizer().decode([t]) for t in
+                                          tokenizer()(r.choices[0].message.content)["input_ids"]]
+    assert all(c.logprob == c.top_logprobs[0].logprob and len(c.top_logprobs) == 2 for c in content)  # greedy

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from .core import DeltaError, get_state
-from .serve_stream import Cancelled, EngineEvents, RowStreamer
+from .serve_stream import Cancelled, EngineEvents, LogprobTap, RowStreamer
 
 
 # temperatures below this are greedy (vLLM's rule: logits / 1e-40 overflow float32); above the cap the
@@ -87,6 +87,8 @@ class Job:
     # streaming: called on the model thread with each new token id as it is decoded (serve_stream.RowStreamer)
     on_token: Callable[[int], None] | None = None
     cancelled: bool = False  # the client went away: skip the job if queued, end its row at the next step
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
+    trace: list = field(default_factory=list)  # per generated token: (logprob, [(token, logprob)] alternatives)
 
 
 @dataclass
@@ -256,7 +258,10 @@ class Engine:
         if jobs[0].num_beams == 1:  # (transformers streams only without beams)
             # each row's tokens as they are decoded (streaming, time-to-first-token); a row whose client
             # left is finished at the next step
-            kw["streamer"] = RowStreamer(jobs, self.eos, self.events)
+            tap = LogprobTap(jobs) if any(j.logprobs is not None for j in jobs) else None
+            if tap is not None:  # first: it reads the model's scores before any row's sampling changes them
+                kw["logits_processor"] = [tap, *kw.get("logits_processor", [])]
+            kw["streamer"] = RowStreamer(jobs, self.eos, self.events, tap)
             kw["stopping_criteria"] = [Cancelled(jobs)]
             if self.tokenizer is not None and any(j.sampling.stop for j in jobs):
                 kw["stopping_criteria"].append(StopStrings(jobs, ids.shape[1], self._decode))  # end those rows early
@@ -271,6 +276,8 @@ class Engine:
             # definition, sampled rows because each draws from its own generator, once per step
             toks, text, reason = self._finish(gen[i, :j.max_new_tokens].tolist(), j)
             j.result = {"output_ids": toks, "text": text, "finish_reason": reason, "batch_size": len(jobs)}
+            if j.logprobs is not None:
+                j.result["logprobs"] = j.trace[:len(toks)]
 
     def _decode(self, toks: list[int]) -> str:
         return self.tokenizer.decode(toks, skip_special_tokens=True)

@@ -46,7 +46,8 @@ class SamplingIn(BaseModel):
 class CompletionIn(SamplingIn):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a text, a list of texts, token ids, or a list of token-id lists")
-    logprobs: int | None = Field(None, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=5, description="each token's log-probability and this many "
+                                                               "most likely alternatives")
     echo: bool = Field(False, description="not supported")
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, description="only 1")
@@ -72,8 +73,8 @@ class Message(BaseModel):
 class ChatIn(SamplingIn):
     messages: list[Message] = Field(min_length=1, description="rendered by the tokenizer's chat template")
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
-    logprobs: bool | None = Field(None, description="not supported")
-    top_logprobs: int | None = Field(None, description="not supported")
+    logprobs: bool | None = Field(None, description="each token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many most likely alternatives")
     tools: list[Any] | None = Field(None, description="not supported")
     tool_choice: Any = Field(None, description="not supported")
     response_format: Any = Field(None, description="only text")
@@ -93,9 +94,7 @@ class UnloadLoraIn(BaseModel):
 
 # field -> (is the value unsupported?, what to do instead)
 UNSUPPORTED = {
-    "logprobs": (lambda v: v not in (None, False), ""),
-    "top_logprobs": (lambda v: v is not None, ""),
-    "echo": (lambda v: v is True, ": prepend the prompt yourself"),
+    "echo": (lambda v: v is True, ": prepend the prompt yourself (there are no prompt logprobs)"),
     "suffix": (lambda v: v is not None, ""),
     "best_of": (lambda v: v not in (None, 1), ": use n"),
     "presence_penalty": (lambda v: v != 0, ": use repetition_penalty"),

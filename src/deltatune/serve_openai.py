@@ -13,8 +13,10 @@ else (mixed adapters, greedy and sampled rows together).  ``temperature`` (OpenA
 when none is given), so a seeded request replays and equals ``/v1/generate`` with that seed.
 ``top_k`` and ``repetition_penalty`` are accepted as extensions (vLLM's names, ``extra_body`` in
 the client).  ``stream: true`` answers with Server-Sent Events, one chunk per decoded token (see
-``serve_stream``), ``data: [DONE]`` last.  Not supported, and refused with a 400 that says so:
-``logprobs``, ``echo``, ``suffix``, ``best_of`` > 1, nonzero presence/frequency penalties,
+``serve_stream``), ``data: [DONE]`` last.  ``logprobs`` (completions: 0-5 alternatives; chat:
+``logprobs: true`` + ``top_logprobs`` 0-20) are the model's log-softmax at each step, before the
+request's temperature or top-k/top-p, as vLLM reports them.  Not supported, and refused with a 400 that says so:
+``echo`` (so no prompt logprobs), ``suffix``, ``best_of`` > 1, nonzero presence/frequency penalties,
 ``logit_bias``, tools and response formats.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so the client
@@ -92,6 +94,31 @@ def _error_of(e: Exception):
         headers = {**({"WWW-Authenticate": "Bearer"} if e.status == 401 else {}), **(e.headers or {})}
         return error_response(e.status, e.message, getattr(e, "param", None), getattr(e, "code", None), headers)
     return error_response(400, str(e))  # DeltaError
+
+
+class Logprobs:
+    """One choice's logprobs in OpenAI's shape, from the engine's trace ((logprob, [(token, logprob)])
+    per generated token), taken in pieces as a stream goes on (``offset``: where the next token's
+    text starts, for completions' ``text_offset``)."""
+
+    def __init__(self, tokenizer, chat: bool, k: int):
+        self.tokenizer, self.chat, self.k, self.offset = tokenizer, chat, k, 0
+
+    def take(self, ids: list[int], entries: list) -> dict | None:
+        if not ids:
+            return None
+        piece = [self.tokenizer.decode([t]) for t in ids]
+        alts = [[(self.tokenizer.decode([a]), v) for a, v in e[1]] for e in entries]
+        if self.chat:
+            return {"content": [{"token": p, "logprob": e[0], "bytes": list(p.encode()),
+                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in alt]}
+                                for p, e, alt in zip(piece, entries, alts)]}
+        offsets = []
+        for p in piece:
+            offsets.append(self.offset)
+            self.offset += len(p)
+        return {"tokens": piece, "token_logprobs": [e[0] for e in entries],
+                "top_logprobs": [dict(alt) for alt in alts] if self.k else None, "text_offset": offsets}
 
 
 def _route_class():
@@ -206,7 +233,8 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
             raise ParamError(400, f"the model's chat template refused these messages: {e}", "messages")
         return checked(list(tokenizer(text, add_special_tokens=False)["input_ids"]), "messages")
 
-    def jobs_of(body, prompts: list[list[int]], max_tokens: int | None, default_max: int) -> list[Job]:
+    def jobs_of(body, prompts: list[list[int]], max_tokens: int | None, default_max: int,
+                logprobs: int | None) -> list[Job]:
         if task != "generate":
             raise ParamError(400, "this server hosts a classifier: use /v1/classify")
         if tokenizer is None:
@@ -232,7 +260,7 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
                 else:
                     seed = (body.seed + i) % 2**63 if body.seed is not None else secrets.randbelow(2**53)
                     s = Sampling(t, body.top_p if body.top_p is not None else 1.0, body.top_k or 0, rp, seed, stops)
-                jobs.append(Job("generate", adapter, ids, new, 1, s))
+                jobs.append(Job("generate", adapter, ids, new, 1, s, logprobs=logprobs))
         return jobs
 
     # ------------------------------------------------------------------ jobs → responses
@@ -257,13 +285,20 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
         for i, f in enumerate(futures):
             f.add_done_callback(lambda f, i=i: events.put_nowait((i, None)))
         texts = [TextStream(lambda t: tokenizer.decode(t, skip_special_tokens=True), j.sampling.stop) for j in jobs]
+        lps = [Logprobs(tokenizer, chat, j.logprobs) if j.logprobs is not None else None for j in jobs]
+        given = [0] * len(jobs)  # tokens whose logprobs were sent, per choice
 
-        def chunk(i: int, text: str | None = None, reason: str | None = None, role: bool = False) -> str:
+        def chunk(i: int, text: str | None = None, reason: str | None = None, role: bool = False,
+                  upto: list[int] | None = None) -> str:
+            lp = None
+            if lps[i] is not None and not role:  # the logprobs of the tokens received since the last chunk
+                ids = texts[i].toks if upto is None else upto
+                lp, given[i] = lps[i].take(ids[given[i]:], jobs[i].trace[given[i]:len(ids)]), len(ids)
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}
             return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
         async def events_out():
@@ -286,7 +321,7 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
                             yield f"data: {json.dumps({'error': err})}\n\n"
                         else:
                             r = f.result().result
-                            yield chunk(i, texts[i].finish(r["text"]) or None, r["finish_reason"])
+                            yield chunk(i, texts[i].finish(r["text"]) or None, r["finish_reason"], upto=r["output_ids"])
                         break
                 if include_usage and all(f.exception() is None for f in futures):
                     yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(prompts, jobs)})}\n\n"
@@ -298,6 +333,11 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
 
         return StreamingResponse(events_out(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def logprobs_of(job: Job, chat: bool) -> dict | None:
+        if job.logprobs is None:
+            return None
+        return Logprobs(tokenizer, chat, job.logprobs).take(job.result["output_ids"], job.result["logprobs"])
 
     # ------------------------------------------------------------------ endpoints
     def model_card(name: str, parent: str | None = None) -> dict:
@@ -317,28 +357,32 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
     @infer.post("/v1/completions")
     async def completions(body: CompletionIn):
         prompts = prompts_of(body)
-        jobs = jobs_of(body, prompts, body.max_tokens, 16)
+        jobs = jobs_of(body, prompts, body.max_tokens, 16, body.logprobs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
             return stream(jobs, prompts, head, False, bool(body.stream_options and body.stream_options.include_usage))
         done = await finished(jobs)
-        choices = [{"index": i, "text": j.result["text"], "logprobs": None, "finish_reason": j.result["finish_reason"]}
-                   for i, j in enumerate(done)]
+        choices = [{"index": i, "text": j.result["text"], "logprobs": logprobs_of(j, False),
+                    "finish_reason": j.result["finish_reason"]} for i, j in enumerate(done)]
         return {**head, "choices": choices, "usage": usage(prompts, done)}
 
     @infer.post("/v1/chat/completions")
     async def chat_completions(body: ChatIn):
         prompts = [chat_ids(body)]
         cap = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        jobs = jobs_of(body, prompts, cap, engine.cfg.max_new_tokens)  # OpenAI's default: as long as allowed
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ParamError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = jobs_of(body, prompts, cap, engine.cfg.max_new_tokens, k)  # OpenAI's default: as long as allowed
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
                 else "chat.completion", "created": int(time.time()), "model": body.model}
         if body.stream:
             return stream(jobs, prompts, head, True, bool(body.stream_options and body.stream_options.include_usage))
         done = await finished(jobs)
-        choices = [{"index": i, "message": {"role": "assistant", "content": j.result["text"]}, "logprobs": None,
-                    "finish_reason": j.result["finish_reason"]} for i, j in enumerate(done)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": j.result["text"]},
+                    "logprobs": logprobs_of(j, True), "finish_reason": j.result["finish_reason"]}
+                   for i, j in enumerate(done)]
         return {**head, "choices": choices, "usage": usage(prompts, done)}
 
     @admin.post("/v1/load_lora_adapter")

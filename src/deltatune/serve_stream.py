@@ -48,8 +48,8 @@ class RowStreamer:
     hands each row's new token to ``jobs[i].on_token`` and times it, until the row's EOS or its own
     ``max_new_tokens``.  The EOS itself is not handed on (it has no text)."""
 
-    def __init__(self, jobs: list[Job], eos: int | None, events: EngineEvents):
-        self.jobs, self.eos, self.events = jobs, eos, events
+    def __init__(self, jobs: list[Job], eos: int | None, events: EngineEvents, tap: LogprobTap | None = None):
+        self.jobs, self.eos, self.events, self.tap = jobs, eos, events, tap
         self.prompt_seen = False
         self.count = [0] * len(jobs)
         self.done = [False] * len(jobs)
@@ -73,6 +73,8 @@ class RowStreamer:
             if tok == self.eos:
                 self.done[i] = True
                 continue
+            if self.tap is not None and j.logprobs is not None:  # before on_token: the reader may look at it
+                j.trace.append(self.tap.entry(i, tok, j.logprobs))
             if j.on_token is not None:
                 j.on_token(tok)
             self.done[i] = self.count[i] >= j.max_new_tokens
@@ -80,6 +82,28 @@ class RowStreamer:
 
     def end(self) -> None:
         self.events.on_running(0)
+
+
+class LogprobTap:
+    """A logits processor that changes nothing: for the rows asking for logprobs it keeps the
+    log-softmax of this step's scores (the model's distribution, before any row's temperature or
+    sampling), until the streamer learns which token each row took.  One (R, V) log-softmax per step."""
+
+    FLOOR = -9999.0  # what OpenAI reports for an impossible token (JSON has no -inf)
+
+    def __init__(self, jobs: list[Job]):
+        self.rows = [i for i, j in enumerate(jobs) if j.logprobs is not None]
+        self.last: dict[int, torch.Tensor] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # (B, T), (B, V)
+        self.last = dict(zip(self.rows, scores[self.rows].float().log_softmax(-1)))  # row -> (V,)
+        return scores
+
+    def entry(self, row: int, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+        lp = self.last[row]
+        top = lp.topk(k) if k else None
+        alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return max(float(lp[tok]), self.FLOOR), [(t, max(v, self.FLOOR)) for t, v in alts]
 
 
 class Cancelled:
@@ -133,4 +157,4 @@ class TextStream:
         return delta
 
 
-__all__ = ["Cancelled", "EngineEvents", "RowStreamer", "TextStream"]
+__all__ = ["Cancelled", "EngineEvents", "LogprobTap", "RowStreamer", "TextStream"]
