@@ -138,6 +138,9 @@ class Delta(nn.Module):
 
     mergeable: ClassVar[bool] = True
     replaces: ClassVar[bool] = False  # True: called *instead of* the base (modules_to_save copies)
+    # True: forward adds a term of x alone (y + f(x)) and merge adds a ΔW that does not read W, so
+    # the delta commutes with every other additive delta of its layer (merge order is free)
+    additive: ClassVar[bool] = False
 
     def pre(self, x: torch.Tensor) -> torch.Tensor | None:
         """Optionally transform the input before the base runs (None = no change)."""

@@ -89,6 +89,7 @@ def budget_schedule(step: int, total: int, tinit: int, tfinal: int, deltaT: int,
 
 class AdaLoraDelta(Delta):
     """P Λ Q on a linear layer (nn.Linear, GPT-2 Conv1D, quantized linears)."""
+    additive = True  # y + P Λ Q x
 
     def __init__(self, base: nn.Module, cfg: AdaLoraConfig):
         super().__init__()

@@ -116,6 +116,10 @@ class LoraDelta(Delta):
     """Shared by every layer type: scaling, dropout, DoRA and PiSSA bookkeeping.
     Subclasses define ``lora(x)`` (the un-scaled B A x) and ``product()`` (B A in W's layout)."""
 
+    @property
+    def additive(self) -> bool:  # y + s·BAx; DoRA renormalises W instead
+        return not self.use_dora
+
     def _setup(self, r: int, alpha: float, cfg: LoraConfig):
         self.r = r
         self.scaling = alpha / (math.sqrt(r) if cfg.rslora else r)
