@@ -228,3 +228,18 @@ def test_text_stream_holds_back_what_could_still_become_a_stop_string():
     assert [false_alarm.push(t) for t in (5, 7)] == ["", "w5 w7"]  # held "w5" released once it cannot match
     utf8 = TextStream(lambda toks: bytes(toks).decode("utf-8", errors="replace"))
     assert [utf8.push(b) for b in "é!".encode()] == ["", "é", "!"]  # half a character is never sent
+
+
+def test_a_rerun_batch_hands_no_token_on_twice():
+    """A batch that fails and is run again (serve_engine runs failed batches apart) must not repeat
+    a streamed token: the job remembers how many it handed on."""
+    from conftest import tiny_llama
+
+    engine = Engine(tiny_llama(), tokenizer(), EngineConfig())
+    job = Job("generate", None, [3, 4, 5], 6, logprobs=1)
+    got = []
+    job.on_token = got.append
+    engine._generate([job])
+    first = list(got)
+    engine._generate([job])  # the same job again, as a re-run would
+    assert got == first == job.result["output_ids"] and len(job.trace) == len(first)

@@ -89,6 +89,7 @@ class Job:
     cancelled: bool = False  # the client went away: skip the job if queued, end its row at the next step
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
     trace: list = field(default_factory=list)  # per generated token: (logprob, [(token, logprob)] alternatives)
+    delivered: int = 0  # tokens already handed on: a batch re-run after a failure does not repeat them
 
 
 @dataclass

@@ -46,7 +46,8 @@ class EngineEvents:
 class RowStreamer:
     """A transformers streamer (``put``/``end``, the ``BaseStreamer`` interface) over a batch:
     hands each row's new token to ``jobs[i].on_token`` and times it, until the row's EOS or its own
-    ``max_new_tokens``.  The EOS itself is not handed on (it has no text)."""
+    ``max_new_tokens``.  The EOS itself is not handed on (it has no text).  When a failed batch is run
+    again (its rows apart), the tokens a job already handed on are not handed on twice."""
 
     def __init__(self, jobs: list[Job], eos: int | None, events: EngineEvents, tap: LogprobTap | None = None):
         self.jobs, self.eos, self.events, self.tap = jobs, eos, events, tap
@@ -68,16 +69,18 @@ class RowStreamer:
                 self.done[i] = True
                 continue
             self.count[i] += 1
+            self.done[i] = tok == self.eos or self.count[i] >= j.max_new_tokens
+            if self.count[i] <= j.delivered:  # a re-run: this token was handed on before
+                continue
+            j.delivered = self.count[i]
             self.events.on_token(j, self.count[i] == 1, now - self.last[i])
             self.last[i] = now
             if tok == self.eos:
-                self.done[i] = True
                 continue
             if self.tap is not None and j.logprobs is not None:  # before on_token: the reader may look at it
                 j.trace.append(self.tap.entry(i, tok, j.logprobs))
             if j.on_token is not None:
                 j.on_token(tok)
-            self.done[i] = self.count[i] >= j.max_new_tokens
         self.events.on_running(self.done.count(False))
 
     def end(self) -> None:
