@@ -53,5 +53,8 @@ def a_4xx_says_what_is_wrong(ctx, response, case) -> None:
 @schema.parametrize()
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_makes_a_5xx(case, server):
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("model"), str) and len(body["model"]) % 2:
+        body["model"] = "a"  # half the random names become a loaded adapter: the fuzzed fields reach the engine
     response = case.call(base_url=server.url, timeout=60)
     case.validate_response(response, checks=[not_a_server_error, a_4xx_says_what_is_wrong])
