@@ -140,6 +140,7 @@ def test_stop_strings_end_the_text(client):
     ({"model": "nope"}, "NotFoundError", "model"),
     ({"max_tokens": 10_000}, "BadRequestError", "max_tokens"),
     ({"n": 5}, "BadRequestError", "n"),
+    ({"n": 2, "prompt": ["w1"] * 3}, "BadRequestError", "n"),
     ({"temperature": -1}, "BadRequestError", "temperature"),
     ({"top_p": 0}, "BadRequestError", "top_p"),
     ({"stop": [""]}, "BadRequestError", "stop"),

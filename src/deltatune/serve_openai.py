@@ -210,8 +210,14 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
             raise ParamError(400, f"{param}: {e.message}", param, "context_length_exceeded" if e.status == 413 else None)
         return ids
 
+    def check_n(prompts: int, n: int) -> None:  # before any tokenizing: the count alone can be refused
+        if prompts * n > cfg.max_n:
+            raise ParamError(400, f"this request asks for {prompts * n} choices (prompts × n); this server "
+                                  f"gives at most {cfg.max_n} per request", "n")
+
     def prompts_of(body: "CompletionIn") -> list[list[int]]:
         p = body.prompt
+        check_n(1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p), body.n)
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
             if tokenizer is None:
                 raise ParamError(400, "this server has no tokenizer: send the prompt as token ids", "prompt")
@@ -223,6 +229,7 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
         return [checked(list(x), "prompt") for x in lists]
 
     def chat_ids(body: "ChatIn") -> list[int]:
+        check_n(1, body.n)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ParamError(400, "this model's tokenizer has no chat template: use /v1/completions with a "
                                   "prompt you format yourself", "messages")
@@ -245,9 +252,6 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
         new = max_tokens if max_tokens is not None else min(default_max, cap)
         if new > cap:
             raise ParamError(400, f"max_tokens is at most {cap} on this server", "max_tokens")
-        if len(prompts) * body.n > cfg.max_n:
-            raise ParamError(400, f"this request asks for {len(prompts) * body.n} choices (prompts × n); this server "
-                                  f"gives at most {cfg.max_n} per request", "n")
         adapter = adapter_of(body.model)
         stops = tuple([body.stop] if isinstance(body.stop, str) else body.stop or ())
         t = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
