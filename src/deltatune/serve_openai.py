@@ -15,13 +15,13 @@ when none is given), so a seeded request replays and equals ``/v1/generate`` wit
 the client).  ``stream: true`` answers with Server-Sent Events, one chunk per decoded token (see
 ``serve_stream``), ``data: [DONE]`` last.  ``logprobs`` (completions: 0-5 alternatives; chat:
 ``logprobs: true`` + ``top_logprobs`` 0-20) are the model's log-softmax at each step, before the
-request's temperature or top-k/top-p, as vLLM reports them.  Not supported, and refused with a 400 that says so:
-``echo`` (so no prompt logprobs), ``suffix``, ``best_of`` > 1, nonzero presence/frequency penalties,
-``logit_bias``, tools and response formats.
+request's temperature or top-k/top-p, as vLLM reports them.  Not supported, and refused with a
+400 that says so: ``echo`` (so no prompt logprobs), ``suffix``, ``best_of`` > 1, nonzero
+presence/frequency penalties, ``logit_bias``, tools and response formats.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so the client
 raises ``BadRequestError`` (400), ``AuthenticationError`` (401), ``NotFoundError`` (404),
-``RateLimitError`` (429)....  With an API key (``OpenAIConfig.api_key`` or env
+``RateLimitError`` (429).  With an API key (``OpenAIConfig.api_key`` or env
 ``DELTATUNE_API_KEY``) every inference endpoint, ``/v1/generate`` and ``/v1/classify`` included,
 needs ``Authorization: Bearer <key>``; ``/health``, ``/metrics`` and the adapter listing stay open,
 and adapter management keeps its own token.
@@ -111,7 +111,8 @@ class Logprobs:
         alts = [[(self.tokenizer.decode([a]), v) for a, v in e[1]] for e in entries]
         if self.chat:
             return {"content": [{"token": p, "logprob": e[0], "bytes": list(p.encode()),
-                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in alt]}
+                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())}
+                                                  for a, v in alt]}
                                 for p, e, alt in zip(piece, entries, alts)]}
         offsets = []
         for p in piece:
@@ -207,7 +208,8 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
         try:
             validate_ids(ids, vocab, engine.cfg.max_input_tokens)
         except RequestError as e:  # OpenAI says 400 for a prompt too long, and names the field
-            raise ParamError(400, f"{param}: {e.message}", param, "context_length_exceeded" if e.status == 413 else None)
+            code = "context_length_exceeded" if e.status == 413 else None
+            raise ParamError(400, f"{param}: {e.message}", param, code)
         return ids
 
     def check_n(prompts: int, n: int) -> None:  # before any tokenizing: the count alone can be refused
