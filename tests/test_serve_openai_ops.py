@@ -243,3 +243,19 @@ def test_a_rerun_batch_hands_no_token_on_twice():
     first = list(got)
     engine._generate([job])  # the same job again, as a re-run would
     assert got == first == job.result["output_ids"] and len(job.trace) == len(first)
+
+
+def test_a_failure_after_the_stream_began_is_an_error_event(server, client, monkeypatch):
+    from deltatune import serve_engine
+
+    def boom(engine, jobs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(serve_engine.RUNNERS, "generate", boom)
+    with pytest.raises(openai.APIError, match="internal error"):
+        list(client.completions.create(model="a", prompt="w1", max_tokens=3, stream=True))
+    with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        lines = [x for x in c.post("/v1/completions", json={"model": "a", "prompt": "w1", "stream": True}).text
+                 .split("\n\n") if x]
+    assert json.loads(lines[0].removeprefix("data: "))["error"]["type"] == "server_error"
+    assert lines[-1] == "data: [DONE]"
