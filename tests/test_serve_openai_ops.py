@@ -153,8 +153,10 @@ def test_vllm_adapter_endpoints_are_the_token_protected_ones(server, client, adi
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="c", prompt="w1", max_tokens=2)
         for body, status, param in [({"lora_name": "c", "lora_path": "/tmp"}, 400, "lora_path"),
-                                    ({"lora_name": "../c", "lora_path": str(adir / "c")}, 400, "lora_path"),
-                                    ({"lora_name": "../c"}, 400, None),
+                                    ({"lora_name": "../c", "lora_path": str(adir / "c")}, 400, "lora_name"),
+                                    ({"lora_name": "c\n"}, 400, "lora_name"),
+                                    ({"lora_name": "../c"}, 400, "lora_name"),
+                                    ({"lora_name": "c", "lora_path": "c\u0000"}, 400, "lora_path"),
                                     ({"lora_name": "zz"}, 404, None)]:
             r = c.post("/v1/load_lora_adapter", json=body, headers=AUTH)
             assert r.status_code == status and r.json()["error"]["param"] == param, (body, r.text)

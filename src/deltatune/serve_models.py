@@ -83,13 +83,13 @@ class ChatIn(SamplingIn):
 
 class LoadLoraIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lora_name: Any = Field(description="the adapter's name: a sub-directory of the server's adapter directory")
+    lora_name: Name = Field(description="the adapter's name: a sub-directory of the server's adapter directory")
     lora_path: str | None = Field(None, description="must be that sub-directory (absolute, or relative to it)")
 
 
 class UnloadLoraIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lora_name: Any
+    lora_name: Name
 
 
 # field -> (is the value unsupported?, what to do instead)

@@ -391,19 +391,31 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
                    for i, j in enumerate(done)]
         return {**head, "choices": choices, "usage": usage(prompts, done)}
 
+    def lora_name(name: str) -> str:
+        from .api import _NAME_RE
+
+        if not _NAME_RE.fullmatch(name):  # (fullmatch: "a\n" is no name)
+            raise ParamError(400, f"lora_name: invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-'",
+                             "lora_name")
+        return name
+
     @admin.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadLoraIn):
+        name = lora_name(body.lora_name)
         if adapter_dir is not None and body.lora_path is not None:
-            want, got = (adapter_dir / body.lora_name).resolve(), (adapter_dir / body.lora_path).resolve()
-            if got != want:
+            try:
+                same = (adapter_dir / body.lora_path).resolve() == (adapter_dir / name).resolve()
+            except (OSError, ValueError):  # e.g. a NUL byte in the path
+                same = False
+            if not same:
                 raise ParamError(400, f"lora_path must be the adapter directory's {body.lora_name!r} "
                                       "(this server loads adapters only from its adapter directory, by name)",
                                  "lora_path")
-        return await load_adapter(body.lora_name)
+        return await load_adapter(name)
 
     @admin.post("/v1/unload_lora_adapter")
     async def unload_lora(body: UnloadLoraIn):
-        return await unload_adapter(body.lora_name)
+        return await unload_adapter(lora_name(body.lora_name))
 
     app.include_router(infer)
     app.include_router(admin)
