@@ -208,13 +208,14 @@ def test_a_disconnected_stream_frees_its_row(server):
                 got += line.startswith("data: ")
                 if got == 3:
                     break  # leave after three chunks: the connection closes
+    key = ("deltatune_generated_tokens_total", (("adapter", "(base)"),))
     deadline = time.monotonic() + 60
-    while metrics(server.url).get(("deltatune_running_rows", ()), 0) != 0 or \
-            metrics(server.url).get(("deltatune_generated_tokens_total", (("adapter", "(base)"),))) is None:
+    while True:  # until the request is finished and counted (its row ended, its tokens counted)
+        after = metrics(server.url)
+        if after.get(("deltatune_running_rows", ()), 0) == 0 and after.get(key, 0) > before.get(key, 0):
+            break
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    after = metrics(server.url)
-    key = ("deltatune_generated_tokens_total", (("adapter", "(base)"),))
     made = after[key] - before.get(key, 0)
     assert 3 <= made < 100, made  # stopped a step after the disconnect, not after 600 tokens
 
