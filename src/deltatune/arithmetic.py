@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .core import CopyDelta, DeltaError, get_state, iter_delta_layers
+from .core import CopyDelta, DeltaError, get_state, iter_delta_layers, merged_names
 
 HOWS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -167,7 +167,7 @@ def combine(model: nn.Module, weights: dict[str, float] | list[str], name: str, 
         raise DeltaError(f"combine: density must be in (0, 1], got {density!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise DeltaError(f"combine: rank must be a positive integer, got {rank!r}")
-    if any(layer.merged for _, layer in iter_delta_layers(model)):
+    if merged_names(model):
         raise DeltaError("combine: adapters are merged into the base weights; call dt.unmerge(model) first")
     active = list(st.active)
     if how == "linear":

@@ -50,6 +50,10 @@ class DeltaConfig:
     ``"auto"`` picks the head of ``*ForSequenceClassification``-style models."""
 
     method: ClassVar[str] = ""
+    size_fields: ClassVar[tuple[str, ...]] = ()
+    """Integer options that size an allocation (a rank, a token count): ``dt.load`` bounds them by
+    the dimensions of the saved tensors before attaching, so a corrupted config cannot allocate
+    gigabytes. A dict-valued field (``rank_pattern``) has each value checked."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -89,6 +93,9 @@ class DeltaState:
     disabled: bool = False
     # per-row adapter routing for mixed batches: list of adapter names/None, one per batch row
     row_adapters: list[str | None] | None = None
+    # adapters folded in by merge(unload=False), selectors included (their values sit in the base
+    # tensors, with no DeltaLayer.merged to say so); unmerge() empties it
+    merged: list[str] = field(default_factory=list)
 
 
 def get_state(model: nn.Module, create: bool = False) -> DeltaState:
@@ -100,6 +107,15 @@ def get_state(model: nn.Module, create: bool = False) -> DeltaState:
         st = DeltaState()
         model.__dict__[STATE_ATTR] = st
     return st
+
+
+def merged_names(model: nn.Module) -> set[str]:
+    """Adapters currently merged into the base weights (by any method, wrapped or selector)."""
+    st = model.__dict__.get(STATE_ATTR)
+    out = set(st.merged) if st is not None else set()
+    for _, layer in iter_delta_layers(model):
+        out.update(layer.merged)
+    return out
 
 
 def has_adapters(model: nn.Module) -> bool:

@@ -204,33 +204,43 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
         raise ParamError(404, f"the model {name!r} does not exist: GET /v1/models lists the base "
                               f"({cfg.served_name!r}) and the loaded adapters", "model", "model_not_found")
 
+    def about(e: RequestError, param: str) -> ParamError:  # OpenAI: 400 for a prompt too long, naming the field
+        return ParamError(400, f"{param}: {e.message}", param, "context_length_exceeded" if e.status == 413 else None)
+
     def checked(ids: list[int], param: str) -> list[int]:
         try:
             validate_ids(ids, vocab, engine.cfg.max_input_tokens)
-        except RequestError as e:  # OpenAI says 400 for a prompt too long, and names the field
-            code = "context_length_exceeded" if e.status == 413 else None
-            raise ParamError(400, f"{param}: {e.message}", param, code)
+        except RequestError as e:
+            raise about(e, param)
         return ids
+
+    async def encode(text: str, param: str, special: bool = True) -> list[int]:
+        """Tokenized off the event loop, after the engine's character and Unicode checks."""
+        try:
+            return checked(await engine.tokenize(text, special), param)
+        except ParamError:
+            raise
+        except RequestError as e:
+            raise about(e, param)
 
     def check_n(prompts: int, n: int) -> None:  # before any tokenizing: the count alone can be refused
         if prompts * n > cfg.max_n:
             raise ParamError(400, f"this request asks for {prompts * n} choices (prompts × n); this server "
                                   f"gives at most {cfg.max_n} per request", "n")
 
-    def prompts_of(body: "CompletionIn") -> list[list[int]]:
+    async def prompts_of(body: "CompletionIn") -> list[list[int]]:
         p = body.prompt
         check_n(1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p), body.n)
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
             if tokenizer is None:
                 raise ParamError(400, "this server has no tokenizer: send the prompt as token ids", "prompt")
-            texts = [p] if isinstance(p, str) else p
-            return [checked(list(tokenizer(t)["input_ids"]), "prompt") for t in texts]
+            return [await encode(t, "prompt") for t in ([p] if isinstance(p, str) else p)]
         if not p:
             raise ParamError(400, "the prompt is empty", "prompt")
         lists = [p] if isinstance(p[0], int) else p
         return [checked(list(x), "prompt") for x in lists]
 
-    def chat_ids(body: "ChatIn") -> list[int]:
+    async def chat_ids(body: "ChatIn") -> list[int]:
         check_n(1, body.n)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ParamError(400, "this model's tokenizer has no chat template: use /v1/completions with a "
@@ -240,21 +250,29 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
             text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # jinja's TemplateError (e.g. roles that must alternate), raised by the template
             raise ParamError(400, f"the model's chat template refused these messages: {e}", "messages")
-        return checked(list(tokenizer(text, add_special_tokens=False)["input_ids"]), "messages")
+        return await encode(text, "messages", special=False)
 
-    def jobs_of(body, prompts: list[list[int]], max_tokens: int | None, default_max: int,
-                logprobs: int | None) -> list[Job]:
+    def jobs_of(body, prompts: list[list[int]], max_tokens: int | None, default_max: int | None,
+                logprobs: int | None, param: str) -> list[Job]:
+        """One job per prompt × n.  ``default_max`` None: the server cap, or what the context leaves."""
         if task != "generate":
             raise ParamError(400, "this server hosts a classifier: use /v1/classify")
         if tokenizer is None:
             raise ParamError(400, "the OpenAI endpoints need the server's tokenizer (to return text); this "
                                   "server has none: use /v1/generate with input_ids")
         unsupported(body)
+        adapter = adapter_of(body.model)
         cap = engine.cfg.max_new_tokens
-        new = max_tokens if max_tokens is not None else min(default_max, cap)
+        if max_tokens is not None:
+            new = max_tokens
+        elif default_max is not None:
+            new = min(default_max, cap)
+        else:  # room left in the context after the longest prompt and the adapter's virtual tokens
+            room = None if engine.context is None else \
+                engine.context - max(map(len, prompts)) - engine.virtual_tokens(adapter)
+            new = cap if room is None else max(1, min(cap, room))
         if new > cap:
             raise ParamError(400, f"max_tokens is at most {cap} on this server", "max_tokens")
-        adapter = adapter_of(body.model)
         stops = tuple([body.stop] if isinstance(body.stop, str) else body.stop or ())
         t = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
         rp = body.repetition_penalty if body.repetition_penalty is not None else default_penalty
@@ -267,6 +285,10 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
                     seed = (body.seed + i) % 2**63 if body.seed is not None else secrets.randbelow(2**53)
                     s = Sampling(t, body.top_p if body.top_p is not None else 1.0, body.top_k or 0, rp, seed, stops)
                 jobs.append(Job("generate", adapter, ids, new, 1, s, logprobs=logprobs))
+            try:  # the model's context: prompt + max_tokens (+ a prompt/prefix adapter's virtual tokens)
+                engine.check_length(jobs[-1])
+            except RequestError as e:
+                raise about(e, param)
         return jobs
 
     # ------------------------------------------------------------------ jobs → responses
@@ -362,8 +384,8 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
 
     @infer.post("/v1/completions")
     async def completions(body: CompletionIn):
-        prompts = prompts_of(body)
-        jobs = jobs_of(body, prompts, body.max_tokens, 16, body.logprobs)
+        prompts = await prompts_of(body)
+        jobs = jobs_of(body, prompts, body.max_tokens, 16, body.logprobs, "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
@@ -375,12 +397,12 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
 
     @infer.post("/v1/chat/completions")
     async def chat_completions(body: ChatIn):
-        prompts = [chat_ids(body)]
+        prompts = [await chat_ids(body)]
         cap = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.top_logprobs is not None and not body.logprobs:
             raise ParamError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         k = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = jobs_of(body, prompts, cap, engine.cfg.max_new_tokens, k)  # OpenAI's default: as long as allowed
+        jobs = jobs_of(body, prompts, cap, None, k, "messages")  # None: OpenAI's chat default, as long as allowed
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
                 else "chat.completion", "created": int(time.time()), "model": body.model}
         if body.stream:

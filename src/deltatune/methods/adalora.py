@@ -53,6 +53,7 @@ class AdaLoraConfig(DeltaConfig):
     total_steps: int | None = None  # T; None = take it from the trainer / dt.adalora_hook(total_steps=...)
 
     method = "adalora"
+    size_fields = ("r",)  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
@@ -64,6 +65,9 @@ class AdaLoraConfig(DeltaConfig):
                 raise DeltaError(f"adalora: {k} must be in (0, 1), got {getattr(self, k)!r} (paper: 0.85)")
         if self.deltaT < 1:
             raise DeltaError(f"adalora: deltaT must be >= 1, got {self.deltaT!r}")
+        if not isinstance(self.orth_reg_weight, (int, float)) or not 0 <= self.orth_reg_weight < float("inf"):
+            raise DeltaError(f"adalora: orth_reg_weight must be a finite number >= 0, got {self.orth_reg_weight!r} "
+                             "(a negative weight pushes P and Q away from orthogonality; paper 0.1-0.5)")
 
     def schedule(self, total_steps: int) -> tuple[int, int]:
         """(tinit, tfinal) in steps for a run of ``total_steps``."""
