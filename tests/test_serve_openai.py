@@ -148,6 +148,7 @@ def test_stop_strings_end_the_text(client):
     ({"echo": True}, "BadRequestError", "echo"),
     ({"presence_penalty": 0.5}, "BadRequestError", "presence_penalty"),
     ({"prompt": "w1 " * 2000}, "BadRequestError", "prompt"),
+    ({"prompt": "w1 " * 40, "max_tokens": 30}, "BadRequestError", "prompt"),  # 41 + 30 > the model's 64 positions
     ({"prompt": [3, 999]}, "BadRequestError", "prompt"),
     ({"prompt": []}, "BadRequestError", "prompt"),
     ({"extra_body": {"frobnicate": 1}}, "BadRequestError", "frobnicate"),
@@ -160,6 +161,13 @@ def test_bad_requests_are_openai_errors_naming_the_field(client, kwargs, error, 
     assert err["param"] == param and err["message"] and err["type"], err
     if param == "prompt" and len(body["prompt"]) > 100:
         assert err["code"] == "context_length_exceeded"
+
+
+def test_chat_default_max_tokens_is_the_room_the_context_leaves(client):
+    words = " ".join(f"w{3 + k % 50}" for k in range(50))  # 50 tokens + the cue: 13 of the 64 positions left
+    r = client.chat.completions.create(model="a", messages=[{"role": "user", "content": words}], temperature=0)
+    assert r.usage.prompt_tokens == 51 and 1 <= r.usage.completion_tokens <= 13
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_chat_errors(client, lm_server):  # noqa: F811

@@ -205,7 +205,18 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
                               f"({cfg.served_name!r}) and the loaded adapters", "model", "model_not_found")
 
     def about(e: RequestError, param: str) -> ParamError:  # OpenAI: 400 for a prompt too long, naming the field
-        return ParamError(400, f"{param}: {e.message}", param, "context_length_exceeded" if e.status == 413 else None)
+        message = e.message.replace("max_new_tokens", "max_tokens").replace("'input_ids'", "token ids")
+        return ParamError(400, f"{param}: {message}", param, "context_length_exceeded" if e.status == 413 else None)
+
+    def accepted(body) -> str | None:
+        """The checks that cost nothing, before any tokenizing: the server, the fields, the model."""
+        if task != "generate":
+            raise ParamError(400, "this server hosts a classifier: use /v1/classify")
+        if tokenizer is None:
+            raise ParamError(400, "the OpenAI endpoints need the server's tokenizer (to return text); this "
+                                  "server has none: use /v1/generate with input_ids")
+        unsupported(body)
+        return adapter_of(body.model)
 
     def checked(ids: list[int], param: str) -> list[int]:
         try:
@@ -232,8 +243,6 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
         p = body.prompt
         check_n(1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p), body.n)
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
-            if tokenizer is None:
-                raise ParamError(400, "this server has no tokenizer: send the prompt as token ids", "prompt")
             return [await encode(t, "prompt") for t in ([p] if isinstance(p, str) else p)]
         if not p:
             raise ParamError(400, "the prompt is empty", "prompt")
@@ -242,7 +251,7 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
 
     async def chat_ids(body: "ChatIn") -> list[int]:
         check_n(1, body.n)
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if not getattr(tokenizer, "chat_template", None):
             raise ParamError(400, "this model's tokenizer has no chat template: use /v1/completions with a "
                                   "prompt you format yourself", "messages")
         msgs = [m.as_template_input() for m in body.messages]
@@ -252,16 +261,9 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
             raise ParamError(400, f"the model's chat template refused these messages: {e}", "messages")
         return await encode(text, "messages", special=False)
 
-    def jobs_of(body, prompts: list[list[int]], max_tokens: int | None, default_max: int | None,
-                logprobs: int | None, param: str) -> list[Job]:
+    def jobs_of(body, adapter: str | None, prompts: list[list[int]], max_tokens: int | None,
+                default_max: int | None, logprobs: int | None, param: str) -> list[Job]:
         """One job per prompt × n.  ``default_max`` None: the server cap, or what the context leaves."""
-        if task != "generate":
-            raise ParamError(400, "this server hosts a classifier: use /v1/classify")
-        if tokenizer is None:
-            raise ParamError(400, "the OpenAI endpoints need the server's tokenizer (to return text); this "
-                                  "server has none: use /v1/generate with input_ids")
-        unsupported(body)
-        adapter = adapter_of(body.model)
         cap = engine.cfg.max_new_tokens
         if max_tokens is not None:
             new = max_tokens
@@ -384,8 +386,9 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
 
     @infer.post("/v1/completions")
     async def completions(body: CompletionIn):
+        adapter = accepted(body)
         prompts = await prompts_of(body)
-        jobs = jobs_of(body, prompts, body.max_tokens, 16, body.logprobs, "prompt")
+        jobs = jobs_of(body, adapter, prompts, body.max_tokens, 16, body.logprobs, "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
@@ -397,12 +400,13 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
 
     @infer.post("/v1/chat/completions")
     async def chat_completions(body: ChatIn):
-        prompts = [await chat_ids(body)]
-        cap = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        adapter = accepted(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise ParamError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         k = (body.top_logprobs or 0) if body.logprobs else None
-        jobs = jobs_of(body, prompts, cap, None, k, "messages")  # None: OpenAI's chat default, as long as allowed
+        prompts = [await chat_ids(body)]
+        cap = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        jobs = jobs_of(body, adapter, prompts, cap, None, k, "messages")  # None: OpenAI's default, all the room
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
                 else "chat.completion", "created": int(time.time()), "model": body.model}
         if body.stream:
