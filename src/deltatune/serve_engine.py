@@ -66,6 +66,14 @@ class RequestError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
+class ParamError(RequestError):
+    """A 4xx about one request field: OpenAI's error ``param`` (and ``code``), for ``serve_openai``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(status, message)
+        self.param, self.code = param, code
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How one request picks its tokens.  temperature 0 is greedy (argmax) and ignores top_p, top_k
@@ -515,5 +523,5 @@ def validate_ids(ids: list[int], vocab: int | None, limit: int) -> None:
         raise RequestError(400, f"input_ids must be in [0, {vocab}) for this model")
 
 
-__all__ = ["Engine", "EngineConfig", "EngineEvents", "Job", "RequestError", "DeltaError", "RowSampler", "Sampling",
+__all__ = ["Engine", "EngineConfig", "EngineEvents", "Job", "ParamError", "RequestError", "DeltaError", "RowSampler", "Sampling",
            "StopStrings", "check_text", "context_size", "validate_ids"]

@@ -7,8 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from .serve_engine import MAX_TEMPERATURE
-from .serve_openai import ParamError
+from .serve_engine import MAX_TEMPERATURE, ParamError
 
 StopStr = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]

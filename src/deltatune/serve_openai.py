@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from .core import DeltaError, get_state
-from .serve_engine import MIN_TEMPERATURE, Engine, Job, RequestError, Sampling, validate_ids
+from .serve_engine import MIN_TEMPERATURE, Engine, Job, ParamError, RequestError, Sampling, validate_ids
 from .serve_stream import TextStream
 
 API_KEY_ENV = "DELTATUNE_API_KEY"
@@ -61,14 +61,6 @@ class OpenAIConfig:
     def default(cls, model) -> "OpenAIConfig":
         path = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
         return cls(served_name=Path(path).name if path.strip("/.") else "base")
-
-
-class ParamError(RequestError):
-    """A 4xx about one request field (OpenAI's ``param``)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(status, message)
-        self.param, self.code = param, code
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -447,5 +439,5 @@ def add_openai_routes(app, model, tokenizer, engine: Engine, cfg: OpenAIConfig, 
     app.include_router(admin)
 
 
-__all__ = ["API_KEY_ENV", "OpenAIConfig", "ParamError", "add_openai_routes", "error_response"]
+__all__ = ["API_KEY_ENV", "LegacyKeyGuard", "Logprobs", "OpenAIConfig", "add_openai_routes", "error_response"]
 
