@@ -12,9 +12,12 @@ each request, and from token ids to text deltas a client can print.
 transformers calls a streamer's ``put`` with the whole batch's new tokens after every step (its own
 ``TextStreamer`` refuses batches, the interface does not), so one streamer serves every row of a
 mixed batch without a hand-written decoding loop.  A row ends, for the streamer, at EOS or at its
-own ``max_new_tokens`` (the batch may run longer for other rows); a client that disconnects sets
-``job.cancelled``, which ``Cancelled`` turns into "this row is finished" at the next step, so
-``generate`` stops computing for it once all rows are done and never waits on it.
+own ``max_new_tokens`` (the batch may run longer for other rows).  A client that disconnects sets
+``job.cancelled``, which ``Cancelled`` turns into "this row is finished" at the next step: a lone
+abandoned request stops at once; in a batch its row produces padding until the other rows end (a
+static batch keeps its shape; freeing the slot for a new request is continuous batching's job).
+``LogprobTap``, the first logits processor, keeps each step's log-softmax for the rows that asked
+for logprobs until the streamer learns which token each took.
 """
 from __future__ import annotations
 
