@@ -523,5 +523,5 @@ def validate_ids(ids: list[int], vocab: int | None, limit: int) -> None:
         raise RequestError(400, f"input_ids must be in [0, {vocab}) for this model")
 
 
-__all__ = ["Engine", "EngineConfig", "EngineEvents", "Job", "ParamError", "RequestError", "DeltaError", "RowSampler", "Sampling",
-           "StopStrings", "check_text", "context_size", "validate_ids"]
+__all__ = ["Engine", "EngineConfig", "EngineEvents", "Job", "ParamError", "RequestError", "DeltaError", "RowSampler",
+           "Sampling", "StopStrings", "check_text", "context_size", "validate_ids"]
