@@ -74,8 +74,11 @@ def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch
     m, proc, task, info, d, base = load_with_adapter(adapter, model, task, trust_remote_code)
     cols = {k: v for k, v in (info.get("columns") or {}).items()}
     cols.update({k: v for k, v in (columns or {}).items() if v is not None})
+    from .run import set_chat_template
+
+    set_chat_template(proc, info.get("chat_template"))  # the template the adapter was trained with
     ex = load_examples(task, data, label_names=info.get("label_names") or None, **cols)
-    feats = encode_examples(ex, proc, info.get("max_length") or MAX_LENGTH[task])
+    feats = encode_examples(ex, proc, info.get("max_length") or MAX_LENGTH[task], info.get("train_on") or "responses")
     coll = collate_for(proc)
     metrics = task_metrics(task, m, feats, coll, batch_size)
     with dt.disabled(m):
