@@ -65,9 +65,11 @@ def has_template(tokenizer) -> bool:
 
 
 def _apply(tokenizer, msgs, generation: bool = False) -> str:
+    from jinja2 import TemplateError
+
     try:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
-    except Exception as e:  # a template that raises (e.g. "roles must alternate") names the problem itself
+    except (TemplateError, ValueError) as e:  # a template that raises ("roles must alternate") says why
         raise DeltaError(f"the chat template refused a conversation ({type(e).__name__}: {e}); roles were "
                          f"{[m['role'] for m in msgs]}") from None
 

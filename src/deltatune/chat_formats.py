@@ -97,6 +97,8 @@ def _conversation(table: Table, col: str) -> list[dict]:
     out = []
     for v, line in zip(table.df[col].tolist(), table.lines):
         where = table.where(line, col)
+        if v is None or (isinstance(v, float) and v != v):  # absent in this row (NaN from pandas)
+            raise DeltaError(f"{where}: missing value; every row needs a list of messages")
         if isinstance(v, str):
             try:
                 v = json.loads(v)

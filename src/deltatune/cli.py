@@ -108,11 +108,25 @@ def _errors(fn):
     return wrapper
 
 
-def _command_line() -> str:
-    """The command as the user typed it (for the model card), program name normalised."""
+def _command_line(ctx: typer.Context) -> str:
+    """The command as given (for the model card), rebuilt from the options click parsed from the
+    command line or the --config file, so it is the same whether run as `deltatune`, `python -m`
+    or in-process."""
     import shlex
 
-    return shlex.join(["deltatune", *sys.argv[1:]])
+    words = ["deltatune", ctx.info_name or ""]
+    for p in ctx.command.params:
+        src = ctx.get_parameter_source(p.name)
+        v = ctx.params.get(p.name)
+        if p.name == "config" or getattr(src, "name", "") not in ("COMMANDLINE", "DEFAULT_MAP") or v is None:
+            continue
+        flag = p.opts[0]
+        if getattr(p, "is_flag", False) or isinstance(v, bool):
+            words.append(flag if v else (p.secondary_opts[0] if p.secondary_opts else ""))
+            continue
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            words += [flag, str(item)]
+    return shlex.join(w for w in words if w)
 
 
 FORMAT_HELP = ("causal-lm data format (default: from the columns): messages | sharegpt | alpaca | "
@@ -128,6 +142,7 @@ def _train_dict(**kw) -> dict:
 @app.command()
 @_errors
 def train(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="Model directory, id in the local HF cache, or .gguf file."),
     data: str = typer.Option(..., help="Training data: CSV, TSV, JSONL, JSON, Parquet, Arrow, a dataset directory, "
                              "a Hub dataset id (org/name, cached or online), .npz or image folder."),
@@ -184,7 +199,7 @@ def train(
                    val_data=val_data, val_fraction=val_fraction, text_column=text_column, label_column=label_column,
                    prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
                    format=format, data_split=data_split, data_config=data_config, train_on=train_on,
-                   chat_template=chat_template, command=_command_line(), max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
+                   chat_template=chat_template, command=_command_line(ctx), max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
                    trust_remote_code=trust_remote_code, lr=lr,
                    train=_train_dict(epochs=epochs,
                                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,

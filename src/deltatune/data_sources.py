@@ -121,6 +121,9 @@ def _one_split(ds, spec: str, split: str | None):
     return ds
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
+    """The first line of the error, and of its cause (datasets wraps the real parse error)."""
     s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__
+    msg = s[0][:200] if s else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    return f"{msg}: {_first_line(cause)}" if cause is not None and cause is not e else msg

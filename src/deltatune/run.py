@@ -167,6 +167,8 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     torch.manual_seed(seed)  # the fresh head's init is part of the run
     model, proc, path = load_model(o.model, o.task, train_ex.label_names or None, o.trust_remote_code)
     template = set_chat_template(proc, o.chat_template)
+    if getattr(model, "config", None) is not None:  # adapter_config / model card record the real base
+        model.config._name_or_path = real_model_name(o.model)
     max_length = o.max_length or MAX_LENGTH[o.task]
     log(f"data: {len(train_ex)} train / {len(val_ex)} validation rows from {o.data}"
         + (f"; labels {train_ex.label_names}" if train_ex.label_names else "")
@@ -229,7 +231,39 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     }
     if rank == 0:
         atomic_write_json(out / "metrics.json", metrics)
+        write_run_card(o, metrics, art, train_ex.format)
     return metrics
+
+
+def real_model_name(spec: str) -> str:
+    """A local model (directory or .gguf) as its absolute path; a cached Hub id as the id."""
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def card_config(o: RunOptions) -> dict:
+    """The run's options as ``--config`` YAML keys (flag names), without run-management ones."""
+    skip = {"train", "command", "resume", "overwrite", "max_eval_rows"}
+    flat = {k: v for k, v in dataclasses.asdict(o).items() if k not in skip}
+    flat.update(o.train)
+    return {k: v for k, v in flat.items() if v is not None and v != {}}
+
+
+def write_run_card(o: RunOptions, m: dict, art: Path, fmt: str | None = None) -> None:
+    """README.md of the saved adapter (or full model) with the run: data, command, metrics, forgetting."""
+    from . import model_card
+
+    keys = [k for k in m["after"] if k in m["before"]] or list(m["after"])
+    data = f"`{o.data}`" + (f" (split {o.data_split})" if o.data_split else "") + \
+        f", {m['train_rows']} training / {m['val_rows']} validation rows" + (f", format {fmt}" if fmt else "") + \
+        (f", loss on {o.train_on}" if o.task == "causal-lm" else "")
+    text = model_card.card(
+        base_model=real_model_name(o.model), method=o.method, method_config=o.method_options or None, task=o.task,
+        trainable=m["trainable_params"], total=m["total_params"], datasets=[o.data if not Path(o.data).exists()
+                                                                           else Path(o.data).name],
+        data=data, metrics={k: (m["before"].get(k), m["after"][k]) for k in keys}, main_metric=m["metric"],
+        forgetting=m.get("forgetting"), command=o.command, config=card_config(o))
+    model_card.write(art, text)
 
 
 def set_chat_template(proc, value: str | None) -> str | None:
