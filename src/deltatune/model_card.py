@@ -50,7 +50,7 @@ def may_write(directory: str | os.PathLike) -> bool:
 
 
 def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
 def card(*, base_model: str | None, method: str, method_config: dict | None = None, task: str | None = None,

@@ -307,6 +307,24 @@ def print_inspect(out, res: dict) -> None:
 
 # --------------------------------------------------------------------------- merge
 
+def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info: dict) -> None:
+    """README.md of a merged model: the base, the adapter it came from, and that run's results."""
+    from . import model_card
+    from .run import real_model_name
+
+    manifest = json.loads((adapter_dir / "deltatune.json").read_text(encoding="utf-8")) \
+        if (adapter_dir / "deltatune.json").exists() else {}
+    run_file = adapter_dir.parent / "metrics.json"  # train's run directory, when the adapter came from one
+    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
+    before, after = run.get("before") or {}, run.get("after") or {}
+    model_card.write(out, model_card.card(
+        base_model=real_model_name(base), method=info.get("method") or manifest.get("method", "adapter"),
+        method_config=manifest.get("config"), task=task, merged_from=str(adapter_dir.resolve()),
+        datasets=[Path(run["data"]).name] if run.get("data") else None,
+        metrics={k: (before.get(k), v) for k, v in after.items()} or None, main_metric=run.get("metric"),
+        forgetting=run.get("forgetting")))
+
+
 def merge_adapter(adapter, output, model=None, task=None, force=False, trust_remote_code=False) -> dict:
     import torch
 
@@ -338,6 +356,7 @@ def merge_adapter(adapter, output, model=None, task=None, force=False, trust_rem
     save_pretrained_atomic(merged, proc, out)
     if info:
         atomic_write_json(out / "deltatune_merge.json", {"adapter": str(d), "base_model": base, **info})
+    _write_merged_card(out, d, base, task, info)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"adapter": str(d), "base_model": base, "output": str(out), "class": type(merged).__name__,
             "bytes": size, "check_max_abs_diff": diff}
