@@ -194,6 +194,13 @@ def test_dataset_directory_arrow_and_saved_dataset(tmp_path):
     assert load_causal_lm(saved).format == "sharegpt"
     arrow = next(saved.glob("*.arrow"))
     assert len(load_causal_lm(arrow)) == 3
+    write_jsonl(d / "validation.jsonl", [TEXT])  # a split with other columns: named, not a pyarrow cast error
+    with pytest.raises(DeltaError, match=r"ds: the files do not share their columns \(test.jsonl: \['prompt', "
+                                         r"'completion'\], validation.jsonl: \['text'\]\)"):
+        load_causal_lm(d)
+    (d / "validation.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", completion: 1}\n')
+    with pytest.raises(DeltaError, match=r"ds/validation.jsonl: line 2: invalid JSON"):
+        load_causal_lm(d)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DeltaError, match=r"is a directory without data files"):
         load_causal_lm(tmp_path / "empty")

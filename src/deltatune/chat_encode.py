@@ -30,7 +30,10 @@ import json
 from functools import partial
 from pathlib import Path
 
+from .chat_formats import as_record
 from .core import DeltaError
+from .data_sources import quiet_datasets
+from .models import cache_root
 
 TRAIN_ON = ("responses", "prompt+response")
 CACHE_VERSION = 1  # bump when the rendering or masking rules change: old cache files stop matching
@@ -181,10 +184,6 @@ def encode_causal_lm(rows, tokenizer, max_length: int = 256, train_on: str = "re
                      cache: bool = True) -> list[dict]:
     """Records (or legacy (prompt, response) pairs) -> [{"input_ids", "labels"}], cached on disk."""
     import datasets
-
-    from .chat_formats import as_record
-    from .data_sources import quiet_datasets
-    from .models import cache_root
 
     if train_on not in TRAIN_ON:
         raise DeltaError(f"unknown --train-on {train_on!r}; choose one of {list(TRAIN_ON)}")

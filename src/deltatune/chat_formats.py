@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .core import DeltaError
+# this module is the layer above data.py's table readers; data.load_causal_lm calls back into it
+from .data import (PROMPT_GUESSES, RESPONSE_GUESSES, TEXT_GUESSES, _is_missing, _lines, _text_values, _where,
+                   pick_column, read_table)
 
 # Stanford Alpaca's own prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT): what alpaca rows
 # become when the tokenizer has no chat template, so base models train on the format they were shown.
@@ -58,20 +61,14 @@ class Table:
     lines: list[int]
 
     def column(self, given: str | None, guesses, role: str, flag: str) -> str:
-        from .data import pick_column
-
         return pick_column(self.df, self.path, given, guesses, role, flag)
 
     def texts(self, col: str, optional: bool = False) -> list[str]:
-        from .data import _is_missing, _text_values
-
         if optional:  # alpaca's ``input`` is often empty or null: that means "no input"
-            return ["" if _is_missing(v) else v for v in self.df[col].tolist()]
+            return ["" if _is_missing(v) else str(v) for v in self.df[col].tolist()]
         return _text_values(self.df, col, self.path, self.lines)
 
     def where(self, line: int, col: str) -> str:
-        from .data import _where
-
         return f"{_where(self.path, line)}, column {col!r}"
 
 
@@ -152,16 +149,12 @@ def _alpaca_rows(table: Table, cols: dict) -> list[dict]:
 
 
 def _prompt_completion_rows(table: Table, cols: dict) -> list[dict]:
-    from .data import PROMPT_GUESSES, RESPONSE_GUESSES
-
     pcol = table.column(cols.get("prompt_column"), PROMPT_GUESSES, "prompts", "--prompt-column")
     rcol = table.column(cols.get("response_column"), RESPONSE_GUESSES, "responses", "--response-column")
     return [_single_turn(p, r, f"{p}\n" if p else "") for p, r in zip(table.texts(pcol), table.texts(rcol))]
 
 
 def _text_rows(table: Table, cols: dict) -> list[dict]:
-    from .data import TEXT_GUESSES
-
     col = table.column(cols.get("text_column"), TEXT_GUESSES, "text", "--text-column (or --format with "
                        f"one of {sorted(FORMATS)})")
     return [{"text": t} for t in table.texts(col)]
@@ -177,8 +170,6 @@ def _has(*names: str) -> Callable[[dict], bool]:
 
 
 def _prompt_and_response(lower: dict) -> bool:
-    from .data import PROMPT_GUESSES, RESPONSE_GUESSES
-
     return any(g in lower for g in PROMPT_GUESSES) and any(g in lower for g in RESPONSE_GUESSES)
 
 
@@ -218,8 +209,6 @@ def detect_format(columns, given: str | None = None, cols: dict | None = None) -
 def load_records(path, fmt: str | None = None, split: str | None = None, config: str | None = None,
                  **cols) -> tuple[list[dict], list[int], str]:
     """(records, file line of each, format name) for a causal-LM data file / directory / dataset id."""
-    from .data import _lines, read_table
-
     path_str = str(path)
     df = read_table(path_str, split=split, config=config)
     p = Path(path_str)

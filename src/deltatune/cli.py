@@ -108,27 +108,6 @@ def _errors(fn):
     return wrapper
 
 
-def _command_line(ctx: typer.Context) -> str:
-    """The command as given (for the model card), rebuilt from the options click parsed from the
-    command line or the --config file, so it is the same whether run as `deltatune`, `python -m`
-    or in-process."""
-    import shlex
-
-    words = ["deltatune", ctx.info_name or ""]
-    for p in ctx.command.params:
-        src = ctx.get_parameter_source(p.name)
-        v = ctx.params.get(p.name)
-        if p.name == "config" or getattr(src, "name", "") not in ("COMMANDLINE", "DEFAULT_MAP") or v is None:
-            continue
-        flag = p.opts[0]
-        if getattr(p, "is_flag", False) or isinstance(v, bool):
-            words.append(flag if v else (p.secondary_opts[0] if p.secondary_opts else ""))
-            continue
-        for item in v if isinstance(v, (list, tuple)) else [v]:
-            words += [flag, str(item)]
-    return shlex.join(w for w in words if w)
-
-
 FORMAT_HELP = ("causal-lm data format (default: from the columns): messages | sharegpt | alpaca | "
                "prompt-completion | text.")
 
@@ -193,13 +172,14 @@ def train(
 ):
     """Train an adapter (or the full model with --method full) and write it with metrics and a plot."""
     from .run import RunOptions, train_run
+    from .tools import command_line
 
     out = Out(as_json)
     o = RunOptions(model=model, data=data, task=task, method=method, method_options=_parse_opts(opt), output=output,
                    val_data=val_data, val_fraction=val_fraction, text_column=text_column, label_column=label_column,
                    prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
                    format=format, data_split=data_split, data_config=data_config, train_on=train_on,
-                   chat_template=chat_template, command=_command_line(ctx), max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
+                   chat_template=chat_template, command=command_line(ctx), max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
                    trust_remote_code=trust_remote_code, lr=lr,
                    train=_train_dict(epochs=epochs,
                                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
@@ -398,38 +378,15 @@ def inspect(
     config: Optional[Path] = ConfigOpt,
 ):
     """Modules, candidate targets and trainable counts of a model; or an adapter's files and integrity."""
-    from .tools import inspect_path, print_inspect
+    from .tools import inspect_path, print_inspect, print_methods
 
     out = Out(as_json)
     if methods:
-        return _print_methods(out)
+        return print_methods(out)
     if path is None:
         raise DeltaError("inspect needs a PATH (adapter or model), or --methods to list the methods")
     res = inspect_path(path, task=task, method=method, options=_parse_opts(opt), trust_remote_code=trust_remote_code)
     out.done(res, lambda: print_inspect(out, res))
-
-
-def _print_methods(out: Out) -> None:
-    import dataclasses
-
-    import deltatune as dt
-
-    rows = [{"name": n, "summary": m.summary, "peft_type": m.peft_type, "mergeable": m.mergeable,
-             "options": [f.name for f in dataclasses.fields(m.config_cls)]}
-            for n, m in sorted(dt.METHODS.items())]
-
-    def human():
-        from rich.table import Table
-
-        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE)")
-        for c in ("method", "what it trains", "merge"):
-            t.add_column(c)
-        for r in rows:
-            t.add_row(r["name"], r["summary"], "yes" if r["mergeable"] else "no")
-        t.add_row("full", "every weight (the reference in `compare`)", "-")
-        out.console.print(t)
-
-    out.done({"methods": rows}, human)
 
 
 @app.command()

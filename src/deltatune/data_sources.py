@@ -22,11 +22,12 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet", ".pq")
 
 
 def quiet_datasets() -> None:
-    """No "Generating train split" bars or info logs in the user's run."""
+    """No "Generating train split" bars or logs in the user's run."""
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # its parse errors are logged before they are raised; we raise them as one DeltaError line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def is_dataset_source(spec: str | os.PathLike) -> bool:
@@ -73,10 +74,24 @@ def _open(spec: str, config: str | None):
         return _open_hub(spec, config)
     except DeltaError:
         raise
-    except (ValueError, FileNotFoundError) as e:  # no data files, unknown config, unreadable file
-        raise DeltaError(f"{spec}: cannot read it as a dataset ({_first_line(e)})") from None
-    except Exception as e:  # pyarrow / json parse errors of a file inside a directory
+    except Exception as e:  # no data files, unknown config, a parse error of a file inside a directory
+        if p.is_dir():
+            _precise_error(p)  # name the file and line, as for a single file
         raise DeltaError(f"{spec}: cannot read it as a dataset ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _precise_error(d: Path) -> None:
+    """Read each table file of a directory on its own: the first bad one raises its error with the
+    file and line (pandas readers of deltatune.data); columns that differ between files are named."""
+    from .data import read_table
+
+    columns: dict[tuple, Path] = {}
+    for f in sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES):
+        columns.setdefault(tuple(read_table(f).columns), f)
+    if len(columns) > 1:
+        (a, fa), (b, fb) = list(columns.items())[:2]
+        raise DeltaError(f"{d}: the files do not share their columns ({fa.name}: {list(a)}, {fb.name}: {list(b)}); "
+                         "every split needs the same columns")
 
 
 def _open_hub(repo: str, config: str | None):

@@ -360,3 +360,48 @@ def merge_adapter(adapter, output, model=None, task=None, force=False, trust_rem
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"adapter": str(d), "base_model": base, "output": str(out), "class": type(merged).__name__,
             "bytes": size, "check_max_abs_diff": diff}
+
+
+def print_methods(out) -> None:
+    """``deltatune inspect --methods``: the method registry, one row per method (or JSON)."""
+    import dataclasses
+
+    import deltatune as dt
+
+    rows = [{"name": n, "summary": m.summary, "peft_type": m.peft_type, "mergeable": m.mergeable,
+             "options": [f.name for f in dataclasses.fields(m.config_cls)]}
+            for n, m in sorted(dt.METHODS.items())]
+
+    def human():
+        from rich.table import Table
+
+        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE)")
+        for c in ("method", "what it trains", "merge"):
+            t.add_column(c)
+        for r in rows:
+            t.add_row(r["name"], r["summary"], "yes" if r["mergeable"] else "no")
+        t.add_row("full", "every weight (the reference in `compare`)", "-")
+        out.console.print(t)
+
+    out.done({"methods": rows}, human)
+
+
+def command_line(ctx) -> str:
+    """The command as given (for the model card), rebuilt from the options click parsed from the
+    command line or the --config file, so it is the same whether run as `deltatune`, `python -m`
+    or in-process."""
+    import shlex
+
+    words = ["deltatune", ctx.info_name or ""]
+    for p in ctx.command.params:
+        src = ctx.get_parameter_source(p.name)
+        v = ctx.params.get(p.name)
+        if p.name == "config" or getattr(src, "name", "") not in ("COMMANDLINE", "DEFAULT_MAP") or v is None:
+            continue
+        flag = p.opts[0]
+        if getattr(p, "is_flag", False) or isinstance(v, bool):
+            words.append(flag if v else (p.secondary_opts[0] if p.secondary_opts else ""))
+            continue
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            words += [flag, str(item)]
+    return shlex.join(w for w in words if w)
