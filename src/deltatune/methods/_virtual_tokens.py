@@ -85,22 +85,27 @@ def check_model(model: nn.Module, method: str) -> None:
     if getattr(model.config, "is_encoder_decoder", False):
         raise DeltaError(f"{method}: encoder-decoder models ({type(model).__name__}) are not supported yet; "
                          "use a decoder-only or encoder-only model, or peft")
+    try:
+        emb = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        emb = None
+    main = getattr(model, "main_input_name", "input_ids")
+    if not isinstance(emb, nn.Embedding) or main != "input_ids":
+        # vision / audio models (ViT, ResNet, ConvNext, CLIP's vision side) embed pixels or
+        # features, not token ids: virtual *tokens* have no place to go
+        raise DeltaError(f"{method}: {type(model).__name__} takes {main!r}, not token ids through an nn.Embedding "
+                         f"(its input embedding is {type(emb).__name__}), so there are no tokens to prepend; "
+                         "use lora, ia3 or adapter instead")
 
 
-def dims(model: nn.Module) -> dict[str, int]:
-    """Layer count, hidden size, attention heads and key/value heads, read as peft reads them."""
+def dims(model: nn.Module) -> dict[str, int | None]:
+    """Layer count and attention heads, read as peft reads them, for the metadata of a prompt
+    tuning file (None where the config has none: a state-space model such as Mamba has no heads,
+    and prompt tuning does not need them)."""
     cfg = model.config
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
-    hidden = getattr(cfg, "hidden_size", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    layers = getattr(cfg, "num_hidden_layers", None)
-    if not (hidden and heads and layers):
-        raise DeltaError(f"cannot read hidden_size / num_attention_heads / num_hidden_layers from "
-                         f"{type(model.config).__name__}; prompt methods need a transformers config")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    return {"hidden": hidden, "heads": heads, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim}
+    return {"heads": getattr(cfg, "num_attention_heads", None), "layers": getattr(cfg, "num_hidden_layers", None)}
 
 
 def task_type(model: nn.Module) -> str:
@@ -131,6 +136,23 @@ def pop_cache(kw: dict):
     """Remove the cache from call kwargs under either name and return it (None if absent)."""
     found = [kw.pop(k, None) for k in CACHE_KWARGS]
     return next((c for c in found if c is not None), None)
+
+
+# recurrent models (RWKV, older Mamba) carry a state instead of a KV cache: present = decoding
+STATE_KWARGS = ("state", "cache_params")
+
+
+def cached_tokens(past, kw: dict) -> int | None:
+    """How many positions the model has already seen: the KV cache's length; None when a
+    recurrent state (a state-space cache, or an RWKV ``state``) says "already started" without
+    a length; 0 when nothing is cached (a plain forward, or generate's first step)."""
+    if past is not None:
+        try:
+            return past.get_seq_length()
+        except (ValueError, StopIteration, AttributeError):  # only linear-attention / state layers
+            started = any(any(getattr(lay, "has_previous_state", {}).values()) for lay in getattr(past, "layers", ()))
+            return None if started else 0
+    return None if any(kw.get(k) is not None for k in STATE_KWARGS) else 0
 
 
 def output_cache(out):
@@ -353,9 +375,9 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     past = pop_cache(kw)
     if past is not None:
         kw[key] = past
-    cached = 0 if past is None else past.get_seq_length()  # F_max + P_max + real tokens once filled
+    cached = cached_tokens(past, kw)  # F_max + P_max + real tokens once filled; None: a filled state
     prefill = cached == 0
-    seen = 0 if prefill else cached - f_max - p_max  # real tokens already in the cache
+    seen = 0 if prefill or cached is None else cached - f_max - p_max  # real tokens already in the cache
 
     pos = kw.get("position_ids")
     if pos is not None and pos.dim() != 2:
