@@ -28,12 +28,18 @@ PIPELINE = {"causal-lm": "text-generation", "classify": "text-classification",
             "image-classify": "image-classification"}
 
 
+def _json(v) -> str:
+    """JSON text (valid YAML flow style); sets sorted, anything else unusual as its str."""
+    return json.dumps(v, ensure_ascii=False, sort_keys=isinstance(v, dict),
+                      default=lambda o: sorted(o) if isinstance(o, (set, frozenset)) else str(o))
+
+
 def front_matter(fields: dict[str, Any]) -> str:
     lines = ["---"]
     for k, v in fields.items():
         if v is None or v == []:
             continue
-        lines.append(f"{k}: {json.dumps(v, ensure_ascii=False)}")
+        lines.append(f"{k}: {_json(v)}")
     return "\n".join(lines + ["---", ""])
 
 
@@ -70,7 +76,7 @@ def card(*, base_model: str | None, method: str, method_config: dict | None = No
     if merged_from:
         body += [f"Merged from the adapter `{merged_from}` with `deltatune merge`; loads with "
                  "`transformers`' `from_pretrained`.", ""]
-    body += [f"- **Method:** `{method}`" + (f" with `{json.dumps(method_config, sort_keys=True)}`"
+    body += [f"- **Method:** `{method}`" + (f" with `{_json(method_config)}`"
                                            if method_config else "")]
     if trainable is not None and total:
         body += [f"- **Trainable parameters:** {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)"]
@@ -82,7 +88,7 @@ def card(*, base_model: str | None, method: str, method_config: dict | None = No
         body += ["", "## How it was trained", "", "```bash", command, "```"]
     if config:
         body += ["", "Resolved configuration (usable as `deltatune train --config FILE.yaml`):", "", "```yaml"]
-        body += [f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in config.items()] + ["```"]
+        body += [f"{k}: {_json(v)}" for k, v in config.items()] + ["```"]
     if metrics:
         body += ["", "## Results (validation split)", "", "| metric | before | after |", "|---|---:|---:|"]
         body += [f"| {k} | {_fmt(b)} | {_fmt(a)} |" for k, (b, a) in metrics.items()]
