@@ -232,6 +232,10 @@ def test_hub_dataset_id_from_the_cache_and_offline_error(smol, tmp_path):
     r = _cli(args + ["--data", "someorg/chats", "--data-split", "test", "--output", tmp_path / "b"], env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["train_rows"] == 5  # the 6 rows of the test split, one held out
+    r = _cli(args + ["--data", "someorg/chats", "--val-data", "someorg/chats", "--val-split", "test", "--output",
+                     tmp_path / "c"], env)
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["train_rows"], json.loads(r.stdout)["val_rows"]) == (3, 6)
     assert json.loads((tmp_path / "b" / "adapter" / "task.json").read_text())["format"] == "sharegpt"
 
 

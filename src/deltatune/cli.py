@@ -174,6 +174,8 @@ def train(
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     data_split: Optional[str] = typer.Option(None, help="Split of a dataset directory or Hub id (default: train)."),
     data_config: Optional[str] = typer.Option(None, help="Configuration (subset) of a Hub dataset."),
+    val_split: Optional[str] = typer.Option(None, help="Split of --val-data (e.g. test; use --val-data DATA for "
+                                            "another split of the same dataset)."),
     train_on: str = typer.Option("responses", help="causal-lm: responses (loss on assistant turns only) | "
                                  "prompt+response (every token)."),
     chat_template: Optional[str] = typer.Option(None, help="causal-lm: chat template for a tokenizer without one: "
@@ -213,7 +215,8 @@ def train(
     o = RunOptions(model=model, data=data, task=task, method=method, method_options=_parse_opts(opt), output=output,
                    val_data=val_data, val_fraction=val_fraction, text_column=text_column, label_column=label_column,
                    prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
-                   format=format, data_split=data_split, data_config=data_config, train_on=train_on,
+                   format=format, data_split=data_split, data_config=data_config, val_split=val_split,
+                   train_on=train_on,
                    chat_template=chat_template, command=command_line(ctx), max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
                    trust_remote_code=trust_remote_code, lr=lr,
                    train=_train_dict(epochs=epochs,

@@ -56,6 +56,7 @@ class RunOptions:
     format: str | None = None  # causal-lm data format (chat_formats.FORMATS); None = from the columns
     data_split: str | None = None  # split of a dataset directory / Hub id (default train or the only one)
     data_config: str | None = None  # Hub dataset configuration
+    val_split: str | None = None  # split of --val-data (a dataset directory / Hub id), e.g. test
     train_on: str = "responses"  # causal-lm: loss on assistant turns only, or on prompt+response
     chat_template: str | None = None  # file / Jinja string / name, for tokenizers that have none
     command: str | None = None  # the command line that started the run (for the model card)
@@ -83,8 +84,8 @@ def prepare(o: RunOptions, label_names=None):
                        **_columns(o))
     seed = o.train.get("seed", 0)
     if o.val_data:
-        val = load_examples(o.task, o.val_data, label_names=ex.label_names or None, data_config=o.data_config,
-                            **_columns(o))
+        val = load_examples(o.task, o.val_data, label_names=ex.label_names or None, data_split=o.val_split,
+                            data_config=o.data_config, **_columns(o))
         train = ex
     else:
         train, val = split_validation(ex, o.val_fraction, seed=seed)
