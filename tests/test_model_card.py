@@ -1,6 +1,8 @@
 """Model cards (deltatune.model_card): README.md with Hugging Face front matter in every saved
 adapter and merged model; parsed back with yaml as the Hub would."""
 import json
+import os
+import stat
 
 import yaml
 from typer.testing import CliRunner
@@ -45,6 +47,11 @@ def test_a_users_own_readme_is_kept(tmp_path):
     m = dt.attach(tiny_llama(), "lora", targets=["q_proj"], r=4)
     dt.save(m, d)
     assert (d / "README.md").read_text() == "# my notes\n"
+    fifo = tmp_path / "f"
+    fifo.mkdir()
+    os.mkfifo(fifo / "README.md")  # neither read (it would block) nor replaced
+    dt.save(m, fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo / "README.md").st_mode) and (fifo / "adapter_config.json").exists()
     dt.save(m, tmp_path / "b")
     dt.save(m, tmp_path / "b")  # our own card is refreshed
     assert front_matter(tmp_path / "b" / "README.md")[0]["library_name"] == "deltatune"

@@ -45,13 +45,18 @@ def front_matter(fields: dict[str, Any]) -> str:
 
 def may_write(directory: str | os.PathLike) -> bool:
     """False when the directory holds a README.md that deltatune did not write."""
+    import stat
+
     p = Path(directory) / README
     try:
-        head = p.read_text(encoding="utf-8")[:2000]
+        if not stat.S_ISREG(os.lstat(p).st_mode):  # a symlink, FIFO or device: not ours, never read
+            return False
+        with open(p, "rb") as f:
+            head = f.read(2000).decode("utf-8", errors="replace")
         return any(m in head for m in MARKERS)
     except FileNotFoundError:
         return True
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         return False
 
 
