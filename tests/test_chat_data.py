@@ -274,3 +274,25 @@ def test_each_format_trains_through_the_cli(smol, tmp_path, fmt):
     assert f"| loss | {m['before']['loss']:.4f} | {m['after']['loss']:.4f} |" in body
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(Path(model).resolve())
+
+
+def test_chat_template_given_at_training_is_used_by_eval(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli_fixtures import CHAT, tiny_llama_dir
+    from deltatune.cli import app
+
+    model = tiny_llama_dir(tmp_path / "llama")  # word-level tokenizer without a chat template
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]} for p, r in CHAT * 4]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    base = ["--data", str(data), "--task", "causal-lm", "--output", str(tmp_path / "r"), "--max-steps", "2",
+            "--batch-size", "4", "--no-progress", "--json"]
+    r = CliRunner().invoke(app, ["train", "--model", str(model), *base])
+    assert r.exit_code == 2 and "has no chat template" in r.output and "--chat-template" in r.output
+    r = CliRunner().invoke(app, ["train", "--model", str(model), *base, "--chat-template", "chatml"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "adapter" / "task.json").read_text())["chat_template"] == \
+        chat_template_text("chatml")
+    r = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path / "r"), "--data", str(data), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["metrics"]["loss"] > 0

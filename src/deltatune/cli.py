@@ -327,6 +327,10 @@ def compare(
     label_column: Optional[str] = typer.Option(None),
     prompt_column: Optional[str] = typer.Option(None),
     response_column: Optional[str] = typer.Option(None),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    data_split: Optional[str] = typer.Option(None, help="Split of a dataset directory or Hub id."),
+    train_on: Optional[str] = typer.Option(None, help="causal-lm: responses | prompt+response."),
+    chat_template: Optional[str] = typer.Option(None, help="causal-lm: template for a tokenizer without one."),
     max_train_rows: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     as_json: bool = JsonOpt,
@@ -339,7 +343,8 @@ def compare(
     out = Out(as_json)
     extra = {"--max-length": max_length, "--val-data": val_data, "--text-column": text_column,
              "--label-column": label_column, "--prompt-column": prompt_column,
-             "--response-column": response_column, "--max-train-rows": max_train_rows}
+             "--response-column": response_column, "--max-train-rows": max_train_rows, "--format": format,
+             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template}
     res = compare_methods([m.strip() for m in methods.split(",") if m.strip()], model, data, task, output,
                           max_steps, batch_size, seed, full, {k: v for k, v in extra.items() if v is not None},
                           log=out.log)
