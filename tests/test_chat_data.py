@@ -289,6 +289,8 @@ def test_chat_template_given_at_training_is_used_by_eval(tmp_path):
             "--batch-size", "4", "--no-progress", "--json"]
     r = CliRunner().invoke(app, ["train", "--model", str(model), *base])
     assert r.exit_code == 2 and "has no chat template" in r.output and "--chat-template" in r.output
+    r = CliRunner().invoke(app, ["train", "--model", str(model), *base, "--train-on", "everything"])
+    assert r.exit_code == 2 and "unknown --train-on 'everything'; choose one of ['responses', 'prompt+response']" in r.output
     r = CliRunner().invoke(app, ["train", "--model", str(model), *base, "--chat-template", "chatml"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r" / "adapter" / "task.json").read_text())["chat_template"] == \

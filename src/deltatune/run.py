@@ -163,6 +163,13 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
                              "or choose another --output")
     if o.method != "full":
         dt.make_config(o.method, **o.method_options)  # fail on typos before loading anything
+    if o.task == "causal-lm":
+        from .chat_encode import TRAIN_ON, chat_template_text
+
+        if o.train_on not in TRAIN_ON:
+            raise DeltaError(f"unknown --train-on {o.train_on!r}; choose one of {list(TRAIN_ON)}")
+        if o.chat_template:
+            chat_template_text(o.chat_template)  # a missing file fails here, not after loading the model
     train_ex, val_ex = prepare(o)
     seed = o.train.get("seed", 0)
     torch.manual_seed(seed)  # the fresh head's init is part of the run
