@@ -92,7 +92,8 @@ def test_unmasked_tokens_are_exactly_the_assistant_turns(smol, tmp_path, fmt, ro
     if fmt == "sharegpt":
         assert SYSTEM in text and text.count("<|im_start|>assistant") == 2
     # the end-of-turn marker is trained (the model learns to stop), the role headers are not
-    ends = [t for t, lab in zip(feat["input_ids"], feat["labels"]) if lab != -100 and t == tok.convert_tokens_to_ids("<|im_end|>")]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ends = [t for t, lab in zip(feat["input_ids"], feat["labels"]) if lab != -100 and t == im_end]
     assert len(ends) == len(assistant)
     every = encode_causal_lm(ex.rows, tok, max_length=256, train_on="prompt+response")[0]
     assert every["labels"] == every["input_ids"] == feat["input_ids"]
@@ -111,7 +112,8 @@ def test_alpaca_input_is_used(smol, tmp_path):
     assert prompt.endswith("### Instruction:\nAdd the two numbers.\n\n### Input:\n2 and 3\n\n### Response:\n")
     assert trained_spans(base, feat) == ["The sum is 5."]
     no_input = load_one(tmp_path, {**ALPACA, "input": ""})
-    assert no_input.rows[0]["messages"][0]["content"] == "Add the two numbers." and "### Input" not in no_input.rows[0]["plain"]
+    assert no_input.rows[0]["messages"][0]["content"] == "Add the two numbers."
+    assert "### Input" not in no_input.rows[0]["plain"]
 
 
 @pytest.mark.parametrize("columns,flags,expected", [
@@ -130,7 +132,8 @@ def test_forced_format_and_errors(tmp_path):
     assert load_causal_lm(p, format="text", text_column="prompt").rows[0] == {"text": "a b"}
     with pytest.raises(DeltaError, match=r"unknown --format 'chatml'; choose one of"):
         load_causal_lm(p, format="chatml")
-    with pytest.raises(DeltaError, match=r"cannot tell which column holds the chat messages; columns are \['prompt', 'completion'\]. Pass --messages-column"):
+    with pytest.raises(DeltaError, match=r"cannot tell which column holds the chat messages; columns are "
+                                         r"\['prompt', 'completion'\]. Pass --messages-column"):
         load_causal_lm(p, format="messages")
     with pytest.raises(DeltaError, match=r"--format alpaca is for --task causal-lm"):
         load_examples("classify", p, format="alpaca")
@@ -158,7 +161,8 @@ def test_chat_rows_need_a_template(tmp_path):
 
 def test_second_encode_reads_the_cache_without_the_tokenizer(smol, tmp_path, monkeypatch):
     tok, _ = smol
-    rows = load_causal_lm(write_jsonl(tmp_path / "d.jsonl", [SHAREGPT, {"conversations": MESSAGES["messages"]}] * 4)).rows
+    rows = [SHAREGPT, {"conversations": MESSAGES["messages"]}] * 4
+    rows = load_causal_lm(write_jsonl(tmp_path / "d.jsonl", rows)).rows
     first = encode_causal_lm(rows, tok, max_length=64)
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.arrow"))) == 1
 
@@ -267,7 +271,8 @@ def test_each_format_trains_through_the_cli(smol, tmp_path, fmt):
     assert meta["metrics"] == ["loss", "perplexity"] and meta["pipeline_tag"] == "text-generation"
     assert f"format {fmt}, loss on responses" in body
     command = body.split("```bash\n")[1].split("\n")[0]  # the command as given, flags in declaration order
-    assert command == (f"deltatune train --model {model} --data {data} --task causal-lm --output {out} --val-data {data} "
+    assert command == (f"deltatune train --model {model} --data {data} --task causal-lm --output {out} "
+                       f"--val-data {data} "
                        "--lr 0.03 --max-steps 8 --batch-size 4 --no-progress --json")
     config = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
     assert config["data"] == str(data) and config["max_steps"] == 8 and config["train_on"] == "responses"
@@ -290,7 +295,8 @@ def test_chat_template_given_at_training_is_used_by_eval(tmp_path):
     r = CliRunner().invoke(app, ["train", "--model", str(model), *base])
     assert r.exit_code == 2 and "has no chat template" in r.output and "--chat-template" in r.output
     r = CliRunner().invoke(app, ["train", "--model", str(model), *base, "--train-on", "everything"])
-    assert r.exit_code == 2 and "unknown --train-on 'everything'; choose one of ['responses', 'prompt+response']" in r.output
+    assert r.exit_code == 2
+    assert "unknown --train-on 'everything'; choose one of ['responses', 'prompt+response']" in r.output
     r = CliRunner().invoke(app, ["train", "--model", str(model), *base, "--chat-template", "chatml"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r" / "adapter" / "task.json").read_text())["chat_template"] == \
