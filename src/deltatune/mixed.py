@@ -195,6 +195,13 @@ def mixed_forward(layer: DeltaLayer, row_adapters: Sequence[RowName], args: tupl
     x = args[0] if args else next(iter(kwargs.values()))
     n = x.shape[0]
     plan = row_adapters if isinstance(row_adapters, RowPlan) else RowPlan(row_adapters)
+    if len(plan) and n % len(plan):
+        # one name per input row was passed (checked at entry); this layer runs on a tensor that is
+        # not per row (DeBERTa's relative-position embeddings go through the key/query projections)
+        raise DeltaError(f"mixed batch: the adapted {type(layer.base_layer).__name__} runs on a tensor of {n} rows, "
+                         f"not one per input row ({len(plan)} rows): {type(layer).__name__} inside this model "
+                         "also processes shared, non-batch tensors (e.g. DeBERTa's relative-position embeddings), "
+                         "so its rows cannot take different adapters - run each adapter in its own batch")
     names, groups = plan.expand(n, x.device)
     lp = plan._layers.get((id(layer), n))
     if lp is None:
