@@ -64,8 +64,13 @@ class RowPlan(list):
             return hit
         m = len(self)
         if m == 0 or n % m:
-            raise DeltaError(f"mixed batch: {m} row adapter(s) given but the layer sees a batch of {n} rows; "
-                             "pass one adapter name (or None) per input row")
+            # either the names do not match the input rows, or the model runs an adapted layer on
+            # a shared, non-batch tensor (DeBERTa's relative-position embeddings go through the
+            # key/query projections as a batch of 1): say both, the caller knows which
+            raise DeltaError(f"mixed batch: {m} row adapter(s) given but an adapted layer sees a batch of {n} rows; "
+                             "pass one adapter name (or None) per input row - if you did, this model also runs "
+                             "adapted layers on shared, non-batch tensors (e.g. DeBERTa's relative-position "
+                             "embeddings), so its rows cannot take different adapters: run each adapter in its own batch")
         k = n // m  # beams / return sequences / flattened tokens per input row
         names = [self[j // k] for j in range(n)]
         rows: dict[RowName, list[int]] = {}
@@ -195,13 +200,6 @@ def mixed_forward(layer: DeltaLayer, row_adapters: Sequence[RowName], args: tupl
     x = args[0] if args else next(iter(kwargs.values()))
     n = x.shape[0]
     plan = row_adapters if isinstance(row_adapters, RowPlan) else RowPlan(row_adapters)
-    if len(plan) and n % len(plan):
-        # one name per input row was passed (checked at entry); this layer runs on a tensor that is
-        # not per row (DeBERTa's relative-position embeddings go through the key/query projections)
-        raise DeltaError(f"mixed batch: the adapted {type(layer.base_layer).__name__} runs on a tensor of {n} rows, "
-                         f"not one per input row ({len(plan)} rows): {type(layer).__name__} inside this model "
-                         "also processes shared, non-batch tensors (e.g. DeBERTa's relative-position embeddings), "
-                         "so its rows cannot take different adapters - run each adapter in its own batch")
     names, groups = plan.expand(n, x.device)
     lp = plan._layers.get((id(layer), n))
     if lp is None:

@@ -415,6 +415,10 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
             kw[key] = _prefix_cache(model, past, rows, f_max)
     if pos is not None:
         kw["position_ids"] = pos
+    cp = kw.get("cache_position")
+    if isinstance(cp, torch.Tensor):  # older transformers (<5) index the cache by it: count the virtual slots
+        kw["cache_position"] = torch.arange(f_max, f_max + p_max + length, device=cp.device) if prefill \
+            else cp + f_max + p_max
     mask = kw.get("attention_mask")
     if mask is None and padded:
         mask = torch.ones(batch, seen + length, dtype=torch.long, device=dev)
