@@ -13,7 +13,8 @@ import deltatune as dt
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=64, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
              bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-EXTRA = {"t5": dict(d_ff=64, d_kv=8), "bart": dict(encoder_ffn_dim=64, decoder_ffn_dim=64),
+EXTRA = {"t5": dict(d_ff=64, d_kv=8), "bart": dict(encoder_ffn_dim=64, decoder_ffn_dim=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                      encoder_attention_heads=4, decoder_attention_heads=4),
          "whisper": dict(encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2, decoder_layers=2,
                          max_target_positions=16),

@@ -152,7 +152,12 @@ def cached_tokens(past, kw: dict) -> int | None:
         except (ValueError, StopIteration, AttributeError):  # only linear-attention / state layers
             started = any(any(getattr(lay, "has_previous_state", {}).values()) for lay in getattr(past, "layers", ()))
             return None if started else 0
-    return None if any(kw.get(k) is not None for k in STATE_KWARGS) else 0
+    if not any(kw.get(k) is not None for k in STATE_KWARGS):
+        return 0
+    # a state object exists from generate's first step on (transformers 4.x Mamba): there its
+    # cache_position starts at 0 on the prefill and beyond 0 afterwards
+    cp = kw.get("cache_position")
+    return 0 if isinstance(cp, torch.Tensor) and cp.numel() and int(cp.reshape(-1)[0]) == 0 else None
 
 
 def output_cache(out):
@@ -416,9 +421,13 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     if pos is not None:
         kw["position_ids"] = pos
     cp = kw.get("cache_position")
-    if isinstance(cp, torch.Tensor):  # older transformers (<5) index the cache by it: count the virtual slots
-        kw["cache_position"] = torch.arange(f_max, f_max + p_max + length, device=cp.device) if prefill \
-            else cp + f_max + p_max
+    # older transformers (<5) index a KV cache by cache_position: count the virtual slots.  Only
+    # where it numbers the input tokens: Mamba's (4.x) is a conv-window index, left alone
+    if isinstance(cp, torch.Tensor) and cp.dim() == 1:
+        if prefill and cp.shape[0] == length:
+            kw["cache_position"] = torch.arange(f_max, f_max + p_max + length, device=cp.device)
+        elif not prefill and cached is not None:
+            kw["cache_position"] = cp + f_max + p_max
     mask = kw.get("attention_mask")
     if mask is None and padded:
         mask = torch.ones(batch, seen + length, dtype=torch.long, device=dev)
