@@ -95,10 +95,18 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from .safety import write_error
+
         try:
             return fn(*a, **kw)
         except DeltaError as e:
             sys.stderr.write(f"error: {e}\n")
+            raise typer.Exit(2) from None
+        except OSError as e:  # disk full, file-size limit, read-only or forbidden path: one line too
+            w = write_error(e, e.filename or "a file")
+            if w is e:
+                raise
+            sys.stderr.write(f"error: {w}\n")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -423,9 +431,37 @@ def serve(
     """HTTP server: one base model, many adapters, mixed batches (see deltatune.serve)."""
     from .serve import run
 
-    token = token_file.read_text().strip() if token_file else None
+    token = _read_token(token_file) if token_file else None
+    _check_adapter_dir(adapters)
     run(model, adapters, task=task, host=host, port=port, token=token, window_ms=window_ms, max_batch=max_batch,
         max_new_tokens=max_new_tokens)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeltaError(f"--token-file {path}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+                         "give a file holding the bearer token") from None
+    if not token:
+        raise DeltaError(f"--token-file {path} is empty; write the bearer token into it")
+    return token
+
+
+def _check_adapter_dir(adapters: str | None) -> None:
+    """A mistyped --adapters path is an error, not a server with no adapters; a directory with no
+    adapter in it starts the server but says so."""
+    if adapters is None:
+        return
+    p = Path(adapters)
+    if not p.is_dir():
+        raise DeltaError(f"--adapters {p}: {'not a directory' if p.exists() else 'does not exist'}; give the "
+                         "directory holding one sub-directory per adapter (written by dt.save / deltatune train)")
+    from .io import CONFIG, MANIFEST
+
+    if not any((d / CONFIG).exists() or (d / MANIFEST).exists() for d in p.iterdir() if d.is_dir()):
+        sys.stderr.write(f"warning: --adapters {p} holds no adapter sub-directory yet; serving the base model "
+                         "only (adapters saved there later can be loaded with POST /v1/adapters)\n")
 
 
 def main(argv: list[str] | None = None) -> None:

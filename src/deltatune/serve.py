@@ -427,7 +427,7 @@ def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-
     from .models import configure_threads, load_model
 
     configure_threads(threads)
-    model, tok, _ = load_model(base_model, task)
+    model, tok, _ = load_model(base_model, task, tokenizer_required=False)  # no tokenizer: serve input_ids
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,
                     max_new_tokens=max_new_tokens)
     if host not in ("127.0.0.1", "localhost", "::1"):
