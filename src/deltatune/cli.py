@@ -83,10 +83,28 @@ def _parse_opts(opts: list[str] | None) -> dict[str, Any]:
         if not eq or not k.strip():
             raise DeltaError(f"--opt {o!r}: expected KEY=VALUE, e.g. --opt r=16 --opt targets='[q_proj,v_proj]'")
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            val = yaml.safe_load(v)
         except yaml.YAMLError:
-            out[k.strip()] = v
+            val = v
+        out[k.strip()] = _exponent_number(val) if val == v.strip() else val
     return out
+
+
+def _exponent_number(v):
+    """YAML 1.1 reads ``1e8`` and ``1e-3`` (no dot) as strings: give them their number (integers
+    stay integers, so ``r=1e8`` is the rank 100000000 and is judged as such)."""
+    import math
+
+    if not isinstance(v, str) or not any(c in v for c in "eE"):
+        return v
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    if not math.isfinite(f):
+        return v
+    return int(f) if f.is_integer() and "." not in v.lower().split("e")[0] and "-" not in v.lower().split("e")[1] \
+        else f
 
 
 def _errors(fn):

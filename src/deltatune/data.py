@@ -478,6 +478,8 @@ def encode(ex: Examples, tokenizer=None, max_length: int = 128, image_size: int 
             ids = (p_ids + r_ids)[:max_length]
             labels = ([-100] * len(p_ids) + r_ids)[:max_length]
             if all(t == -100 for t in labels[1:]):  # the prompt filled max_length: keep the tail
+                if len(response) > cap:  # ... of the whole response, not of its first `cap` characters
+                    r_ids = tokenizer(response[-cap:] + eos, add_special_tokens=False)["input_ids"]
                 ids = (p_ids + r_ids)[-max_length:]
                 labels = ([-100] * len(p_ids) + r_ids)[-max_length:]
             out.append({"input_ids": ids, "labels": labels})

@@ -61,6 +61,8 @@ class WriteError(DeltaError, OSError):
     system, no permission).  Both a :class:`DeltaError` (one-line message) and an ``OSError``
     (``errno`` kept), so code catching either still does."""
 
+    __str__ = BaseException.__str__  # the message, not OSError's "[Errno N] strerror: filename"
+
 
 def write_error(e: OSError, path: str | os.PathLike) -> OSError:
     """``e`` as a one-line :class:`WriteError` naming ``path`` if it is a fixable write failure,
