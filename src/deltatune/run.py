@@ -296,13 +296,18 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
 def save_pretrained_atomic(model, proc, out: Path) -> Path:
     """``save_pretrained`` into a temp dir next to ``out``, fsync, then one atomic swap
     (``safety.atomic_dir``): readers and crashes see the old model dir or the new one, never half."""
-    from .safety import atomic_dir
+    import os
+
+    from .safety import atomic_dir, umask
 
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if proc is not None and hasattr(proc, "save_pretrained"):
             proc.save_pretrained(tmp)
+        for f in tmp.rglob("*"):  # transformers writes its weights through a 0600 temp file
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~umask())
     return out
 
 
