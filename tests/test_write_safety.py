@@ -137,6 +137,14 @@ def test_real_file_size_limit(tmp_path):
     assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs")
+def test_real_unwritable_location():
+    """sysfs refuses new entries even to root (EPERM): a real refusal, no monkeypatching."""
+    with pytest.raises(dt.DeltaError, match=r"cannot write /sys/deltatune-test: operation not permitted.*EPERM"):
+        dt.save(_adapter(), "/sys/deltatune-test")
+    assert not Path("/sys/deltatune-test").exists()
+
+
 def test_cli_turns_a_fixable_os_error_into_one_line(monkeypatch):
     from typer.testing import CliRunner
 
