@@ -76,6 +76,25 @@ def test_lock_is_released_and_leaves_nothing(tmp_path):
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["metrics.json"]
 
 
+def test_train_under_a_real_file_size_limit_is_one_line(ws, tmp_path):
+    """`ulimit -f 10` (10 KB): training runs, the adapter (~30 KB) cannot be written: exit 2 with one
+    line naming the directory and the limit, not an OSError traceback."""
+    resource = pytest.importorskip("resource")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 1024, 10 * 1024))
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", "from deltatune.cli import main; main()",
+                        *_train_argv(ws, out, "--max-steps", 2)], capture_output=True, text=True,
+                       preexec_fn=limit, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {out / 'adapter'}: a file exceeds the file-size limit (`ulimit -f` or the file "
+        "system's maximum); raise the limit or write elsewhere (EFBIG: File too large)")
+    assert "Traceback" not in r.stderr
+
+
 # --------------------------------------------------------------------------- resume
 
 def test_resume_with_other_options_is_one_line_listing_them(ws, tmp_path):
