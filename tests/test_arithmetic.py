@@ -123,10 +123,11 @@ def test_task_vector_methods_match_the_dense_formula(how):
 
 def test_linear_in_parameter_space_and_any_method():
     model = two_loras(r=(4, 4))
-    combine(model, {"a": 0.25, "b": 0.75}, name="lin", how="linear")
+    combine(model, {"a": 0.25, "b": -0.75}, name="lin", how="linear")
     ta, tb, tl = (dt.adapter_tensors(model, n) for n in ("a", "b", "lin"))
-    for k in tl:
-        torch.testing.assert_close(tl[k], 0.25 * ta[k] + 0.75 * tb[k])
+    for k in tl:  # peft's rule: A takes sign(w)·√|w|, B takes √|w|
+        wa, wb = (0.5, -0.75 ** 0.5) if "lora_A" in k else (0.5, 0.75 ** 0.5)
+        torch.testing.assert_close(tl[k], wa * ta[k] + wb * tb[k])
     if "ia3" in dt.METHODS:  # other methods: a plain weighted sum of their tensors
         m = MODELS["mlp"][0]()
         for i, n in enumerate("xy"):
@@ -165,3 +166,21 @@ def test_clear_errors():
     with pytest.raises(dt.DeltaError, match="DoRA"):
         combine(model, ["a", "d"], name="z")
     assert "z" not in dt.adapters(model)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("w", [-1.0, 0.5, 2.0])
+def test_linear_single_adapter_scales_its_delta_by_w(method, w):
+    """peft's contract: one adapter at weight w is w·ΔW (was w²·ΔW, and -1 gave +ΔW)."""
+    m = MODELS["mlp"][0]()
+    w0 = m.fc1.weight.detach().clone()
+    opts = {"total_steps": 10} if method == "adalora" else {}
+    dt.attach(m, method, name="a", targets=["fc1"], **opts)
+    with torch.no_grad():
+        for t in dt.adapter_tensors(m, "a").values():
+            if t.is_floating_point():
+                t.normal_(0, 0.3)
+    combine(m, {"a": w}, name="w", how="linear")
+    delta = {n: dt.merge(m, n, copy=True).fc1.weight.detach() - w0 for n in ("a", "w")}
+    assert delta["a"].abs().max() > 1e-3
+    torch.testing.assert_close(delta["w"], w * delta["a"], atol=1e-5, rtol=1e-4)

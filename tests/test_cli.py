@@ -196,3 +196,12 @@ def test_classify_with_sparse_selects_from_training_batches(ws, tmp_path):
             "--max-steps", 2, "--no-progress", "--json")
     m = json.loads(r.stdout)
     assert m["method"] == "sparse" and m["trainable_params"] > 0
+
+
+def test_version_names_the_libraries_a_bug_report_needs():
+    from importlib import metadata
+
+    out = run("--version").stdout
+    for pkg in ("deltatune", "torch", "transformers", "peft"):
+        assert f"{pkg} {metadata.version(pkg)}" in out.splitlines()
+    assert out.splitlines()[-1].startswith("python ")

@@ -94,6 +94,24 @@ def test_partial_merge_that_would_reorder_is_refused():
     torch.testing.assert_close(out(model), y, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("second", [("lora", {}), ("vera", {}), ("adalora", {"total_steps": 10})])
+def test_additive_deltas_merge_alone_while_another_stays(second):
+    """peft merges one adapter while another active one sits on the same layer: additive deltas
+    (y + f(x)) commute, so merging the second alone is exact."""
+    method, opts = second
+    model = tiny_bert()
+    dt.attach(model, "lora", name="a", targets=["value"])
+    dt.attach(model, method, name="b", targets=["value"], **opts)
+    perturb(model, "a", 1)
+    perturb(model, "b", 2)
+    dt.activate(model, ["a", "b"])
+    y = out(model)
+    dt.merge(model, ["b"], unload=False)
+    torch.testing.assert_close(out(model), y, atol=1e-5, rtol=1e-5)
+    dt.unmerge(model)
+    torch.testing.assert_close(out(model), y, atol=1e-5, rtol=1e-5)
+
+
 def test_input_scaling_merges_last_and_only_with_the_rest():
     model = tiny_llama()
     dt.attach(model, "ia3", name="ia3", targets=["down_proj"], feedforward=["down_proj"])

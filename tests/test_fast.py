@@ -108,7 +108,7 @@ def test_checkpointing_keeps_adapter_gradients():
     loss = lambda mm: mm(input_ids=ids(), labels=ids()).loss  # noqa: E731
     plain = lora_grads(m, loss)
     enable_checkpointing(m)
-    assert m.is_gradient_checkpointing
+    assert any(getattr(x, "gradient_checkpointing", False) for x in m.modules())
     got = lora_grads(m, loss)
     assert_same(got, plain)
     assert_same(lora_grads(m, lambda mm: dt.chunked_causal_lm_loss(mm, ids(), ids(), chunk=4)), plain)

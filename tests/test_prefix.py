@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.fast import enable_checkpointing
 from conftest import tiny_bert, tiny_bert_cls, tiny_gpt2, tiny_llama
 from deltatune.methods.prefix import fold
 from test_prompt import capture, greedy_manual, ids_
@@ -134,7 +135,7 @@ def test_only_prefix_trains_and_clear_errors():
     with pytest.raises(dt.DeltaError, match="positive integer"):
         dt.attach(tiny_llama(), "prefix", num_virtual_tokens=0)
     gc = tiny_llama()
-    gc.gradient_checkpointing_enable()
+    enable_checkpointing(gc)
     with pytest.raises(dt.DeltaError, match="gradient checkpointing"):
         dt.attach(gc, "prefix")
 

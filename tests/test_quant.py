@@ -11,6 +11,7 @@ import torch
 import deltatune as dt
 from conftest import MODELS, run, tiny_conv, tiny_gpt2, tiny_llama
 from deltatune import quant as Q
+from deltatune.fast import disable_checkpointing, enable_checkpointing
 
 pytest.importorskip("bitsandbytes")
 SCHEMES = ["nf4", "int8"]
@@ -256,10 +257,10 @@ def test_gradient_checkpointing(quantized):
         return {k: t.grad.clone() for k, t in dt.adapter_tensors(m, "default").items()}
 
     g0 = grads()
-    m.gradient_checkpointing_enable()
+    enable_checkpointing(m)
     assert m.model.gradient_checkpointing
     g1 = grads()
-    m.gradient_checkpointing_disable()
+    disable_checkpointing(m)
     assert all(v.abs().sum() > 0 for v in g1.values())
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], atol=1e-5, rtol=1e-4)

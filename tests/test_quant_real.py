@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.fast import enable_checkpointing
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 pytest.importorskip("bitsandbytes")
@@ -55,7 +56,7 @@ def test_qlora_smollm2_instruction_tuning(smollm2, tmp_path):
     n_quant = sum(isinstance(m, dt.quant.NF4Linear) for m in model.modules())
     assert n_quant == 30 * 7  # every projection of the 30 blocks; embeddings/lm_head stay float
     dt.attach(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
-    model.gradient_checkpointing_enable()  # QLoRA's memory recipe, on the quantized base
+    enable_checkpointing(model)  # QLoRA's memory recipe, on the quantized base
     before = loss_on(model, held)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     for i in range(0, len(train), 8):

@@ -9,6 +9,7 @@ import contextlib
 import copy as _copy
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from .core import (CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, get_state, iter_delta_layers,
-                   method_of, unwrap, wrap)
+                   merged_names, method_of, unwrap, wrap)
 from .targets import auto_modules_to_save, find_targets
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -58,7 +59,7 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
     if name in st.adapters:
         raise DeltaError(f"model already has an adapter named {name!r} ({st.adapters[name].method}); "
                          f"pass another name=..., or dt.delete(model, {name!r}) first")
-    if any(layer.merged for _, layer in iter_delta_layers(model)):
+    if merged_names(model):
         raise DeltaError("adapters are merged into the base weights; call dt.unmerge(model) before attaching")
     from .core import AdapterRecord
 
@@ -73,6 +74,11 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
             mts = auto_modules_to_save(model)
         if mts:
             for path in find_targets(model, [mts] if isinstance(mts, str) else list(mts)):
+                inner = [p for p, layer in iter_delta_layers(model)
+                         if p.startswith(path + ".") and name in layer.deltas]
+                if inner:  # the copy would hold this adapter's own wrappers and train twice
+                    raise DeltaError(f"targets include {inner[0]!r}, inside {path!r}, which modules_to_save already "
+                                     f"trains in full; exclude it (exclude=[{path!r}]) or pass modules_to_save=None")
                 wrap(model, path, st).deltas[name] = CopyDelta(_base_at(model, path))
     except BaseException:  # leave the model exactly as it was
         _remove(model, name)
@@ -133,8 +139,14 @@ def activate(model: nn.Module, names: str | list[str]) -> nn.Module:
     unknown = [n for n in names if n not in st.adapters]
     if unknown:
         raise DeltaError(f"unknown adapter(s) {unknown}; attached: {sorted(st.adapters)}")
-    if any(layer.merged for _, layer in iter_delta_layers(model)):
+    if merged_names(model):
         raise DeltaError("adapters are merged into the base weights; call dt.unmerge(model) before switching")
+    for path, layer in iter_delta_layers(model):  # two full copies of one module cannot both run
+        copies = [n for n in names if n in layer.deltas and layer.deltas[n].replaces]
+        if len(copies) > 1:
+            raise DeltaError(f"adapters {copies} each keep their own trained copy of {path} (modules_to_save); only "
+                             "one copy can run at a time - activate them one at a time, or attach one with "
+                             "modules_to_save=None")
     st.active = names
     refresh(model)
     return model
@@ -153,7 +165,7 @@ def adapters(model: nn.Module) -> dict[str, DeltaConfig]:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the bare base model inside the block (merged adapters are unmerged for its duration)."""
     st = get_state(model)
-    was_merged = any(layer.merged for _, layer in iter_delta_layers(model))
+    was_merged = bool(merged_names(model))
     if was_merged:
         unmerge(model)
     prev = st.disabled
@@ -173,9 +185,16 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     st = get_state(model)
     if name not in st.adapters:
         raise DeltaError(f"no adapter named {name!r} to delete; attached: {sorted(st.adapters)}")
-    if any(name in layer.merged for _, layer in iter_delta_layers(model)):
+    if name in merged_names(model):
         raise DeltaError(f"adapter {name!r} is merged; call dt.unmerge(model) before deleting it")
+    was_active = name in st.active
     _remove(model, name)
+    if was_active and not st.active and st.adapters:
+        # peft's rule: deleting the active adapter activates the first one left (loudly), rather
+        # than silently running the bare base
+        st.active = [next(iter(st.adapters))]
+        warnings.warn(f"adapter {name!r} was active and is now deleted; adapter {st.active[0]!r} is active now",
+                      stacklevel=2)
     refresh(model)
     return model
 
@@ -274,6 +293,7 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: boo
             done += [(layer, n, orig_base) for n in todo]
         for n in names:
             method_of(st.adapters[n].method).merge(model, n)
+        st.merged += [n for n in names if n not in st.merged]
     if unload:
         for n, rec in list(st.adapters.items()):
             method_of(rec.method).unload(model, n)
@@ -295,6 +315,7 @@ def unmerge(model: nn.Module) -> nn.Module:
             layer.merged = []
         for n in st.active:
             method_of(st.adapters[n].method).unmerge(model, n)
+        st.merged = []
     return model
 
 

@@ -15,8 +15,10 @@
 
 ΔW-space results are written back as a LoRA of rank ``rank`` (default: the largest source rank)
 by truncated SVD, ΔW ≈ (U√S)(√S Vᵀ), with α = r so the scale is 1: exact when the combination's
-rank is ≤ ``rank`` (Eckart–Young otherwise).  ``linear`` on LoRA mixes A and B separately (like
-peft's "linear"), which is not Σ wᵢΔWᵢ; use ``cat`` or ``svd`` for that.
+rank is ≤ ``rank`` (Eckart–Young otherwise).  ``linear`` on LoRA mixes the factors as peft's
+"linear" does, A = Σ sign(wᵢ)√|wᵢ| Aᵢ and B = Σ √|wᵢ| Bᵢ, so one adapter at weight w gives exactly
+w·ΔW (w = -1 negates it); with several adapters the cross terms BᵢAⱼ make it not Σ wᵢΔWᵢ: use
+``cat`` or ``svd`` for that.
 
     dt.combine(model, {"math": 0.7, "code": 0.3}, name="mix", how="ties", density=0.5, rank=16)
     dt.save(model, "out/mix", name="mix")
@@ -29,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .core import CopyDelta, DeltaError, get_state, iter_delta_layers
+from .core import CopyDelta, DeltaError, get_state, iter_delta_layers, merged_names
 
 HOWS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -165,7 +167,7 @@ def combine(model: nn.Module, weights: dict[str, float] | list[str], name: str, 
         raise DeltaError(f"combine: density must be in (0, 1], got {density!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise DeltaError(f"combine: rank must be a positive integer, got {rank!r}")
-    if any(layer.merged for _, layer in iter_delta_layers(model)):
+    if merged_names(model):
         raise DeltaError("combine: adapters are merged into the base weights; call dt.unmerge(model) first")
     active = list(st.active)
     if how == "linear":
@@ -194,12 +196,37 @@ def _linear(model, weights, name):
     src = {n: adapter_tensors(model, n) for n in names}
     attach(model, first.config, name=name)
     dst = adapter_tensors(model, name)
+    a_ids, b_ids, mid_ids = _factor_ids(model, name)
+    sqrt = {n: abs(float(w)) ** 0.5 for n, w in weights.items()}
+    mean = {n: 1.0 / len(names) for n in names}
     with torch.no_grad():
         for k, t in dst.items():
             if not t.is_floating_point():  # index buffers (sparse selections) are shared, not summed
                 t.copy_(src[names[0]][k])
                 continue
-            t.copy_(sum(w * src[n][k].detach().to(t.dtype) for n, w in weights.items()))
+            # a product B·A scales by w when A takes sign(w)·√|w| and B takes √|w|; AdaLoRA's middle
+            # factor Λ (B·diag(Λ)·A) is averaged, so it keeps its scale; every other tensor (IA3/VeRA
+            # vectors, DoRA magnitudes, biases) is linear in itself and takes w
+            coef = ({n: (1.0 if w >= 0 else -1.0) * sqrt[n] for n, w in weights.items()} if id(t) in a_ids else
+                    sqrt if id(t) in b_ids else mean if id(t) in mid_ids else weights)
+            t.copy_(sum(coef[n] * src[n][k].detach().to(t.dtype) for n in names))
+
+
+def _factor_ids(model, name) -> tuple[set[int], set[int], set[int]]:
+    """ids of the A, B (and AdaLoRA's Λ) factor tensors of adapter ``name``'s low-rank deltas."""
+    a_ids, b_ids, mid_ids = set(), set(), set()
+    for _, layer in iter_delta_layers(model):
+        d = layer.deltas[name] if name in layer.deltas else None
+        a, b = getattr(d, "lora_A", None), getattr(d, "lora_B", None)
+        if a is None or b is None:
+            continue
+        a, b = getattr(a, "weight", a), getattr(b, "weight", b)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            a_ids.add(id(a))
+            b_ids.add(id(b))
+            if isinstance(getattr(d, "lora_E", None), torch.Tensor):
+                mid_ids.add(id(d.lora_E))
+    return a_ids, b_ids, mid_ids
 
 
 def _delta_space(model, weights, name, how, rank, density, majority_sign, seed):

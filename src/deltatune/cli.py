@@ -21,6 +21,41 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Parameter-efficient fine-tuning from the command line (deltatune).")
 
 
+# --------------------------------------------------------------------------- --version
+
+# what a bug report needs: ours, then the libraries whose releases change our behaviour
+VERSION_PACKAGES = ("deltatune", "torch", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes")
+
+
+def version_text() -> str:
+    """One line per package (``not installed`` when absent), read from the installed metadata
+    without importing the packages (fast, and works when one of them is broken)."""
+    import platform
+    from importlib import metadata
+
+    def ver(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"{p} {ver(p)}" for p in VERSION_PACKAGES]
+    lines.append(f"python {platform.python_version()} ({platform.system()} {platform.machine()})")
+    return "\n".join(lines)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print the versions of deltatune, torch, transformers, peft, ... and exit.")):
+    """Parameter-efficient fine-tuning from the command line (deltatune)."""
+
+
 # --------------------------------------------------------------------------- config files
 
 def _load_config(ctx: typer.Context, param, value: Optional[Path]):

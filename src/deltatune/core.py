@@ -89,6 +89,9 @@ class DeltaState:
     disabled: bool = False
     # per-row adapter routing for mixed batches: list of adapter names/None, one per batch row
     row_adapters: list[str | None] | None = None
+    # adapters folded in by merge(unload=False), selectors included (their values sit in the base
+    # tensors, with no DeltaLayer.merged to say so); unmerge() empties it
+    merged: list[str] = field(default_factory=list)
 
 
 def get_state(model: nn.Module, create: bool = False) -> DeltaState:
@@ -100,6 +103,15 @@ def get_state(model: nn.Module, create: bool = False) -> DeltaState:
         st = DeltaState()
         model.__dict__[STATE_ATTR] = st
     return st
+
+
+def merged_names(model: nn.Module) -> set[str]:
+    """Adapters currently merged into the base weights (by any method, wrapped or selector)."""
+    st = model.__dict__.get(STATE_ATTR)
+    out = set(st.merged) if st is not None else set()
+    for _, layer in iter_delta_layers(model):
+        out.update(layer.merged)
+    return out
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -138,6 +150,9 @@ class Delta(nn.Module):
 
     mergeable: ClassVar[bool] = True
     replaces: ClassVar[bool] = False  # True: called *instead of* the base (modules_to_save copies)
+    # True: forward adds a term of x alone (y + f(x)) and merge adds a ΔW that does not read W, so
+    # the delta commutes with every other additive delta of its layer (merge order is free)
+    additive: ClassVar[bool] = False
 
     def pre(self, x: torch.Tensor) -> torch.Tensor | None:
         """Optionally transform the input before the base runs (None = no change)."""

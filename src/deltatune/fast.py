@@ -26,7 +26,20 @@ def enable_checkpointing(model: nn.Module) -> nn.Module:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise DeltaError(f"{type(model).__name__} does not support gradient checkpointing; wrap its blocks "
                          "with torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers renamed the switch (activation_checkpointing_enable; the old name now warns):
+    # take whichever this release has, newest first
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def disable_checkpointing(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable_checkpointing` (the same rename applies)."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
     return model
 
 

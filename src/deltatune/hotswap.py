@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .core import PREFIX, DeltaError, get_state, iter_delta_layers
+from .core import PREFIX, DeltaError, get_state, iter_delta_layers, merged_names
 
 # config fields that only scale LoRA's B; any other difference changes the structure
 _LORA_SCALE_FIELDS = {"alpha", "alpha_pattern"}
@@ -54,7 +54,7 @@ def hot_swap(model: nn.Module, name: str, source: str | os.PathLike | Mapping[st
     if name not in st.adapters:
         raise DeltaError(f"hot_swap: no adapter named {name!r}; attached: {sorted(st.adapters)} "
                          "(use dt.load to add a new one)")
-    if any(name in layer.merged for _, layer in iter_delta_layers(model)):
+    if name in merged_names(model):
         raise DeltaError(f"hot_swap: adapter {name!r} is merged into the base weights; call dt.unmerge(model) first")
     rec = st.adapters[name]
     ratios: dict[str, float] = {}

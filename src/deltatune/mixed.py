@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .core import Delta, DeltaError, DeltaLayer, get_state, iter_delta_layers, method_of
+from .core import Delta, DeltaError, DeltaLayer, get_state, iter_delta_layers, merged_names, method_of
 
 RowName = str | None
 BMM_MIN_ADAPTERS = 2  # LoRA adapters of one rank per layer from which the gathered bmm is used
@@ -267,7 +267,7 @@ def _check(model: nn.Module, rows: Sequence[RowName]) -> None:
     unknown = sorted({a for a in rows if a is not None and a not in st.adapters}, key=str)
     if unknown:
         raise DeltaError(f"mixed batch: unknown adapter(s) {unknown}; attached: {sorted(st.adapters)}")
-    if any(layer.merged for _, layer in iter_delta_layers(model)):
+    if merged_names(model):
         raise DeltaError("mixed batch: adapters are merged into the base weights; call dt.unmerge(model) first")
     for a in sorted({a for a in rows if a is not None} | set(st.active)):
         m = method_of(st.adapters[a].method)

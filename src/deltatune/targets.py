@@ -96,7 +96,8 @@ def find_targets(
     modules = [(p, m) for p, m in iter_base_modules(model) if p]
     if targets == "all-linear":
         lin = linear_types()
-        found = [p for p, m in modules if isinstance(m, lin) and _leaf(p) not in HEAD_NAMES]
+        heads = head_paths(model)
+        found = [p for p, m in modules if isinstance(m, lin) and not _inside(p, heads)]
         if not found:  # e.g. a conv net: fall back to ungrouped convolutions
             found = [p for p, m in modules if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1]
     elif targets == "attention":
@@ -113,17 +114,44 @@ def find_targets(
     if types is not None:
         bad = [(p, type(m).__name__) for p, m in modules if p in found and not isinstance(m, types)]
         if bad and targets not in ("all-linear",):
-            # explicit names that hit unsupported layer types: say so rather than skip silently
-            only = [p for p, m in modules if p in found and isinstance(m, types)]
-            if not only:
+            # explicit names that hit a layer type the method cannot wrap (Conv3d, MultiheadAttention,
+            # a whole block): say so, never skip it silently - peft refuses the same way
+            leaves = bad
+            if leaves:
                 raise DeltaError(
-                    f"targets {targets!r} matched {len(bad)} module(s) of unsupported type "
-                    f"({sorted({t for _, t in bad})}), e.g. {bad[0][0]!r}; supported types: "
-                    f"{[t.__name__ for t in types]}")
+                    f"targets {targets!r} matched {leaves[0][0]!r} of type {leaves[0][1]}"
+                    f"{f' (and {len(leaves) - 1} more)' if len(leaves) > 1 else ''}, which this method cannot "
+                    f"adapt; supported types: {[t.__name__ for t in types]} - exclude it or pick other targets")
         found = [p for p, m in modules if p in found and isinstance(m, types)]
     if not found:
         raise DeltaError(no_match_message(model, targets, types))
     return found
+
+
+def _inside(path: str, parents: set[str]) -> bool:
+    """``path`` is one of ``parents`` or a module inside one of them."""
+    return any(path == h or path.startswith(h + ".") for h in parents)
+
+
+def head_paths(model: nn.Module) -> set[str]:
+    """Output heads that ``all-linear`` leaves alone, with everything inside them: the module
+    transformers reports as the output embeddings (lm_head, Whisper's proj_out, embed_out, ...,
+    often tied to the input embedding), the classification heads that train in full
+    (modules_to_save, including containers such as RoBERTa's ``classifier.dense/out_proj`` or
+    ResNet's ``Sequential`` classifier), and the conventional head names."""
+    paths = {p for p, _ in iter_base_modules(model) if p and _leaf(p) in HEAD_NAMES}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = None
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError, TypeError):  # models without an LM head
+            out = None
+    out = getattr(out, "base_layer", out)  # already wrapped by an earlier adapter
+    if isinstance(out, nn.Module):
+        paths |= {p for p, m in iter_base_modules(model) if p and m is out}
+    paths |= set(auto_modules_to_save(model))
+    return paths
 
 
 def no_match_message(model: nn.Module, targets, types=None) -> str:

@@ -349,10 +349,9 @@ class Trainer(CheckpointMixin):
 
         c, model = self.cfg, self.model
         if c.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
-                raise DeltaError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-                                 "gradient checkpointing needs a transformers model")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from .fast import enable_checkpointing
+
+            enable_checkpointing(model)
         compiled = self._compile()
         if compiled:
             from . import fast

@@ -11,7 +11,9 @@ Each mergeable delta folds into the weight as a function of the weight *as it is
 merged layer equals the unmerged one exactly when the weight sees the deltas in that same order:
 
 1. output deltas merge in forward order, and the merged ones must be a *prefix* of it (merging
-   ``b`` while ``a`` before it stays unmerged would apply ``b`` before ``a``);
+   ``b`` while ``a`` before it stays unmerged would apply ``b`` before ``a``), except that
+   *additive* deltas (``Delta.additive``: y + f(x), ΔW independent of W; LoRA, VeRA, AdaLoRA,
+   added biases) commute with each other, so one may merge while another stays unmerged;
 2. input transforms merge last, and only together with every output delta of the layer (those
    see x', which after the merge they would no longer get);
 3. DoRA renormalises the base weight, so it must be the first delta of its layer.
@@ -27,6 +29,10 @@ from ..core import Delta, DeltaError, DeltaLayer, get_state, iter_delta_layers
 
 def transforms_input(d: Delta) -> bool:
     return bool(getattr(d, "transforms_input", type(d).pre is not Delta.pre))
+
+
+def additive(d: Delta) -> bool:
+    return bool(getattr(d, "additive", False))
 
 
 def forward_order(layer: DeltaLayer, names: list[str], active: list[str]) -> list[str]:
@@ -53,9 +59,13 @@ def problem(layer: DeltaLayer, names: list[str], active: list[str]) -> str | Non
     outs = [n for n in order if n not in pres]
     first_kept = next((n for n in outs if n not in merged), None)
     if first_kept is not None:
-        late = [n for n in outs[outs.index(first_kept):] if n in merged]
-        if late:
-            return (f"{late[0]!r} runs after {first_kept!r}, which would stay unmerged, so merging it alone would "
+        for i, n in enumerate(outs):
+            kept_before = [k for k in outs[:i] if k not in merged]
+            if n not in merged or not kept_before:
+                continue
+            if additive(layer.deltas[n]) and all(additive(layer.deltas[k]) for k in kept_before):
+                continue  # y + f_k(x) + f_n(x): the order of additive terms does not matter
+            return (f"{n!r} runs after {kept_before[0]!r}, which would stay unmerged, so merging it alone would "
                     f"apply it first; merge both, or neither, or dt.activate them in the other order")
         if any(n in merged for n in pres):
             p = next(n for n in pres if n in merged)

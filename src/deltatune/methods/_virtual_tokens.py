@@ -133,6 +133,23 @@ def pop_cache(kw: dict):
     return next((c for c in found if c is not None), None)
 
 
+# recurrent models (RWKV, older Mamba) carry a state instead of a KV cache: present = decoding
+STATE_KWARGS = ("state", "cache_params")
+
+
+def cached_tokens(past, kw: dict) -> int | None:
+    """How many positions the model has already seen: the KV cache's length; None when a
+    recurrent state (a state-space cache, or an RWKV ``state``) says "already started" without
+    a length; 0 when nothing is cached (a plain forward, or generate's first step)."""
+    if past is not None:
+        try:
+            return past.get_seq_length()
+        except (ValueError, StopIteration, AttributeError):  # only linear-attention / state layers
+            started = any(any(getattr(lay, "has_previous_state", {}).values()) for lay in getattr(past, "layers", ()))
+            return None if started else 0
+    return None if any(kw.get(k) is not None for k in STATE_KWARGS) else 0
+
+
 def output_cache(out):
     """The cache a model returned (``out.cache`` today, ``out.past_key_values`` before), or None."""
     if not isinstance(out, dict):
@@ -353,9 +370,9 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     past = pop_cache(kw)
     if past is not None:
         kw[key] = past
-    cached = 0 if past is None else past.get_seq_length()  # F_max + P_max + real tokens once filled
+    cached = cached_tokens(past, kw)  # F_max + P_max + real tokens once filled; None: a filled state
     prefill = cached == 0
-    seen = 0 if prefill else cached - f_max - p_max  # real tokens already in the cache
+    seen = 0 if prefill or cached is None else cached - f_max - p_max  # real tokens already in the cache
 
     pos = kw.get("position_ids")
     if pos is not None and pos.dim() != 2:

@@ -64,6 +64,9 @@ class AdaLoraConfig(DeltaConfig):
                 raise DeltaError(f"adalora: {k} must be in (0, 1), got {getattr(self, k)!r} (paper: 0.85)")
         if self.deltaT < 1:
             raise DeltaError(f"adalora: deltaT must be >= 1, got {self.deltaT!r}")
+        if not isinstance(self.orth_reg_weight, (int, float)) or not 0 <= self.orth_reg_weight < float("inf"):
+            raise DeltaError(f"adalora: orth_reg_weight must be a finite number >= 0, got {self.orth_reg_weight!r} "
+                             "(a negative weight pushes P and Q away from orthogonality; paper 0.1-0.5)")
 
     def schedule(self, total_steps: int) -> tuple[int, int]:
         """(tinit, tfinal) in steps for a run of ``total_steps``."""
@@ -89,6 +92,7 @@ def budget_schedule(step: int, total: int, tinit: int, tfinal: int, deltaT: int,
 
 class AdaLoraDelta(Delta):
     """P Λ Q on a linear layer (nn.Linear, GPT-2 Conv1D, quantized linears)."""
+    additive = True  # y + P Λ Q x
 
     def __init__(self, base: nn.Module, cfg: AdaLoraConfig):
         super().__init__()

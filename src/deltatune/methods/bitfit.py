@@ -63,6 +63,7 @@ class BitFitConfig(DeltaConfig):
 
 class AddedBias(Delta):
     """``add_missing``: a zero-initialised bias for a layer that has none. y' = y + b."""
+    additive = True  # y + b
 
     def __init__(self, n_out: int, channel_dim: int, dtype: torch.dtype):
         super().__init__()

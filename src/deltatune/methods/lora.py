@@ -116,6 +116,10 @@ class LoraDelta(Delta):
     """Shared by every layer type: scaling, dropout, DoRA and PiSSA bookkeeping.
     Subclasses define ``lora(x)`` (the un-scaled B A x) and ``product()`` (B A in W's layout)."""
 
+    @property
+    def additive(self) -> bool:  # y + s·BAx; DoRA renormalises W instead
+        return not self.use_dora
+
     def _setup(self, r: int, alpha: float, cfg: LoraConfig):
         self.r = r
         self.scaling = alpha / (math.sqrt(r) if cfg.rslora else r)
@@ -353,10 +357,8 @@ class LoraEmbedding(LoraDelta):
         self.dropout = nn.Identity()  # token ids cannot be dropped out; peft does the same
         dt = base.weight.dtype
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, dtype=dt))  # (r, V)
-        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, dtype=dt))  # (D, r)
-        if cfg.init == "gaussian":
-            nn.init.normal_(self.lora_embedding_A, std=1 / r)
-            nn.init.zeros_(self.lora_embedding_B)
+        # (D, r); init="gaussian" too: peft draws embeddings' B from N(0, 1) whatever the init
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, dtype=dt))
 
     def b_params(self):
         return [self.lora_embedding_B]

@@ -86,8 +86,50 @@ class PrefixEncoder(nn.Module):
         return self.table().view(self.shape).permute(1, 2, 3, 0, 4)  # (L, 2, H_kv, P, d_h)
 
 
+def cache_layout(model: nn.Module) -> dict[str, int]:
+    """Layers, key/value heads and head size of the model's KV cache, read off the cache the
+    frozen model itself fills for one token (transformers' code is the oracle: a config may carry
+    ``num_key_value_heads`` that the architecture ignores, GPT-2 style, or mix attention with
+    state-space / convolution layers that hold no keys).  Cached on the model: it never changes."""
+    known = model.__dict__.get(_LAYOUT)
+    if known is not None:
+        return known
+    from transformers import DynamicCache
+
+    st = get_state(model)
+    cache = DynamicCache(config=model.config)
+    ids = torch.ones(1, 1, dtype=torch.long, device=vt.param_device(model))
+    was, st.disabled = st.disabled, True  # the bare model, whatever else is attached
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, **{vt.cache_kwarg(model) or "cache": cache})
+    except Exception as e:  # a model whose forward cannot take a cache this way
+        raise DeltaError(f"prefix: {type(model).__name__} could not run with a transformers cache "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); use prompt tuning or lora") from None
+    finally:
+        st.disabled = was
+    layers = getattr(cache, "layers", None)
+    keys = [getattr(lay, "keys", None) for lay in layers or ()]
+    bad = [i for i, k in enumerate(keys) if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[2] != 1]
+    if not keys or bad:
+        raise DeltaError(f"prefix: {type(model).__name__} has cache layers {bad or 'none'} that hold no per-token "
+                         "keys/values (state-space, convolution or linear-attention layers), so a prefix "
+                         "cannot reach them; use prompt tuning or lora")
+    shapes = {tuple(k.shape[1:]) for k in keys}
+    if len(shapes) != 1:
+        raise DeltaError(f"prefix: {type(model).__name__}'s layers cache keys of different shapes {sorted(shapes)}; "
+                         "a prefix table needs one (heads, head_dim) for every layer: use prompt tuning or lora")
+    heads, _, head_dim = shapes.pop()
+    out = {"layers": len(keys), "kv_heads": int(heads), "head_dim": int(head_dim)}
+    model.__dict__[_LAYOUT] = out
+    return out
+
+
+_LAYOUT = "_deltatune_cache_layout"  # model.__dict__ key of the measured layout
+
+
 def _build(model: nn.Module, cfg: PrefixConfig, projection: bool) -> PrefixEncoder:
-    d = vt.dims(model)
+    d = cache_layout(model)
     return PrefixEncoder(cfg.num_virtual_tokens, d["layers"], d["kv_heads"], d["head_dim"], projection,
                          cfg.encoder_hidden_size).to(vt.param_device(model))
 
@@ -131,7 +173,7 @@ class PrefixTuning(Method):
                              "cannot reach its attention layers; use prompt tuning or lora instead")
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise DeltaError("prefix: gradient checkpointing re-runs layers against a mutated cache; "
-                             "call model.gradient_checkpointing_disable() first")
+                             "call deltatune.fast.disable_checkpointing(model) first")
         if cfg.init == "text":
             state.adapters[name].config = cfg = vt.with_token_ids(cfg, "prefix")
         enc = _build(model, cfg, cfg.prefix_projection)
@@ -172,7 +214,7 @@ class PrefixTuning(Method):
     from_file_key = staticmethod(vt.from_file_key)
 
     def to_peft(self, cfg: PrefixConfig, model: nn.Module, name: str) -> dict[str, Any]:
-        d = vt.dims(model)
+        d = cache_layout(model)
         return {
             "peft_type": "PREFIX_TUNING", "task_type": vt.task_type(model),
             "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": d["kv_heads"] * d["head_dim"],

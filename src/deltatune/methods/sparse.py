@@ -162,6 +162,7 @@ APPLY: dict[str, Callable] = {  # layer type name -> f(x, ΔW, base): the layer'
 
 class SparseDelta(Delta):
     """k trained entries of one weight."""
+    additive = True  # y + S x, S sparse
 
     def __init__(self, base: nn.Module, idx: torch.Tensor):
         super().__init__()

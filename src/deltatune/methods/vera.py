@@ -85,6 +85,8 @@ def _in_out(base: nn.Module) -> tuple[int, int, bool]:
 
 
 class VeraDelta(Delta):
+    additive = True  # y + Λ_b B Λ_d A x
+
     def __init__(self, base: nn.Module, shared: Shared, cfg: VeraConfig):
         super().__init__()
         self.in_f, self.out_f, self.fan_in_fan_out = _in_out(base)
