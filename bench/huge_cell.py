@@ -47,7 +47,7 @@ def main() -> None:
         ex = load_examples(a.task, p)
         loaded = peak_mb()
         t = time.perf_counter()
-        feats = encode(ex, tok, max_length=a.max_length)
+        feats = encode(ex, tok, max_length=a.max_length, **({"cache": False} if a.task == "causal-lm" else {}))
         secs = time.perf_counter() - t
     print(json.dumps({"cell_mb": a.mb, "task": a.task, "peak_rss_after_load_mb": round(loaded),
                       "peak_rss_after_encode_mb": round(peak_mb()), "encode_s": round(secs, 2),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import deltatune as dt
-from deltatune.data import CHARS_PER_TOKEN, encode, load_classify, load_examples, render_chat
+from deltatune.data import CHARS_PER_TOKEN, encode, load_classify, load_examples
 from real_data import minilm_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,30 +45,32 @@ def test_huge_cell_encodes_in_bounded_memory():
 
 
 @pytest.mark.parametrize("task", ["classify", "causal-lm"])
-def test_character_cap_keeps_exactly_the_tokens_kept_before(tmp_path, tok, task):
+def test_character_cap_keeps_exactly_the_tokens_kept_before(tmp_path, tok, task, monkeypatch):
     """The cut at max_length * CHARS_PER_TOKEN characters never changes the kept token ids: long rows
-    (5x the cap) encode to the same ids as tokenizing the whole text and truncating."""
+    (5x the cap) encode to the same ids and labels as with no cap (the whole text tokenized, then
+    truncated), for a long response after a short prompt and for a prompt that fills max_length
+    (where the tail of the whole text is kept)."""
+    import deltatune.chat_encode as chat_encode
+    import deltatune.data as data
+
     max_length = 48
     long = _words(5 * max_length * CHARS_PER_TOKEN)
     p = tmp_path / "d.jsonl"
     rows = [{"text": long, "label": 1}, {"text": "short row", "label": 0}]
     if task == "causal-lm":
         rows = [{"prompt": _words(5 * max_length * CHARS_PER_TOKEN, 1), "response": long},
-                {"prompt": "hi", "response": long}]
+                {"prompt": "hi", "response": long}, {"prompt": "hi", "response": "short"}]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ex = load_examples(task, p)
-    got = [f["input_ids"] for f in encode(ex, tok, max_length=max_length)]
-    if task == "classify":
-        want = tok([r["text"] for r in rows], truncation=True, max_length=max_length)["input_ids"]
-    else:
-        want = []
-        for r in rows:  # what encode() did before the cap: whole texts, then the same truncation rule
-            p_ids = tok(render_chat(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
-            r_ids = tok(r["response"], add_special_tokens=False)["input_ids"]
-            ids, labels = (p_ids + r_ids)[:max_length], ([-100] * len(p_ids) + r_ids)[:max_length]
-            want.append(ids if any(t != -100 for t in labels[1:]) else (p_ids + r_ids)[-max_length:])
+    lm = {"cache": False} if task == "causal-lm" else {}
+    got = encode(ex, tok, max_length=max_length, **lm)
+    for mod in (data, chat_encode):
+        monkeypatch.setattr(mod, "CHARS_PER_TOKEN", 10**12)  # no cap: what encode() did before
+    want = encode(ex, tok, max_length=max_length, **lm)
     assert got == want
-    assert all(len(g) == max_length for g in got[:1])
+    assert len(got[0]["input_ids"]) == max_length
+    if task == "causal-lm":  # the prompt-filled row kept the response's tail, the other its head
+        assert got[0]["labels"][-1] != -100 and got[1]["labels"][2] != -100
 
 
 def test_nan_labels_are_refused_with_their_line(tmp_path):

@@ -119,3 +119,34 @@ def test_a_target_the_method_cannot_wrap_is_refused_not_skipped(method, targets,
         dt.attach(m, method, targets=targets, **opts)
     assert not list(dt.core.iter_delta_layers(m))  # left exactly as it was
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def vit_cls():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                    intermediate_size=64, num_labels=3)
+    return _quiet(lambda: ViTForImageClassification(cfg).eval())
+
+
+@pytest.mark.parametrize("make", [vit_cls, resnet_cls])
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_methods_refuse_models_without_token_embeddings_at_attach(make, method):
+    m = make()
+    with pytest.raises(dt.DeltaError, match="not token ids through an nn.Embedding.*use lora, ia3 or adapter"):
+        dt.attach(m, method)
+    assert not hasattr(m, "deltatune_virtual")
+
+
+def test_prompt_tuning_on_a_state_space_model_saves_and_loads(tmp_path):
+    from zoo import build_causal_lm
+
+    m = dt.attach(build_causal_lm("mamba"), "prompt", num_virtual_tokens=3)
+    ids = torch.randint(3, 100, (1, 5))
+    with torch.no_grad():
+        dt.adapter_tensors(m, "default")["prompt_embeddings"].add_(0.3)
+        y = m(input_ids=ids).logits
+    dt.save(m, tmp_path)
+    m2 = dt.load(build_causal_lm("mamba"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(input_ids=ids).logits, y)

@@ -7,6 +7,8 @@
     POST   /v1/adapters           {"name": "c"}   load ADAPTER_DIR/c            (bearer token)
     DELETE /v1/adapters/{name}    unload it                                   (bearer token)
     GET    /health, GET /metrics (Prometheus), GET /docs, GET /openapi.json
+    GET    /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true = SSE)   OpenAI's API,
+    POST   /v1/load_lora_adapter, /v1/unload_lora_adapter (bearer token)     ``model`` = adapter (serve_openai)
 
 Requests for different adapters that arrive within ``window_ms`` of each other run as one mixed
 batch (``deltatune.mixed``; see ``serve_engine``).  Decoding is greedy (``num_beams`` ≥ 1) unless
@@ -15,8 +17,14 @@ batch (``deltatune.mixed``; see ``serve_engine``).  Decoding is greedy (``num_be
 it was batched with, and a seed replays its answer.  Mutating endpoints need
 ``Authorization: Bearer <token>`` (``token=`` or the env var ``DELTATUNE_SERVE_TOKEN``): no
 token configured → 403 (disabled), missing header → 401, wrong token → 403.  Adapter names are
-1-64 of ``[A-Za-z0-9_-]`` (anything else, e.g. ``../x``, is a 400) and are only looked up as
-direct children of the adapter directory.  Binds to 127.0.0.1 unless told otherwise.
+1-64 of ``[A-Za-z0-9_-]`` (anything else, e.g. ``../x`` or ``a\n``, is a 400) and are only looked up
+as direct children of the adapter directory (a symlink leaving it is refused, at start-up too).
+Responses name adapters, never server paths.  A prompt is bounded by characters, then by the
+model's context; a failing row fails alone; a broken adapter at start-up is listed under
+``failed`` and the server starts; ``/health`` is 503 while the model thread is stuck (``liveness_s``).
+Inference needs ``Authorization: Bearer <api key>`` when a key is configured
+(``OpenAIConfig.api_key`` or env ``DELTATUNE_API_KEY``); more than ``max_queue`` waiting requests
+are refused with 429 and ``Retry-After``.  Binds to 127.0.0.1 unless told otherwise.
 
     from deltatune.serve import build_app, run
     run("path/to/model", "adapters/", task="causal-lm", port=8000)
@@ -26,19 +34,21 @@ direct children of the adapter directory.  Binds to 127.0.0.1 unless told otherw
 import hmac
 import logging
 import os
+import re
 import secrets
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 from .core import DeltaError, get_state
-from .serve_engine import Engine, EngineConfig, Job, RequestError, Sampling, validate_ids
+from .serve_engine import (MAX_TEMPERATURE, MIN_TEMPERATURE, Engine, EngineConfig, Job, RequestError, Sampling,
+                           validate_ids)
+from .serve_openai import OpenAIConfig, add_openai_routes
+from .serve_stream import EngineEvents
 
 TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
-# temperatures below this are greedy (vLLM's rule: logits / 1e-40 overflow float32); above the cap the
-# distribution is uniform anyway, and a -inf logit divided by an overflowing temperature would be NaN
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 log = logging.getLogger("deltatune.serve")
 TASKS = {"ForSequenceClassification": "classify", "ForCausalLM": "generate", "LMHeadModel": "generate"}
 
@@ -54,12 +64,25 @@ def _task_of(model) -> str:
 def _valid_name(name: Any) -> str:
     from .api import _NAME_RE
 
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # fullmatch: "$" would let "a\n" through
         raise RequestError(400, f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-'")
     return name
 
 
-class Metrics:
+def _label(job: Job) -> str:
+    return job.adapter or "(base)"
+
+
+def _public(message: str, adapter_dir: Path | None) -> str:
+    """``message`` without server paths: the adapter directory becomes relative, any other absolute
+    path becomes <path> (messages shown to callers who may hold no token)."""
+    if adapter_dir is not None:  # adapters are loaded from resolved paths (_adapter_path)
+        root = str(adapter_dir.resolve())
+        message = message.replace(root + os.sep, "").replace(root, "<adapters>")
+    return re.sub(r"(?<![\w.<])/[^\s:;,'\"()]+", "<path>", message)
+
+
+class Metrics(EngineEvents):
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -75,13 +98,34 @@ class Metrics:
         self.queue = Gauge("deltatune_queue_depth", "requests waiting", registry=r)
         self.decoding = Counter("deltatune_generate_rows_total", "generated rows per decoding mode",
                                 ["decoding"], registry=r)
+        self.prompt_tokens = Counter("deltatune_prompt_tokens_total", "prompt tokens per adapter", ["adapter"],
+                                     registry=r)
+        self.generated_tokens = Counter("deltatune_generated_tokens_total", "tokens generated per adapter "
+                                        "(after cutting at EOS / stop strings)", ["adapter"], registry=r)
+        seconds = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("deltatune_time_to_first_token_seconds", "arrival to first generated token "
+                              "(queueing + prefill)", ["adapter"], registry=r, buckets=seconds)
+        self.itl = Histogram("deltatune_inter_token_seconds", "time between a request's successive tokens",
+                             ["adapter"], registry=r, buckets=(.001, .0025) + seconds[:-2])
+        self.running = Gauge("deltatune_running_rows", "rows still decoding in the current model call", registry=r)
 
     def on_batch(self, jobs: list[Job]) -> None:
         self.batch.observe(len(jobs))
         for j in jobs:
-            self.adapters.labels(j.adapter or "(base)").inc()
+            self.adapters.labels(_label(j)).inc()
+            self.prompt_tokens.labels(_label(j)).inc(len(j.ids))
             if j.kind == "generate":
                 self.decoding.labels("beam" if j.num_beams > 1 else j.sampling.decoding).inc()
+
+    def on_token(self, job: Job, first: bool, gap: float) -> None:
+        (self.ttft if first else self.itl).labels(_label(job)).observe(gap)
+
+    def on_running(self, rows: int) -> None:
+        self.running.set(rows)
+
+    def on_done(self, job: Job) -> None:
+        if job.kind == "generate":
+            self.generated_tokens.labels(_label(job)).inc(len(job.result["output_ids"]))
 
 
 def _available(adapter_dir: Path | None) -> list[str]:
@@ -91,7 +135,7 @@ def _available(adapter_dir: Path | None) -> list[str]:
     if adapter_dir is None or not adapter_dir.is_dir():
         return []
     return sorted(p.name for p in adapter_dir.iterdir()
-                  if p.is_dir() and _NAME_RE.match(p.name) and ((p / CONFIG).exists() or (p / MANIFEST).exists()))
+                  if p.is_dir() and _NAME_RE.fullmatch(p.name) and ((p / CONFIG).exists() or (p / MANIFEST).exists()))
 
 
 def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
@@ -108,9 +152,12 @@ def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
 
 def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = None, *, token: str | None = None,
               task: str = "auto", window_ms: float = 5.0, max_batch: int = 16, max_new_tokens: int = 256,
-              max_input_tokens: int = 1024, load_all: bool = True):
+              max_input_tokens: int = 1024, load_all: bool = True, max_prompt_chars: int | None = None,
+              liveness_s: float = 300.0, max_queue: int = 256, openai: OpenAIConfig | None = None):
     """A FastAPI app serving ``model`` (already on its device, eval mode) with the adapters found in
-    ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``)."""
+    ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``;
+    one that cannot be loaded is listed under ``failed`` in ``GET /v1/adapters``), and the
+    OpenAI-compatible endpoints of ``serve_openai`` (configured by ``openai``)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -127,16 +174,20 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         raise DeltaError(f"serve: task must be 'causal-lm'/'generate', 'classify' or 'auto', got {task!r}")
     model.eval()
     metrics = Metrics()
-    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens),
-                    on_batch=metrics.on_batch)
+    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens,
+                                                   max_prompt_chars, liveness_s, max_queue=max_queue), events=metrics)
+    # JSON escapes take at most 12 bytes a character (a \\uXXXX pair); ids at most 21 ("-1234567890123456789,")
+    max_body = 12 * engine.max_chars + 21 * max_input_tokens + 65536
     failed: dict[str, str] = {}
     if load_all:
         for name in _available(adir):
-            try:
-                load(model, adir / name, name=name)
-            except DeltaError as e:
-                failed[name] = str(e)
-                log.warning("adapter %s not loaded: %s", name, e)
+            try:  # the same rules as POST /v1/adapters, and no adapter may stop the server from starting
+                load(model, _adapter_path(adir, name), name=name)
+            except Exception as e:  # noqa: BLE001
+                msg = e.message if isinstance(e, RequestError) else str(e) if isinstance(e, DeltaError) \
+                    else f"cannot be loaded ({type(e).__name__}: {e})"
+                failed[name] = _public(msg, adir)
+                log.warning("adapter %s not loaded: %s", name, msg)
     metrics.loaded.set(len(get_state(model).adapters))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     # the model's own repetition penalty (generation_config) stays the default, as generate() applies it
@@ -235,7 +286,7 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {**({"WWW-Authenticate": "Bearer"} if e.status == 401 else {}), **(e.headers or {})}
         return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
 
     @app.exception_handler(DeltaError)
@@ -250,15 +301,18 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         return JSONResponse({"detail": f"invalid request body: {named}" if named else "invalid request body",
                              "errors": errs}, status_code=422)
 
+    app.add_middleware(BodyLimit, limit=max_body)  # inside _measure (added next), so 413s are counted
+
     @app.middleware("http")
     async def _measure(request: Request, call_next):
         t0 = time.perf_counter()
+        status = 500
         try:
             response = await call_next(request)
             status = response.status_code
-        except Exception:
-            status = 500
-            raise
+        except Exception:  # noqa: BLE001 - a bug: answer 500 here, so the connection is kept open
+            log.exception("request failed: %s %s", request.method, request.url.path)
+            response = JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
         finally:
             route = request.scope.get("route")
             ep = getattr(route, "path", "unmatched")
@@ -276,15 +330,16 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
             raise RequestError(403, "invalid token")
 
-    def ids_of(text: str | None, ids: list[int] | None) -> list[int]:
+    async def job_of(kind: str, adapter: str | None, text: str | None, ids: list[int] | None, *args) -> Job:
+        """The request's job, its prompt checked: characters, then tokens against the context."""
         if (text is None) == (ids is None):
             raise RequestError(400, "give exactly one of the text field or 'input_ids'")
         if text is not None:
-            if tokenizer is None:
-                raise RequestError(400, "this server has no tokenizer: send 'input_ids'")
-            ids = list(tokenizer(text)["input_ids"])
+            ids = await engine.tokenize(text)
         validate_ids(ids, vocab, engine.cfg.max_input_tokens)
-        return ids
+        job = Job(kind, adapter, ids, *args)
+        engine.check_length(job)
+        return job
 
     def check(kind: str, adapter: str | None) -> None:
         if task != kind:
@@ -316,8 +371,8 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         if body.max_new_tokens > engine.cfg.max_new_tokens:
             raise RequestError(400, f"max_new_tokens is at most {engine.cfg.max_new_tokens} on this server")
         sampling = sampling_of(body)
-        job = await run_job(Job("generate", body.adapter, ids_of(body.prompt, body.input_ids),
-                                body.max_new_tokens, body.num_beams, sampling))
+        job = await run_job(await job_of("generate", body.adapter, body.prompt, body.input_ids,
+                                         body.max_new_tokens, body.num_beams, sampling))
         settings = {"decoding": "beam" if body.num_beams > 1 else sampling.decoding,
                     "max_new_tokens": body.max_new_tokens, "num_beams": body.num_beams,
                     "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
@@ -328,7 +383,7 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"])
     async def classify(body: ClassifyIn):
         check("classify", body.adapter)
-        job = await run_job(Job("classify", body.adapter, ids_of(body.text, body.input_ids)))
+        job = await run_job(await job_of("classify", body.adapter, body.text, body.input_ids))
         return {"adapter": body.adapter, **job.result}
 
     def _listing() -> dict:
@@ -342,9 +397,8 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     async def list_adapters():
         return await engine.admin(_listing)
 
-    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(auth)], tags=["adapters"])
-    async def load_adapter(body: LoadIn):
-        name = _valid_name(body.name)
+    async def load_named(name: Any) -> dict:  # POST /v1/adapters, and vLLM's /v1/load_lora_adapter
+        name = _valid_name(name)
         path = _adapter_path(adir, name)
 
         def do():
@@ -353,30 +407,46 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
             try:
                 load(model, path, name=name)
             except DeltaError as e:
-                raise RequestError(422, f"adapter {name!r} cannot be loaded: {e}")
+                raise RequestError(422, f"adapter {name!r} cannot be loaded: {_public(str(e), adir)}")
             failed.pop(name, None)
             metrics.loaded.set(len(get_state(model).adapters))
             return {"name": name, "method": get_state(model).adapters[name].method}
 
         return await engine.admin(do)
 
-    @app.delete("/v1/adapters/{name:path}", dependencies=[Depends(auth)], tags=["adapters"])
-    async def delete_adapter(name: str):
-        _valid_name(name)
+    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(auth)], tags=["adapters"])
+    async def load_adapter(body: LoadIn):
+        return await load_named(body.name)
+
+    async def unload_named(name: Any) -> dict:  # DELETE /v1/adapters/{name}, and vLLM's /v1/unload_lora_adapter
+        name = _valid_name(name)
 
         def do():
             if name not in get_state(model).adapters:
                 raise RequestError(404, f"adapter {name!r} is not loaded")
-            delete(model, name)
+            with warnings.catch_warnings():  # "was active, X is active now": requests route per row here
+                warnings.simplefilter("ignore", UserWarning)
+                delete(model, name)
             metrics.loaded.set(len(get_state(model).adapters))
             return {"deleted": name}
 
         return await engine.admin(do)
 
+    @app.delete("/v1/adapters/{name:path}", dependencies=[Depends(auth)], tags=["adapters"])
+    async def delete_adapter(name: str, request: Request):
+        # the route's regex ends with "$", which drops a final newline: "a%0A" would match as "a"
+        return await unload_named(request.scope["path"].split("/v1/adapters/", 1)[-1])
+
     @app.get("/health", tags=["ops"])
     async def health():
-        return {"status": "ok", "task": task, "model": type(model).__name__,
+        late = engine.stuck_for()
+        body = {"status": "stuck" if late else "ok", "task": task, "model": type(model).__name__,
                 "adapters": len(get_state(model).adapters), "queue_depth": engine.depth()}
+        if late:  # a load balancer should stop sending here; the detail says since when
+            body["detail"] = (f"the model thread has been busy with one call for {late + liveness_s:.0f} s "
+                              f"(liveness deadline {liveness_s:g} s)")
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus():
@@ -385,7 +455,49 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         metrics.queue.set(engine.depth())
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_openai_routes(app, model, tokenizer, engine, openai or OpenAIConfig.default(model), task=task,
+                      adapter_dir=adir, default_penalty=penalty, admin_auth=auth,
+                      load_adapter=load_named, unload_adapter=unload_named)
     return app
+
+
+class BodyLimit:
+    """ASGI middleware refusing a request body over ``limit`` bytes (413) before the app reads it:
+    by its Content-Length, or, for a chunked body, as soon as the bytes received pass the limit
+    (the chunks are then replayed to the app), so a 10 MB prompt never reaches the JSON parser."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None:
+            if size.isdigit() and int(size) > self.limit:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, n, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(msg.get("body", b""))
+            n, more = n + len(chunks[-1]), msg.get("more_body", False)
+            if n > self.limit:
+                return await self._refuse(scope, receive, send)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        from fastapi.responses import JSONResponse
+
+        await JSONResponse({"detail": f"the request body is larger than this server accepts ({self.limit} bytes)"},
+                           status_code=413)(scope, receive, send)
 
 
 class ServerThread:
@@ -420,19 +532,26 @@ class ServerThread:
 
 def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-lm", host: str = "127.0.0.1",
         port: int = 8000, token: str | None = None, window_ms: float = 5.0, max_batch: int = 16,
-        max_new_tokens: int = 256, threads: int | None = None) -> None:
-    """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted."""
+        max_new_tokens: int = 256, threads: int | None = None, max_prompt_chars: int | None = None,
+        liveness_s: float = 300.0, max_input_tokens: int = 1024, max_queue: int = 256, api_key: str | None = None,
+        served_name: str | None = None, max_n: int = 8) -> None:
+    """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted.
+    ``served_name`` is the base model's name in the OpenAI API (default: the file or directory name)."""
     import uvicorn
 
     from .models import configure_threads, load_model
 
     configure_threads(threads)
     model, tok, _ = load_model(base_model, task, tokenizer_required=False)  # no tokenizer: serve input_ids
+    p = Path(base_model)
+    name = served_name or (p.stem if p.suffix == ".gguf" else p.name) or "base"
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,
-                    max_new_tokens=max_new_tokens)
+                    max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars, liveness_s=liveness_s,
+                    max_input_tokens=max_input_tokens, max_queue=max_queue,
+                    openai=OpenAIConfig(served_name=name, api_key=api_key, max_n=max_n))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines", host)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-__all__ = ["TOKEN_ENV", "ServerThread", "build_app", "run"]
+__all__ = ["TOKEN_ENV", "BodyLimit", "ServerThread", "build_app", "run"]
