@@ -79,7 +79,7 @@ for _id, _err, _target, _exp in [
 for _id, _args, _files, _exp in [
     ("cli_val_fraction_nan", TRAIN + ("--val-fraction", "nan"), GOOD_CSV, ("--val-fraction must be between 0 and 1",)),
     ("cli_val_fraction_above_one", TRAIN + ("--val-fraction", "1.5"), GOOD_CSV, ("got 1.5",)),
-    ("cli_seed_negative", TRAIN + ("--seed", "-1"), GOOD_CSV, ("seed=-1 is invalid", "[0, 2**32)")),
+    ("cli_seed_negative", TRAIN + ("--seed", "-1"), GOOD_CSV, ("seed=-1 (--seed on the command line) is invalid", "[0, 2**32)")),
     ("cli_max_train_rows_zero", TRAIN + ("--max-train-rows", "0"), GOOD_CSV, ("--max-train-rows must be a positive",)),
     ("cli_serve_token_file_missing", ("serve", "--model", "{ws}/m", "--token-file", "{ws}/no-token"), None,
      ("--token-file", "no-token", "cannot read it")),
