@@ -19,6 +19,7 @@ counts) are checked against the saved tensors before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ from torch import nn
 
 from . import model_card
 from .core import METHODS, DeltaError, get_state, method_of
+from .dtypes import module_dtype
 from .safety import fsync_path, new_mode, write_error
 
 WEIGHTS = "adapter_model.safetensors"
@@ -126,8 +128,16 @@ def adapter_payload(model: nn.Module, name: str | None = None) -> tuple[dict[str
         "name": name,
         "config": cfg.to_dict(),
         "base_model": {"class": type(model).__name__, "name_or_path": base_name},
+        # what the tensors are and what they ran on (safetensors keeps each tensor's dtype; the
+        # config's autocast_adapter_dtype reproduces the choice when loading)
+        "dtypes": {"base": _dtype_name(module_dtype(model)),
+                   "adapter": sorted({_dtype_name(v.dtype) for v in sd.values() if v.is_floating_point()})},
     }
     return sd, peft_cfg, ours
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
@@ -397,16 +407,19 @@ def _read_weights(d: Path, data: bytes | None = None) -> dict[str, torch.Tensor]
 
 
 def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
-         trainable: bool = False, verify: bool = True) -> nn.Module:
+         trainable: bool = False, verify: bool = True, autocast_adapter_dtype: bool | None = None) -> nn.Module:
     """Attach the adapter saved in ``directory`` (by deltatune or by peft) to ``model``.
 
     ``trainable=True`` keeps it trainable (resume training); otherwise its tensors are frozen.
+    ``autocast_adapter_dtype`` overrides the saved choice (None: as saved; peft files: True).
     The new adapter is activated."""
     from .api import _remove, activate, adapter_tensors, attach
 
     from .safety import describe, first_nonfinite
 
     tensors, method, cfg, saved_name = read_adapter_dir(directory, verify=verify)
+    if autocast_adapter_dtype is not None:
+        cfg = dataclasses.replace(cfg, autocast_adapter_dtype=bool(autocast_adapter_dtype))
     bad = first_nonfinite(tensors)
     if bad is not None:  # a diverged run's checkpoint: refuse rather than load garbage silently
         raise DeltaError(f"{directory}: tensor {bad} has {describe(tensors[bad])}; this adapter was saved "
