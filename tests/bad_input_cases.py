@@ -405,3 +405,4 @@ def c_save_without_adapter(ws):
 
 # data files, CLI arguments and HTTP bodies live in their own file (registers into CASES)
 import bad_input_cases_io  # noqa: E402,F401
+import bad_input_cases_limits  # noqa: E402,F401

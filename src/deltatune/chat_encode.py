@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .chat_formats import as_record
 from .core import DeltaError
+from .data import CHARS_PER_TOKEN
 from .data_sources import quiet_datasets
 from .models import cache_root
 
@@ -142,17 +143,30 @@ def _truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[
     return head_ids, head_labels
 
 
+def _labels(ids, offsets, spans, train_on: str) -> list[int]:
+    if train_on == "prompt+response":
+        return list(ids)
+    # a token trains if its characters overlap a trainable span
+    return [t if any(a < e and max(b, a + 1) > s for s, e in spans) else -100 for t, (a, b) in zip(ids, offsets)]
+
+
 def _tokenize_batch(batch: dict, tokenizer, max_length: int, train_on: str) -> dict:
     rendered = [render(json.loads(r), tokenizer) for r in batch["row"]]
-    all_ids, all_offsets = _token_ids(tokenizer, [t for t, _ in rendered])
+    # only the first max_length * CHARS_PER_TOKEN characters can hold the kept tokens: a tokenizer
+    # given a whole 20 MB text builds every token and offset before truncating (GBs of memory)
+    cap = max(1, max_length) * CHARS_PER_TOKEN
+    all_ids, all_offsets = _token_ids(tokenizer, [t[:cap] for t, _ in rendered])
     out_ids, out_labels = [], []
-    for ids, offsets, (_, spans) in zip(all_ids, all_offsets, rendered):
-        if train_on == "prompt+response":
-            keep = [True] * len(ids)
-        else:  # a token trains if its characters overlap a trainable span
-            keep = [any(a < e and max(b, a + 1) > s for s, e in spans) for a, b in offsets]
-        labels = [t if k else -100 for t, k in zip(ids, keep)]
-        ids, labels = _truncate(list(ids), labels, max_length)
+    for ids, offsets, (text, spans) in zip(all_ids, all_offsets, rendered):
+        labels = _labels(ids, offsets, spans, train_on)
+        if len(text) > cap and len(ids) > max_length and all(t == -100 for t in labels[1:max_length]):
+            # the prompt fills max_length, so _truncate keeps the tail: that of the whole text
+            shift = len(text) - cap
+            (ids,), (offsets,) = _token_ids(tokenizer, [text[-cap:]])
+            labels = _labels(ids, [(a + shift, b + shift) for a, b in offsets], spans, train_on)
+            ids, labels = list(ids)[-max_length:], labels[-max_length:]
+        else:
+            ids, labels = _truncate(list(ids), labels, max_length)
         out_ids.append(ids)
         out_labels.append(labels)
     return {"input_ids": out_ids, "labels": out_labels}

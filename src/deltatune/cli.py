@@ -122,10 +122,28 @@ def _parse_opts(opts: list[str] | None) -> dict[str, Any]:
         if not eq or not k.strip():
             raise DeltaError(f"--opt {o!r}: expected KEY=VALUE, e.g. --opt r=16 --opt targets='[q_proj,v_proj]'")
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            val = yaml.safe_load(v)
         except yaml.YAMLError:
-            out[k.strip()] = v
+            val = v
+        out[k.strip()] = _exponent_number(val) if val == v.strip() else val
     return out
+
+
+def _exponent_number(v):
+    """YAML 1.1 reads ``1e8`` and ``1e-3`` (no dot) as strings: give them their number (integers
+    stay integers, so ``r=1e8`` is the rank 100000000 and is judged as such)."""
+    import math
+
+    if not isinstance(v, str) or not any(c in v for c in "eE"):
+        return v
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    if not math.isfinite(f):
+        return v
+    return int(f) if f.is_integer() and "." not in v.lower().split("e")[0] and "-" not in v.lower().split("e")[1] \
+        else f
 
 
 def _errors(fn):
@@ -134,10 +152,18 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        from .safety import write_error
+
         try:
             return fn(*a, **kw)
         except DeltaError as e:
             sys.stderr.write(f"error: {e}\n")
+            raise typer.Exit(2) from None
+        except OSError as e:  # disk full, file-size limit, read-only or forbidden path: one line too
+            w = write_error(e, e.filename or "a file")
+            if w is e:
+                raise
+            sys.stderr.write(f"error: {w}\n")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -502,10 +528,38 @@ def serve(
     """HTTP server: one base model, many adapters, mixed batches, OpenAI-compatible API (see deltatune.serve)."""
     from .serve import run
 
-    token = token_file.read_text().strip() if token_file else None
+    token = _read_token(token_file) if token_file else None
+    _check_adapter_dir(adapters)
     run(model, adapters, task=task, host=host, port=port, token=token, window_ms=window_ms, max_batch=max_batch,
         max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens, max_queue=max_queue, api_key=api_key,
         served_name=served_model_name, max_n=max_n)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeltaError(f"--token-file {path}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+                         "give a file holding the bearer token") from None
+    if not token:
+        raise DeltaError(f"--token-file {path} is empty; write the bearer token into it")
+    return token
+
+
+def _check_adapter_dir(adapters: str | None) -> None:
+    """A mistyped --adapters path is an error, not a server with no adapters; a directory with no
+    adapter in it starts the server but says so."""
+    if adapters is None:
+        return
+    p = Path(adapters)
+    if not p.is_dir():
+        raise DeltaError(f"--adapters {p}: {'not a directory' if p.exists() else 'does not exist'}; give the "
+                         "directory holding one sub-directory per adapter (written by dt.save / deltatune train)")
+    from .io import CONFIG, MANIFEST
+
+    if not any((d / CONFIG).exists() or (d / MANIFEST).exists() for d in p.iterdir() if d.is_dir()):
+        sys.stderr.write(f"warning: --adapters {p} holds no adapter sub-directory yet; serving the base model "
+                         "only (adapters saved there later can be loaded with POST /v1/adapters)\n")
 
 
 def main(argv: list[str] | None = None) -> None:

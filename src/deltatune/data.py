@@ -34,6 +34,14 @@ LABEL_GUESSES = ("label", "labels", "class", "target", "category", "y")
 PROMPT_GUESSES = ("prompt", "instruction", "question", "statement", "input")
 RESPONSE_GUESSES = ("response", "answer", "output", "reply", "completion")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# A text is cut to max_length * CHARS_PER_TOKEN characters before it is tokenized: a fast tokenizer
+# builds offsets and token objects for the WHOLE text before truncating (a 20 MB cell peaked at
+# 3.2 GB).  16 characters is more than any real token spans (English BPE/WordPiece average ~4),
+# so the cut never changes the max_length tokens that are kept.
+CHARS_PER_TOKEN = 16
+# Rows are flat records (chat messages nest 3 deep); deeper JSON is refused before it can exhaust
+# the parser's recursion or build huge nested objects.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass
@@ -120,21 +128,32 @@ def _read_jsonl(path: Path):
     data = path.read_bytes()
     _check_utf8(path, data)
     text = data.decode("utf-8")
+    too_deep = (f"JSON nested more than {MAX_JSON_DEPTH} levels deep; rows must be flat records "
+                "{\"column\": value, ...}")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DeltaError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DeltaError(f"{path}: {too_deep}") from None
         lines = list(range(1, len(records) + 1))
+        if _too_deep(records, MAX_JSON_DEPTH + 1):
+            raise DeltaError(f"{path}: {too_deep}")
     else:
         records, lines = [], []
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DeltaError(f"{path}: line {i}: invalid JSON ({e.msg}); JSONL needs one object per line") from None
+            except RecursionError:  # deeper than the interpreter's recursion limit
+                raise DeltaError(f"{path}: line {i}: {too_deep}") from None
+            if _too_deep(rec, MAX_JSON_DEPTH):
+                raise DeltaError(f"{path}: line {i}: {too_deep}")
+            records.append(rec)
             lines.append(i)
     bad = next((i for r, i in zip(records, lines) if not isinstance(r, dict)), None)
     if bad is not None:
@@ -142,6 +161,18 @@ def _read_jsonl(path: Path):
     df = pd.DataFrame.from_records(records)
     df.attrs["lines"] = lines
     return df
+
+
+def _too_deep(obj, limit: int) -> bool:
+    """True if ``obj`` nests lists/dicts more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (list, dict)):
+            if d > limit:
+                return True
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return False
 
 
 def _read_parquet(path: Path):
@@ -216,6 +247,44 @@ def _label_key(v, col: str, path: Path, line: int) -> str:
                      f"{type(v).__name__} {v!r}")
 
 
+# Spellings of a missing value in exported tables (pandas' and spreadsheets' NA markers): never a
+# class.  "NA" and "None" can be real class names, so they count as missing only in a numeric column.
+_MISSING_ALWAYS = {"nan", "-nan", "null", "<na>", "#n/a", "n/a", "#na"}
+_MISSING_IF_NUMERIC = {"na", "none"}
+
+
+def _as_number(k: str) -> float | None:
+    try:
+        v = float(k)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _normalise_labels(keys: list[str], col: str, path: Path, lines: list[int]) -> list[str]:
+    """Text labels as read from a table -> class keys: missing-value markers are refused with their
+    line, and in a numeric column ``1``, ``1.0`` and ``1e0`` are one class ``"1"`` (a column that went
+    through a spreadsheet or pandas comes back as floats).  Leading zeros (``"01"``) are kept: such
+    columns are codes, not numbers, unless a float spelling shows up too."""
+    numeric = [k for k in keys if k.lower() not in _MISSING_ALWAYS | _MISSING_IF_NUMERIC]
+    is_numeric = bool(numeric) and all(_as_number(k) is not None for k in numeric)
+    missing = _MISSING_ALWAYS | (_MISSING_IF_NUMERIC if is_numeric else set())
+    for k, line in zip(keys, lines):
+        if k.lower() in missing:
+            raise DeltaError(f"{_where(path, line)}, column {col!r}: missing label ({k!r}); fill it in or drop "
+                             "the row")
+    if not is_numeric or not any(any(c in k for c in ".eE+") for k in keys):
+        return keys
+    out = []
+    for k, line in zip(keys, lines):
+        v = _as_number(k)
+        if not v.is_integer():
+            raise DeltaError(f"{_where(path, line)}, column {col!r}: label {k!r} is not a class (a fractional "
+                             "number); classification needs integer or string labels")
+        out.append(str(int(v)))
+    return out
+
+
 def _sorted_labels(keys) -> list[str]:
     keys = set(keys)
     if all(k.lstrip("-").isdigit() for k in keys):
@@ -234,7 +303,8 @@ def load_classify(path, text_column=None, label_column=None, label_names: list[s
     tcol = pick_column(df, path, text_column, TEXT_GUESSES, "text", "--text-column")
     lcol = pick_column(df, path, label_column, LABEL_GUESSES, "labels", "--label-column")
     texts = _text_values(df, tcol, path, lines)
-    keys = [_label_key(v, lcol, path, line) for v, line in zip(df[lcol].tolist(), lines)]
+    keys = _normalise_labels([_label_key(v, lcol, path, line) for v, line in zip(df[lcol].tolist(), lines)],
+                             lcol, path, lines)
     if label_names is None:
         label_names = _sorted_labels(keys)
         if len(label_names) < 2:
@@ -325,6 +395,9 @@ def load_images(path, label_names: list[str] | None = None) -> Examples:
 def split_validation(ex: Examples, fraction: float = 0.1, seed: int = 0, max_rows: int = 2000
                      ) -> tuple[Examples, Examples]:
     """A seeded random hold-out: ``fraction`` of the rows (at least 1, at most ``max_rows``)."""
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:  # NaN fails too
+        raise DeltaError(f"validation fraction (--val-fraction) must be between 0 and 1, got {fraction!r}; "
+                         "e.g. 0.1 holds out 10 % of the rows")
     n = len(ex)
     if n < 2:
         raise DeltaError(f"{ex.source}: only {n} example(s); need at least 2 to hold out a validation split "
@@ -357,8 +430,9 @@ def load_examples(task: str, path, label_names=None, **cols) -> Examples:
 def encode(ex: Examples, tokenizer=None, max_length: int = 128, image_size: int | None = None, **lm) -> list[dict]:
     """Examples -> list of feature dicts of Python lists / arrays (padding happens in :func:`collate`).
     ``lm``: causal-LM options of :func:`deltatune.chat_encode.encode_causal_lm` (train_on, cache)."""
+    cap = max(1, max_length) * CHARS_PER_TOKEN
     if ex.task == "classify":
-        enc = tokenizer(ex.rows, truncation=True, max_length=max_length)
+        enc = tokenizer([t[:cap] for t in ex.rows], truncation=True, max_length=max_length)
         return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], ex.labels)]
     if ex.task == "causal-lm":
         from .chat_encode import encode_causal_lm

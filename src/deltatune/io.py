@@ -35,7 +35,7 @@ from torch import nn
 from . import model_card
 from .core import METHODS, DeltaError, get_state, method_of
 from .dtypes import module_dtype
-from .safety import fsync_path
+from .safety import fsync_path, new_mode, write_error
 
 WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
@@ -53,17 +53,23 @@ MAX_SIZE = 1 << 20  # no rank or token count of a real adapter comes near this
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), new_mode(path, 0o666))  # mkstemp made 0600: the old mode, or the umask's
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from e
         raise
     fsync_path(path.parent)
 

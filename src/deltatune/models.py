@@ -92,8 +92,30 @@ def resolve(spec: str) -> str:
     raise DeltaError(f"model directory {spec} does not exist")
 
 
-def load_model(spec: str, task: str, label_names: list[str] | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer or image processor, resolved path) for ``task``."""
+def load_tokenizer(path: str, spec: str, trust_remote_code: bool = False, required: bool = True):
+    """The tokenizer saved with the model at ``path``.  Missing or unloadable tokenizer files are a
+    one-line DeltaError, or, when not ``required`` (a server can take token ids), None and a warning."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                         trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, ImportError... depending on what is absent
+        why = " ".join(str(e).split())[:200]
+        if required:
+            raise DeltaError(f"{spec}: no usable tokenizer ({type(e).__name__}: {why}); put the tokenizer files "
+                             "(tokenizer.json or vocab files) next to the model") from None
+        import logging
+
+        logging.getLogger("deltatune").warning(
+            "%s: no usable tokenizer (%s); serving token ids only (send 'input_ids', not 'prompt')", spec, why)
+        return None
+
+
+def load_model(spec: str, task: str, label_names: list[str] | None = None, trust_remote_code: bool = False,
+               tokenizer_required: bool = True):
+    """(model, tokenizer or image processor, resolved path) for ``task``.  With
+    ``tokenizer_required=False`` a model without tokenizer files loads with tokenizer None."""
     import transformers
 
     quiet_transformers()
@@ -121,11 +143,10 @@ def load_model(spec: str, task: str, label_names: list[str] | None = None, trust
         except Exception:
             proc = None  # arrays are fed as they are
     else:
-        proc = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                          trust_remote_code=trust_remote_code)
-        if proc.pad_token is None:  # GPT-style tokenizers: pad with EOS (masked out anyway)
+        proc = load_tokenizer(path, spec, trust_remote_code, tokenizer_required)
+        if proc is not None and proc.pad_token is None:  # GPT-style tokenizers: pad with EOS (masked out anyway)
             proc.pad_token = proc.eos_token
-        if getattr(model.config, "pad_token_id", None) is None:
+        if proc is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = proc.pad_token_id
     return model, proc, path
 

@@ -71,6 +71,63 @@ class RunOptions:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
 
 
+OPTIONS_FILE = "run_options.json"  # what a run was started with; --resume must match it
+# options that change neither the data, the model nor the maths of a step: free to differ on resume
+RESUME_FREE = {"progress", "compile", "save_every", "gradient_checkpointing", "device", "eval_every"}
+
+
+def check_options(o: RunOptions) -> None:
+    """Refuse run options that would otherwise be ignored or crash late (before any loading)."""
+    from .trainer import TrainConfig
+
+    if o.max_train_rows is not None and (not isinstance(o.max_train_rows, int) or o.max_train_rows < 1):
+        raise DeltaError(f"--max-train-rows must be a positive number of rows, got {o.max_train_rows!r}; "
+                         "leave it out to use every row")
+    if not o.val_data and (not isinstance(o.val_fraction, (int, float)) or not 0 < o.val_fraction < 1):
+        raise DeltaError(f"--val-fraction must be between 0 and 1, got {o.val_fraction!r}; e.g. 0.1 holds out "
+                         "10 % of the rows (or pass --val-data)")
+    if o.lr is not None and not 0 < o.lr < float("inf"):
+        raise DeltaError(f"--lr must be a positive number, got {o.lr!r}")
+    try:
+        TrainConfig(**o.train).validate()
+    except TypeError as e:
+        raise DeltaError(f"unknown training option ({e})") from None
+
+
+def options_fingerprint(o: RunOptions) -> dict:
+    """The run options that decide what a checkpoint contains, with defaults filled in (so
+    ``--lr`` left out and ``--lr`` given as its default compare equal), as flag names."""
+    from .trainer import TrainConfig
+
+    train = {k: v for k, v in dataclasses.asdict(TrainConfig(**o.train)).items() if k not in RESUME_FREE | {"lr"}}
+    fp = {"--model": o.model, "--data": o.data, "--task": o.task, "--method": o.method,
+          "--val-data": o.val_data, "--val-fraction": None if o.val_data else o.val_fraction,
+          "--max-length": o.max_length or MAX_LENGTH[o.task], "--max-train-rows": o.max_train_rows,
+          "--lr": o.lr or default_lr(o.method, o.task),
+          **{f"--{k.replace('_', '-')}": v for k, v in _columns(o).items()},
+          **{f"--opt {k}": v for k, v in o.method_options.items()},
+          **{f"--{k.replace('_', '-')}": v for k, v in train.items()}}
+    return json.loads(json.dumps(fp, sort_keys=True, default=str))  # tuples -> lists, as stored
+
+
+def check_resume(o: RunOptions, out: Path) -> None:
+    """On ``--resume``: the options must be the ones the run was started with (else the checkpoint's
+    tensors, step count or data order do not fit): one line listing every difference."""
+    f = out / OPTIONS_FILE
+    if not f.exists():
+        return  # a run from before this file existed: the trainer's own checks still apply
+    try:
+        saved = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DeltaError(f"{f}: unreadable ({e}); delete it to resume without the options check") from None
+    now = options_fingerprint(o)
+    diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise DeltaError(f"--resume with options different from the checkpoint's in {out}: {'; '.join(diff)}; "
+                         "resume with the run's options, or start a new run (another --output, or --overwrite)")
+
+
 def _columns(o: RunOptions) -> dict:
     return {k: getattr(o, k) for k in ("text_column", "label_column", "prompt_column", "response_column",
                                        "messages_column", "format")}
@@ -89,7 +146,7 @@ def prepare(o: RunOptions, label_names=None):
         train = ex
     else:
         train, val = split_validation(ex, o.val_fraction, seed=seed)
-    if o.max_train_rows and len(train) > o.max_train_rows:
+    if o.max_train_rows is not None and len(train) > o.max_train_rows:
         train = train.subset(range(o.max_train_rows))
     if o.max_eval_rows and len(val) > o.max_eval_rows:
         val = val.subset(range(o.max_eval_rows))
@@ -138,6 +195,22 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     """Train per ``o``; write the adapter, metrics.json and training.png; return the metrics.
     ``on_model(stage, model, tokenizer)`` is called with stage "base" (before the adapter is
     attached) and "trained" (after training)."""
+    import contextlib
+
+    from . import distributed as dtd
+    from .runlock import run_lock
+
+    t_start = time.perf_counter()
+    out = Path(o.output)
+    check_options(o)
+    rank, _ = dtd.init() if dtd.launched() else (0, 1)  # under torchrun: rank 0 logs and writes
+    if rank != 0:
+        log = lambda msg: None  # noqa: E731
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per --output at a time
+        return _train_locked(o, out, rank, log, on_model, t_start)
+
+
+def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: float) -> dict:
     import torch
 
     import deltatune as dt
@@ -148,11 +221,8 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     from .models import load_model
     from .trainer import TrainConfig, Trainer, plot
 
-    t_start = time.perf_counter()
-    out = Path(o.output)
-    rank, _ = dtd.init() if dtd.launched() else (0, 1)  # under torchrun: rank 0 logs and writes
-    if rank != 0:
-        log = lambda msg: None  # noqa: E731
+    if o.resume:
+        check_resume(o, out)
     if o.overwrite and not o.resume and rank == 0:
         import shutil
 
@@ -203,6 +273,8 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     loss = {"loss_fn": causal_lm_batch_loss} if o.task == "causal-lm" else {}
     trainer = Trainer(model, train_f, cfg, collate=coll, output_dir=out,
                       eval_fn=lambda m: task_metrics(o.task, m, val_f, coll), **loss)
+    if rank == 0 and not (o.resume and (out / OPTIONS_FILE).exists()):
+        atomic_write_json(out / OPTIONS_FILE, options_fingerprint(o))
     result = trainer.train(resume=o.resume)
     after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps and not cfg.early_stopping \
         else task_metrics(o.task, model, val_f, coll)
@@ -288,13 +360,18 @@ def set_chat_template(proc, value: str | None) -> str | None:
 def save_pretrained_atomic(model, proc, out: Path) -> Path:
     """``save_pretrained`` into a temp dir next to ``out``, fsync, then one atomic swap
     (``safety.atomic_dir``): readers and crashes see the old model dir or the new one, never half."""
-    from .safety import atomic_dir
+    import os
+
+    from .safety import atomic_dir, umask
 
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if proc is not None and hasattr(proc, "save_pretrained"):
             proc.save_pretrained(tmp)
+        for f in tmp.rglob("*"):  # transformers writes its weights through a 0600 temp file
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~umask())
     return out
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import re
 import shutil
@@ -40,6 +41,63 @@ import torch
 from torch import nn
 
 from .core import DeltaError
+
+# --------------------------------------------------------------------------- write failures
+
+# errno -> what to do about it: the failures a user can fix (space, limits, permissions)
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere",
+    errno.EFBIG: "a file exceeds the file-size limit (`ulimit -f` or the file system's maximum); raise the "
+                 "limit or write elsewhere",
+    errno.EROFS: "the file system is read-only; choose a writable location",
+    errno.EACCES: "permission denied; choose a directory you can write to",
+    errno.EPERM: "operation not permitted; choose a directory you can write to",
+}
+
+
+class WriteError(DeltaError, OSError):
+    """A write failed for a reason the user can fix (disk full, file-size limit, read-only file
+    system, no permission).  Both a :class:`DeltaError` (one-line message) and an ``OSError``
+    (``errno`` kept), so code catching either still does."""
+
+    __str__ = BaseException.__str__  # the message, not OSError's "[Errno N] strerror: filename"
+
+
+def write_error(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` as a one-line :class:`WriteError` naming ``path`` if it is a fixable write failure,
+    else ``e`` itself (a real bug keeps its traceback)."""
+    if isinstance(e, DeltaError) or e.errno not in _WRITE_HINTS:
+        return e
+    w = WriteError(f"cannot write {path}: {_WRITE_HINTS[e.errno]} ({errno.errorcode[e.errno]}: "
+                   f"{e.strerror or os.strerror(e.errno)})")
+    w.errno, w.filename = e.errno, getattr(e, "filename", None)
+    return w
+
+
+def umask() -> int:
+    """The process umask, read without changing it where possible (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    m = os.umask(0o022)  # elsewhere: set and restore (racy with threads creating files meanwhile)
+    os.umask(m)
+    return m
+
+
+def new_mode(existing: str | os.PathLike, default: int) -> int:
+    """Permission bits for a file or directory replacing ``existing``: its own if it exists, else
+    ``default`` (0o666 files, 0o777 directories) less the umask - what open()/mkdir() would give;
+    mkstemp/mkdtemp make 0600/0700, which a swap must not leak into the result."""
+    try:
+        return os.stat(existing).st_mode & 0o7777
+    except OSError:
+        return default & ~umask()
+
 
 # --------------------------------------------------------------------------- atomic directories
 
@@ -167,9 +225,12 @@ def atomic_dir(path: str | os.PathLike, *, carry_over: bool = False) -> Iterator
     if final == cwd or final in cwd.parents or final.parent == final:
         raise DeltaError(f"cannot atomically replace {final}: it is the current directory or one of its "
                          "parents; save into a sub-directory (e.g. ./adapter)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.dt-new-{os.getpid()}-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover_dir(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.dt-new-{os.getpid()}-", dir=final.parent))
+    except OSError as e:
+        raise write_error(e, final) from e
     try:
         yield tmp
         if carry_over and final.is_dir():
@@ -184,7 +245,11 @@ def atomic_dir(path: str | os.PathLike, *, carry_over: bool = False) -> Iterator
                 else:
                     _link_or_copy(str(e), str(dst))
         fsync_tree(tmp)
+        os.chmod(tmp, new_mode(final, 0o777))  # mkdtemp made it 0700: keep the old mode, or the umask's
         _publish(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, final) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -199,16 +264,56 @@ def _publish(tmp: Path, final: Path) -> None:
         except OSError:
             if not final.exists():
                 raise  # a real failure, not a race with another writer
-    if exchange(tmp, final):
+    try:
+        swapped = exchange(tmp, final)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        return _copy_into(tmp, final)
+    if swapped:
         fsync_path(final.parent)
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous version
         return
     old = Path(tempfile.mkdtemp(prefix=f".{final.name}.dt-old-{os.getpid()}-", dir=final.parent))
     os.rmdir(old)
-    os.rename(final, old)  # a crash here leaves `old`, which recover_dir renames back
+    try:
+        os.rename(final, old)  # a crash here leaves `old`, which recover_dir renames back
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        return _copy_into(tmp, final)
     os.rename(tmp, final)
     fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _copy_into(tmp: Path, final: Path) -> None:
+    """Fallback when ``final`` cannot be renamed (EBUSY: it is a mount point, e.g. a container
+    volume's root): copy every file of ``tmp`` into ``final`` (each under a temporary name, fsynced,
+    then renamed over the old one), then delete what ``tmp`` does not have.  Each file is replaced
+    atomically; the directory as a whole is not (a reader may see new weights with an old config
+    for a moment, which an adapter's manifest checksums catch)."""
+    for d, dirs, files in os.walk(tmp):
+        rel = Path(d).relative_to(tmp)
+        for x in dirs:
+            (final / rel / x).mkdir(exist_ok=True)
+        for f in files:
+            src, dst = Path(d) / f, final / rel / f
+            if dst.exists() and os.path.samefile(src, dst):
+                continue  # carried over as a hard link: already there
+            part = dst.with_name(f".{f}.dt-copy-{os.getpid()}")
+            shutil.copy2(src, part)
+            fsync_path(part)
+            os.replace(part, dst)
+        fsync_path(final / rel)
+    for d, dirs, files in os.walk(final, topdown=False):
+        rel = Path(d).relative_to(final)
+        for x in files + dirs:
+            if not os.path.lexists(tmp / rel / x):
+                p = Path(d) / x
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        fsync_path(d)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- paths

@@ -542,7 +542,7 @@ def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-
     from .models import configure_threads, load_model
 
     configure_threads(threads)
-    model, tok, _ = load_model(base_model, task)
+    model, tok, _ = load_model(base_model, task, tokenizer_required=False)  # no tokenizer: serve input_ids
     p = Path(base_model)
     name = served_name or (p.stem if p.suffix == ".gguf" else p.name) or "base"
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,

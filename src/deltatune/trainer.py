@@ -115,13 +115,16 @@ class TrainConfig:
             "compile": self.compile in ("auto", "on", "off"),
             "eval_every": self.eval_every is None or self.eval_every >= 1,
             "save_every": self.save_every is None or self.save_every >= 1,
+            # torch, random and numpy are all seeded with it; numpy takes 0 <= seed < 2**32
+            "seed": isinstance(self.seed, int) and 0 <= self.seed < 2**32,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             k = bad[0]
             raise DeltaError(f"training option {k}={getattr(self, k)!r} (--{k.replace('_', '-')} on the command "
                              "line) is invalid"
-                             + (f"; choose one of {sorted(SCHEDULES)}" if k == "schedule" else ""))
+                             + (f"; choose one of {sorted(SCHEDULES)}" if k == "schedule" else "")
+                             + ("; use an integer in [0, 2**32)" if k == "seed" else ""))
 
 
 @dataclass
@@ -269,6 +272,12 @@ class Trainer(CheckpointMixin):
             diff = sorted(set(own) ^ set(tensors))[:5]
             raise DeltaError(f"checkpoint does not match this model's trainable tensors (e.g. {diff}); "
                              "resume with the same model, method and options")
+        # DTensor.shape is the global shape, so this holds under FSDP too
+        shapes = [f"{n} {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in own.items()
+                  if tuple(tensors[n].shape) != tuple(p.shape)]
+        if shapes:
+            raise DeltaError(f"checkpoint tensors have other shapes than this model's ({', '.join(shapes[:3])}); "
+                             "resume with the same model, method and options (e.g. the same rank r)")
         with torch.no_grad():
             for n, p in own.items():
                 p.copy_(dtd.shard_like(tensors[n], p))

@@ -398,6 +398,23 @@ def make_delta(base: nn.Module, r: int, alpha: float, cfg: LoraConfig) -> LoraDe
                      f"supported: {[t.__name__ for t in _layer_table()]}")
 
 
+def _check_rank(path: str, base: nn.Module, r: int) -> None:
+    """Refuse a rank the layer cannot use, before allocating (r=1e8 would ask for gigabytes).
+    BA has rank <= min(in, out), so a larger r only costs memory; 2x that is allowed because a
+    PiSSA adapter is exported as a plain LoRA of rank 2r."""
+    if hasattr(base, "in_features") and hasattr(base, "out_features"):  # quantized bases too, no dequantize
+        shape = (base.out_features, base.in_features)
+    else:
+        w = getattr(base, "weight", None)
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
+    if shape is None:
+        return
+    smallest = min(shape[0], math.prod(shape[1:]))
+    if r > 2 * smallest:
+        raise DeltaError(f"lora: r={r} is too large for {path} (weight {shape}): the update's rank is "
+                         f"at most {smallest}; use r <= {smallest} (typical: 4, 8, 16)")
+
+
 # --------------------------------------------------------------------------- the method
 
 @register
@@ -416,7 +433,9 @@ class LoRA(Method):
         for p in paths:
             r = _pattern_value(p, cfg.rank_pattern, cfg.r)
             alpha = _pattern_value(p, cfg.alpha_pattern, cfg.alpha)
-            made.append((p, make_delta(_base_at(model, p), r, alpha, cfg)))
+            base = _base_at(model, p)
+            _check_rank(p, base, r)
+            made.append((p, make_delta(base, r, alpha, cfg)))
         for p, d in made:
             wrap(model, p, state).deltas[name] = d
 
