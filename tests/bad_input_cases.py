@@ -87,7 +87,12 @@ def disk_snapshot(root: Path) -> dict[str, str]:
             out[os.path.relpath(os.path.join(d, x), root) + "/"] = "dir"
         for f in files:
             p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            if os.path.islink(p):  # never follow it (it may point at /dev/zero)
+                out[os.path.relpath(p, root)] = "-> " + os.readlink(p)
+            elif not os.path.isfile(p):  # a FIFO would block a read
+                out[os.path.relpath(p, root)] = "special"
+            else:
+                out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
     return out
 
 
@@ -306,7 +311,51 @@ def _pickle_bin(ws):
     return d
 
 
+def _special(kind: str, base=peft_style):
+    """Weights replaced by a FIFO (a read would block forever), or by a symlink to /dev/zero (endless)
+    or to a file outside the adapter directory."""
+    def make(ws):
+        d = base(ws)
+        w = d / W
+        if kind == "outside":
+            w.rename(ws / "elsewhere.safetensors")
+        else:
+            w.unlink()
+        {"fifo": lambda: os.mkfifo(w), "zero": lambda: w.symlink_to("/dev/zero"),
+         "outside": lambda: w.symlink_to(ws / "elsewhere.safetensors")}[kind]()
+        return d
+    return make
+
+
+def _header(length: int, cut: int = 0):
+    """A peft adapter whose safetensors header length is ``length`` (or whose data is ``cut`` short)."""
+    def make(ws):
+        d = peft_style(ws)
+        b = (d / W).read_bytes()
+        (d / W).write_bytes((length.to_bytes(8, "little") + b[8:] if length else b)[:len(b) - cut])
+        return d
+    return make
+
+
 for _id, _make, _exp, _kw in [
+    ("weights_fifo", _special("fifo"), (W, "not a regular file"), {}),
+    ("weights_fifo_verified", _special("fifo", good_adapter), (W, "not a regular file"), {}),
+    ("weights_symlink_dev_zero", _special("zero"), (W, "symlink pointing outside the adapter directory"), {}),
+    ("weights_symlink_outside", _special("outside"), (W, "symlink pointing outside the adapter directory"), {}),
+    ("weights_header_length_huge", _header(10**12), (W, "bad header length"), {}),
+    ("weights_header_vs_size", _header(0, cut=4), (W, "header does not match its size"), {}),
+    ("config_rank_huge", _edit_json(C, lambda o: o.update(r=3_000_000), peft_style),
+     ("r=3000000 is larger than any dimension of the saved tensors (32)",), {}),
+    ("config_rank_1e9_float", _edit_json(C, lambda o: o.update(r=1e9), peft_style), ("r=1000000000 is larger",), {}),
+    ("config_rank_1e30", _edit_json(C, lambda o: o.update(r=1e30), peft_style), ("is larger than any dimension",), {}),
+    ("config_rank_infinite", _edit_json(C, lambda o: o.update(r=float("inf")), peft_style),
+     (C, "infinity", "the config is corrupted"), {}),
+    ("config_rank_pattern_huge", _edit_json(C, lambda o: o.update(rank_pattern={"fc1": 10**7}), peft_style),
+     ("rank_pattern['fc1']=10000000 is larger",), {}),
+    ("config_deeply_nested", _write(C, b"[" * 100_000 + b"]" * 100_000, peft_style), (C, "nested deeper than 32"), {}),
+    ("config_integer_5000_digits", _write(C, b'{"r": ' + b"9" * 5000 + b"}", peft_style), (C, "not valid JSON"), {}),
+    ("config_too_large", _write(C, b" " * (5 << 20) + b"{}", peft_style), (C, "larger than expected"), {}),
+    ("manifest_deeply_nested", _write(M, b'{"a": ' * 50 + b"1" + b"}" * 50), (M, "nested deeper than 32"), {}),
     ("path_is_a_file", _file, ("adapter.txt is a file, not an adapter directory",), {}),
     ("path_missing", lambda ws: ws / "nope", ("adapter directory", "nope does not exist"), {}),
     ("dir_empty", _empty, ("no adapter_config.json or deltatune.json", "not an adapter directory"), {}),

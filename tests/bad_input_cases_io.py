@@ -8,7 +8,7 @@ import pytest
 
 import deltatune as dt
 from bad_input_cases import CASES, W, Case, case
-from conftest import tiny_llama
+from conftest import tiny_llama, word_tokenizer
 
 
 # --------------------------------------------------------------------------- data files
@@ -140,10 +140,13 @@ for _id, _args, _files, _exp in [
 TOKEN = "t0ken"
 
 
-def _http(method: str, url: str, body=None, headers=None, raw: bytes | None = None):
-    """A request to a fresh server (tiny Llama, adapters 'a' and a corrupted 'bad' in ws/adapters)."""
+def _http(method: str, url: str, body=None, headers=None, raw: bytes | None = None, tok: bool = False, setup=None):
+    """A request to a fresh server (tiny Llama, adapters 'a' and a corrupted 'bad' in ws/adapters,
+    + whatever ``setup(adapter_dir)`` adds; ``tok``: with the word tokenizer)."""
     def build(ws):
         pytest.importorskip("fastapi")
+        import logging
+
         from fastapi.testclient import TestClient
 
         from deltatune.serve import build_app
@@ -153,9 +156,12 @@ def _http(method: str, url: str, body=None, headers=None, raw: bytes | None = No
         dt.save(dt.attach(tiny_llama(), "lora", targets=["q_proj", "v_proj"], name="a"), adir / "a", name="a")
         bad = dt.save(dt.attach(tiny_llama(), "lora", targets=["q_proj"], name="bad"), adir / "bad", name="bad")
         (bad / W).write_bytes((bad / W).read_bytes()[:-10])
+        if setup is not None:
+            setup(adir)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            app = build_app(m, None, adir, token=TOKEN, max_new_tokens=32)
+            logging.getLogger("deltatune.serve").setLevel(logging.ERROR)  # the broken adapters are expected
+            app = build_app(m, word_tokenizer() if tok else None, adir, token=TOKEN, max_new_tokens=32)
 
         def act():
             with TestClient(app) as client:
@@ -195,3 +201,52 @@ for _id, _req, _exp in [
     CASES[_id] = Case("http", _exp, _http(*_req), f"{_req[0]} {_req[1]} {_req[2]!r:.60}")
 
 
+def _hostile(kind: str):
+    """A ``setup`` adding adapter 'x' to the server's directory: FIFO weights, weights linked to a
+    file outside, a rank of 3e6 in its config, or the directory itself a symlink to outside."""
+    def setup(adir):
+        import json
+        import os
+
+        src = dt.save(dt.attach(tiny_llama(), "lora", targets=["q_proj"], name="x"), adir.parent / "outside", name="x")
+        if kind == "dir_link":
+            (adir / "x").symlink_to(src)
+            return
+        d = adir / "x"
+        src.rename(d)
+        (d / "deltatune.json").unlink()
+        if kind == "fifo":
+            (d / W).unlink()
+            os.mkfifo(d / W)
+        elif kind == "passwd":
+            (d / W).unlink()
+            (d / W).symlink_to("/etc/passwd")
+        elif kind == "rank":
+            cfg = json.loads((d / "adapter_config.json").read_text())
+            (d / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3_000_000}))
+    return setup
+
+
+SURROGATE = b'{"prompt": "w1 \\ud800", "max_new_tokens": 2}'  # valid JSON, not valid UTF-8 text
+
+for _id, _req, _kw, _exp in [
+    ("http_prompt_over_context", ("POST", "/v1/generate", {"input_ids": [3] * 60, "max_new_tokens": 30}), {},
+     ("the prompt has 60 tokens", "64 positions", "at most 34")),
+    ("http_prompt_too_many_characters", ("POST", "/v1/generate", {"prompt": "w1 " * 400, "max_new_tokens": 2}),
+     {"tok": True}, ("1200 characters", "at most 1024")),
+    ("http_body_too_large", ("POST", "/v1/generate", {"prompt": "w1 " * 100_000}), {"tok": True},
+     ("request body is larger than this server accepts",)),
+    ("http_prompt_lone_surrogate", ("POST", "/v1/generate", None, None, SURROGATE), {"tok": True},
+     ("not valid Unicode", "lone surrogate")),
+    ("http_delete_name_with_newline", ("DELETE", "/v1/adapters/a%0A", None), {}, ("invalid adapter name 'a",)),
+    ("http_load_name_with_newline", ("POST", "/v1/adapters", {"name": "a\n"}), {}, ("invalid adapter name 'a",)),
+    ("http_load_fifo_weights", ("POST", "/v1/adapters", {"name": "x"}), {"setup": _hostile("fifo")},
+     ("x/adapter_model.safetensors: not a regular file",)),
+    ("http_load_weights_link_to_passwd", ("POST", "/v1/adapters", {"name": "x"}), {"setup": _hostile("passwd")},
+     ("x/adapter_model.safetensors: a symlink pointing outside the adapter directory",)),
+    ("http_load_rank_3e6", ("POST", "/v1/adapters", {"name": "x"}), {"setup": _hostile("rank")},
+     ("r=3000000 is larger than any dimension",)),
+    ("http_load_dir_link_outside", ("POST", "/v1/adapters", {"name": "x"}), {"setup": _hostile("dir_link")},
+     ("adapter 'x' resolves outside the adapter directory",)),
+]:
+    CASES[_id] = Case("http", _exp, _http(*_req, **_kw), f"{_req[0]} {_req[1]} {(_req[4] if len(_req) > 4 else _req[2])!r:.60}")

@@ -69,6 +69,18 @@ def tiny_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
+def word_tokenizer():
+    """A word-level fast tokenizer over the tiny models' 64 ids: "w0".."w60" are ids 3..63
+    ([PAD]=0, [UNK]=1, [EOS]=2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(61)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
 def tiny_mlp():
     torch.manual_seed(0)
     return MLP().eval()

@@ -84,3 +84,66 @@ def test_gaussian_init_on_embedding_is_peft_s():
     assert torch.count_nonzero(a) == 0 and torch.count_nonzero(d.lora_embedding_A) == 0  # A = 0
     assert b.std().item() == pytest.approx(1.0, abs=0.25)  # B ~ N(0, 1) in both
     assert d.lora_embedding_B.std().item() == pytest.approx(1.0, abs=0.25)
+
+
+def test_default_distilbert_classifier_file_loads_in_peft(tmp_path):
+    """peft matches modules_to_save=["classifier"] by string suffix, so it also takes
+    "pre_classifier": deltatune's default file must not put LoRA there."""
+    peft = pytest.importorskip("peft")
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    cfg = DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32,
+                           num_labels=3)
+
+    def make():
+        torch.manual_seed(0)
+        return DistilBertForSequenceClassification(cfg).eval()
+
+    m = dt.attach(make(), "lora")
+    perturb(m, "default", 1)
+    ids = torch.randint(3, 60, (2, 6))
+    with torch.no_grad():
+        y = m(input_ids=ids).logits
+    dt.save(m, tmp_path)
+    pm = peft.PeftModel.from_pretrained(make(), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, y, atol=1e-5, rtol=1e-5)
+
+
+def _peft_lora_dir(tmp_path, **cfg):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, init_lora_weights=False, **cfg)).eval()
+    pm.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        return pm(input_ids=IDS).logits
+
+
+def test_peft_layers_to_transform_loads(tmp_path):
+    y = _peft_lora_dir(tmp_path, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    m = dt.load(tiny_llama(), tmp_path)
+    wrapped = sorted(p for p, _ in dt.core.iter_delta_layers(m))
+    assert wrapped == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=IDS).logits, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg,key", [({"bias": "all"}, "bias='all'"),
+                                     ({"bias": "lora_only"}, "bias='lora_only'")])
+def test_peft_files_deltatune_cannot_load_name_the_key(tmp_path, cfg, key):
+    _peft_lora_dir(tmp_path, target_modules=["q_proj"], **cfg)
+    m = tiny_llama()
+    with pytest.raises(dt.DeltaError, match=f"peft LoRA file with {key}.*load it with peft"):
+        dt.load(m, tmp_path)
+    assert not list(dt.core.iter_delta_layers(m))
+
+
+def test_peft_target_parameters_named(tmp_path):
+    import json
+
+    _peft_lora_dir(tmp_path, target_modules=["q_proj"])
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_parameters"] = ["mlp.experts.gate_up_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(dt.DeltaError, match=r"target_parameters=\['mlp.experts.gate_up_proj'\]"):
+        dt.load(tiny_llama(), tmp_path)

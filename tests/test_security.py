@@ -177,7 +177,7 @@ def test_no_downloads(monkeypatch):
 
 # --------------------------------------------------------------------------- 3. names and paths
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "/etc", "a b", "", "x" * 65, "a\x00b", "ä", None, 3])
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "/etc", "a b", "", "x" * 65, "a\x00b", "ä", None, 3, "a\n"])
 def test_adapter_names_cannot_be_paths(name):
     with pytest.raises(dt.DeltaError, match="is invalid"):
         dt.attach(tiny_mlp(), "lora", name=name)
@@ -220,6 +220,39 @@ def test_server_names_stay_in_the_adapter_directory(tmp_path):
     assert e.value.status == 400
 
 
+def test_adapter_files_are_regular_files_inside_their_directory(tmp_path):
+    """A FIFO (a read would block forever), a link to /dev/zero (endless) or to any file outside the
+    adapter directory is refused without being read, and the refusal says nothing about the target;
+    a link between files of the same directory still loads."""
+    def weights_replaced(name, make):
+        d = adapter_dir(tmp_path / name)
+        w = d / "adapter_model.safetensors"
+        data = w.read_bytes()
+        w.unlink()
+        make(w, data)
+        return d
+
+    cases = {"fifo": lambda w, data: os.mkfifo(w),
+             "zero": lambda w, data: w.symlink_to("/dev/zero"),
+             "etc": lambda w, data: w.symlink_to("/etc/passwd"),
+             "outside": lambda w, data: ((tmp_path / "w").write_bytes(data), w.symlink_to(tmp_path / "w"))}
+    for name, make in cases.items():
+        with pytest.raises(dt.DeltaError, match="not a regular file|symlink pointing outside") as e:
+            dt.load(tiny_mlp(), weights_replaced(name, make))
+        said = str(e.value)
+        assert "passwd" not in said and "bytes" not in said and "/dev" not in said and str(tmp_path / "w") not in said
+    inside = weights_replaced("inside", lambda w, data: ((w.parent / "w").write_bytes(data), w.symlink_to("w")))
+    dt.load(tiny_mlp(), inside)
+    # the Hugging Face cache keeps files as links from snapshots/<rev>/ to the repo's blobs/: allowed
+    snap = tmp_path / "models--org--lora" / "snapshots" / "abc"
+    (tmp_path / "models--org--lora" / "blobs").mkdir(parents=True)
+    for f in adapter_dir(tmp_path / "hub").iterdir():
+        f.rename(tmp_path / "models--org--lora" / "blobs" / f.name)
+        (snap / f.name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    dt.load(tiny_mlp(), snap)
+
+
 # --------------------------------------------------------------------------- 4. the server
 
 def test_server_mutations_need_a_token(tmp_path):
@@ -240,3 +273,24 @@ def test_server_mutations_need_a_token(tmp_path):
             assert c.delete("/v1/adapters/a", headers=headers).status_code == status
             assert c.get("/v1/adapters").json()["loaded"] == []
     assert inspect.signature(__import__("deltatune.serve").serve.run).parameters["host"].default == "127.0.0.1"
+
+
+def test_server_start_up_refuses_an_adapter_dir_linked_outside(tmp_path):
+    """The rule of POST /v1/adapters (a child that is a symlink to elsewhere is refused) holds for
+    the adapters loaded at start-up too, and the refusal names no server path."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from deltatune.serve import build_app
+
+    from conftest import tiny_llama
+
+    adir = tmp_path / "adapters"
+    dt.save(dt.attach(tiny_llama(), "lora", targets=["q_proj"], name="a"), adir / "a", name="a")
+    dt.save(dt.attach(tiny_llama(), "lora", targets=["q_proj"], name="b"), tmp_path / "outside", name="b")
+    (adir / "b").symlink_to(tmp_path / "outside")
+    with TestClient(build_app(tiny_llama(), None, adir)) as c:
+        listing = c.get("/v1/adapters").json()
+    assert [x["name"] for x in listing["loaded"]] == ["a"]
+    assert "outside the adapter directory" in listing["failed"]["b"]
+    assert str(tmp_path) not in str(listing)

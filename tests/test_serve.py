@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import tiny_bert_cls, tiny_llama
+from conftest import tiny_bert_cls, tiny_llama, word_tokenizer
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -23,13 +23,7 @@ ADAPTERS = ["a", "b", "c"]
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(61)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    return word_tokenizer()
 
 
 def perturbed(model, name, seed):
@@ -161,7 +155,7 @@ def test_mutations_need_the_token(lm_server, adir):
         assert c.post("/v1/adapters", json={"name": "a"}, headers=AUTH).status_code == 403
 
 
-@pytest.mark.parametrize("name", ["../a", "a/../../etc", "..", ".", "a b", "", "/etc/passwd", "a" * 65, "a.b", 5])
+@pytest.mark.parametrize("name", ["../a", "a/../../etc", "..", ".", "a b", "", "/etc/passwd", "a" * 65, "a.b", 5, "a\n"])
 def test_traversal_and_bad_names_are_400(lm_server, name):
     with httpx.Client(base_url=lm_server.url, timeout=30, headers=AUTH) as c:
         r = c.post("/v1/adapters", json={"name": name})
@@ -173,9 +167,10 @@ def test_traversal_and_bad_names_are_400(lm_server, name):
 
 def test_traversal_in_the_url_is_400(lm_server):
     with httpx.Client(base_url=lm_server.url, timeout=30, headers=AUTH) as c:
-        for raw in ("..%2F..%2Fetc", "a%2F..%2Fb", "%2E%2E", "a%00b"):
+        for raw in ("..%2F..%2Fetc", "a%2F..%2Fb", "%2E%2E", "a%00b", "a%0A", "a%0D%0A"):
             r = c.delete(f"/v1/adapters/{raw}")
             assert r.status_code == 400, (raw, r.status_code, r.text)
+        assert "a" in [x["name"] for x in c.get("/v1/adapters").json()["loaded"]]  # "a\n" did not delete "a"
 
 
 def test_bad_input_is_4xx_never_500(lm_server):

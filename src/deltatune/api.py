@@ -24,7 +24,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # "$" alone would accept "a\n"
         raise DeltaError(f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-' "
                          "(no dots, slashes or spaces)")
 

@@ -50,6 +50,10 @@ class DeltaConfig:
     ``"auto"`` picks the head of ``*ForSequenceClassification``-style models."""
 
     method: ClassVar[str] = ""
+    size_fields: ClassVar[tuple[str, ...]] = ()
+    """Integer options that size an allocation (a rank, a token count): ``dt.load`` bounds them by
+    the dimensions of the saved tensors before attaching, so a corrupted config cannot allocate
+    gigabytes. A dict-valued field (``rank_pattern``) has each value checked."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

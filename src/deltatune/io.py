@@ -9,13 +9,21 @@ atomic rename (``safety.atomic_dir``), so a crash or a concurrent reader sees th
 or the new one, never a mix; the manifest's checksums catch later corruption.  Loading verifies the manifest, refuses pickles (safetensors, or
 ``torch.load(weights_only=True)`` for peft's legacy ``adapter_model.bin``), and reports every
 missing, unexpected or mis-shaped tensor by name.
+
+Adapter directories come from other people, so reading one is bounded (``_read_file``): only
+regular files are opened (a FIFO would block forever, ``/dev/zero`` never ends), a symlink must stay
+inside the directory, JSON files are capped in size and nesting depth, the safetensors header is
+checked against the file's size before the data is read, and the config's sizes (ranks, token
+counts) are checked against the saved tensors before anything is allocated.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,10 @@ LEGACY_WEIGHTS = "adapter_model.bin"
 CONFIG = "adapter_config.json"
 MANIFEST = "deltatune.json"
 FORMAT_VERSION = 1
+MAX_JSON_BYTES = 4 << 20  # configs and manifests are KBs; peft's largest (per-module rank patterns) far below
+MAX_JSON_DEPTH = 32  # ours nest 3 deep; deeper is damage (or an attempt to exhaust the parser's stack)
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
+MAX_SIZE = 1 << 20  # no rank or token count of a real adapter comes near this
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -140,11 +152,107 @@ def _manifest_digest(ours: dict) -> str:
 
 # --------------------------------------------------------------------------- load
 
-def _read_json(path: Path) -> dict:
+def _read_file(path: Path, limit: int | None = None, header=None, too_big: str | None = None) -> bytes:
+    """The bytes of ``path``, a regular file in its adapter directory, of at most ``limit`` bytes.
+
+    Opened with O_NONBLOCK so a FIFO cannot block the open, then ``fstat`` on the open descriptor
+    (no race with a swap) must say "regular file".  ``header(first_bytes, size)`` may refuse the
+    file from its first bytes before the rest is read."""
+    d = path.parent.resolve()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DeltaError(f"{path}: not valid JSON ({e}); the file is corrupted or not an adapter config")
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, a dangling link or a link loop
+        raise DeltaError(f"{path}: missing or a broken symlink") from None
+    inside = [d]
+    if d.parent.name == "snapshots":  # the Hugging Face cache: snapshots/<rev>/file -> ../../blobs/<hash>
+        inside.append(d.parent.parent / "blobs")
+    if not any(real.parent == root or root in real.parents for root in inside):  # never read, nor report on, it
+        raise DeltaError(f"{path}: a symlink pointing outside the adapter directory; refusing it "
+                         "(copy the file into the directory instead)")
+    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise DeltaError(f"{path}: not a regular file (a FIFO, device or socket); adapter files must be "
+                             "plain files")
+        if limit is not None and st.st_size > limit:
+            raise DeltaError(f"{path}: " + (too_big or f"larger than expected (at most {limit} bytes); the file "
+                                                        "is corrupted or was replaced, or it is not an adapter file"))
+        if header is not None:
+            first = f.read(8)
+            header(f, first, st.st_size)
+            f.seek(0)
+        data = f.read(st.st_size + 1)
+    if len(data) != st.st_size:
+        raise DeltaError(f"{path}: changed size while being read; retry once the writer has finished")
+    return data
+
+
+def _depth(obj) -> int:
+    """Nesting depth of a parsed JSON value, iteratively (stops counting past MAX_JSON_DEPTH)."""
+    todo, deepest = [(obj, 1)], 0
+    while todo and deepest <= MAX_JSON_DEPTH:
+        o, k = todo.pop()
+        deepest = max(deepest, k)
+        if isinstance(o, (dict, list)):
+            todo.extend((v, k + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def _parse_json(data: bytes, path: Path):
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # not UTF-8, not JSON, or an integer of more than 4300 digits
+        why = e if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)) else "a number with thousands of digits"
+        raise DeltaError(f"{path}: not valid JSON ({why}); the file is corrupted or not an adapter config") from None
+    except RecursionError:  # nested past the parser's stack
+        obj = deep = None
+    else:
+        deep = _depth(obj) <= MAX_JSON_DEPTH or None
+    if deep is None:
+        raise DeltaError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; the file is corrupted or "
+                         "not an adapter config")
+    return obj
+
+
+def _read_json(path: Path):
+    return _parse_json(_read_file(path, MAX_JSON_BYTES), path)
+
+
+def _safetensors_header(path: Path):
+    """A ``header`` check for ``_read_file``: the 8-byte header length and the header's data offsets
+    must agree with the file size, before the (maybe huge) data is read."""
+    def check(f, first: bytes, size: int) -> None:
+        n = int.from_bytes(first, "little") if len(first) == 8 else -1
+        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+            raise DeltaError(f"{path}: unreadable safetensors file (bad header length); it is truncated or "
+                             "corrupted")
+        meta = _parse_json(f.read(n), path)
+        try:
+            ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"]
+        except (AttributeError, LookupError, TypeError):
+            ends = None
+        if ends is None or not all(isinstance(e, int) for e in ends) or max(ends, default=0) != size - 8 - n:
+            raise DeltaError(f"{path}: unreadable safetensors file (its header does not match its size); it is "
+                             "truncated or corrupted")
+    return check
+
+
+def check_sizes(cfg, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse config sizes (``size_fields``: ranks, token counts) that no saved tensor has as a
+    dimension, before ``attach`` allocates them: ``r=3e6`` in an 8 KB config is damage, not a rank."""
+    bound = max((max(t.shape, default=1) for t in tensors.values()), default=0)
+    for name in type(cfg).size_fields:
+        value = getattr(cfg, name, None)
+        for key, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            if v is None:
+                continue
+            label = name if key is None else f"{name}[{key!r}]"
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DeltaError(f"{where}: {label} must be a positive integer, got {v!r}")
+            if v > min(bound, MAX_SIZE):
+                raise DeltaError(f"{where}: {label}={v} is larger than any dimension of the saved tensors "
+                                 f"({bound}); the config is corrupted or belongs to other weights")
 
 
 def read_adapter_dir(directory: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], str, Any, str | None]:
@@ -203,18 +311,22 @@ def _read_adapter_dir_once(directory, verify):
                 if not p.exists():
                     raise DeltaError(f"{p}: listed in {MANIFEST} but missing; the save was interrupted "
                                      "or the directory was copied incompletely")
-                data = p.read_bytes()
-                if len(data) != meta.get("bytes") or sha256(data) != meta.get("sha256"):
-                    raise DeltaError(f"{p}: checksum mismatch ({len(data)} bytes, expected {meta.get('bytes')}); "
-                                     "the file is truncated or corrupted, or was replaced after deltatune saved "
-                                     f"it - re-save or restore it (or delete {MANIFEST} to load it unverified)")
+                size = meta.get("bytes")
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                    raise DeltaError(f"{d / MANIFEST}: bad size for {fname!r}; the manifest is corrupted")
+                fix = ("the file is truncated or corrupted, or was replaced after deltatune saved it - re-save or "
+                       f"restore it (or delete {MANIFEST} to load it unverified)")
+                # a bigger file than listed is refused before it is read
+                data = _read_file(p, limit=size, too_big=f"checksum mismatch (more than the {size} bytes listed); {fix}")
+                if len(data) != size or sha256(data) != meta.get("sha256"):
+                    raise DeltaError(f"{p}: checksum mismatch ({len(data)} bytes, expected {size}); {fix}")
                 verified[fname] = data  # parse exactly the bytes that were checked
         try:
             m = method_of(ours.get("method", ""))
             if not isinstance(ours.get("config", {}), dict):
                 raise DeltaError("'config' is not a JSON object")
             cfg = m.config_cls.from_dict(ours.get("config", {}))
-        except (DeltaError, TypeError) as e:
+        except (DeltaError, TypeError, ValueError, ArithmeticError) as e:
             raise DeltaError(f"{d / MANIFEST}: {e}") from None
         saved_name = ours.get("name")
     else:
@@ -232,8 +344,9 @@ def _read_adapter_dir_once(directory, verify):
         m = cands[0]
         try:
             cfg = m.from_peft(peft_cfg)
-        except (DeltaError, TypeError, ValueError) as e:
-            raise DeltaError(f"{d / CONFIG}: {e}") from None
+        except (DeltaError, TypeError, ValueError, ArithmeticError) as e:  # e.g. int(1e400) in from_peft
+            hint = "" if isinstance(e, DeltaError) else " (a value of the wrong type or out of range: the config is corrupted)"
+            raise DeltaError(f"{d / CONFIG}: {e}{hint}") from None
         saved_name = None
     tensors = _read_weights(d, verified.get(WEIGHTS))
     tensors = m.normalize_keys({m.from_file_key(k): v for k, v in tensors.items()})
@@ -242,16 +355,19 @@ def _read_adapter_dir_once(directory, verify):
 
 def _read_weights(d: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load, load_file
+    from safetensors.torch import load
 
     if (d / WEIGHTS).exists():
+        if data is None:
+            data = _read_file(d / WEIGHTS, header=_safetensors_header(d / WEIGHTS))
         try:
-            return load(data) if data is not None else load_file(str(d / WEIGHTS))
-        except (SafetensorError, OSError, ValueError) as e:
+            return load(data)
+        except (SafetensorError, ValueError) as e:
             raise DeltaError(f"{d / WEIGHTS}: unreadable safetensors file ({e}); it is truncated or corrupted")
     if (d / LEGACY_WEIGHTS).exists():
+        buf = io.BytesIO(_read_file(d / LEGACY_WEIGHTS))
         try:  # peft's legacy format; weights_only refuses arbitrary pickled objects
-            sd = torch.load(d / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
+            sd = torch.load(buf, map_location="cpu", weights_only=True)
         except Exception as e:
             raise DeltaError(f"{d / LEGACY_WEIGHTS}: refused or unreadable ({e}); only plain tensors are loaded")
         if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -276,6 +392,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     if bad is not None:  # a diverged run's checkpoint: refuse rather than load garbage silently
         raise DeltaError(f"{directory}: tensor {bad} has {describe(tensors[bad])}; this adapter was saved "
                          "from a diverged run - load an earlier checkpoint")
+    check_sizes(cfg, tensors, str(directory))
     st = model.__dict__.get("_deltatune")
     taken = set(st.adapters) if st else set()
     if name is None:

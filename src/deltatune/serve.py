@@ -15,8 +15,12 @@ batch (``deltatune.mixed``; see ``serve_engine``).  Decoding is greedy (``num_be
 it was batched with, and a seed replays its answer.  Mutating endpoints need
 ``Authorization: Bearer <token>`` (``token=`` or the env var ``DELTATUNE_SERVE_TOKEN``): no
 token configured → 403 (disabled), missing header → 401, wrong token → 403.  Adapter names are
-1-64 of ``[A-Za-z0-9_-]`` (anything else, e.g. ``../x``, is a 400) and are only looked up as
-direct children of the adapter directory.  Binds to 127.0.0.1 unless told otherwise.
+1-64 of ``[A-Za-z0-9_-]`` (anything else, e.g. ``../x`` or ``a\n``, is a 400) and are only looked up
+as direct children of the adapter directory (a symlink leaving it is refused, at start-up too).
+Responses name adapters, never server paths.  A prompt is bounded by characters, then by the
+model's context; a failing row fails alone; a broken adapter at start-up is listed under
+``failed`` and the server starts; ``/health`` is 503 while the model thread is stuck (``liveness_s``).
+Binds to 127.0.0.1 unless told otherwise.
 
     from deltatune.serve import build_app, run
     run("path/to/model", "adapters/", task="causal-lm", port=8000)
@@ -26,9 +30,11 @@ direct children of the adapter directory.  Binds to 127.0.0.1 unless told otherw
 import hmac
 import logging
 import os
+import re
 import secrets
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,9 +60,18 @@ def _task_of(model) -> str:
 def _valid_name(name: Any) -> str:
     from .api import _NAME_RE
 
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # fullmatch: "$" would let "a\n" through
         raise RequestError(400, f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-'")
     return name
+
+
+def _public(message: str, adapter_dir: Path | None) -> str:
+    """``message`` without server paths: the adapter directory becomes relative, any other absolute
+    path becomes <path> (messages shown to callers who may hold no token)."""
+    if adapter_dir is not None:  # adapters are loaded from resolved paths (_adapter_path)
+        root = str(adapter_dir.resolve())
+        message = message.replace(root + os.sep, "").replace(root, "<adapters>")
+    return re.sub(r"(?<![\w.<])/[^\s:;,'\"()]+", "<path>", message)
 
 
 class Metrics:
@@ -91,7 +106,7 @@ def _available(adapter_dir: Path | None) -> list[str]:
     if adapter_dir is None or not adapter_dir.is_dir():
         return []
     return sorted(p.name for p in adapter_dir.iterdir()
-                  if p.is_dir() and _NAME_RE.match(p.name) and ((p / CONFIG).exists() or (p / MANIFEST).exists()))
+                  if p.is_dir() and _NAME_RE.fullmatch(p.name) and ((p / CONFIG).exists() or (p / MANIFEST).exists()))
 
 
 def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
@@ -108,9 +123,11 @@ def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
 
 def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = None, *, token: str | None = None,
               task: str = "auto", window_ms: float = 5.0, max_batch: int = 16, max_new_tokens: int = 256,
-              max_input_tokens: int = 1024, load_all: bool = True):
+              max_input_tokens: int = 1024, load_all: bool = True, max_prompt_chars: int | None = None,
+              liveness_s: float = 300.0):
     """A FastAPI app serving ``model`` (already on its device, eval mode) with the adapters found in
-    ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``)."""
+    ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``;
+    one that cannot be loaded is listed under ``failed`` in ``GET /v1/adapters``)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -127,16 +144,20 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         raise DeltaError(f"serve: task must be 'causal-lm'/'generate', 'classify' or 'auto', got {task!r}")
     model.eval()
     metrics = Metrics()
-    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens),
-                    on_batch=metrics.on_batch)
+    engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens,
+                                                   max_prompt_chars, liveness_s), on_batch=metrics.on_batch)
+    # JSON escapes take at most 12 bytes a character (a \\uXXXX pair); ids at most 21 ("-1234567890123456789,")
+    max_body = 12 * engine.max_chars + 21 * max_input_tokens + 65536
     failed: dict[str, str] = {}
     if load_all:
         for name in _available(adir):
-            try:
-                load(model, adir / name, name=name)
-            except DeltaError as e:
-                failed[name] = str(e)
-                log.warning("adapter %s not loaded: %s", name, e)
+            try:  # the same rules as POST /v1/adapters, and no adapter may stop the server from starting
+                load(model, _adapter_path(adir, name), name=name)
+            except Exception as e:  # noqa: BLE001
+                msg = e.message if isinstance(e, RequestError) else str(e) if isinstance(e, DeltaError) \
+                    else f"cannot be loaded ({type(e).__name__}: {e})"
+                failed[name] = _public(msg, adir)
+                log.warning("adapter %s not loaded: %s", name, msg)
     metrics.loaded.set(len(get_state(model).adapters))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     # the model's own repetition penalty (generation_config) stays the default, as generate() applies it
@@ -250,15 +271,18 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         return JSONResponse({"detail": f"invalid request body: {named}" if named else "invalid request body",
                              "errors": errs}, status_code=422)
 
+    app.add_middleware(BodyLimit, limit=max_body)  # inside _measure (added next), so 413s are counted
+
     @app.middleware("http")
     async def _measure(request: Request, call_next):
         t0 = time.perf_counter()
+        status = 500
         try:
             response = await call_next(request)
             status = response.status_code
-        except Exception:
-            status = 500
-            raise
+        except Exception:  # noqa: BLE001 - a bug: answer 500 here, so the connection is kept open
+            log.exception("request failed: %s %s", request.method, request.url.path)
+            response = JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
         finally:
             route = request.scope.get("route")
             ep = getattr(route, "path", "unmatched")
@@ -276,15 +300,16 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
             raise RequestError(403, "invalid token")
 
-    def ids_of(text: str | None, ids: list[int] | None) -> list[int]:
+    async def job_of(kind: str, adapter: str | None, text: str | None, ids: list[int] | None, *args) -> Job:
+        """The request's job, its prompt checked: characters, then tokens against the context."""
         if (text is None) == (ids is None):
             raise RequestError(400, "give exactly one of the text field or 'input_ids'")
         if text is not None:
-            if tokenizer is None:
-                raise RequestError(400, "this server has no tokenizer: send 'input_ids'")
-            ids = list(tokenizer(text)["input_ids"])
+            ids = await engine.tokenize(text)
         validate_ids(ids, vocab, engine.cfg.max_input_tokens)
-        return ids
+        job = Job(kind, adapter, ids, *args)
+        engine.check_length(job)
+        return job
 
     def check(kind: str, adapter: str | None) -> None:
         if task != kind:
@@ -316,8 +341,8 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         if body.max_new_tokens > engine.cfg.max_new_tokens:
             raise RequestError(400, f"max_new_tokens is at most {engine.cfg.max_new_tokens} on this server")
         sampling = sampling_of(body)
-        job = await run_job(Job("generate", body.adapter, ids_of(body.prompt, body.input_ids),
-                                body.max_new_tokens, body.num_beams, sampling))
+        job = await run_job(await job_of("generate", body.adapter, body.prompt, body.input_ids,
+                                         body.max_new_tokens, body.num_beams, sampling))
         settings = {"decoding": "beam" if body.num_beams > 1 else sampling.decoding,
                     "max_new_tokens": body.max_new_tokens, "num_beams": body.num_beams,
                     "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
@@ -328,7 +353,7 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     @app.post("/v1/classify", response_model=ClassifyOut, tags=["inference"])
     async def classify(body: ClassifyIn):
         check("classify", body.adapter)
-        job = await run_job(Job("classify", body.adapter, ids_of(body.text, body.input_ids)))
+        job = await run_job(await job_of("classify", body.adapter, body.text, body.input_ids))
         return {"adapter": body.adapter, **job.result}
 
     def _listing() -> dict:
@@ -353,7 +378,7 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
             try:
                 load(model, path, name=name)
             except DeltaError as e:
-                raise RequestError(422, f"adapter {name!r} cannot be loaded: {e}")
+                raise RequestError(422, f"adapter {name!r} cannot be loaded: {_public(str(e), adir)}")
             failed.pop(name, None)
             metrics.loaded.set(len(get_state(model).adapters))
             return {"name": name, "method": get_state(model).adapters[name].method}
@@ -361,13 +386,16 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         return await engine.admin(do)
 
     @app.delete("/v1/adapters/{name:path}", dependencies=[Depends(auth)], tags=["adapters"])
-    async def delete_adapter(name: str):
-        _valid_name(name)
+    async def delete_adapter(name: str, request: Request):
+        # the route's regex ends with "$", which drops a final newline: "a%0A" would match as "a"
+        name = _valid_name(request.scope["path"].split("/v1/adapters/", 1)[-1])
 
         def do():
             if name not in get_state(model).adapters:
                 raise RequestError(404, f"adapter {name!r} is not loaded")
-            delete(model, name)
+            with warnings.catch_warnings():  # "was active, X is active now": requests route per row here
+                warnings.simplefilter("ignore", UserWarning)
+                delete(model, name)
             metrics.loaded.set(len(get_state(model).adapters))
             return {"deleted": name}
 
@@ -375,8 +403,14 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
 
     @app.get("/health", tags=["ops"])
     async def health():
-        return {"status": "ok", "task": task, "model": type(model).__name__,
+        late = engine.stuck_for()
+        body = {"status": "stuck" if late else "ok", "task": task, "model": type(model).__name__,
                 "adapters": len(get_state(model).adapters), "queue_depth": engine.depth()}
+        if late:  # a load balancer should stop sending here; the detail says since when
+            body["detail"] = (f"the model thread has been busy with one call for {late + liveness_s:.0f} s "
+                              f"(liveness deadline {liveness_s:g} s)")
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus():
@@ -386,6 +420,45 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware refusing a request body over ``limit`` bytes (413) before the app reads it:
+    by its Content-Length, or, for a chunked body, as soon as the bytes received pass the limit
+    (the chunks are then replayed to the app), so a 10 MB prompt never reaches the JSON parser."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None:
+            if size.isdigit() and int(size) > self.limit:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, n, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(msg.get("body", b""))
+            n, more = n + len(chunks[-1]), msg.get("more_body", False)
+            if n > self.limit:
+                return await self._refuse(scope, receive, send)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        from fastapi.responses import JSONResponse
+
+        await JSONResponse({"detail": f"the request body is larger than this server accepts ({self.limit} bytes)"},
+                           status_code=413)(scope, receive, send)
 
 
 class ServerThread:
@@ -420,7 +493,8 @@ class ServerThread:
 
 def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-lm", host: str = "127.0.0.1",
         port: int = 8000, token: str | None = None, window_ms: float = 5.0, max_batch: int = 16,
-        max_new_tokens: int = 256, threads: int | None = None) -> None:
+        max_new_tokens: int = 256, threads: int | None = None, max_prompt_chars: int | None = None,
+        liveness_s: float = 300.0) -> None:
     """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted."""
     import uvicorn
 
@@ -429,10 +503,10 @@ def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-
     configure_threads(threads)
     model, tok, _ = load_model(base_model, task)
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,
-                    max_new_tokens=max_new_tokens)
+                    max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars, liveness_s=liveness_s)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines", host)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-__all__ = ["TOKEN_ENV", "ServerThread", "build_app", "run"]
+__all__ = ["TOKEN_ENV", "BodyLimit", "ServerThread", "build_app", "run"]

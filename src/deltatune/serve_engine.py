@@ -21,12 +21,20 @@ depend on its neighbours (seeded requests could only run alone); a hand-written 
 re-implement the KV cache, stopping and mixed routing that ``generate`` already does.  A row's
 draws therefore depend only on its own seed and logits, and its first n tokens do not depend on
 how long the batch runs, so trimming each row to its own ``max_new_tokens`` stays exact.
+
+One bad row fails alone: a batch that raises is re-run without sharing (per adapter, then per
+row), so only the row that fails by itself gets the error.  Prompts are bounded before they cost
+anything: by characters on the event loop, by tokens (tokenized on a thread of its own, so
+``/health`` never waits for a tokenizer) against the model's real context (positions minus
+``max_new_tokens`` minus the adapter's virtual tokens).  ``/health`` turns 503 when a model-thread
+call has run longer than ``liveness_s``.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -34,6 +42,10 @@ from typing import Any, Callable
 import torch
 
 from .core import DeltaError, get_state
+
+log = logging.getLogger("deltatune.serve")
+CHARS_PER_TOKEN = 16  # a prompt over 16 characters per allowed token is refused before tokenizing
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
 class RequestError(Exception):
@@ -81,7 +93,9 @@ class EngineConfig:
     window_ms: float = 5.0  # wait this long after the first request for others to batch with it
     max_batch: int = 16  # rows per model call; more requests wait for the next batch
     max_new_tokens: int = 256  # per-request cap on generated tokens
-    max_input_tokens: int = 1024  # per-request cap on prompt length
+    max_input_tokens: int = 1024  # per-request cap on prompt length (the model's context also caps it)
+    max_prompt_chars: int | None = None  # cap on prompt text before tokenizing; None: CHARS_PER_TOKEN per token
+    liveness_s: float = 300.0  # /health is 503 once one model-thread call runs longer (a stuck thread)
 
 
 class Engine:
@@ -90,6 +104,13 @@ class Engine:
         self.on_batch = on_batch or (lambda jobs: None)
         get_state(model, create=True)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltatune-model")
+        # tokenizing a long prompt must block neither the event loop nor the model; one thread, as a
+        # fast tokenizer's settings are not safe to share between concurrent calls
+        self.tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltatune-tokenize")
+        self.busy_since: float | None = None  # monotonic start of the running model-thread call
+        self.context = context_size(model)  # positions the model has (None: unknown, no check)
+        tokens = min(cfg.max_input_tokens, self.context or cfg.max_input_tokens)
+        self.max_chars = cfg.max_prompt_chars or CHARS_PER_TOKEN * tokens
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         gc = getattr(model, "generation_config", None)
@@ -113,9 +134,64 @@ class Engine:
             except asyncio.CancelledError:
                 pass
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.tok_pool.shutdown(wait=True, cancel_futures=True)
 
     def depth(self) -> int:
         return self.queue.qsize() if self.queue is not None else 0
+
+    def stuck_for(self) -> float:
+        """Seconds the running model-thread call has exceeded ``liveness_s`` (0: alive)."""
+        since = self.busy_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since - self.cfg.liveness_s)
+
+    def _timed(self, fn: Callable, *args):
+        """Run on the model thread, recording when the call started (for ``stuck_for``)."""
+        self.busy_since = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.busy_since = None
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (checked: characters, valid Unicode), tokenized off the event loop."""
+        if self.tokenizer is None:
+            raise RequestError(400, "this server has no tokenizer: send 'input_ids'")
+        if len(text) > self.max_chars:
+            raise RequestError(413, f"the prompt has {len(text)} characters; this server accepts at most "
+                                    f"{self.max_chars} (shorten it, or send 'input_ids')")
+        check_text(text, "the prompt")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tok_pool, lambda: list(self.tokenizer(text)["input_ids"]))
+
+    def virtual_tokens(self, adapter: str | None) -> int:
+        """Positions a prompt/prefix adapter's virtual tokens take before the prompt (0 for others)."""
+        from .methods._virtual_tokens import store
+
+        s = store(self.model) if adapter is not None else None
+        d = s.deltas[adapter] if s is not None and adapter in s.deltas else None
+        return int(d.num_virtual_tokens) if d is not None else 0
+
+    def check_length(self, job: Job) -> None:
+        """Refuse a prompt the model cannot take: over ``max_input_tokens``, or over its context once
+        the adapter's virtual tokens and ``max_new_tokens`` are counted."""
+        n = len(job.ids)
+        if n > self.cfg.max_input_tokens:
+            raise RequestError(413, f"the prompt has {n} tokens; this server accepts at most {self.cfg.max_input_tokens}")
+        if self.context is None:
+            return
+        virtual = self.virtual_tokens(job.adapter)
+        room = self.context - virtual - job.max_new_tokens
+        spent = (f"max_new_tokens={job.max_new_tokens}" if job.kind == "generate" else "") + \
+                (f"{' and ' if job.kind == 'generate' else ''}adapter {job.adapter!r}'s {virtual} virtual tokens"
+                 if virtual else "")
+        spent = f" less {spent}" if spent else ""
+        if room < 1:
+            raise RequestError(400, f"this model has {self.context} positions{spent}: no room is left for a "
+                                    "prompt; lower max_new_tokens")
+        if n > room:
+            raise RequestError(413, f"the prompt has {n} tokens; this model has {self.context} positions{spent}, so "
+                                    f"it takes at most {room} prompt tokens: shorten the prompt"
+                                    + (" or lower max_new_tokens" if job.kind == "generate" else ""))
 
     async def submit(self, job: Job) -> Job:
         job.future = asyncio.get_running_loop().create_future()
@@ -124,7 +200,7 @@ class Engine:
 
     async def admin(self, fn: Callable, *args):
         """Run ``fn(*args)`` on the model thread, after the batches already running."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed, fn, *args)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,11 +225,12 @@ class Engine:
                 groups.setdefault((j.kind, j.num_beams), []).append(j)
             for jobs in groups.values():
                 try:
-                    await loop.run_in_executor(self.pool, self._run, jobs)
-                except Exception as e:  # an internal failure: every job of the group learns it
+                    await loop.run_in_executor(self.pool, self._timed, self._run, jobs)
+                except Exception as e:  # a failure outside the model call (rows are isolated in _run)
+                    log.exception("batch failed")
                     for j in jobs:
                         if j.error is None and j.result is None:
-                            j.error = RequestError(500, f"internal error: {type(e).__name__}: {e}")
+                            j.error = RequestError(500, f"internal error ({type(e).__name__}); see the server log")
                 for j in jobs:
                     if not j.future.done():
                         if j.error is not None:
@@ -172,22 +249,46 @@ class Engine:
                 ok.append(j)
         if not ok:
             return
+        ok = [j for j in ok if not self._refused(j)]  # the adapter may have changed since the request
+        if ok:
+            self._attempt(ok)
+
+    def _refused(self, job: Job) -> bool:
         try:
-            self._call(ok)
-        except DeltaError as e:
-            if len({j.adapter for j in ok}) == 1:
-                for j in ok:
-                    j.error = RequestError(400, str(e))
+            self.check_length(job)
+        except RequestError as e:
+            job.error = e
+        return job.error is not None
+
+    def _attempt(self, jobs: list[Job]) -> None:
+        """Run ``jobs`` as one batch; if that raises, run them apart (per adapter when several share
+        the batch, else one row at a time) so that only a row failing on its own gets the error."""
+        try:
+            self._call(jobs)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure is isolated, then reported per row
+            if len(jobs) == 1:
+                jobs[0].result, jobs[0].error = None, self._error(e)
                 return
-            by: dict[str | None, list[Job]] = {}  # e.g. a prompt-tuning adapter: run each adapter apart
-            for j in ok:
-                by.setdefault(j.adapter, []).append(j)
-            for sub in by.values():
-                try:
-                    self._call(sub)
-                except DeltaError as e2:
-                    for j in sub:
-                        j.error = RequestError(400, str(e2))
+            err = e
+        by: dict[str | None, list[Job]] = {}
+        for j in jobs:
+            j.result = None
+            by.setdefault(j.adapter, []).append(j)
+        parts = list(by.values()) if len(by) > 1 else [[j] for j in jobs]
+        log.info("a batch of %d rows failed (%s: %s); running it as %d parts", len(jobs), type(err).__name__,
+                 err, len(parts))
+        for part in parts:
+            self._attempt(part)
+
+    @staticmethod
+    def _error(e: Exception) -> RequestError:
+        if isinstance(e, RequestError):
+            return e
+        if isinstance(e, DeltaError):
+            return RequestError(400, str(e))
+        log.error("request failed", exc_info=e)  # the traceback stays in the server's log
+        return RequestError(500, f"internal error ({type(e).__name__}); see the server log")
 
     def _call(self, jobs: list[Job]) -> None:
         self.on_batch(jobs)
@@ -339,6 +440,27 @@ class StopStrings:
         return done
 
 
+def context_size(model) -> int | None:
+    """Positions the model can attend over (``max_position_embeddings`` & co.), None if unknown."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for key in CONTEXT_KEYS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be UTF-8 (a lone surrogate such as "\\ud800" from JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(400, f"{what} is not valid Unicode (a lone surrogate at character {e.start}); "
+                                "send UTF-8 text") from None
+
+
 RUNNERS: dict[str, Callable[[Engine, list[Job]], None]] = {"generate": Engine._generate, "classify": Engine._classify}
 
 
@@ -352,4 +474,4 @@ def validate_ids(ids: list[int], vocab: int | None, limit: int) -> None:
 
 
 __all__ = ["Engine", "EngineConfig", "Job", "RequestError", "DeltaError", "RowSampler", "Sampling",
-           "StopStrings", "validate_ids"]
+           "StopStrings", "check_text", "context_size", "validate_ids"]

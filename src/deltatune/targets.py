@@ -176,5 +176,8 @@ def auto_modules_to_save(model: nn.Module) -> list[str]:
     if not cls.endswith(("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
                          "ForAudioClassification", "ForMultipleChoice")):
         return []
-    leaves = {p: m for p, m in iter_base_modules(model) if p}
-    return [n for n in CLASSIFIER_HEADS if n in leaves]
+    # peft matches modules_to_save by plain string suffix, so ["classifier"] also takes
+    # DistilBERT's "pre_classifier": train every such module in full, as peft will when it loads
+    # the file (LoRA inside one of them would make the file unloadable by peft)
+    found = [p for p, _ in iter_base_modules(model) if p and p.endswith(CLASSIFIER_HEADS)]
+    return [p for p in found if not any(p.startswith(q + ".") for q in found)]

@@ -53,6 +53,7 @@ class AdaLoraConfig(DeltaConfig):
     total_steps: int | None = None  # T; None = take it from the trainer / dt.adalora_hook(total_steps=...)
 
     method = "adalora"
+    size_fields = ("r",)  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:

@@ -64,6 +64,7 @@ class AdapterConfig(DeltaConfig):
     channel_dim: int | None = None  # axis of the features: None reads it off the module (-1 or 1)
 
     method = "adapter"
+    size_fields = ("bottleneck",)  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:

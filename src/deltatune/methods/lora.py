@@ -47,6 +47,7 @@ class LoraConfig(DeltaConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha
 
     method = "lora"
+    size_fields = ("r", "rank_pattern")  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -458,10 +459,11 @@ class LoRA(Method):
 
     def from_peft(self, d: dict[str, Any]) -> LoraConfig:
         if d.get("bias", "none") != "none":
-            raise DeltaError(f"peft LoRA with bias={d['bias']!r} is not supported; attach 'bitfit' for biases")
-        if d.get("layers_to_transform") is not None:
-            raise DeltaError("peft LoRA with layers_to_transform is not supported yet; "
-                             "re-save with explicit target_modules")
+            raise DeltaError(f"peft LoRA file with bias={d['bias']!r} (biases trained and stored next to the LoRA "
+                             "weights) cannot be loaded by deltatune; load it with peft, or retrain with bias='none'")
+        if d.get("target_parameters"):
+            raise DeltaError(f"peft LoRA file with target_parameters={list(d['target_parameters'])[:3]} (LoRA on raw "
+                             "parameters such as MoE experts) cannot be loaded by deltatune yet; load it with peft")
         init = d.get("init_lora_weights", True)
         if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "eva")):
             raise DeltaError(f"peft LoRA saved with init_lora_weights={init!r} needs peft's modified base "
@@ -469,11 +471,33 @@ class LoRA(Method):
         targets = d.get("target_modules")
         if isinstance(targets, (set, tuple)):
             targets = list(targets)
+        if d.get("layers_to_transform") is not None:
+            targets = layers_regex(targets, d["layers_to_transform"], d.get("layers_pattern"))
         return LoraConfig(
             targets=targets, exclude=d.get("exclude_modules"), modules_to_save=d.get("modules_to_save") or None,
             r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
             rslora=bool(d.get("use_rslora", False)), dora=bool(d.get("use_dora", False)),
             rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
+
+
+# peft's default names of the block list whose index layers_to_transform selects
+LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def layers_regex(targets, layers, pattern=None) -> str:
+    """peft's ``target_modules`` + ``layers_to_transform`` (+ ``layers_pattern``) as one full-match
+    regex: a module is adapted when its name matches a target (exactly or as a dotted suffix) and
+    it sits in block ``<pattern>.<i>`` with i in ``layers``.  (peft ignores the layer filter when
+    target_modules is already a regex; so does this.)"""
+    if isinstance(targets, str):
+        return targets
+    if not targets:
+        raise DeltaError("peft LoRA file with layers_to_transform but no target_modules list; re-save it with "
+                         "target_modules=[...]")
+    idx = [layers] if isinstance(layers, int) else list(layers)
+    pats = [pattern] if isinstance(pattern, str) else list(pattern or LAYERS_PATTERNS)
+    alt = lambda xs: "|".join(re.escape(str(x)) for x in xs)  # noqa: E731
+    return rf"(?:.*\.)?(?:{alt(pats)})\.(?:{alt(idx)})\.(?:.*\.)?(?:{alt(targets)})"
 
 
 def lora_plus_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict]:

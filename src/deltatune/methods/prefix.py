@@ -41,6 +41,7 @@ class PrefixConfig(DeltaConfig):
     init_token_ids: list[int] | None = None  # token ids of the init text (filled from init_text at attach)
 
     method = "prefix"
+    size_fields = ("num_virtual_tokens",)  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         for k in ("num_virtual_tokens", "encoder_hidden_size"):

@@ -40,6 +40,7 @@ class PromptConfig(DeltaConfig):
     init_token_ids: list[int] | None = None  # token ids of the init text (filled from init_text at attach)
 
     method = "prompt"
+    size_fields = ("num_virtual_tokens",)  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) \

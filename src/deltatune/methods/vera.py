@@ -40,6 +40,7 @@ class VeraConfig(DeltaConfig):
     dropout: float = 0.0  # dropout on the VeRA branch input
 
     method = "vera"
+    size_fields = ("r",)  # bounded by the saved tensors' shapes on load
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
