@@ -30,10 +30,11 @@ from zoo import FAMILIES  # noqa: E402
 
 def _generic(msg: str, family: str) -> str:
     """The reason without the model's own names, so one footnote serves every family it applies to."""
-    cls = type(cc.pristine(family)).__name__
-    msg = msg.replace(cls, "{model}")
+    model = cc.pristine(family)
+    msg = msg.replace(type(model).__name__, "{model}")
+    msg = msg.replace(type(getattr(model, "base_model", model)).__name__, "{base}")
     msg = re.sub(r"its input embedding is \w+", "its input embedding is not one", msg)
-    return re.sub(r"\b\d+ bias-free layers\b", "its bias-free layers", msg)
+    return re.sub(r"\b\d+ (bias-free layers)\b", r"\1", msg)
 
 
 class Notes:
