@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 
+import deltatune as dt  # noqa: E402
+
 import coverage_cases as cc  # noqa: E402
 from zoo import FAMILIES  # noqa: E402
 
@@ -66,6 +68,11 @@ def family_row(fam: str) -> tuple[str, list[tuple[str, str, str | None]], float]
             row.append((col, "refused", _generic(o.refusal, fam)))
         else:
             row.append((col, "ok", o.merge_refusal and _generic(o.merge_refusal, fam)))
+        try:  # the peft round trip of the same case (peft-format methods only)
+            row.append((col, "peft_ok" if cc.peft_loads_ours(fam, col) else "peft_na", None))
+        except Exception as e:  # noqa: BLE001
+            known = (fam, col) in cc.PEFT_XFAIL
+            row.append((col, "peft_known" if known else "peft_fail", f"{type(e).__name__}: {str(e)[:300]}"))
     cc.pristine.cache_clear()
     return fam, row, time.process_time() - c0
 
@@ -80,11 +87,18 @@ def main() -> int:
 
     refusals, merges = Notes("r"), Notes("m")
     cells: dict[tuple[str, str], str] = {}
-    count, failures, cpu = Counter(), [], 0.0
+    count, failures, cpu, peft_bad = Counter(), [], 0.0, []
     t0 = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:  # families are independent: one row per task
         for fam, row, secs in pool.map(family_row, families):
             for col, kind, text in row:
+                if kind.startswith("peft"):
+                    count[kind] += 1
+                    if kind == "peft_fail":
+                        failures.append(f"{fam} × {col}: peft cannot read our file: {text}")
+                    if kind in ("peft_fail", "peft_known"):
+                        peft_bad.append((fam, col))
+                    continue
                 if kind == "fail":
                     failures.append(f"{fam} × {col}: {text}")
                     cells[fam, col] = "**FAIL**"
@@ -112,9 +126,11 @@ def main() -> int:
         "method with its default options.  ✓ means, on that family: attach; output unchanged at init (but",
         "prompt/prefix); exactly the adapter's tensors require grad; one optimizer step moves them and leaves",
         "every base tensor bit-identical; `dt.disabled` gives the bare base; `dt.save` + `dt.load` into a",
-        "fresh copy reproduces the output (1e-5); `dt.merge` equals the unmerged model (1e-4).  `✓ mN`: all",
-        "of that, and the merge is refused for reason mN.  `✗ rN`: attach refused, in one line, for reason rN",
-        "(the model is left exactly as it was).  `bug`: a known failure, listed in `coverage_cases.XFAIL`.",
+        "fresh copy reproduces the output (1e-5); `dt.merge` equals the unmerged model (1e-4 times the output's",
+        "largest magnitude, at least 1e-4).  `✓ mN`: all of that, and the merge is refused for reason mN.",
+        "`✗ rN`: attach refused, in one line, for reason rN (the model is left exactly as it was).  `bug`: a",
+        "known failure, listed in `coverage_cases.XFAIL`.  Cached == uncached generation of prompt/prefix on",
+        "the causal LMs is `tests/test_cache_compat.py`; the ported peft contract is `tests/test_peft_contract.py`.",
         "",
         f"transformers {transformers.__version__}, torch {torch.__version__}, "
         f"{datetime.date.today().isoformat()}.  **{n} cases: {count['ok']} ✓, {count['refused']} clear refusals, "
@@ -127,11 +143,17 @@ def main() -> int:
               for f in families]
     lines += ["", "## Attach refusals", ""] + [f"- **{k}**: {r}" for r, k in refusals.ids.items()]
     lines += ["", "## Merge refusals", ""] + [f"- **{k}**: {r}" for r, k in merges.ids.items()]
+    lines += ["", "## peft reads deltatune's files", "",
+              f"For the peft-format methods ({', '.join(c for c, (m, _) in cc.METHODS.items() if dt.METHODS[m].peft_type)}), "
+              "every attached case is also saved by deltatune and loaded by peft's `PeftModel.from_pretrained` "
+              f"(same output, 1e-5): **{count['peft_ok']} read by peft, {count['peft_known']} known failures, "
+              f"{count['peft_fail']} new failures**.", ""]
+    lines += [f"- {f} × {c}: {cc.PEFT_XFAIL.get((f, c), 'NEW FAILURE')}" for f, c in peft_bad]
     bugs = [(f, c) for f in families for c in cc.METHODS if (f, c) in cc.XFAIL]
     if bugs:
         lines += ["", "## Known bugs (xfail)", ""] + [f"- {f} × {c}: {cc.XFAIL[f, c]}" for f, c in bugs]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"{n} cases in {time.time() - t0:.0f}s wall, {cpu:.0f}s CPU: {dict(count)} -> {args.out}")
+    print(f"{n} cases (+ peft round trips) in {time.time() - t0:.0f}s wall, {cpu:.0f}s CPU: {dict(count)} -> {args.out}")
     for f in failures:
         print("FAIL", f)
     return 1 if failures else 0

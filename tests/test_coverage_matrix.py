@@ -6,21 +6,28 @@ from __future__ import annotations
 
 import pytest
 
-from coverage_cases import METHODS, XFAIL, cases, run_case
+from coverage_cases import METHODS, PEFT_XFAIL, XFAIL, cases, peft_loads_ours, run_case
 from zoo import FAMILIES, FAST
 
 
-def _params():
+def _params(known):
     for family, column in cases():
         marks = [] if family in FAST else [pytest.mark.slow]
-        if (family, column) in XFAIL:
-            marks.append(pytest.mark.xfail(strict=True, reason=XFAIL[family, column]))
+        if (family, column) in known:
+            marks.append(pytest.mark.xfail(strict=True, reason=known[family, column]))
         yield pytest.param(family, column, marks=marks, id=f"{family}-{column}")
 
 
-@pytest.mark.parametrize("family,column", list(_params()))
+@pytest.mark.parametrize("family,column", list(_params(XFAIL)))
 def test_case(family, column, tmp_path):
     run_case(family, column, tmp_path)  # a refusal returns (checked inside); anything else raises
+
+
+@pytest.mark.parametrize("family,column", list(_params(PEFT_XFAIL)))
+def test_peft_loads_our_file(family, column, tmp_path):
+    pytest.importorskip("peft")
+    if not peft_loads_ours(family, column, tmp_path):
+        pytest.skip(f"{column} on {family}: no peft format, or refused at attach (checked by test_case)")
 
 
 def test_the_matrix_is_the_promised_size():
