@@ -232,3 +232,25 @@ def test_stack_cache_follows_adapter_set_changes():
         y = model(x).logits
     for i, name in enumerate(ROWS):
         torch.testing.assert_close(y[i:i + 1], alone(model, "llama", x[i:i + 1], name), atol=2e-5, rtol=1e-4)
+
+
+def test_mixed_on_deberta_v2_says_why_not_one_name_per_row():
+    """DeBERTa-v2 runs its relative-position embeddings through the adapted key/query
+    projections (a batch of 1, not one per row): refuse saying so, not "pass one name per row"."""
+    import warnings
+
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    cfg = DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=32, relative_attention=True,
+                          pos_att_type=["p2c", "c2p"], max_relative_positions=8, share_att_key=True,
+                          position_buckets=8, norm_rel_ebd="layer_norm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = DebertaV2Model(cfg).eval()
+    dt.attach(m, "lora", name="a", targets=["query_proj", "key_proj"])
+    dt.attach(m, "lora", name="b", targets=["query_proj", "key_proj"])
+    ids = torch.randint(3, 60, (3, 5))
+    with pytest.raises(dt.DeltaError) as e, torch.no_grad(), dt.mixed(m, ["a", "b", None]):
+        m(input_ids=ids)
+    assert "shared, non-batch tensors (e.g. DeBERTa" in str(e.value) and "own batch" in str(e.value)

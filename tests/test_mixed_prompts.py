@@ -226,3 +226,27 @@ def test_clear_errors_name_rows_and_fix():
     with pytest.raises(dt.DeltaError, match="'norms' .*shared by every row"):
         with dt.mixed(model, ["p3a", "norms"]):
             pass
+
+
+@pytest.mark.parametrize("model_type", ["opt", "llama", "gpt2"])
+def test_left_padded_base_row_next_to_a_prompt_row_on_real_families(model_type):
+    """OPT numbers positions from the attention mask: the base row's real tokens must keep the
+    positions they have alone (was off by 0.30)."""
+    from zoo import build_causal_lm
+
+    model = build_causal_lm(model_type)
+    dt.attach(model, "prompt", name="p", num_virtual_tokens=3)
+    with torch.no_grad():
+        dt.adapter_tensors(model, "p")["prompt_embeddings"].add_(0.5)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad(), dt.mixed(model, ["p", None]):
+        y = model(input_ids=ids, attention_mask=mask).logits  # (2, 3 + 6, V)
+    with torch.no_grad():
+        dt.activate(model, "p")
+        y0 = model(input_ids=ids[:1], attention_mask=mask[:1]).logits
+        with dt.disabled(model):
+            y1 = model(input_ids=ids[1:], attention_mask=mask[1:]).logits
+    torch.testing.assert_close(y[0], y0[0], atol=TOL, rtol=0)
+    torch.testing.assert_close(y[1, 3 + 2:], y1[0, 2:], atol=TOL, rtol=0)  # the real tokens

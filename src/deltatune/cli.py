@@ -453,14 +453,23 @@ def serve(
     max_new_tokens: int = typer.Option(256, help="Cap on max_new_tokens per request."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token for adapter management "
                                                           "(default: env DELTATUNE_SERVE_TOKEN; none = disabled)."),
+    api_key: Optional[str] = typer.Option(None, help="Bearer key every inference request must send (default: env "
+                                                     "DELTATUNE_API_KEY, which keeps it out of `ps`; none = open)."),
+    served_model_name: Optional[str] = typer.Option(None, help="The base model's name in the OpenAI API "
+                                                               "(default: the model's file or directory name)."),
+    max_input_tokens: int = typer.Option(1024, min=1, help="Longest prompt accepted, in tokens."),
+    max_n: int = typer.Option(8, min=1, help="Most choices (prompts x n) per OpenAI request."),
+    max_queue: int = typer.Option(256, min=0, help="Most requests waiting; more get 429 with Retry-After "
+                                                   "(0 = no limit)."),
     config: Optional[Path] = ConfigOpt,
 ):
-    """HTTP server: one base model, many adapters, mixed batches (see deltatune.serve)."""
+    """HTTP server: one base model, many adapters, mixed batches, OpenAI-compatible API (see deltatune.serve)."""
     from .serve import run
 
     token = token_file.read_text().strip() if token_file else None
     run(model, adapters, task=task, host=host, port=port, token=token, window_ms=window_ms, max_batch=max_batch,
-        max_new_tokens=max_new_tokens)
+        max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens, max_queue=max_queue, api_key=api_key,
+        served_name=served_model_name, max_n=max_n)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,8 +64,13 @@ class RowPlan(list):
             return hit
         m = len(self)
         if m == 0 or n % m:
-            raise DeltaError(f"mixed batch: {m} row adapter(s) given but the layer sees a batch of {n} rows; "
-                             "pass one adapter name (or None) per input row")
+            # either the names do not match the input rows, or the model runs an adapted layer on
+            # a shared, non-batch tensor (DeBERTa's relative-position embeddings go through the
+            # key/query projections as a batch of 1): say both, the caller knows which
+            raise DeltaError(f"mixed batch: {m} row adapter(s) given but an adapted layer sees a batch of {n} rows; "
+                             "pass one adapter name (or None) per input row - if you did, this model also runs "
+                             "adapted layers on shared, non-batch tensors (e.g. DeBERTa's relative-position "
+                             "embeddings), so its rows cannot take different adapters: run each adapter in its own batch")
         k = n // m  # beams / return sequences / flattened tokens per input row
         names = [self[j // k] for j in range(n)]
         rows: dict[RowName, list[int]] = {}

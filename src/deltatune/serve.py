@@ -7,6 +7,8 @@
     POST   /v1/adapters           {"name": "c"}   load ADAPTER_DIR/c            (bearer token)
     DELETE /v1/adapters/{name}    unload it                                   (bearer token)
     GET    /health, GET /metrics (Prometheus), GET /docs, GET /openapi.json
+    GET    /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true = SSE)   OpenAI's API,
+    POST   /v1/load_lora_adapter, /v1/unload_lora_adapter (bearer token)     ``model`` = adapter (serve_openai)
 
 Requests for different adapters that arrive within ``window_ms`` of each other run as one mixed
 batch (``deltatune.mixed``; see ``serve_engine``).  Decoding is greedy (``num_beams`` ≥ 1) unless
@@ -20,7 +22,9 @@ as direct children of the adapter directory (a symlink leaving it is refused, at
 Responses name adapters, never server paths.  A prompt is bounded by characters, then by the
 model's context; a failing row fails alone; a broken adapter at start-up is listed under
 ``failed`` and the server starts; ``/health`` is 503 while the model thread is stuck (``liveness_s``).
-Binds to 127.0.0.1 unless told otherwise.
+Inference needs ``Authorization: Bearer <api key>`` when a key is configured
+(``OpenAIConfig.api_key`` or env ``DELTATUNE_API_KEY``); more than ``max_queue`` waiting requests
+are refused with 429 and ``Retry-After``.  Binds to 127.0.0.1 unless told otherwise.
 
     from deltatune.serve import build_app, run
     run("path/to/model", "adapters/", task="causal-lm", port=8000)
@@ -39,12 +43,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from .core import DeltaError, get_state
-from .serve_engine import Engine, EngineConfig, Job, RequestError, Sampling, validate_ids
+from .serve_engine import (MAX_TEMPERATURE, MIN_TEMPERATURE, Engine, EngineConfig, Job, RequestError, Sampling,
+                           validate_ids)
+from .serve_openai import OpenAIConfig, add_openai_routes
+from .serve_stream import EngineEvents
 
 TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
-# temperatures below this are greedy (vLLM's rule: logits / 1e-40 overflow float32); above the cap the
-# distribution is uniform anyway, and a -inf logit divided by an overflowing temperature would be NaN
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 log = logging.getLogger("deltatune.serve")
 TASKS = {"ForSequenceClassification": "classify", "ForCausalLM": "generate", "LMHeadModel": "generate"}
 
@@ -65,6 +69,10 @@ def _valid_name(name: Any) -> str:
     return name
 
 
+def _label(job: Job) -> str:
+    return job.adapter or "(base)"
+
+
 def _public(message: str, adapter_dir: Path | None) -> str:
     """``message`` without server paths: the adapter directory becomes relative, any other absolute
     path becomes <path> (messages shown to callers who may hold no token)."""
@@ -74,7 +82,7 @@ def _public(message: str, adapter_dir: Path | None) -> str:
     return re.sub(r"(?<![\w.<])/[^\s:;,'\"()]+", "<path>", message)
 
 
-class Metrics:
+class Metrics(EngineEvents):
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -90,13 +98,34 @@ class Metrics:
         self.queue = Gauge("deltatune_queue_depth", "requests waiting", registry=r)
         self.decoding = Counter("deltatune_generate_rows_total", "generated rows per decoding mode",
                                 ["decoding"], registry=r)
+        self.prompt_tokens = Counter("deltatune_prompt_tokens_total", "prompt tokens per adapter", ["adapter"],
+                                     registry=r)
+        self.generated_tokens = Counter("deltatune_generated_tokens_total", "tokens generated per adapter "
+                                        "(after cutting at EOS / stop strings)", ["adapter"], registry=r)
+        seconds = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("deltatune_time_to_first_token_seconds", "arrival to first generated token "
+                              "(queueing + prefill)", ["adapter"], registry=r, buckets=seconds)
+        self.itl = Histogram("deltatune_inter_token_seconds", "time between a request's successive tokens",
+                             ["adapter"], registry=r, buckets=(.001, .0025) + seconds[:-2])
+        self.running = Gauge("deltatune_running_rows", "rows still decoding in the current model call", registry=r)
 
     def on_batch(self, jobs: list[Job]) -> None:
         self.batch.observe(len(jobs))
         for j in jobs:
-            self.adapters.labels(j.adapter or "(base)").inc()
+            self.adapters.labels(_label(j)).inc()
+            self.prompt_tokens.labels(_label(j)).inc(len(j.ids))
             if j.kind == "generate":
                 self.decoding.labels("beam" if j.num_beams > 1 else j.sampling.decoding).inc()
+
+    def on_token(self, job: Job, first: bool, gap: float) -> None:
+        (self.ttft if first else self.itl).labels(_label(job)).observe(gap)
+
+    def on_running(self, rows: int) -> None:
+        self.running.set(rows)
+
+    def on_done(self, job: Job) -> None:
+        if job.kind == "generate":
+            self.generated_tokens.labels(_label(job)).inc(len(job.result["output_ids"]))
 
 
 def _available(adapter_dir: Path | None) -> list[str]:
@@ -124,10 +153,11 @@ def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
 def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = None, *, token: str | None = None,
               task: str = "auto", window_ms: float = 5.0, max_batch: int = 16, max_new_tokens: int = 256,
               max_input_tokens: int = 1024, load_all: bool = True, max_prompt_chars: int | None = None,
-              liveness_s: float = 300.0):
+              liveness_s: float = 300.0, max_queue: int = 256, openai: OpenAIConfig | None = None):
     """A FastAPI app serving ``model`` (already on its device, eval mode) with the adapters found in
     ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``;
-    one that cannot be loaded is listed under ``failed`` in ``GET /v1/adapters``)."""
+    one that cannot be loaded is listed under ``failed`` in ``GET /v1/adapters``), and the
+    OpenAI-compatible endpoints of ``serve_openai`` (configured by ``openai``)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -145,7 +175,7 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     model.eval()
     metrics = Metrics()
     engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens,
-                                                   max_prompt_chars, liveness_s), on_batch=metrics.on_batch)
+                                                   max_prompt_chars, liveness_s, max_queue=max_queue), events=metrics)
     # JSON escapes take at most 12 bytes a character (a \\uXXXX pair); ids at most 21 ("-1234567890123456789,")
     max_body = 12 * engine.max_chars + 21 * max_input_tokens + 65536
     failed: dict[str, str] = {}
@@ -256,7 +286,7 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {**({"WWW-Authenticate": "Bearer"} if e.status == 401 else {}), **(e.headers or {})}
         return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
 
     @app.exception_handler(DeltaError)
@@ -367,9 +397,8 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     async def list_adapters():
         return await engine.admin(_listing)
 
-    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(auth)], tags=["adapters"])
-    async def load_adapter(body: LoadIn):
-        name = _valid_name(body.name)
+    async def load_named(name: Any) -> dict:  # POST /v1/adapters, and vLLM's /v1/load_lora_adapter
+        name = _valid_name(name)
         path = _adapter_path(adir, name)
 
         def do():
@@ -385,10 +414,12 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
 
         return await engine.admin(do)
 
-    @app.delete("/v1/adapters/{name:path}", dependencies=[Depends(auth)], tags=["adapters"])
-    async def delete_adapter(name: str, request: Request):
-        # the route's regex ends with "$", which drops a final newline: "a%0A" would match as "a"
-        name = _valid_name(request.scope["path"].split("/v1/adapters/", 1)[-1])
+    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(auth)], tags=["adapters"])
+    async def load_adapter(body: LoadIn):
+        return await load_named(body.name)
+
+    async def unload_named(name: Any) -> dict:  # DELETE /v1/adapters/{name}, and vLLM's /v1/unload_lora_adapter
+        name = _valid_name(name)
 
         def do():
             if name not in get_state(model).adapters:
@@ -400,6 +431,11 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
             return {"deleted": name}
 
         return await engine.admin(do)
+
+    @app.delete("/v1/adapters/{name:path}", dependencies=[Depends(auth)], tags=["adapters"])
+    async def delete_adapter(name: str, request: Request):
+        # the route's regex ends with "$", which drops a final newline: "a%0A" would match as "a"
+        return await unload_named(request.scope["path"].split("/v1/adapters/", 1)[-1])
 
     @app.get("/health", tags=["ops"])
     async def health():
@@ -419,6 +455,9 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
         metrics.queue.set(engine.depth())
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_openai_routes(app, model, tokenizer, engine, openai or OpenAIConfig.default(model), task=task,
+                      adapter_dir=adir, default_penalty=penalty, admin_auth=auth,
+                      load_adapter=load_named, unload_adapter=unload_named)
     return app
 
 
@@ -494,16 +533,22 @@ class ServerThread:
 def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-lm", host: str = "127.0.0.1",
         port: int = 8000, token: str | None = None, window_ms: float = 5.0, max_batch: int = 16,
         max_new_tokens: int = 256, threads: int | None = None, max_prompt_chars: int | None = None,
-        liveness_s: float = 300.0) -> None:
-    """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted."""
+        liveness_s: float = 300.0, max_input_tokens: int = 1024, max_queue: int = 256, api_key: str | None = None,
+        served_name: str | None = None, max_n: int = 8) -> None:
+    """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted.
+    ``served_name`` is the base model's name in the OpenAI API (default: the file or directory name)."""
     import uvicorn
 
     from .models import configure_threads, load_model
 
     configure_threads(threads)
     model, tok, _ = load_model(base_model, task)
+    p = Path(base_model)
+    name = served_name or (p.stem if p.suffix == ".gguf" else p.name) or "base"
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,
-                    max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars, liveness_s=liveness_s)
+                    max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars, liveness_s=liveness_s,
+                    max_input_tokens=max_input_tokens, max_queue=max_queue,
+                    openai=OpenAIConfig(served_name=name, api_key=api_key, max_n=max_n))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines", host)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -28,6 +28,10 @@ anything: by characters on the event loop, by tokens (tokenized on a thread of i
 ``/health`` never waits for a tokenizer) against the model's real context (positions minus
 ``max_new_tokens`` minus the adapter's virtual tokens).  ``/health`` turns 503 when a model-thread
 call has run longer than ``liveness_s``.
+
+Each row's tokens leave ``generate`` as they are decoded (``serve_stream.RowStreamer``, for
+streaming responses and time-to-first-token); a job whose client left is skipped if still queued
+and finished at the next step if running (``serve_stream.Cancelled``).
 """
 from __future__ import annotations
 
@@ -42,6 +46,12 @@ from typing import Any, Callable
 import torch
 
 from .core import DeltaError, get_state
+from .serve_stream import Cancelled, EngineEvents, LogprobTap, RowStreamer
+
+
+# temperatures below this are greedy (vLLM's rule: logits / 1e-40 overflow float32); above the cap the
+# distribution is uniform anyway, and a -inf logit divided by an overflowing temperature would be NaN
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 
 log = logging.getLogger("deltatune.serve")
 CHARS_PER_TOKEN = 16  # a prompt over 16 characters per allowed token is refused before tokenizing
@@ -51,9 +61,17 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence
 class RequestError(Exception):
     """A problem with one request: becomes an HTTP ``status`` with ``message``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
+
+
+class ParamError(RequestError):
+    """A 4xx about one request field: OpenAI's error ``param`` (and ``code``), for ``serve_openai``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(status, message)
+        self.param, self.code = param, code
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,12 @@ class Job:
     result: Any = None
     error: RequestError | None = None
     t0: float = field(default_factory=time.perf_counter)
+    # streaming: called on the model thread with each new token id as it is decoded (serve_stream.RowStreamer)
+    on_token: Callable[[int], None] | None = None
+    cancelled: bool = False  # the client went away: skip the job if queued, end its row at the next step
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
+    trace: list = field(default_factory=list)  # per generated token: (logprob, [(token, logprob)] alternatives)
+    delivered: int = 0  # tokens already handed on: a batch re-run after a failure does not repeat them
 
 
 @dataclass
@@ -96,12 +120,13 @@ class EngineConfig:
     max_input_tokens: int = 1024  # per-request cap on prompt length (the model's context also caps it)
     max_prompt_chars: int | None = None  # cap on prompt text before tokenizing; None: CHARS_PER_TOKEN per token
     liveness_s: float = 300.0  # /health is 503 once one model-thread call runs longer (a stuck thread)
+    max_queue: int = 256  # requests waiting beyond this are refused (429 + Retry-After), not queued without bound
 
 
 class Engine:
-    def __init__(self, model, tokenizer, cfg: EngineConfig, on_batch: Callable[[list[Job]], None] | None = None):
+    def __init__(self, model, tokenizer, cfg: EngineConfig, events: EngineEvents | None = None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.on_batch = on_batch or (lambda jobs: None)
+        self.events = events or EngineEvents()
         get_state(model, create=True)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltatune-model")
         # tokenizing a long prompt must block neither the event loop nor the model; one thread, as a
@@ -139,6 +164,18 @@ class Engine:
     def depth(self) -> int:
         return self.queue.qsize() if self.queue is not None else 0
 
+    def enqueue(self, jobs: list[Job]) -> list[asyncio.Future]:
+        """Queue ``jobs`` (each future gets its finished job), or none of them with a 429 when the queue
+        would hold more than ``max_queue``."""
+        if self.cfg.max_queue and self.depth() + len(jobs) > self.cfg.max_queue:
+            raise RequestError(429, f"the server is busy: {self.depth()} requests are waiting (at most "
+                                    f"{self.cfg.max_queue}); retry later", {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        for j in jobs:
+            j.future = loop.create_future()
+            self.queue.put_nowait(j)
+        return [j.future for j in jobs]
+
     def stuck_for(self) -> float:
         """Seconds the running model-thread call has exceeded ``liveness_s`` (0: alive)."""
         since = self.busy_since
@@ -152,8 +189,9 @@ class Engine:
         finally:
             self.busy_since = None
 
-    async def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` (checked: characters, valid Unicode), tokenized off the event loop."""
+    async def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text`` (checked: characters, valid Unicode), tokenized off the event loop;
+        ``special=False`` adds no BOS/EOS (a chat template writes its own)."""
         if self.tokenizer is None:
             raise RequestError(400, "this server has no tokenizer: send 'input_ids'")
         if len(text) > self.max_chars:
@@ -161,7 +199,8 @@ class Engine:
                                     f"{self.max_chars} (shorten it, or send 'input_ids')")
         check_text(text, "the prompt")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.tok_pool, lambda: list(self.tokenizer(text)["input_ids"]))
+        return await loop.run_in_executor(
+            self.tok_pool, lambda: list(self.tokenizer(text, add_special_tokens=special)["input_ids"]))
 
     def virtual_tokens(self, adapter: str | None) -> int:
         """Positions a prompt/prefix adapter's virtual tokens take before the prompt (0 for others)."""
@@ -194,9 +233,7 @@ class Engine:
                                     + (" or lower max_new_tokens" if job.kind == "generate" else ""))
 
     async def submit(self, job: Job) -> Job:
-        job.future = asyncio.get_running_loop().create_future()
-        await self.queue.put(job)
-        return await job.future
+        return await self.enqueue([job])[0]
 
     async def admin(self, fn: Callable, *args):
         """Run ``fn(*args)`` on the model thread, after the batches already running."""
@@ -236,6 +273,7 @@ class Engine:
                         if j.error is not None:
                             j.future.set_exception(j.error)
                         else:
+                            self.events.on_done(j)
                             j.future.set_result(j)
 
     # ------------------------------------------------------------------ model thread
@@ -243,7 +281,9 @@ class Engine:
         st = get_state(self.model)
         ok = []
         for j in jobs:
-            if j.adapter is not None and j.adapter not in st.adapters:
+            if j.cancelled:  # its client left while it waited
+                j.error = RequestError(499, "the client disconnected")
+            elif j.adapter is not None and j.adapter not in st.adapters:
                 j.error = RequestError(404, f"adapter {j.adapter!r} is not loaded; GET /v1/adapters lists them")
             else:
                 ok.append(j)
@@ -291,7 +331,7 @@ class Engine:
         return RequestError(500, f"internal error ({type(e).__name__}); see the server log")
 
     def _call(self, jobs: list[Job]) -> None:
-        self.on_batch(jobs)
+        self.events.on_batch(jobs)
         RUNNERS[jobs[0].kind](self, jobs)
 
     @contextlib.contextmanager
@@ -327,8 +367,16 @@ class Engine:
         kw: dict[str, Any] = {}
         if any(j.sampling.temperature > 0 or j.sampling.repetition_penalty != 1.0 for j in jobs):
             kw["logits_processor"] = [RowSampler(jobs, ids.shape[1])]
-        if jobs[0].num_beams == 1 and self.tokenizer is not None and any(j.sampling.stop for j in jobs):
-            kw["stopping_criteria"] = [StopStrings(jobs, ids.shape[1], self._decode)]  # end those rows early
+        if jobs[0].num_beams == 1:  # (transformers streams only without beams)
+            # each row's tokens as they are decoded (streaming, time-to-first-token); a row whose client
+            # left is finished at the next step
+            tap = LogprobTap(jobs) if any(j.logprobs is not None for j in jobs) else None
+            if tap is not None:  # first: it reads the model's scores before any row's sampling changes them
+                kw["logits_processor"] = [tap, *kw.get("logits_processor", [])]
+            kw["streamer"] = RowStreamer(jobs, self.eos, self.events, tap)
+            kw["stopping_criteria"] = [Cancelled(jobs)]
+            if self.tokenizer is not None and any(j.sampling.stop for j in jobs):
+                kw["stopping_criteria"].append(StopStrings(jobs, ids.shape[1], self._decode))  # end those rows early
         with torch.inference_mode(), self._routed(jobs):
             # repetition_penalty=1.0: the rows' own penalties are applied by RowSampler, not a batch-wide one
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
@@ -340,6 +388,8 @@ class Engine:
             # definition, sampled rows because each draws from its own generator, once per step
             toks, text, reason = self._finish(gen[i, :j.max_new_tokens].tolist(), j)
             j.result = {"output_ids": toks, "text": text, "finish_reason": reason, "batch_size": len(jobs)}
+            if j.logprobs is not None:
+                j.result["logprobs"] = j.trace[:len(toks)]
 
     def _decode(self, toks: list[int]) -> str:
         return self.tokenizer.decode(toks, skip_special_tokens=True)
@@ -473,5 +523,5 @@ def validate_ids(ids: list[int], vocab: int | None, limit: int) -> None:
         raise RequestError(400, f"input_ids must be in [0, {vocab}) for this model")
 
 
-__all__ = ["Engine", "EngineConfig", "Job", "RequestError", "DeltaError", "RowSampler", "Sampling",
-           "StopStrings", "check_text", "context_size", "validate_ids"]
+__all__ = ["Engine", "EngineConfig", "EngineEvents", "Job", "ParamError", "RequestError", "DeltaError", "RowSampler",
+           "Sampling", "StopStrings", "check_text", "context_size", "validate_ids"]

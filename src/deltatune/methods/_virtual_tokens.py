@@ -382,8 +382,13 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
     pos = kw.get("position_ids")
     if pos is not None and pos.dim() != 2:
         raise DeltaError(f"prompt/prefix adapters support 2-D position_ids only, got shape {tuple(pos.shape)}")
-    if pos is None and padded:  # the model's default, cache length + 0..T-1, would be that of the longest row
-        pos = torch.arange(seen, seen + length, device=dev).expand(batch, -1)  # (B, T)
+    if pos is None and padded:  # the model's default would number the longest row's slots: give each row its own
+        mask0 = kw.get("attention_mask")
+        if mask0 is not None and mask0.dim() == 2 and positions_from_mask(model):
+            # OPT-style: the model counts only unmasked tokens (pads get -1), as it does alone
+            pos = ((mask0.long().cumsum(1) * mask0.long()) - 1)[:, -length:].to(dev)  # (B, T)
+        else:  # Llama-style: cache length + 0..T-1
+            pos = torch.arange(seen, seen + length, device=dev).expand(batch, -1)  # (B, T)
     if pos is not None:
         pos = pos + (P + F).to(pos.dtype)  # real tokens come after the row's own virtual tokens
     if prefill:
@@ -410,6 +415,10 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
             kw[key] = _prefix_cache(model, past, rows, f_max)
     if pos is not None:
         kw["position_ids"] = pos
+    cp = kw.get("cache_position")
+    if isinstance(cp, torch.Tensor):  # older transformers (<5) index the cache by it: count the virtual slots
+        kw["cache_position"] = torch.arange(f_max, f_max + p_max + length, device=cp.device) if prefill \
+            else cp + f_max + p_max
     mask = kw.get("attention_mask")
     if mask is None and padded:
         mask = torch.ones(batch, seen + length, dtype=torch.long, device=dev)
@@ -451,6 +460,34 @@ def _prefix_cache(model: nn.Module, past, rows: list[Row], f_max: int):
 
 
 # --------------------------------------------------------------------------- mixed batches
+
+_MASK_POS = "_deltatune_positions_from_mask"  # model.__dict__ key of the probe's answer
+
+
+def positions_from_mask(model: nn.Module) -> bool:
+    """Does the model number positions by counting unmasked tokens when no position_ids are given
+    (OPT, and generate()-style left padding), rather than 0..T-1 (Llama's forward)?  Asked of the
+    frozen model once: the last token of [pad, a, b] is at 1 by the first rule and 2 by the other."""
+    known = model.__dict__.get(_MASK_POS)
+    if known is not None:
+        return known
+    st = model.__dict__.get(STATE_ATTR)
+    ids = torch.tensor([[3, 4, 5]], device=param_device(model))
+    mask = torch.tensor([[0, 1, 1]], device=ids.device)
+    was = st.disabled if st is not None else None
+    if st is not None:
+        st.disabled = True
+    try:
+        with torch.no_grad():
+            a = model(input_ids=ids, attention_mask=mask)[0][0, -1]
+            b = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(3, device=ids.device)[None])[0][0, -1]
+    finally:
+        if st is not None:
+            st.disabled = was
+    known = not torch.allclose(a, b, atol=1e-6)
+    model.__dict__[_MASK_POS] = known
+    return known
+
 
 def check_mixed(model: nn.Module, rows) -> None:
     """Refuse a mixed batch (``dt.mixed``) whose rows need different numbers of virtual tokens on a

@@ -46,11 +46,14 @@ PLACEMENTS = {
 }
 
 # module paths of the attachment points, per architecture family
-ATTN_OUT = re.compile(r"(.*\.)?((self_attn|attn|self_attention)\.(o_proj|c_proj|out_proj|dense)|"
-                      r"attention\.(output\.dense|out_lin|o_proj|out_proj))")
-FFN_BLOCK = re.compile(r"(.*\.)?(mlp|feed_forward|ffn)")  # one module: FFN input -> FFN output
-FFN_SPLIT_IN = re.compile(r"(.*\.)?intermediate")  # BERT/ViT: FFN input enters here ...
-FFN_SPLIT_OUT = "{}output.dense"  # ... and leaves here (same prefix)
+ATTN_OUT = re.compile(r"(.*\.)?((self_attn|attn|self_attention|encoder_attn)\.(o_proj|c_proj|out_proj|dense)|"
+                      r"attention\.(output\.dense|out_lin|o_proj|out_proj|dense)|"  # BERT, DistilBERT, GPT-NeoX
+                      r"(SelfAttention|EncDecAttention)\.o)")  # T5
+FFN_BLOCK = re.compile(r"(.*\.)?(mlp|feed_forward|ffn|DenseReluDense)")  # one module: FFN input -> output
+# FFNs that are two sibling layers: the input enters the first, the output leaves the second
+# (same prefix): BERT/ViT's intermediate -> output.dense, OPT/Bart/Whisper's fc1 -> fc2
+FFN_SPLITS = [(re.compile(r"(.*\.)?intermediate"), "intermediate", "output.dense"),
+              (re.compile(r"(.*\.)?fc1"), "fc1", "fc2")]
 
 
 @dataclass
@@ -184,7 +187,7 @@ def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | 
     have = set(paths)
     blocks = [p for p in paths if FFN_BLOCK.fullmatch(p)]
     blocks = [p for p in blocks if not any(b != p and p.startswith(b + ".") for b in blocks)]  # outermost
-    split = [(p, FFN_SPLIT_OUT.format(p[: -len("intermediate")])) for p in paths if FFN_SPLIT_IN.fullmatch(p)]
+    split = [(p, p[: -len(first)] + second) for rx, first, second in FFN_SPLITS for p in paths if rx.fullmatch(p)]
     split = [(i, o) for i, o in split if o in have]
     found = {
         "attention": [("seq", p, None) for p in paths if ATTN_OUT.fullmatch(p)],
@@ -194,7 +197,7 @@ def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | 
     missing = [pt for pt in points if not found[pt]]
     if missing:
         raise DeltaError(f"adapter: cannot find the {missing} attachment points of {type(model).__name__} for "
-                         f"placement {cfg.placement!r} (known: Llama/GPT-2/BERT/ViT-style blocks); pass "
+                         f"placement {cfg.placement!r} (known: Llama/GPT-2/GPT-NeoX/BERT/ViT/OPT/Bart/Whisper/T5-style blocks); pass "
                          "targets=[...] to put adapters after (or, parallel, beside) those modules")
     out = [pt for point in points for pt in found[point]]
     return out

@@ -30,10 +30,17 @@ from ..targets import find_targets, linear_types, matches
 # peft's defaults per architecture family: (targets, feedforward); the first family whose
 # targets all exist in the model wins.  (Llama/Mistral/Qwen, GPT-2, BERT/RoBERTa, OPT/CLIP/ViT.)
 DEFAULTS: list[tuple[list[str], list[str]]] = [
-    (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    (["key", "value", "output.dense"], ["output.dense"]),
-    (["k_proj", "v_proj", "fc2"], ["fc2"]),  # OPT, CLIP, transformers 5's ViT
+    (["k_proj", "v_proj", "down_proj"], ["down_proj"]),  # Llama, Mistral, Qwen, Gemma, OLMo, ...
+    (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),  # GPT-2, GPT-BigCode
+    (["key", "value", "output.dense"], ["output.dense"]),  # BERT, RoBERTa, ViT, ELECTRA
+    (["k_proj", "v_proj", "fc2"], ["fc2"]),  # OPT, Bart, Whisper, CLIP, transformers 5's ViT
+    (["qkv_proj", "down_proj"], ["down_proj"]),  # Phi-3 (fused q/k/v)
+    (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),  # GPT-NeoX, Bloom, Falcon (fused)
+    (["k", "v", "wo"], ["wo"]),  # T5, mT5
+    (["key_proj", "value_proj", "output.dense"], ["output.dense"]),  # DeBERTa-v2/v3
+    (["k_lin", "v_lin", "lin2"], ["lin2"]),  # DistilBERT
+    (["k_proj", "v_proj", "w2"], ["w2"]),  # Mixtral with per-expert linears
+    (["k_proj", "v_proj"], []),  # MoE models whose experts are fused parameters: keys/values only
 ]
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -169,9 +169,13 @@ class PrefixTuning(Method):
     def attach(self, model: nn.Module, cfg: PrefixConfig, name: str, state) -> None:
         vt.check_model(model, "prefix")
         backbone = getattr(model, "base_model", model)
-        if vt.cache_kwarg(backbone) is None or vt.cache_kwarg(model) is None:
-            raise DeltaError(f"prefix: {type(backbone).__name__}.forward takes no KV cache (cache / past_key_values), so a prefix "
-                             "cannot reach its attention layers; use prompt tuning or lora instead")
+        if vt.cache_kwarg(backbone) is None:
+            raise DeltaError(f"prefix: {type(backbone).__name__}.forward takes no KV cache (cache / past_key_values), "
+                             "so a prefix cannot reach its attention layers; use prompt tuning or lora instead")
+        if vt.cache_kwarg(model) is None:
+            raise DeltaError(f"prefix: {type(model).__name__}.forward does not pass a KV cache on to "
+                             f"{type(backbone).__name__} in this transformers release, so a prefix cannot reach its "
+                             "attention layers; use prompt tuning or lora instead")
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise DeltaError("prefix: gradient checkpointing re-runs layers against a mutated cache; "
                              "call deltatune.fast.disable_checkpointing(model) first")
