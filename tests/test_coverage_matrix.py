@@ -9,6 +9,9 @@ import pytest
 from coverage_cases import METHODS, PEFT_XFAIL, XFAIL, cases, peft_loads_ours, run_case
 from zoo import FAMILIES, FAST
 
+# hidden-32 models gain nothing from a second thread; on a shared machine it only spins (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _params(known):
     for family, column in cases():

@@ -15,6 +15,9 @@ import deltatune as dt
 from coverage_cases import ATOL, METHODS, base_state, loss_of, options, perturb, pristine
 from zoo import run, train_options
 
+# hidden-32 models gain nothing from a second thread; on a shared machine it only spins (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAMILIES = {"bert": (), "llama": (pytest.mark.slow,), "vit": (pytest.mark.slow,), "whisper": (pytest.mark.slow,)}
 
 
