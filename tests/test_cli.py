@@ -111,7 +111,24 @@ def test_config_file(ws, tmp_path):
     assert m["steps"] == 2 and m["method_options"] == {"r": 2}
     cfg.write_text("modle: x\n")
     r = run("train", "--config", cfg, ok=False)
-    assert r.exit_code != 0 and "unknown option 'modle'" in " ".join(r.output.replace("│", " ").split())
+    out = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code != 0 and "unknown option 'modle'" in out
+    assert "known: --batch-size, --chat-template," in out and "--json" in out and "as_json" not in out
+    cfg.write_text("json: true\nmethods: true\n")  # keys are the flag names, also where the parameter is not
+    r = run("inspect", "--config", cfg)
+    assert json.loads(r.stdout)["methods"][0]["name"] == "adalora"
+
+
+def test_methods_list_that_train_help_points_to():
+    assert "deltatune inspect --methods" in " ".join(run("train", "--help").output.replace("│", " ").split())
+    r = run("inspect", "--methods")
+    import deltatune as dt
+
+    for name, m in dt.METHODS.items():
+        assert name in r.output
+    assert "full" in r.output
+    r = run("inspect", ok=False)
+    assert r.exit_code == 2 and "inspect needs a PATH (adapter or model), or --methods" in r.output
 
 
 def test_merge_loads_in_transformers(ws, tmp_path):

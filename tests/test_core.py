@@ -88,7 +88,8 @@ def test_load_onto_wrong_base_names_every_mismatch(tmp_path):
 def test_file_layout_is_peft_layout(tmp_path):
     m = dt.attach(tiny_llama(), "lora", targets=["q_proj"], r=4)
     dt.save(m, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "deltatune.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "deltatune.json",
+                                                    "README.md"}
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
     from safetensors.torch import load_file

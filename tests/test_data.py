@@ -112,11 +112,14 @@ def test_single_label_refused(tmp_path):
 def test_causal_lm_shapes(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"prompt": "hi", "response": "hello"}\n')
-    assert load_causal_lm(p).rows == [("hi", "hello")]
+    ex = load_causal_lm(p)
+    assert ex.format == "prompt-completion" and ex.rows == [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "plain": "hi\n"}]
     p.write_text('{"text": "just text"}\n')
-    assert load_causal_lm(p).rows == [("", "just text")]
-    p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
-    assert load_causal_lm(p).rows == [([{"role": "user", "content": "q"}], "a")]
+    assert load_causal_lm(p).rows == [{"text": "just text"}]
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    p.write_text(json.dumps({"messages": msgs}) + "\n")
+    assert load_causal_lm(p).rows == [{"messages": msgs}]
     p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
     with pytest.raises(DeltaError, match=r"line 1, column 'messages': the last message must be the assistant's"):
         load_causal_lm(p)

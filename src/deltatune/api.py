@@ -16,8 +16,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .core import (CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, get_state, iter_delta_layers,
-                   merged_names, method_of, unwrap, wrap)
+from .core import (CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, cast_adapter_dtype, get_state,
+                   iter_delta_layers, merged_names, method_of, unwrap, wrap)
 from .targets import auto_modules_to_save, find_targets
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -80,6 +80,7 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
                     raise DeltaError(f"targets include {inner[0]!r}, inside {path!r}, which modules_to_save already "
                                      f"trains in full; exclude it (exclude=[{path!r}]) or pass modules_to_save=None")
                 wrap(model, path, st).deltas[name] = CopyDelta(_base_at(model, path))
+        cast_adapter_dtype(model, name, cfg.autocast_adapter_dtype)  # one dtype rule for every method
     except BaseException:  # leave the model exactly as it was
         _remove(model, name)
         for p, g in grads:

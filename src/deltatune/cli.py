@@ -72,15 +72,19 @@ def _load_config(ctx: typer.Context, param, value: Optional[Path]):
         raise typer.BadParameter(f"{value}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
-    names = {p.name for p in ctx.command.params}
+    # YAML keys are flag names ("json", "batch-size"); the parameter behind "--json" is called as_json
+    by_flag = {o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params for o in p.opts
+               if o.startswith("--")}
+    by_flag.update({p.name: p.name for p in ctx.command.params})
     dm: dict[str, Any] = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
         if key in ("method_options", "options") and isinstance(v, dict):
             key, v = "opt", [f"{a}={json.dumps(b)}" for a, b in v.items()]
-        if key not in names:
-            raise typer.BadParameter(f"{value}: unknown option {k!r}; known: {sorted(n for n in names if n != 'config')}")
-        dm[key] = v
+        if key not in by_flag:
+            flags = sorted(o for p in ctx.command.params for o in p.opts if o.startswith("--") and o != "--config")
+            raise typer.BadParameter(f"{value}: unknown option {k!r}; known: {', '.join(flags)}")
+        dm[by_flag[key]] = v
     ctx.default_map = {**(ctx.default_map or {}), **dm}
     return value
 
@@ -139,6 +143,10 @@ def _errors(fn):
     return wrapper
 
 
+FORMAT_HELP = ("causal-lm data format (default: from the columns): messages | sharegpt | alpaca | "
+               "prompt-completion | text.")
+
+
 def _train_dict(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -148,10 +156,12 @@ def _train_dict(**kw) -> dict:
 @app.command()
 @_errors
 def train(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="Model directory, id in the local HF cache, or .gguf file."),
-    data: str = typer.Option(..., help="Training data: CSV, TSV, JSONL, Parquet, .npz or image folder."),
+    data: str = typer.Option(..., help="Training data: CSV, TSV, JSONL, JSON, Parquet, Arrow, a dataset directory, "
+                             "a Hub dataset id (org/name, cached or online), .npz or image folder."),
     task: str = typer.Option("classify", help="classify | causal-lm | image-classify"),
-    method: str = typer.Option("lora", help="A registered method (see `deltatune inspect --methods`) or 'full'."),
+    method: str = typer.Option("lora", help="A registered method (list them: `deltatune inspect --methods`) or 'full'."),
     opt: Optional[list[str]] = typer.Option(None, "--opt", "-o", help="Method option KEY=VALUE (repeatable), e.g. -o r=16."),
     output: str = typer.Option("runs/latest", help="Output directory (adapter/, metrics.json, training.png)."),
     val_data: Optional[str] = typer.Option(None, help="Validation file; default: hold out --val-fraction."),
@@ -161,6 +171,15 @@ def train(
     prompt_column: Optional[str] = typer.Option(None, help="causal-lm: prompt column."),
     response_column: Optional[str] = typer.Option(None, help="causal-lm: response column (the loss is on it)."),
     messages_column: Optional[str] = typer.Option(None, help="causal-lm: column of chat messages."),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    data_split: Optional[str] = typer.Option(None, help="Split of a dataset directory or Hub id (default: train)."),
+    data_config: Optional[str] = typer.Option(None, help="Configuration (subset) of a Hub dataset."),
+    val_split: Optional[str] = typer.Option(None, help="Split of --val-data (e.g. test; use --val-data DATA for "
+                                            "another split of the same dataset)."),
+    train_on: str = typer.Option("responses", help="causal-lm: responses (loss on assistant turns only) | "
+                                 "prompt+response (every token)."),
+    chat_template: Optional[str] = typer.Option(None, help="causal-lm: chat template for a tokenizer without one: "
+                                                "a .jinja file, a Jinja string, or 'chatml'."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per row (default 128 classify, 256 causal-lm)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per method: 1e-3 LoRA, 5e-5 full, ...)."),
     epochs: Optional[float] = typer.Option(None, help="Epochs (default 3) unless --max-steps is given."),
@@ -190,11 +209,14 @@ def train(
 ):
     """Train an adapter (or the full model with --method full) and write it with metrics and a plot."""
     from .run import RunOptions, train_run
+    from .tools import command_line
 
     out = Out(as_json)
     o = RunOptions(model=model, data=data, task=task, method=method, method_options=_parse_opts(opt), output=output,
                    val_data=val_data, val_fraction=val_fraction, text_column=text_column, label_column=label_column,
                    prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
+                   format=format, data_split=data_split, data_config=data_config, val_split=val_split,
+                   train_on=train_on, chat_template=chat_template, command=command_line(ctx),
                    max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
                    trust_remote_code=trust_remote_code, lr=lr,
                    train=_train_dict(epochs=epochs,
@@ -248,6 +270,9 @@ def eval_cmd(
     prompt_column: Optional[str] = typer.Option(None),
     response_column: Optional[str] = typer.Option(None),
     messages_column: Optional[str] = typer.Option(None),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP + " Default: as at training."),
+    data_split: Optional[str] = typer.Option(None, help="Split of a dataset directory or Hub id."),
+    data_config: Optional[str] = typer.Option(None, help="Configuration (subset) of a Hub dataset."),
     task: Optional[str] = typer.Option(None, help="Task (default: recorded at training)."),
     reference: Optional[str] = typer.Option(None, help="Text file for the forgetting measure."),
     batch_size: int = typer.Option(32),
@@ -262,7 +287,8 @@ def eval_cmd(
     res = evaluate_adapter(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
                            trust_remote_code=trust_remote_code,
                            columns=dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
-                                        response_column=response_column, messages_column=messages_column))
+                                        response_column=response_column, messages_column=messages_column,
+                                        format=format, data_split=data_split, data_config=data_config))
 
     def human():
         from rich.table import Table
@@ -301,6 +327,10 @@ def compare(
     label_column: Optional[str] = typer.Option(None),
     prompt_column: Optional[str] = typer.Option(None),
     response_column: Optional[str] = typer.Option(None),
+    format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
+    data_split: Optional[str] = typer.Option(None, help="Split of a dataset directory or Hub id."),
+    train_on: Optional[str] = typer.Option(None, help="causal-lm: responses | prompt+response."),
+    chat_template: Optional[str] = typer.Option(None, help="causal-lm: template for a tokenizer without one."),
     max_train_rows: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     as_json: bool = JsonOpt,
@@ -313,7 +343,8 @@ def compare(
     out = Out(as_json)
     extra = {"--max-length": max_length, "--val-data": val_data, "--text-column": text_column,
              "--label-column": label_column, "--prompt-column": prompt_column,
-             "--response-column": response_column, "--max-train-rows": max_train_rows}
+             "--response-column": response_column, "--max-train-rows": max_train_rows, "--format": format,
+             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template}
     res = compare_methods([m.strip() for m in methods.split(",") if m.strip()], model, data, task, output,
                           max_steps, batch_size, seed, full, {k: v for k, v in extra.items() if v is not None},
                           log=out.log)
@@ -380,7 +411,8 @@ def importance(
 @app.command()
 @_errors
 def inspect(
-    path: str = typer.Argument(..., help="An adapter directory or a model (directory / cached id / .gguf)."),
+    path: Optional[str] = typer.Argument(None, help="An adapter directory or a model (directory / cached id / .gguf)."),
+    methods: bool = typer.Option(False, "--methods", help="List the registered methods and exit."),
     task: Optional[str] = typer.Option(None, help="Load the model for this task's head (default: bare model)."),
     method: str = typer.Option("lora", help="Method whose per-layer trainable counts to show."),
     opt: Optional[list[str]] = typer.Option(None, "--opt", "-o", help="Method option KEY=VALUE."),
@@ -389,9 +421,13 @@ def inspect(
     config: Optional[Path] = ConfigOpt,
 ):
     """Modules, candidate targets and trainable counts of a model; or an adapter's files and integrity."""
-    from .tools import inspect_path, print_inspect
+    from .tools import inspect_path, print_inspect, print_methods
 
     out = Out(as_json)
+    if methods:
+        return print_methods(out)
+    if path is None:
+        raise DeltaError("inspect needs a PATH (adapter or model), or --methods to list the methods")
     res = inspect_path(path, task=task, method=method, options=_parse_opts(opt), trust_remote_code=trust_remote_code)
     out.done(res, lambda: print_inspect(out, res))
 

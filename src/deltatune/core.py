@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
+from .dtypes import adapter_dtype, cast_like, cast_tensors, module_dtype
+
 STATE_ATTR = "_deltatune"
 PREFIX = "base_model.model."  # peft's key prefix, kept so files are interchangeable
 
@@ -48,6 +50,10 @@ class DeltaConfig:
     modules_to_save: list[str] | str | None = "auto"
     """Modules trained in full and saved with the adapter (a fresh classification head must be).
     ``"auto"`` picks the head of ``*ForSequenceClassification``-style models."""
+    autocast_adapter_dtype: bool = True
+    """peft's switch: on a float16/bfloat16 base the adapter's trainable tensors are float32 (Adam's
+    updates underflow in half precision: fp16 gives NaN, bf16 does not move at lr 1e-4).  False keeps
+    them in the base's dtype (half the memory, for inference or bf16-aware optimizers)."""
 
     method: ClassVar[str] = ""
     size_fields: ClassVar[tuple[str, ...]] = ()
@@ -162,19 +168,39 @@ class Delta(nn.Module):
         """Optionally transform the input before the base runs (None = no change)."""
         return None
 
+    def param_dtype(self) -> torch.dtype | None:
+        """The dtype this delta computes in (that of its first floating parameter)."""
+        p = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return None if p is None else p.dtype
+
+    def run(self, x, y, base):
+        """``forward`` with the dtype rule: x arrives in the delta's dtype, the result leaves in y's."""
+        dt = self.param_dtype()
+        if dt is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dt:
+            x = x.to(dt)
+        h = y[0] if isinstance(y, tuple) and y else y  # some HF modules return (hidden, extras...)
+        return cast_like(self(x, y, base), h.dtype if isinstance(h, torch.Tensor) else None)
+
+    def run_pre(self, x: torch.Tensor) -> torch.Tensor | None:
+        nx = self.pre(x)
+        return None if nx is None else cast_like(nx, x.dtype)
+
     def forward(self, x, y, base):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         raise DeltaError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    # merges add in the wider of the two dtypes and round once (set_base_weight casts back)
     def merge(self, base: nn.Module) -> None:
-        w = base_weight(base)
-        set_base_weight(base, w + self.delta_weight(base).to(w.dtype))
+        w, d = base_weight(base), self.delta_weight(base)
+        dt = torch.promote_types(w.dtype, d.dtype)
+        set_base_weight(base, w.to(dt) + d.to(dt))
 
     def unmerge(self, base: nn.Module) -> None:
-        w = base_weight(base)
-        set_base_weight(base, w - self.delta_weight(base).to(w.dtype))
+        w, d = base_weight(base), self.delta_weight(base)
+        dt = torch.promote_types(w.dtype, d.dtype)
+        set_base_weight(base, w.to(dt) - d.to(dt))
 
     def save_key(self, local_key: str) -> str:
         """Map a key of this delta's own state dict to the key used in files (peft layout)."""
@@ -196,6 +222,10 @@ class CopyDelta(Delta):
             p.requires_grad_(True)
 
     def forward(self, *args, **kwargs):
+        # the copy may be float32 on a half base: floating inputs follow it (DeltaLayer casts back)
+        dt = self.param_dtype()
+        args = tuple(cast_like(a, dt) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: cast_like(v, dt) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return self.module(*args, **kwargs)
 
     def merge(self, base: nn.Module) -> None:
@@ -247,15 +277,17 @@ class DeltaLayer(nn.Module):
             return self.base_layer(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         for _, d in active:
-            nx = d.pre(x)
+            nx = d.run_pre(x)
             if nx is not None:
                 x = nx
                 args = (x, *args[1:]) if args else args
-        run = next((d for _, d in active if d.replaces), self.base_layer)
-        y = run(*args, **kwargs)
+        run = next((d for _, d in active if d.replaces), None)
+        # a replacing copy may compute in float32: the layer still answers in the base's dtype
+        y = self.base_layer(*args, **kwargs) if run is None else cast_like(run(*args, **kwargs),
+                                                                            module_dtype(self.base_layer))
         for _, d in active:
             if not d.replaces:
-                y = d(x, y, self.base_layer)
+                y = d.run(x, y, self.base_layer)
         return y
 
     def extra_repr(self) -> str:
@@ -342,6 +374,19 @@ class Method:
         """Tensors that belong to the adapter but live outside DeltaLayers (selectors, prompts)."""
         return {}
 
+    def own_dtypes(self, model: nn.Module, name: str) -> dict[str, torch.dtype]:
+        """For each of ``own_tensors``, the dtype of the base it works with (``adapter_dtype`` picks
+        the adapter's own from it).  Default: the input embeddings' (prompts, prefixes)."""
+        own = self.own_tensors(model, name)
+        if not own:
+            return {}
+        try:  # vision/audio models raise NotImplementedError: they have no token embeddings
+            emb = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            emb = None
+        dt = module_dtype(emb if isinstance(emb, nn.Module) else model)
+        return {k: dt for k in own}
+
     def delete(self, model: nn.Module, name: str) -> None:
         """Remove what ``attach`` added outside DeltaLayers."""
 
@@ -381,6 +426,19 @@ class Method:
                cfg: DeltaConfig) -> tuple[dict[str, torch.Tensor], DeltaConfig]:
         """Hook to convert tensors and config at save time (e.g. PiSSA → plain LoRA)."""
         return tensors, cfg
+
+
+def cast_adapter_dtype(model: nn.Module, name: str, autocast: bool = True) -> None:
+    """Give every tensor of adapter ``name`` the dtype of the ``adapter_dtype`` rule (peft's
+    ``cast_adapter_dtype``), whatever dtype its method built it in: called once by ``dt.attach``."""
+    for _, layer in iter_delta_layers(model):
+        if name in layer.deltas:
+            d = layer.deltas[name]
+            cast_tensors((*d.parameters(), *d.buffers()), adapter_dtype(module_dtype(layer.base_layer), autocast))
+    m = method_of(get_state(model).adapters[name].method)
+    base = m.own_dtypes(model, name)
+    for k, t in m.own_tensors(model, name).items():
+        cast_tensors([t], adapter_dtype(base[k], autocast))
 
 
 METHODS: dict[str, Method] = {}

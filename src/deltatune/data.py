@@ -1,4 +1,5 @@
 """Reading training data for the trainer and the CLI: CSV / TSV / JSONL / Parquet tables (pandas),
+dataset directories / Arrow files / Hub ids (``datasets``, see :mod:`deltatune.data_sources`),
 ``.npz`` arrays and image folders, turned into examples for three tasks.
 
     file ──read_table──► DataFrame ──load_<task>──► Examples(rows, labels) ──encode──► token ids
@@ -11,9 +12,9 @@ labels at evaluation time that the model was not trained on.
 
 Tasks:
   * ``classify``: a text column and a label column (strings or integers; ids follow sorted order);
-  * ``causal-lm``: a text column, *or* prompt + response columns (loss on the response only),
-    *or* a column of chat messages ``[{"role": ..., "content": ...}, ...]`` (loss on the last
-    assistant turn, prompt rendered with the tokenizer's chat template when it has one);
+  * ``causal-lm``: alpaca, sharegpt, messages, prompt-completion or plain text rows
+    (:mod:`deltatune.chat_formats`), tokenized through the tokenizer's chat template with the loss
+    on every assistant turn (:mod:`deltatune.chat_encode`);
   * ``image-classify``: a folder of class sub-folders of images, or an ``.npz`` with ``images``
     (N, H, W[, C]) and ``labels`` arrays.
 """
@@ -40,11 +41,12 @@ class Examples:
     """What a task loader returns: one entry per example, plus where it came from."""
 
     task: str
-    rows: list[Any]  # classify: text; causal-lm: (prompt, response) with prompt "" for plain text
+    rows: list[Any]  # classify: text; causal-lm: records of deltatune.chat_formats ({"messages"} / {"text"})
     labels: list[int] | None = None  # classify / image-classify
     label_names: list[str] = field(default_factory=list)
     source: str = ""
     line_of: list[int] = field(default_factory=list)  # file line/row of each example (for errors)
+    format: str = ""  # causal-lm: the chat_formats name the rows were read as
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -52,7 +54,8 @@ class Examples:
     def subset(self, idx: Sequence[int]) -> "Examples":
         return Examples(self.task, [self.rows[i] for i in idx],
                         None if self.labels is None else [self.labels[i] for i in idx],
-                        list(self.label_names), self.source, [self.line_of[i] for i in idx] if self.line_of else [])
+                        list(self.label_names), self.source, [self.line_of[i] for i in idx] if self.line_of else [],
+                        self.format)
 
 
 # --------------------------------------------------------------------------- tables
@@ -71,15 +74,16 @@ def _check_utf8(path: Path, data: bytes) -> None:
                          "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
 
 
-def read_table(path: str | os.PathLike) -> "Any":
-    """A pandas DataFrame from CSV/TSV/JSONL/JSON/Parquet, with errors that name the file."""
-    import pandas as pd
+def read_table(path: str | os.PathLike, split: str | None = None, config: str | None = None) -> "Any":
+    """A pandas DataFrame from CSV/TSV/JSONL/JSON/Parquet, with errors that name the file; dataset
+    directories, Arrow files and Hub ids go through ``datasets`` (:mod:`deltatune.data_sources`)."""
+    from .data_sources import is_dataset_source, read_dataset_table
 
+    if is_dataset_source(path):
+        return read_dataset_table(path, split, config)
     path = Path(path)
     if not path.exists():
         raise DeltaError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise DeltaError(f"{path} is a directory; expected a .csv, .tsv, .jsonl, .json or .parquet file")
     suffix = path.suffix.lower()
     readers = {".csv": _read_csv, ".tsv": _read_csv, ".txt": _read_csv, ".jsonl": _read_jsonl,
                ".json": _read_jsonl, ".parquet": _read_parquet, ".pq": _read_parquet}
@@ -221,10 +225,11 @@ def _sorted_labels(keys) -> list[str]:
 
 # --------------------------------------------------------------------------- tasks
 
-def load_classify(path, text_column=None, label_column=None, label_names: list[str] | None = None) -> Examples:
+def load_classify(path, text_column=None, label_column=None, label_names: list[str] | None = None,
+                  split: str | None = None, config: str | None = None) -> Examples:
     """Text + label rows. ``label_names`` (from training) makes unknown labels an error."""
+    df = read_table(path, split, config)
     path = Path(path)
-    df = read_table(path)
     lines = _lines(df, path)
     tcol = pick_column(df, path, text_column, TEXT_GUESSES, "text", "--text-column")
     lcol = pick_column(df, path, label_column, LABEL_GUESSES, "labels", "--label-column")
@@ -243,48 +248,16 @@ def load_classify(path, text_column=None, label_column=None, label_names: list[s
 
 
 def load_causal_lm(path, text_column=None, prompt_column=None, response_column=None,
-                   messages_column=None) -> Examples:
-    """Rows of (prompt, response); plain text rows have prompt ''. Messages stay a list of dicts
-    in the prompt slot until :func:`render_chat` turns them into text with the tokenizer."""
-    path = Path(path)
-    df = read_table(path)
-    lines = _lines(df, path)
-    cols = {c.lower(): c for c in df.columns}
-    if messages_column or (not text_column and not prompt_column and "messages" in cols):
-        mcol = pick_column(df, path, messages_column, ("messages",), "chat messages", "--messages-column")
-        rows = [_messages(v, mcol, path, line) for v, line in zip(df[mcol].tolist(), lines)]
-        return Examples("causal-lm", rows, source=str(path), line_of=lines)
-    if prompt_column or response_column or (not text_column and any(g in cols for g in PROMPT_GUESSES)
-                                            and any(g in cols for g in RESPONSE_GUESSES)):
-        pcol = pick_column(df, path, prompt_column, PROMPT_GUESSES, "prompts", "--prompt-column")
-        rcol = pick_column(df, path, response_column, RESPONSE_GUESSES, "responses", "--response-column")
-        prompts = _text_values(df, pcol, path, lines)
-        responses = _text_values(df, rcol, path, lines)
-        return Examples("causal-lm", list(zip(prompts, responses)), source=str(path), line_of=lines)
-    tcol = pick_column(df, path, text_column, TEXT_GUESSES, "text", "--text-column (or --prompt-column "
-                       "and --response-column, or --messages-column)")
-    return Examples("causal-lm", [("", t) for t in _text_values(df, tcol, path, lines)], source=str(path),
-                    line_of=lines)
+                   messages_column=None, format: str | None = None, split: str | None = None,
+                   config: str | None = None) -> Examples:
+    """Rows as records of :mod:`deltatune.chat_formats` (alpaca, sharegpt, messages,
+    prompt-completion, text; detected from the columns unless ``format`` is given)."""
+    from .chat_formats import load_records
 
-
-def _messages(v, col, path, line):
-    import json
-
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError:
-            raise DeltaError(f"{_where(path, line)}, column {col!r}: not a JSON list of messages") from None
-    if hasattr(v, "tolist"):
-        v = v.tolist()
-    ok = isinstance(v, list) and v and all(isinstance(m, dict) and "role" in m and "content" in m for m in v)
-    if not ok:
-        raise DeltaError(f"{_where(path, line)}, column {col!r}: expected a list of {{\"role\", \"content\"}} "
-                         "messages")
-    if v[-1]["role"] != "assistant":
-        raise DeltaError(f"{_where(path, line)}, column {col!r}: the last message must be the assistant's "
-                         f"(got role {v[-1]['role']!r}); it is what the model learns to write")
-    return ([dict(m) for m in v[:-1]], str(v[-1]["content"]))
+    rows, lines, name = load_records(path, format, split, config, text_column=text_column,
+                                     prompt_column=prompt_column, response_column=response_column,
+                                     messages_column=messages_column)
+    return Examples("causal-lm", rows, source=str(path), line_of=lines, format=name)
 
 
 def load_images(path, label_names: list[str] | None = None) -> Examples:
@@ -363,10 +336,15 @@ def split_validation(ex: Examples, fraction: float = 0.1, seed: int = 0, max_row
 
 
 def load_examples(task: str, path, label_names=None, **cols) -> Examples:
+    src = {"split": cols.get("data_split"), "config": cols.get("data_config")}
+    if task != "causal-lm" and cols.get("format") not in (None, "classification"):
+        raise DeltaError(f"--format {cols['format']} is for --task causal-lm; --task {task} reads "
+                         "its own format (text + label, or images)")
     loaders = {
-        "classify": lambda: load_classify(path, cols.get("text_column"), cols.get("label_column"), label_names),
+        "classify": lambda: load_classify(path, cols.get("text_column"), cols.get("label_column"), label_names, **src),
         "causal-lm": lambda: load_causal_lm(path, cols.get("text_column"), cols.get("prompt_column"),
-                                            cols.get("response_column"), cols.get("messages_column")),
+                                            cols.get("response_column"), cols.get("messages_column"),
+                                            cols.get("format"), **src),
         "image-classify": lambda: load_images(path, label_names),
     }
     if task not in loaders:
@@ -376,38 +354,16 @@ def load_examples(task: str, path, label_names=None, **cols) -> Examples:
 
 # --------------------------------------------------------------------------- encoding
 
-def render_chat(tokenizer, prompt) -> str:
-    """A prompt (text or a list of chat messages) as the text the model sees before the response."""
-    if isinstance(prompt, str):
-        if not prompt:
-            return ""
-        msgs = [{"role": "user", "content": prompt}]
-    else:
-        msgs = prompt
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['content']}\n" for m in msgs)
-
-
-def encode(ex: Examples, tokenizer=None, max_length: int = 128, image_size: int | None = None) -> list[dict]:
-    """Examples -> list of feature dicts of Python lists / arrays (padding happens in :func:`collate`)."""
+def encode(ex: Examples, tokenizer=None, max_length: int = 128, image_size: int | None = None, **lm) -> list[dict]:
+    """Examples -> list of feature dicts of Python lists / arrays (padding happens in :func:`collate`).
+    ``lm``: causal-LM options of :func:`deltatune.chat_encode.encode_causal_lm` (train_on, cache)."""
     if ex.task == "classify":
         enc = tokenizer(ex.rows, truncation=True, max_length=max_length)
         return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], ex.labels)]
     if ex.task == "causal-lm":
-        eos = tokenizer.eos_token or ""
-        out = []
-        for prompt, response in ex.rows:
-            p = render_chat(tokenizer, prompt)
-            p_ids = tokenizer(p, add_special_tokens=False)["input_ids"] if p else []
-            r_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
-            ids = (p_ids + r_ids)[:max_length]
-            labels = ([-100] * len(p_ids) + r_ids)[:max_length]
-            if all(t == -100 for t in labels[1:]):  # the prompt filled max_length: keep the tail
-                ids = (p_ids + r_ids)[-max_length:]
-                labels = ([-100] * len(p_ids) + r_ids)[-max_length:]
-            out.append({"input_ids": ids, "labels": labels})
-        return out
+        from .chat_encode import encode_causal_lm
+
+        return encode_causal_lm(ex.rows, tokenizer, max_length, **lm)
     if ex.task == "image-classify":
         import numpy as np
 

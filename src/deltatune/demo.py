@@ -83,12 +83,12 @@ def demo_causal_lm(output: str = "runs/demo-lm", steps: int = 40, log: Callable 
     def generate(stage, model, tok):
         import torch
 
-        from .data import render_chat
+        from .chat_encode import render_prompt
 
         model.eval()
         outs = []
         for q in DEMO_PROMPTS:
-            enc = tok(render_chat(tok, q), return_tensors="pt", add_special_tokens=False)
+            enc = tok(render_prompt(tok, q), return_tensors="pt", add_special_tokens=False)
             with torch.no_grad():
                 g = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
             outs.append(tok.decode(g[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())

@@ -19,6 +19,7 @@ counts) are checked against the saved tensors before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,7 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import model_card
 from .core import METHODS, DeltaError, get_state, method_of
+from .dtypes import module_dtype
 from .safety import fsync_path
 
 WEIGHTS = "adapter_model.safetensors"
@@ -107,6 +110,8 @@ def adapter_payload(model: nn.Module, name: str | None = None) -> tuple[dict[str
     sd = {m.file_key(k): v.contiguous().cpu().clone() for k, v in tensors.items()}
     peft_cfg = m.to_peft(cfg, model, name)
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if base_name and os.path.exists(base_name):  # a relative local path means nothing elsewhere
+        base_name = os.path.abspath(base_name)
     if peft_cfg is None:
         peft_cfg = {"peft_type": f"DELTATUNE_{m.name.upper()}", **cfg.to_dict()}
     peft_cfg.setdefault("base_model_name_or_path", base_name)
@@ -117,8 +122,16 @@ def adapter_payload(model: nn.Module, name: str | None = None) -> tuple[dict[str
         "name": name,
         "config": cfg.to_dict(),
         "base_model": {"class": type(model).__name__, "name_or_path": base_name},
+        # what the tensors are and what they ran on (safetensors keeps each tensor's dtype; the
+        # config's autocast_adapter_dtype reproduces the choice when loading)
+        "dtypes": {"base": _dtype_name(module_dtype(model)),
+                   "adapter": sorted({_dtype_name(v.dtype) for v in sd.values() if v.is_floating_point()})},
     }
     return sd, peft_cfg, ours
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
@@ -138,11 +151,21 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     # the three files are built in a sibling temp dir and swapped in with one rename, so a reader
     # (or a crash) sees the previous adapter or this one, never a mix; other files in d are kept
     ours["manifest_sha256"] = _manifest_digest(ours)  # the manifest vouches for itself too
+    card = _minimal_card(model, sd, ours) if model_card.may_write(d) else None
     with atomic_dir(d, carry_over=True) as tmp:
         (tmp / WEIGHTS).write_bytes(weights)
         (tmp / CONFIG).write_bytes(cfg_bytes)
         (tmp / MANIFEST).write_text(json.dumps(ours, indent=2, sort_keys=True, default=_json_default) + "\n")
+        if card is not None:  # README.md is not in the manifest: the CLI rewrites it with the run
+            (tmp / model_card.README).write_text(card, encoding="utf-8")
     return d
+
+
+def _minimal_card(model: nn.Module, sd: dict, ours: dict) -> str:
+    """What the model and adapter alone tell (``deltatune train`` adds data, command and metrics)."""
+    total = sum(p.numel() for p in model.parameters())
+    return model_card.card(base_model=ours["base_model"]["name_or_path"], method=ours["method"],
+                           method_config=ours["config"], trainable=sum(v.numel() for v in sd.values()), total=total)
 
 
 def _manifest_digest(ours: dict) -> str:
@@ -378,16 +401,19 @@ def _read_weights(d: Path, data: bytes | None = None) -> dict[str, torch.Tensor]
 
 
 def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
-         trainable: bool = False, verify: bool = True) -> nn.Module:
+         trainable: bool = False, verify: bool = True, autocast_adapter_dtype: bool | None = None) -> nn.Module:
     """Attach the adapter saved in ``directory`` (by deltatune or by peft) to ``model``.
 
     ``trainable=True`` keeps it trainable (resume training); otherwise its tensors are frozen.
+    ``autocast_adapter_dtype`` overrides the saved choice (None: as saved; peft files: True).
     The new adapter is activated."""
     from .api import _remove, activate, adapter_tensors, attach
 
     from .safety import describe, first_nonfinite
 
     tensors, method, cfg, saved_name = read_adapter_dir(directory, verify=verify)
+    if autocast_adapter_dtype is not None:
+        cfg = dataclasses.replace(cfg, autocast_adapter_dtype=bool(autocast_adapter_dtype))
     bad = first_nonfinite(tensors)
     if bad is not None:  # a diverged run's checkpoint: refuse rather than load garbage silently
         raise DeltaError(f"{directory}: tensor {bad} has {describe(tensors[bad])}; this adapter was saved "

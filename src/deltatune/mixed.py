@@ -210,7 +210,7 @@ def mixed_forward(layer: DeltaLayer, row_adapters: Sequence[RowName], args: tupl
     # 1. input transforms (pre) rewrite their rows of x before the shared base runs
     for a in lp.pre:
         idx, sl = groups[a]
-        nx = lp.deltas[a].pre(_take(x, idx, sl))
+        nx = lp.deltas[a].run_pre(_take(x, idx, sl))
         if nx is not None:
             x = x.index_copy(0, idx, nx.to(x.dtype))
             if args:
@@ -232,7 +232,7 @@ def mixed_forward(layer: DeltaLayer, row_adapters: Sequence[RowName], args: tupl
         y = _lora_bmm(plan, layer, x, y, names, lp.deltas, use)
     for a in rest:
         idx, sl = groups[a]
-        y = _put(y, idx, sl, lp.deltas[a](_take(x, idx, sl), _take(y, idx, sl), layer.base_layer), a)
+        y = _put(y, idx, sl, lp.deltas[a].run(_take(x, idx, sl), _take(y, idx, sl), layer.base_layer), a)
     return y
 
 

@@ -53,6 +53,13 @@ class RunOptions:
     prompt_column: str | None = None
     response_column: str | None = None
     messages_column: str | None = None
+    format: str | None = None  # causal-lm data format (chat_formats.FORMATS); None = from the columns
+    data_split: str | None = None  # split of a dataset directory / Hub id (default train or the only one)
+    data_config: str | None = None  # Hub dataset configuration
+    val_split: str | None = None  # split of --val-data (a dataset directory / Hub id), e.g. test
+    train_on: str = "responses"  # causal-lm: loss on assistant turns only, or on prompt+response
+    chat_template: str | None = None  # file / Jinja string / name, for tokenizers that have none
+    command: str | None = None  # the command line that started the run (for the model card)
     max_length: int | None = None  # None = per task (128 classify, 256 causal-lm)
     max_train_rows: int | None = None
     max_eval_rows: int | None = 2000  # keeps evaluation cheap on CPU
@@ -66,17 +73,19 @@ class RunOptions:
 
 def _columns(o: RunOptions) -> dict:
     return {k: getattr(o, k) for k in ("text_column", "label_column", "prompt_column", "response_column",
-                                       "messages_column")}
+                                       "messages_column", "format")}
 
 
 def prepare(o: RunOptions, label_names=None):
     """(train Examples, validation Examples) for the options."""
     from .data import load_examples, split_validation
 
-    ex = load_examples(o.task, o.data, label_names=label_names, **_columns(o))
+    ex = load_examples(o.task, o.data, label_names=label_names, data_split=o.data_split, data_config=o.data_config,
+                       **_columns(o))
     seed = o.train.get("seed", 0)
     if o.val_data:
-        val = load_examples(o.task, o.val_data, label_names=ex.label_names or None, **_columns(o))
+        val = load_examples(o.task, o.val_data, label_names=ex.label_names or None, data_split=o.val_split,
+                            data_config=o.data_config, **_columns(o))
         train = ex
     else:
         train, val = split_validation(ex, o.val_fraction, seed=seed)
@@ -87,7 +96,7 @@ def prepare(o: RunOptions, label_names=None):
     return train, val
 
 
-def encode_examples(ex, proc, max_length: int):
+def encode_examples(ex, proc, max_length: int, train_on: str = "responses"):
     from .data import encode
 
     if ex.task == "image-classify" and proc is not None:
@@ -95,7 +104,7 @@ def encode_examples(ex, proc, max_length: int):
 
         pix = proc(images=[np.asarray(r) for r in ex.rows], return_tensors="np", do_rescale=False)["pixel_values"]
         return [{"pixel_values": p, "labels": y} for p, y in zip(pix, ex.labels)]
-    return encode(ex, proc, max_length)
+    return encode(ex, proc, max_length, **({"train_on": train_on} if ex.task == "causal-lm" else {}))
 
 
 def collate_for(proc):
@@ -154,15 +163,26 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
                              "or choose another --output")
     if o.method != "full":
         dt.make_config(o.method, **o.method_options)  # fail on typos before loading anything
+    if o.task == "causal-lm":
+        from .chat_encode import TRAIN_ON, chat_template_text
+
+        if o.train_on not in TRAIN_ON:
+            raise DeltaError(f"unknown --train-on {o.train_on!r}; choose one of {list(TRAIN_ON)}")
+        if o.chat_template:
+            chat_template_text(o.chat_template)  # a missing file fails here, not after loading the model
     train_ex, val_ex = prepare(o)
     seed = o.train.get("seed", 0)
     torch.manual_seed(seed)  # the fresh head's init is part of the run
     model, proc, path = load_model(o.model, o.task, train_ex.label_names or None, o.trust_remote_code)
+    template = set_chat_template(proc, o.chat_template)
+    if getattr(model, "config", None) is not None:  # adapter_config / model card record the real base
+        model.config._name_or_path = real_model_name(o.model)
     max_length = o.max_length or MAX_LENGTH[o.task]
     log(f"data: {len(train_ex)} train / {len(val_ex)} validation rows from {o.data}"
-        + (f"; labels {train_ex.label_names}" if train_ex.label_names else ""))
-    train_f = encode_examples(train_ex, proc, max_length)
-    val_f = encode_examples(val_ex, proc, max_length)
+        + (f"; labels {train_ex.label_names}" if train_ex.label_names else "")
+        + (f"; format {train_ex.format}, loss on {o.train_on}" if train_ex.format else ""))
+    train_f = encode_examples(train_ex, proc, max_length, o.train_on)
+    val_f = encode_examples(val_ex, proc, max_length, o.train_on)
     coll = collate_for(proc)
     metric, greater = MAIN_METRIC[o.task]
     tok = proc if o.task != "image-classify" else None
@@ -194,7 +214,8 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     # ---- outputs
     task_info = {"task": o.task, "base_model": o.model, "resolved_model": path, "label_names": train_ex.label_names,
                  "max_length": max_length, "columns": _columns(o), "method": o.method,
-                 "trust_remote_code": o.trust_remote_code}
+                 "trust_remote_code": o.trust_remote_code, "format": train_ex.format or None,
+                 "train_on": o.train_on, "chat_template": template}
     art = out / ("model" if o.method == "full" else "adapter")
     if o.method != "full":
         trainer.save_adapter(art)  # every rank calls it (FSDP gathers); rank 0 writes
@@ -218,7 +239,50 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     }
     if rank == 0:
         atomic_write_json(out / "metrics.json", metrics)
+        write_run_card(o, metrics, art, train_ex.format)
     return metrics
+
+
+def real_model_name(spec: str) -> str:
+    """A local model (directory or .gguf) as its absolute path; a cached Hub id as the id."""
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def card_config(o: RunOptions) -> dict:
+    """The run's options as ``--config`` YAML keys (flag names), without run-management ones."""
+    skip = {"train", "command", "resume", "overwrite", "max_eval_rows"}
+    flat = {k: v for k, v in dataclasses.asdict(o).items() if k not in skip}
+    flat.update(o.train)
+    return {k: v for k, v in flat.items() if v is not None and v != {}}
+
+
+def write_run_card(o: RunOptions, m: dict, art: Path, fmt: str | None = None) -> None:
+    """README.md of the saved adapter (or full model) with the run: data, command, metrics, forgetting."""
+    from . import model_card
+
+    keys = [k for k in m["after"] if k in m["before"]] or list(m["after"])
+    data = f"`{o.data}`" + (f" (split {o.data_split})" if o.data_split else "") + \
+        f", {m['train_rows']} training / {m['val_rows']} validation rows" + (f", format {fmt}" if fmt else "") + \
+        (f", loss on {o.train_on}" if o.task == "causal-lm" else "")
+    text = model_card.card(
+        base_model=real_model_name(o.model), method=o.method, method_config=o.method_options or None, task=o.task,
+        trainable=m["trainable_params"], total=m["total_params"], datasets=[o.data if not Path(o.data).exists()
+                                                                           else Path(o.data).name],
+        data=data, metrics={k: (m["before"].get(k), m["after"][k]) for k in keys}, main_metric=m["metric"],
+        forgetting=m.get("forgetting"), command=o.command, config=card_config(o))
+    model_card.write(art, text)
+
+
+def set_chat_template(proc, value: str | None) -> str | None:
+    """Give the tokenizer ``--chat-template`` (file, Jinja string or name); return the template text
+    that was set (recorded in task.json so eval uses the same one), or None."""
+    if not value or proc is None:
+        return None
+    from .chat_encode import chat_template_text
+
+    proc.chat_template = chat_template_text(value)
+    return proc.chat_template
 
 
 def save_pretrained_atomic(model, proc, out: Path) -> Path:

@@ -76,8 +76,8 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def fsync_path(p: str | os.PathLike) -> None:
     """fsync a file or a directory (directories: best effort, some systems refuse)."""
-    try:
-        fd = os.open(p, os.O_RDONLY)
+    try:  # O_NONBLOCK: opening a FIFO someone left in the directory must not wait for a writer
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return
     try:

@@ -74,8 +74,11 @@ def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch
     m, proc, task, info, d, base = load_with_adapter(adapter, model, task, trust_remote_code)
     cols = {k: v for k, v in (info.get("columns") or {}).items()}
     cols.update({k: v for k, v in (columns or {}).items() if v is not None})
+    from .run import set_chat_template
+
+    set_chat_template(proc, info.get("chat_template"))  # the template the adapter was trained with
     ex = load_examples(task, data, label_names=info.get("label_names") or None, **cols)
-    feats = encode_examples(ex, proc, info.get("max_length") or MAX_LENGTH[task])
+    feats = encode_examples(ex, proc, info.get("max_length") or MAX_LENGTH[task], info.get("train_on") or "responses")
     coll = collate_for(proc)
     metrics = task_metrics(task, m, feats, coll, batch_size)
     with dt.disabled(m):
@@ -304,6 +307,24 @@ def print_inspect(out, res: dict) -> None:
 
 # --------------------------------------------------------------------------- merge
 
+def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info: dict) -> None:
+    """README.md of a merged model: the base, the adapter it came from, and that run's results."""
+    from . import model_card
+    from .run import real_model_name
+
+    manifest = json.loads((adapter_dir / "deltatune.json").read_text(encoding="utf-8")) \
+        if (adapter_dir / "deltatune.json").exists() else {}
+    run_file = adapter_dir.parent / "metrics.json"  # train's run directory, when the adapter came from one
+    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
+    before, after = run.get("before") or {}, run.get("after") or {}
+    model_card.write(out, model_card.card(
+        base_model=real_model_name(base), method=info.get("method") or manifest.get("method", "adapter"),
+        method_config=manifest.get("config"), task=task, merged_from=str(adapter_dir.resolve()),
+        datasets=[Path(run["data"]).name] if run.get("data") else None,
+        metrics={k: (before.get(k), v) for k, v in after.items()} or None, main_metric=run.get("metric"),
+        forgetting=run.get("forgetting")))
+
+
 def merge_adapter(adapter, output, model=None, task=None, force=False, trust_remote_code=False) -> dict:
     import torch
 
@@ -335,6 +356,52 @@ def merge_adapter(adapter, output, model=None, task=None, force=False, trust_rem
     save_pretrained_atomic(merged, proc, out)
     if info:
         atomic_write_json(out / "deltatune_merge.json", {"adapter": str(d), "base_model": base, **info})
+    _write_merged_card(out, d, base, task, info)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"adapter": str(d), "base_model": base, "output": str(out), "class": type(merged).__name__,
             "bytes": size, "check_max_abs_diff": diff}
+
+
+def print_methods(out) -> None:
+    """``deltatune inspect --methods``: the method registry, one row per method (or JSON)."""
+    import dataclasses
+
+    import deltatune as dt
+
+    rows = [{"name": n, "summary": m.summary, "peft_type": m.peft_type, "mergeable": m.mergeable,
+             "options": [f.name for f in dataclasses.fields(m.config_cls)]}
+            for n, m in sorted(dt.METHODS.items())]
+
+    def human():
+        from rich.table import Table
+
+        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE)")
+        for c in ("method", "what it trains", "merge"):
+            t.add_column(c)
+        for r in rows:
+            t.add_row(r["name"], r["summary"], "yes" if r["mergeable"] else "no")
+        t.add_row("full", "every weight (the reference in `compare`)", "-")
+        out.console.print(t)
+
+    out.done({"methods": rows}, human)
+
+
+def command_line(ctx) -> str:
+    """The command as given (for the model card), rebuilt from the options click parsed from the
+    command line or the --config file, so it is the same whether run as `deltatune`, `python -m`
+    or in-process."""
+    import shlex
+
+    words = ["deltatune", ctx.info_name or ""]
+    for p in ctx.command.params:
+        src = ctx.get_parameter_source(p.name)
+        v = ctx.params.get(p.name)
+        if p.name == "config" or getattr(src, "name", "") not in ("COMMANDLINE", "DEFAULT_MAP") or v is None:
+            continue
+        flag = p.opts[0]
+        if getattr(p, "is_flag", False) or isinstance(v, bool):
+            words.append(flag if v else (p.secondary_opts[0] if p.secondary_opts else ""))
+            continue
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            words += [flag, str(item)]
+    return shlex.join(w for w in words if w)

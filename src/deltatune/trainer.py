@@ -119,7 +119,8 @@ class TrainConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             k = bad[0]
-            raise DeltaError(f"training option {k}={getattr(self, k)!r} is invalid"
+            raise DeltaError(f"training option {k}={getattr(self, k)!r} (--{k.replace('_', '-')} on the command "
+                             "line) is invalid"
                              + (f"; choose one of {sorted(SCHEDULES)}" if k == "schedule" else ""))
 
 

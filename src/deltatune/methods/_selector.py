@@ -22,16 +22,56 @@ reproduces the outputs exactly, and a file is directly readable as "the fine-tun
 Merging is trivial (the values are already in place); ``unload`` keeps them and drops the
 originals.  Two active selector adapters that select the same tensor cannot both be in place:
 that is refused with a clear error.
+
+Half-precision bases: the copies follow ``dtypes.adapter_dtype`` like every adapter (float32 on an
+fp16/bf16 base), so they are *master* weights.  A forward pre-hook on the selected module hands the
+module each selected tensor cast to the dtype it computes in (that of its floating input; a
+differentiable cast, so gradients reach the float32 copy), and a forward hook puts the copy back;
+``unload`` rounds a master into the base's dtype.
 """
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from ..core import DeltaError, Method, get_state, iter_base_modules
 
 SEL = "_dt_selected"
+_STASH = "_dt_selected_stash"  # the in-place tensors, set aside while the module runs on casts of them
+
+
+def _cast_in(mod: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: run the module on its selected tensors cast to its input's dtype."""
+    x = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+    stash = {}
+    for pname, rec in mod.__dict__.get(SEL, {}).items():
+        cur = mod._parameters.get(pname)
+        dt = x.dtype if x is not None else rec["orig"].dtype
+        if cur is not None and cur.dtype != dt:
+            stash[pname] = cur
+            mod._parameters[pname] = cur.to(dt)  # a plain tensor for the duration of this forward
+    if stash:
+        mod.__dict__[_STASH] = stash
+
+
+def _restore(mod: nn.Module, args: tuple, out) -> None:
+    """Forward hook (always called, also on an exception): the selected Parameters go back."""
+    mod._parameters.update(mod.__dict__.pop(_STASH, {}))
+
+
+def _hook(mod: nn.Module, on: bool) -> None:
+    """Install (once) or remove the casting hooks; found by identity, so deep copies need no handles."""
+    have = _cast_in in mod._forward_pre_hooks.values()
+    if on and not have:
+        mod.register_forward_pre_hook(_cast_in)
+        mod.register_forward_hook(_restore, always_call=True)
+    elif not on and have:
+        for hooks, fn in ((mod._forward_pre_hooks, _cast_in), (mod._forward_hooks, _restore)):
+            for k in [k for k, v in hooks.items() if v is fn]:
+                del hooks[k]
+                mod._forward_hooks_always_called.pop(k, None)
 
 
 def _selections(model: nn.Module):
@@ -65,10 +105,15 @@ class SelectorMethod(Method):
             orig = mod._parameters[pname]
             rec = mod.__dict__.setdefault(SEL, {}).setdefault(pname, {"orig": orig, "by": {}})
             copy = nn.Parameter(rec["orig"].detach().clone(), requires_grad=False)
-            rec["by"][name] = copy
+            rec["by"][name] = copy  # api.attach gives it the adapter dtype (core.cast_adapter_dtype)
+            _hook(mod, True)
 
     def own_tensors(self, model, name):
         return {_key(path, p): rec["by"][name] for path, _, sel in _selections(model)
+                for p, rec in sel.items() if name in rec["by"]}
+
+    def own_dtypes(self, model, name):
+        return {_key(path, p): rec["orig"].dtype for path, _, sel in _selections(model)
                 for p, rec in sel.items() if name in rec["by"]}
 
     def on_activate(self, model, name, active):
@@ -100,6 +145,7 @@ class SelectorMethod(Method):
                     del sel[pname]
             if not sel:
                 del mod.__dict__[SEL]
+                _hook(mod, False)
 
     def unload(self, model, name):
         # after a merge: whatever is in place stays (it *is* the merged value); drop the rest
@@ -107,18 +153,23 @@ class SelectorMethod(Method):
             for pname in list(sel):
                 sel[pname]["by"].pop(name, None)
                 if not sel[pname]["by"]:
+                    orig, cur = sel[pname]["orig"], mod._parameters[pname]
+                    if cur.dtype != orig.dtype:  # a float32 master becomes the base's own tensor again
+                        mod._parameters[pname] = nn.Parameter(cur.detach().to(orig.dtype), requires_grad=False)
                     del sel[pname]
             if not sel:
                 del mod.__dict__[SEL]
+                _hook(mod, False)
 
     def to_peft(self, cfg, model, name):
         return None  # peft has no equivalent format: the file is deltatune's own
 
 
 def _put(mod: nn.Module, pname: str, new: nn.Parameter, cur: nn.Parameter) -> None:
-    """Swap ``new`` in, following the device/dtype the model was moved to meanwhile."""
-    if new.device != cur.device or new.dtype != cur.dtype:
-        new.data = new.data.to(device=cur.device, dtype=cur.dtype)
+    """Swap ``new`` in, following the device the model was moved to meanwhile.  Its dtype stays
+    (a float32 master on a half base must stay float32): ``_cast_in`` casts it per forward."""
+    if new.device != cur.device:
+        new.data = new.data.to(device=cur.device)
     mod._parameters[pname] = new
 
 

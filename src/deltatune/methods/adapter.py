@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..core import Delta, DeltaConfig, DeltaError, Method, iter_base_modules, register, wrap
+from ..dtypes import build_dtype
 from ..targets import find_targets, linear_types
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 
@@ -221,8 +222,7 @@ class Adapter(Method):
             mod = _base_at(model, path)
             d_in, d_out, ch = module_dims(mod)
             ch = cfg.channel_dim if cfg.channel_dim is not None else ch
-            w = next((p for p in mod.parameters() if p.is_floating_point()), None)
-            dtype = w.dtype if w is not None and w.dtype != torch.float16 else torch.float32
+            dtype = build_dtype(mod)
             if kind == "seq":
                 made.append((path, BottleneckDelta(d_out, d_out, cfg, False, ch, dtype)))
             elif tap is None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_base_modules,
                     iter_delta_layers, register, set_base_weight, wrap)
+from ..dtypes import build_dtype
 from ..targets import find_targets, linear_types, matches
 
 # peft's defaults per architecture family: (targets, feedforward); the first family whose
@@ -71,7 +72,7 @@ class IA3Delta(Delta):
         else:
             in_f, out_f = (w.shape[0], w.shape[1]) if _is_conv1d(base) else (w.shape[1], w.shape[0])
             shape = (1, in_f) if feedforward else (out_f, 1)  # peft's layout
-        dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
+        dtype = build_dtype(base)
         self.conv = isinstance(base, CONV_TYPES)
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype))
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core import (DeltaConfig, DeltaError, Delta, Method, base_weight, get_state, iter_delta_layers,
                     register, set_base_weight, wrap)
+from ..dtypes import build_dtype
 from ..targets import find_targets
 
 INITS = ("default", "gaussian", "pissa")
@@ -94,12 +95,12 @@ def _conv1d_type():
 
 def linear_layout(base: nn.Module) -> tuple[bool, int, int, torch.dtype]:
     """(fan_in_fan_out, out, in, delta dtype) of a linear-like base. GPT-2's Conv1D stores its
-    weight as (in, out); fp16 bases get fp32 deltas (Adam's updates underflow in fp16)."""
+    weight as (in, out); half-precision bases get fp32 deltas (``dtypes.adapter_dtype``)."""
     conv1d = _conv1d_type()
     t = conv1d is not None and isinstance(base, conv1d)
     w = base_weight(base)
     out_f, in_f = (w.shape[1], w.shape[0]) if t else (w.shape[0], w.shape[1])
-    dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
+    dtype = build_dtype(base)
     return t, out_f, in_f, dtype
 
 
@@ -169,7 +170,7 @@ class LoraDelta(Delta):
         if not self.use_dora:
             return y + lora.to(y.dtype)
         # DoRA: y' = m/‖W+sBA‖ ⊙ (W x_d + sBA x_d) + b ; the norm is detached (paper §4.3)
-        w = self._w(base)
+        w = self._w(base).to(self._mag().dtype)  # the norm in the adapter's dtype (fp32 on a half base)
         with torch.no_grad():  # detached: no graph, no saved (out, in) copy for a gradient never taken
             norm = self._norm(w + self.delta_weight(base).to(w.dtype))
         scale = self._channel(self._mag() / norm, y)
@@ -178,13 +179,14 @@ class LoraDelta(Delta):
             base_out = y - self._channel(bias, y) if bias is not None else y
         else:
             base_out = self.base_no_bias(base, xd)
-        return y + (scale - 1) * base_out + scale * lora
+        return y + (scale - 1) * base_out + scale * lora  # in the adapter's dtype; Delta.run casts back
 
     # DoRA merges are not additive: W' = m ⊙ (W+ΔW)/‖W+ΔW‖; remember the norm to undo it
     def merge(self, base):
         if not self.use_dora:
             return super().merge(base)
         w = self._w(base)
+        w = w.to(torch.promote_types(w.dtype, self._mag().dtype))  # round once, when set_base_weight casts
         wd = w + self.delta_weight(base).to(w.dtype)
         norm = self._norm(wd)
         self._merged_norm = norm
@@ -195,6 +197,7 @@ class LoraDelta(Delta):
         if not self.use_dora:
             return super().unmerge(base)
         w = self._w(base)
+        w = w.to(torch.promote_types(w.dtype, self._mag().dtype))
         scale = (self._mag() / self._merged_norm).view(-1, *[1] * (w.dim() - 1))
         self._set_w(base, w / scale - self.delta_weight(base).to(w.dtype))
         del self._merged_norm
@@ -251,14 +254,16 @@ class LoraLinear(LoraDelta):
     def merge(self, base):
         if self.use_dora:
             return LoraDelta.merge(self, base)
-        w = base_weight(base)
-        set_base_weight(base, w + self.delta_weight_native(base).to(w.dtype))
+        w, d = base_weight(base), self.delta_weight_native(base)
+        dt = torch.promote_types(w.dtype, d.dtype)
+        set_base_weight(base, w.to(dt) + d.to(dt))
 
     def unmerge(self, base):
         if self.use_dora:
             return LoraDelta.unmerge(self, base)
-        w = base_weight(base)
-        set_base_weight(base, w - self.delta_weight_native(base).to(w.dtype))
+        w, d = base_weight(base), self.delta_weight_native(base)
+        dt = torch.promote_types(w.dtype, d.dtype)
+        set_base_weight(base, w.to(dt) - d.to(dt))
 
     def lora(self, x, initial: bool = False):
         a, b = (self.A0, self.B0) if initial else (self.lora_A.weight, self.lora_B.weight)
@@ -310,8 +315,8 @@ class LoraConv(LoraDelta):
             raise DeltaError("lora: init='pissa' supports linear layers only")
         conv = next(t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(base, t))  # not a subclass's __init__
         self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-                           bias=False, padding_mode=base.padding_mode, dtype=base.weight.dtype)
-        self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, dtype=base.weight.dtype)
+                           bias=False, padding_mode=base.padding_mode, dtype=build_dtype(base))
+        self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, dtype=build_dtype(base))
         if cfg.init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / r)
         nn.init.zeros_(self.lora_B.weight)
@@ -341,7 +346,7 @@ class LoraConv(LoraDelta):
         self.lora_magnitude_vector.weight = nn.Parameter(m.detach().view(1, -1, *[1] * (base.weight.dim() - 2)))
 
     def base_no_bias(self, base, x):
-        return base._conv_forward(x, base.weight, None)
+        return base._conv_forward(x.to(base.weight.dtype), base.weight, None)
 
 
 class LoraEmbedding(LoraDelta):
@@ -356,7 +361,7 @@ class LoraEmbedding(LoraDelta):
             raise DeltaError("lora: init='pissa' supports linear layers only")
         self._setup(r, alpha, cfg)
         self.dropout = nn.Identity()  # token ids cannot be dropped out; peft does the same
-        dt = base.weight.dtype
+        dt = build_dtype(base)
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, dtype=dt))  # (r, V)
         # (D, r); init="gaussian" too: peft draws embeddings' B from N(0, 1) whatever the init
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r, dtype=dt))

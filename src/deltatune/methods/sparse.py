@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers, register, set_base_weight, wrap
+from ..core import (Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers, register,
+                    set_base_weight, wrap)
+from ..dtypes import build_dtype
 
 RUNTIME = ("batches", "loss_fn", "selection")  # config fields used at attach time, never saved
 
@@ -170,7 +172,7 @@ class SparseDelta(Delta):
         self.kind = next(k for k in APPLY if type(base).__name__ == k or
                          any(c.__name__ == k for c in type(base).__mro__))
         self.shape = tuple(w.shape)
-        dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
+        dtype = build_dtype(base)
         self.register_buffer("sparse_idx", idx.to(torch.int64).clone(), persistent=False)  # (k,) flat, native layout
         self.sparse_values = nn.Parameter(torch.zeros(idx.numel(), dtype=dtype))  # (k,)
 

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers, register, wrap
+from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers,
+                    register, wrap)
+from ..dtypes import build_dtype
 from ..targets import find_targets, linear_types
 
 
@@ -92,7 +94,7 @@ class VeraDelta(Delta):
         super().__init__()
         self.in_f, self.out_f, self.fan_in_fan_out = _in_out(base)
         w = base_weight(base)
-        dtype = w.dtype if w.is_floating_point() and w.dtype != torch.float16 else torch.float32
+        dtype = build_dtype(base)
         self.shared = shared
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_f, dtype=dtype))  # (out,)
