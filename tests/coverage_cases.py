@@ -212,12 +212,6 @@ XFAIL: dict[tuple[str, str], str] = {
     ("wavlm", "dora"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)", "q_proj/v_proj", "DoRA"),
     ("wavlm", "sparse"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)",
                                                "q/k/v_proj", "sparse delta"),
-    ("qwen2_moe", "adapter"): "adapter.module_dims takes the FFN block's output width from its last sized layer, "
-                              "here Qwen2MoeSparseMoeBlock.shared_expert_gate (32 -> 1): U is (1, m) and the "
-                              "forward fails with a shape error",
-    ("mobilebert", "adapter"): "the default 'ffn' point is MobileBERT's `ffn` nn.ModuleList (a container the layer "
-                               "iterates over): wrapping it in a DeltaLayer breaks the model ('DeltaLayer' object "
-                               "is not iterable); containers must be skipped for their children or refused",
 }
 
 # (family, column) -> why peft cannot read deltatune's file of that case today

@@ -159,7 +159,8 @@ def no_match_message(model: nn.Module, targets, types=None) -> str:
     if types:
         typed = [p for p, m in iter_base_modules(model) if p and isinstance(m, tuple(types))]
         names = typed or names
-    leaves = sorted({_leaf(p) for p in names})
+    # a numeric leaf ("1" in ResNet's classifier.1) says nothing: show the path there
+    leaves = sorted({p if _leaf(p).isdigit() else _leaf(p) for p in names})
     pats = [targets] if isinstance(targets, str) else list(targets or [])
     close: list[str] = []
     for pat in pats:

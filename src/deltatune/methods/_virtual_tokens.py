@@ -93,8 +93,10 @@ def check_model(model: nn.Module, method: str) -> None:
     if not isinstance(emb, nn.Embedding) or main != "input_ids":
         # vision / audio models (ViT, ResNet, ConvNext, CLIP's vision side) embed pixels or
         # features, not token ids: virtual *tokens* have no place to go
-        raise DeltaError(f"{method}: {type(model).__name__} takes {main!r}, not token ids through an nn.Embedding "
-                         f"(its input embedding is {type(emb).__name__}), so there are no tokens to prepend; "
+        what = (f"takes {main!r}, not token ids" if main != "input_ids" else
+                f"has no single token-embedding table to prepend to (get_input_embeddings() gives "
+                f"{type(emb).__name__}; multimodal models keep one per tower)")
+        raise DeltaError(f"{method}: {type(model).__name__} {what}, so there is no place for virtual tokens; "
                          "use lora, ia3 or adapter instead")
 
 

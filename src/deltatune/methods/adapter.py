@@ -108,7 +108,12 @@ def module_dims(mod: nn.Module) -> tuple[int, int, int]:
     if not sized:
         raise DeltaError(f"adapter: cannot tell the width of {type(mod).__name__} (no Linear/Conv/Norm inside); "
                          "target a module that contains one")
-    return sized[0][0], sized[-1][1], sized[-1][2]
+    d_in, (_, d_out, ch) = sized[0][0], sized[-1]
+    if ch == -1 and d_out != d_in and any(o == d_in for _, o, _ in sized[1:]):
+        # a transformer block writes back into the residual stream (hidden -> hidden); a last layer
+        # of another width is a side branch (Qwen2-MoE's shared_expert_gate, hidden -> 1)
+        d_out = d_in
+    return d_in, d_out, ch
 
 
 # --------------------------------------------------------------------------- deltas
@@ -186,7 +191,9 @@ def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | 
     if cfg.exclude is not None:
         paths = [p for p in paths if not matches(p, cfg.exclude)]
     have = set(paths)
-    blocks = [p for p in paths if FFN_BLOCK.fullmatch(p)]
+    mods = dict(iter_base_modules(model))
+    # containers the model iterates over (MobileBERT's ffn ModuleList) are not callable blocks
+    blocks = [p for p in paths if FFN_BLOCK.fullmatch(p) and not isinstance(mods[p], (nn.ModuleList, nn.ModuleDict))]
     blocks = [p for p in blocks if not any(b != p and p.startswith(b + ".") for b in blocks)]  # outermost
     split = [(p, p[: -len(first)] + second) for rx, first, second in FFN_SPLITS for p in paths if rx.fullmatch(p)]
     split = [(i, o) for i, o in split if o in have]
