@@ -206,8 +206,6 @@ _DIRECT_WEIGHT = ("{}'s forward reads {} .weight directly (not through the modul
                   "{} is silently skipped while dt.merge applies it: merged != unmerged. Targets must skip such "
                   "layers (or refuse them)")
 XFAIL: dict[tuple[str, str], str] = {
-    ("falcon_mamba", "lora"): _DIRECT_WEIGHT.format("FalconMambaMixer", "dt_proj", "LoRA"),
-    ("falcon_mamba", "dora"): _DIRECT_WEIGHT.format("FalconMambaMixer", "dt_proj", "DoRA"),
     ("wavlm", "lora"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)", "q_proj/v_proj", "LoRA"),
     ("wavlm", "dora"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)", "q_proj/v_proj", "DoRA"),
     ("wavlm", "sparse"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)",

@@ -399,9 +399,10 @@ def make_delta(base: nn.Module, r: int, alpha: float, cfg: LoraConfig) -> LoraDe
 
 
 def _check_rank(path: str, base: nn.Module, r: int) -> None:
-    """Refuse a rank the layer cannot use, before allocating (r=1e8 would ask for gigabytes).
-    BA has rank <= min(in, out), so a larger r only costs memory; 2x that is allowed because a
-    PiSSA adapter is exported as a plain LoRA of rank 2r."""
+    """Refuse an absurd rank before allocating (r=1e8 would ask for gigabytes).  BA has rank
+    <= min(in, out), so a larger r only costs memory, but a default r=8 on a thin layer (SwinV2's
+    (512, 2) position-bias MLP) must still attach, as in peft: refuse only ranks above twice the
+    layer's largest dimension, where the adapter would outweigh the layer itself."""
     if hasattr(base, "in_features") and hasattr(base, "out_features"):  # quantized bases too, no dequantize
         shape = (base.out_features, base.in_features)
     else:
@@ -409,8 +410,8 @@ def _check_rank(path: str, base: nn.Module, r: int) -> None:
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
     if shape is None:
         return
-    smallest = min(shape[0], math.prod(shape[1:]))
-    if r > 2 * smallest:
+    smallest, largest = sorted((shape[0], math.prod(shape[1:])))
+    if r > 2 * largest:
         raise DeltaError(f"lora: r={r} is too large for {path} (weight {shape}): the update's rank is "
                          f"at most {smallest}; use r <= {smallest} (typical: 4, 8, 16)")
 
