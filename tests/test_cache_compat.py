@@ -16,7 +16,7 @@ P = 3
 
 def _cases():
     for t in CAUSAL_LM:
-        marks = () if t in CAUSAL_LM_FAST else (pytest.mark.slow,)
+        marks = () if t in CAUSAL_LM_FAST else (pytest.mark.slow, pytest.mark.matrix)
         for method in ("prompt", "prefix"):
             yield pytest.param(t, method, marks=marks, id=f"{t}-{method}")
 

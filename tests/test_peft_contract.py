@@ -18,7 +18,8 @@ from zoo import run, train_options
 # hidden-32 models gain nothing from a second thread; on a shared machine it only spins (conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = {"bert": (), "llama": (pytest.mark.slow,), "vit": (pytest.mark.slow,), "whisper": (pytest.mark.slow,)}
+_FULL = (pytest.mark.slow, pytest.mark.matrix)
+FAMILIES = {"bert": (), "llama": _FULL, "vit": _FULL, "whisper": _FULL}
 
 
 def _params():
