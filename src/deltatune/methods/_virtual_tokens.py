@@ -52,6 +52,9 @@ import torch
 from torch import nn
 
 from ..core import PREFIX, STATE_ATTR, DeltaError
+# cache_kwarg is re-exported: prefix.py and callers reach it as _virtual_tokens.cache_kwarg
+from ._hf_compat import (CACHE_KWARGS, cache_kwarg, cached_tokens, output_cache, pop_cache,  # noqa: F401
+                         positions_from_mask)
 
 STORE = "deltatune_virtual"  # attribute of the top model holding every prompt/prefix adapter
 _HOOK = "_deltatune_virtual_hook"  # model.__dict__ key of the hook handle
@@ -113,60 +116,6 @@ def dims(model: nn.Module) -> dict[str, int | None]:
 def task_type(model: nn.Module) -> str:
     cls = type(model).__name__
     return next((t for suffix, t in TASK_TYPES.items() if cls.endswith(suffix)), "FEATURE_EXTRACTION")
-
-
-# The keyword a transformers model takes its KV cache under: "cache" in today's releases (renamed
-# with a deprecation shim), "past_key_values" before.  Read off the forward signature, never off a
-# version string; the newer name first, so a model that accepts both gets the one it prefers.
-CACHE_KWARGS = ("cache", "past_key_values")
-
-
-def cache_kwarg(module: nn.Module) -> str | None:
-    """The name under which ``module.forward`` takes a KV cache, or None if it takes none.  A head
-    model whose forward only passes ``**kwargs`` on to its backbone (BertForSequenceClassification)
-    takes the cache under the backbone's name."""
-    params = inspect.signature(module.forward).parameters
-    key = next((k for k in CACHE_KWARGS if k in params), None)
-    backbone = getattr(module, "base_model", None)
-    if key is None and isinstance(backbone, nn.Module) and backbone is not module and \
-            any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return cache_kwarg(backbone)
-    return key
-
-
-def pop_cache(kw: dict):
-    """Remove the cache from call kwargs under either name and return it (None if absent)."""
-    found = [kw.pop(k, None) for k in CACHE_KWARGS]
-    return next((c for c in found if c is not None), None)
-
-
-# recurrent models (RWKV, older Mamba) carry a state instead of a KV cache: present = decoding
-STATE_KWARGS = ("state", "cache_params")
-
-
-def cached_tokens(past, kw: dict) -> int | None:
-    """How many positions the model has already seen: the KV cache's length; None when a
-    recurrent state (a state-space cache, or an RWKV ``state``) says "already started" without
-    a length; 0 when nothing is cached (a plain forward, or generate's first step)."""
-    if past is not None:
-        try:
-            return past.get_seq_length()
-        except (ValueError, StopIteration, AttributeError):  # only linear-attention / state layers
-            started = any(any(getattr(lay, "has_previous_state", {}).values()) for lay in getattr(past, "layers", ()))
-            return None if started else 0
-    if not any(kw.get(k) is not None for k in STATE_KWARGS):
-        return 0
-    # a state object exists from generate's first step on (transformers 4.x Mamba): there its
-    # cache_position starts at 0 on the prefill and beyond 0 afterwards
-    cp = kw.get("cache_position")
-    return 0 if isinstance(cp, torch.Tensor) and cp.numel() and int(cp.reshape(-1)[0]) == 0 else None
-
-
-def output_cache(out):
-    """The cache a model returned (``out.cache`` today, ``out.past_key_values`` before), or None."""
-    if not isinstance(out, dict):
-        return None
-    return next((out[k] for k in CACHE_KWARGS if out.get(k) is not None), None)
 
 
 def param_device(model: nn.Module) -> torch.device:
@@ -471,34 +420,6 @@ def _prefix_cache(model: nn.Module, past, rows: list[Row], f_max: int):
 
 
 # --------------------------------------------------------------------------- mixed batches
-
-_MASK_POS = "_deltatune_positions_from_mask"  # model.__dict__ key of the probe's answer
-
-
-def positions_from_mask(model: nn.Module) -> bool:
-    """Does the model number positions by counting unmasked tokens when no position_ids are given
-    (OPT, and generate()-style left padding), rather than 0..T-1 (Llama's forward)?  Asked of the
-    frozen model once: the last token of [pad, a, b] is at 1 by the first rule and 2 by the other."""
-    known = model.__dict__.get(_MASK_POS)
-    if known is not None:
-        return known
-    st = model.__dict__.get(STATE_ATTR)
-    ids = torch.tensor([[3, 4, 5]], device=param_device(model))
-    mask = torch.tensor([[0, 1, 1]], device=ids.device)
-    was = st.disabled if st is not None else None
-    if st is not None:
-        st.disabled = True
-    try:
-        with torch.no_grad():
-            a = model(input_ids=ids, attention_mask=mask)[0][0, -1]
-            b = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(3, device=ids.device)[None])[0][0, -1]
-    finally:
-        if st is not None:
-            st.disabled = was
-    known = not torch.allclose(a, b, atol=1e-6)
-    model.__dict__[_MASK_POS] = known
-    return known
-
 
 def check_mixed(model: nn.Module, rows) -> None:
     """Refuse a mixed batch (``dt.mixed``) whose rows need different numbers of virtual tokens on a
