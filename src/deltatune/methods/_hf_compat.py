@@ -26,14 +26,22 @@ CACHE_KWARGS = ("cache", "past_key_values")
 def cache_kwarg(module: nn.Module) -> str | None:
     """The name under which ``module.forward`` takes a KV cache, or None if it takes none.  A head
     model whose forward only passes ``**kwargs`` on to its backbone (BertForSequenceClassification)
-    takes the cache under the backbone's name."""
+    takes the cache under the backbone's name.  Asked on every decoding step, so answered once per
+    class (a signature is fixed by the class; inspect.signature costs tens of microseconds)."""
+    cls = type(module)
+    if cls in _KWARG_OF:
+        return _KWARG_OF[cls]
     params = inspect.signature(module.forward).parameters
     key = next((k for k in CACHE_KWARGS if k in params), None)
     backbone = getattr(module, "base_model", None)
     if key is None and isinstance(backbone, nn.Module) and backbone is not module and \
             any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return cache_kwarg(backbone)
+        key = cache_kwarg(backbone)
+    _KWARG_OF[cls] = key
     return key
+
+
+_KWARG_OF: dict[type, str | None] = {}  # model class -> its cache keyword (cache_kwarg's memo)
 
 
 def pop_cache(kw: dict):
