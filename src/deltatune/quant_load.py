@@ -19,12 +19,41 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from accelerate.utils import set_module_tensor_to_device
+
+from . import quant as Q
 from .core import DeltaError, get_submodule_clean
+from .procmem import cap_heap_cache, release_to_os
 from .targets import HEAD_NAMES
 
 Thunk = Callable[[], torch.Tensor]
+_CLOSE = "\0close"  # thunks entry that releases the source's files once every tensor is read
+
+
+class _Shards:
+    """One safetensors shard open at a time.  ``get_tensor`` returns a view of the file's memory
+    map (file pages, no copy): a weight about to be quantized is read straight from the mapping
+    and dropped, and the mapping goes when its last view does.  Kept float tensors are copied
+    out by the loader, so nothing of the checkpoint stays mapped after loading (transformers'
+    own fp32 load keeps the whole file mapped as the model's weights)."""
+
+    def __init__(self):
+        self.path, self.handle = None, None
+
+    def read(self, f: Path, k: str) -> torch.Tensor:
+        if self.path != f:
+            self.close()
+            self.handle = safe_open(str(f), "pt").__enter__()
+            self.path = f
+        return self.handle.get_tensor(k)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.__exit__(None, None, None)
+        self.path, self.handle = None, None
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -60,7 +89,6 @@ def _skeleton(config, model_cls, dtype: torch.dtype, where: str) -> nn.Module:
 
 def _safetensors_source(d: Path, model_cls, dtype) -> tuple[nn.Module, dict[str, Thunk], list[str]]:
     import transformers
-    from safetensors import safe_open
 
     if not (d / "config.json").exists():
         raise DeltaError(f"{d}: no config.json; load_quantized needs a transformers model directory or a .gguf file")
@@ -68,9 +96,7 @@ def _safetensors_source(d: Path, model_cls, dtype) -> tuple[nn.Module, dict[str,
     expected = set(model.state_dict().keys())
     prefix = getattr(model, "base_model_prefix", "") or ""
 
-    def read(f: Path, k: str) -> torch.Tensor:
-        with safe_open(str(f), "pt") as h:  # opened per tensor: no mapping of the file stays resident
-            return h.get_tensor(k)
+    shards = _Shards()
 
     thunks: dict[str, Thunk] = {}
     unexpected = []
@@ -84,9 +110,10 @@ def _safetensors_source(d: Path, model_cls, dtype) -> tuple[nn.Module, dict[str,
             elif key not in expected and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
                 key = key[len(prefix) + 1:]
             if key in expected:
-                thunks[key] = lambda f=f, k=k: read(f, k)
+                thunks[key] = lambda f=f, k=k: shards.read(f, k)
             else:
                 unexpected.append(k)
+    thunks[_CLOSE] = shards.close
     return model, thunks, unexpected
 
 
@@ -120,16 +147,49 @@ def _gguf_source(f: Path, model_cls, dtype) -> tuple[nn.Module, dict[str, Thunk]
     return model, thunks, unexpected
 
 
+def _fill(model: nn.Module, thunks: dict[str, Thunk], quant_paths: set[str], cls, opts: dict, dtype: torch.dtype,
+          where: Path, release: bool) -> None:
+    """Read, quantize (or copy) and place each module's tensors, one module at a time."""
+    by_module: dict[str, list[str]] = {}
+    for key in thunks:
+        by_module.setdefault(key.rpartition(".")[0], []).append(key)
+    conv1d = Q._conv1d_class()
+    for mod_path, keys in by_module.items():  # one module's tensors in memory at a time
+        tensors = {k: thunks[k]() for k in keys}
+        if mod_path in quant_paths:
+            old = get_submodule_clean(model, mod_path)
+            w, b = tensors.pop(f"{mod_path}.weight", None), tensors.pop(f"{mod_path}.bias", None)
+            if w is None:
+                raise DeltaError(f"{where}: no weight for {mod_path!r} in the checkpoint")
+            k = Q._variant(cls) if conv1d is not None and isinstance(old, conv1d) else cls
+            q = k(w.to(dtype), None if b is None else b.to(dtype), mod_path, **opts).train(False)
+            parent_path, _, child = mod_path.rpartition(".")
+            (get_submodule_clean(model, parent_path) if parent_path else model)._modules[child] = q
+            del w, b, q
+        for key, t in tensors.items():
+            # copied out of the checkpoint's memory map (get_tensor returns a view of it), so the
+            # file is unmapped when loading ends and the copy is where the weight lives
+            t = t.to(dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+            set_module_tensor_to_device(model, key, "cpu", value=t)
+        del tensors
+        if release and mod_path in quant_paths:
+            # the quantizer's float temporaries sit in glibc's heap after being freed: hand them
+            # back so the next layer's transient does not stack on this one's
+            release_to_os()
+
+
 def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, skip=HEAD_NAMES,
-                   double_quant: bool = True, block_size: int = 64, dtype: torch.dtype = torch.float32) -> nn.Module:
+                   double_quant: bool = True, block_size: int = 64, dtype: torch.dtype = torch.float32,
+                   release: bool = True) -> nn.Module:
     """A transformers model from ``path`` (a directory with config.json and safetensors weights, or
     a .gguf file) whose linear layers are quantized to ``scheme`` while loading, never holding the
-    whole float model.  ``targets``/``skip``/``double_quant``/``block_size`` as in ``dt.quantize``."""
-    from accelerate.utils import set_module_tensor_to_device
-
-    from . import quant as Q
-
+    whole float model.  ``targets``/``skip``/``double_quant``/``block_size`` as in ``dt.quantize``.
+    ``release`` (default) returns the loader's freed scratch memory to the OS after each layer
+    and fixes glibc's mmap threshold (``procmem.cap_heap_cache``) so that training's per-step
+    dequantized weights go back to the OS too: the point of a quantized base is a small process."""
     d = Path(path).expanduser()
+    if release:
+        cap_heap_cache()
     cls = Q._scheme(scheme)
     opts = Q._options(scheme, double_quant, block_size)
     if scheme == "nf4":
@@ -141,25 +201,12 @@ def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, s
     else:
         raise DeltaError(f"{d}: not a directory or .gguf file; pass a transformers model directory "
                          "with safetensors weights or a GGUF file")
-    quant_paths = set(Q.plan(model, targets, skip))
-    by_module: dict[str, list[str]] = {}
-    for key in thunks:
-        by_module.setdefault(key.rpartition(".")[0], []).append(key)
-    conv1d = Q._conv1d_class()
-    for mod_path, keys in by_module.items():  # one module's tensors in memory at a time
-        tensors = {k: thunks[k]() for k in keys}
-        if mod_path in quant_paths:
-            old = get_submodule_clean(model, mod_path)
-            w, b = tensors.pop(f"{mod_path}.weight", None), tensors.pop(f"{mod_path}.bias", None)
-            if w is None:
-                raise DeltaError(f"{d}: no weight for {mod_path!r} in the checkpoint")
-            k = Q._variant(cls) if conv1d is not None and isinstance(old, conv1d) else cls
-            q = k(w.to(dtype), None if b is None else b.to(dtype), mod_path, **opts).train(False)
-            parent_path, _, child = mod_path.rpartition(".")
-            (get_submodule_clean(model, parent_path) if parent_path else model)._modules[child] = q
-        for key, t in tensors.items():
-            set_module_tensor_to_device(model, key, "cpu", value=t, dtype=dtype if t.is_floating_point() else None)
-        del tensors
+    close = thunks.pop(_CLOSE, None)
+    try:
+        _fill(model, thunks, set(Q.plan(model, targets, skip)), cls, opts, dtype, d, release)
+    finally:
+        if close is not None:
+            close()
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = sorted(n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta)
@@ -172,4 +219,6 @@ def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, s
     for p in model.parameters():
         p.requires_grad_(False)
     model.__dict__["_dt_quant"] = {"scheme": scheme, **opts}
+    if release:
+        release_to_os()
     return model
