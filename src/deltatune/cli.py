@@ -173,6 +173,10 @@ FORMAT_HELP = ("causal-lm data format (default: from the columns): messages | sh
                "prompt-completion | text.")
 
 
+QuantizeOpt = typer.Option(None, "--quantize", help="causal-lm: stream the base into nf4 (QLoRA) or int8 storage "
+                           "while loading (small-memory defaults: chunked loss, gradient checkpointing when it pays).")
+
+
 def _train_dict(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -229,6 +233,7 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --output from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a previous run in --output."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code (only if you trust it)."),
+    quantize: Optional[str] = QuantizeOpt,
     progress: bool = typer.Option(True, help="Show the progress bar."),
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
@@ -244,7 +249,7 @@ def train(
                    format=format, data_split=data_split, data_config=data_config, val_split=val_split,
                    train_on=train_on, chat_template=chat_template, command=command_line(ctx),
                    max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
-                   trust_remote_code=trust_remote_code, lr=lr,
+                   trust_remote_code=trust_remote_code, lr=lr, quantize=quantize,
                    train=_train_dict(epochs=epochs,
                                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                      warmup_ratio=warmup_ratio, schedule=schedule, max_grad_norm=max_grad_norm,
@@ -303,6 +308,8 @@ def eval_cmd(
     reference: Optional[str] = typer.Option(None, help="Text file for the forgetting measure."),
     batch_size: int = typer.Option(32),
     trust_remote_code: bool = typer.Option(False),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Evaluate on the base streamed into nf4 or "
+                                           "int8 storage (warns when the adapter was trained on the other kind)."),
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -311,7 +318,7 @@ def eval_cmd(
 
     out = Out(as_json)
     res = evaluate_adapter(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
-                           trust_remote_code=trust_remote_code,
+                           trust_remote_code=trust_remote_code, quantize=quantize, log=out.log,
                            columns=dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
                                         response_column=response_column, messages_column=messages_column,
                                         format=format, data_split=data_split, data_config=data_config))
@@ -359,6 +366,7 @@ def compare(
     chat_template: Optional[str] = typer.Option(None, help="causal-lm: template for a tokenizer without one."),
     max_train_rows: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
+    quantize: Optional[str] = QuantizeOpt,
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -370,7 +378,8 @@ def compare(
     extra = {"--max-length": max_length, "--val-data": val_data, "--text-column": text_column,
              "--label-column": label_column, "--prompt-column": prompt_column,
              "--response-column": response_column, "--max-train-rows": max_train_rows, "--format": format,
-             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template}
+             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template,
+             "--quantize": quantize}
     res = compare_methods([m.strip() for m in methods.split(",") if m.strip()], model, data, task, output,
                           max_steps, batch_size, seed, full, {k: v for k, v in extra.items() if v is not None},
                           log=out.log)

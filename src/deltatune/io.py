@@ -127,13 +127,22 @@ def adapter_payload(model: nn.Module, name: str | None = None) -> tuple[dict[str
         "method": m.name,
         "name": name,
         "config": cfg.to_dict(),
-        "base_model": {"class": type(model).__name__, "name_or_path": base_name},
+        "base_model": {"class": type(model).__name__, "name_or_path": base_name,
+                       # None for a float base; eval warns when an adapter meets the other kind
+                       "quantization": quantization_record(model)},
         # what the tensors are and what they ran on (safetensors keeps each tensor's dtype; the
         # config's autocast_adapter_dtype reproduces the choice when loading)
         "dtypes": {"base": _dtype_name(module_dtype(model)),
                    "adapter": sorted({_dtype_name(v.dtype) for v in sd.values() if v.is_floating_point()})},
     }
     return sd, peft_cfg, ours
+
+
+def quantization_record(model: nn.Module) -> dict | None:
+    """The base's quantization as the manifest records it ({"scheme", "block_size",
+    "double_quant", "calibrated"}: JSON values only), or None for a float base."""
+    info = getattr(model, "__dict__", {}).get("_dt_quant")
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))} if info else None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -26,6 +26,7 @@ from accelerate.utils import set_module_tensor_to_device
 
 from . import quant as Q
 from .core import DeltaError, get_submodule_clean
+from .models import load_tokenizer, quiet_transformers, resolve
 from .procmem import cap_heap_cache, release_to_os
 from .targets import HEAD_NAMES
 
@@ -222,3 +223,51 @@ def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, s
     if release:
         release_to_os()
     return model
+
+
+SCHEMES = ("nf4", "int8")
+QUANT_TASKS = ("causal-lm",)  # a classifier's fresh head is not in the checkpoint to stream from
+
+
+def load_quantized_model(spec: str, scheme: str, task: str = "causal-lm", trust_remote_code: bool = False,
+                         tokenizer_required: bool = True):
+    """``models.load_model``'s contract — (model, tokenizer, resolved path) — with the base streamed
+    into ``scheme`` by :func:`load_quantized`: what ``deltatune train|eval|compare|serve --quantize``
+    load.  ``spec`` is a model directory, a cached Hub id or a .gguf file (streamed as it is)."""
+    if scheme not in SCHEMES:
+        raise DeltaError(f"unknown --quantize {scheme!r}; choose one of {list(SCHEMES)}")
+    if task not in QUANT_TASKS:
+        raise DeltaError(f"--quantize applies to --task causal-lm (got {task!r}): other tasks add a fresh head "
+                         "that is not in the checkpoint; drop --quantize")
+    if trust_remote_code:
+        raise DeltaError("--quantize streams only architectures that transformers ships; drop "
+                         "--trust-remote-code or --quantize")
+    quiet_transformers()
+    p = Path(spec).expanduser()
+    gguf = p if p.is_file() and p.suffix == ".gguf" else None
+    if gguf is None and p.is_dir() and not (p / "config.json").exists():
+        gguf = next(iter(sorted(p.glob("*.gguf"))), None)
+    path = str(gguf) if gguf is not None else resolve(spec)
+    if gguf is None and not Path(path).is_dir():  # a cached Hub id: its snapshot directory
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, local_files_only=True)
+    model = load_quantized(path, scheme)
+    tok = load_tokenizer(str(gguf.parent) if gguf is not None else path, spec, False, tokenizer_required)
+    if tok is not None and tok.pad_token is None:  # as models.load_model: pad with EOS (masked out anyway)
+        tok.pad_token = tok.eos_token
+    if tok is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok, path
+
+
+def base_mismatch(recorded: dict | None, scheme: str | None) -> str | None:
+    """One line when an adapter trained on a 4-bit base is used on a float base or the reverse
+    (the adapter learnt to correct that base's rounding), else None."""
+    trained = (recorded or {}).get("scheme")
+    if trained == scheme or (trained is None and scheme is None):
+        return None
+    was = f"a {trained} base" if trained else "a float base"
+    now = f"a {scheme} base" if scheme else "a float base"
+    fix = f"pass --quantize {trained}" if trained else "drop --quantize"
+    return f"adapter was trained on {was} and is evaluated on {now}; metrics may differ from training ({fix} to match)"

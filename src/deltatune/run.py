@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .core import DeltaError
+from .quant_load import QUANT_TASKS, SCHEMES, load_quantized_model
 
 # Learning rates per method, used when --lr is not given.  Adapters start at zero and, with a
 # freshly initialised head, need ~10x the rate of full fine-tuning; vector-scaling methods (IA3,
@@ -65,6 +66,7 @@ class RunOptions:
     max_eval_rows: int | None = 2000  # keeps evaluation cheap on CPU
     reference: str | None = None  # text file for forgetting; None = packaged general text
     trust_remote_code: bool = False
+    quantize: str | None = None  # nf4 | int8: stream the base into 4-/8-bit storage (QLoRA), causal-lm only
     resume: bool = False
     overwrite: bool = False  # replace a previous run in ``output`` (its checkpoints are deleted)
     lr: float | None = None
@@ -86,6 +88,14 @@ def check_options(o: RunOptions) -> None:
     if not o.val_data and (not isinstance(o.val_fraction, (int, float)) or not 0 < o.val_fraction < 1):
         raise DeltaError(f"--val-fraction must be between 0 and 1, got {o.val_fraction!r}; e.g. 0.1 holds out "
                          "10 % of the rows (or pass --val-data)")
+    if o.quantize is not None and o.quantize not in SCHEMES:
+        raise DeltaError(f"unknown --quantize {o.quantize!r}; choose one of {list(SCHEMES)}")
+    if o.quantize is not None and o.task not in QUANT_TASKS:
+        raise DeltaError(f"--quantize applies to --task causal-lm (got {o.task!r}): other tasks add a fresh head "
+                         "that is not in the checkpoint; drop --quantize")
+    if o.quantize is not None and o.method == "full":
+        raise DeltaError("--quantize freezes the base in 4-/8-bit storage, so --method full cannot train it; "
+                         "use an adapter method (e.g. --method lora) or drop --quantize")
     if o.lr is not None and not 0 < o.lr < float("inf"):
         raise DeltaError(f"--lr must be a positive number, got {o.lr!r}")
     try:
@@ -103,7 +113,7 @@ def options_fingerprint(o: RunOptions) -> dict:
     fp = {"--model": o.model, "--data": o.data, "--task": o.task, "--method": o.method,
           "--val-data": o.val_data, "--val-fraction": None if o.val_data else o.val_fraction,
           "--max-length": o.max_length or MAX_LENGTH[o.task], "--max-train-rows": o.max_train_rows,
-          "--lr": o.lr or default_lr(o.method, o.task),
+          "--lr": o.lr or default_lr(o.method, o.task), "--quantize": o.quantize,
           **{f"--{k.replace('_', '-')}": v for k, v in _columns(o).items()},
           **{f"--opt {k}": v for k, v in o.method_options.items()},
           **{f"--{k.replace('_', '-')}": v for k, v in train.items()}}
@@ -243,7 +253,10 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     train_ex, val_ex = prepare(o)
     seed = o.train.get("seed", 0)
     torch.manual_seed(seed)  # the fresh head's init is part of the run
-    model, proc, path = load_model(o.model, o.task, train_ex.label_names or None, o.trust_remote_code)
+    if o.quantize:
+        model, proc, path = load_quantized_model(o.model, o.quantize, o.task, o.trust_remote_code)
+    else:
+        model, proc, path = load_model(o.model, o.task, train_ex.label_names or None, o.trust_remote_code)
     template = set_chat_template(proc, o.chat_template)
     if getattr(model, "config", None) is not None:  # adapter_config / model card record the real base
         model.config._name_or_path = real_model_name(o.model)
@@ -268,7 +281,12 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     log(f"method: {o.method} {o.method_options or ''} | trainable {counts.trainable:,} of {counts.total:,} "
         f"({counts.percent:.3f}%)")
     lr = o.lr or default_lr(o.method, o.task)
-    cfg = TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **o.train})
+    small = {}
+    if o.quantize and "gradient_checkpointing" not in o.train:  # a small-memory run: recompute when it pays
+        small["gradient_checkpointing"] = checkpointing_pays(model, bs, max_length)
+        log(f"quantized base ({o.quantize}): gradient checkpointing {'on' if small['gradient_checkpointing'] else 'off'}"
+            " (activations estimate vs the quantized weights; --gradient-checkpointing forces it)")
+    cfg = TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **small, **o.train})
     # causal LMs: the chunked loss (same value and gradients, no (B, T, V) fp32 logits in memory)
     loss = {"loss_fn": causal_lm_batch_loss} if o.task == "causal-lm" else {}
     trainer = Trainer(model, train_f, cfg, collate=coll, output_dir=out,
@@ -287,7 +305,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     task_info = {"task": o.task, "base_model": o.model, "resolved_model": path, "label_names": train_ex.label_names,
                  "max_length": max_length, "columns": _columns(o), "method": o.method,
                  "trust_remote_code": o.trust_remote_code, "format": train_ex.format or None,
-                 "train_on": o.train_on, "chat_template": template}
+                 "train_on": o.train_on, "chat_template": template, "quantize": o.quantize}
     art = out / ("model" if o.method == "full" else "adapter")
     if o.method != "full":
         trainer.save_adapter(art)  # every rank calls it (FSDP gathers); rank 0 writes
@@ -313,6 +331,27 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         atomic_write_json(out / "metrics.json", metrics)
         write_run_card(o, metrics, art, train_ex.format)
     return metrics
+
+
+# a transformer block keeps ~this many (B, T, hidden)-sized fp32 tensors for its backward (q, k, v,
+# attention output, norms, residuals, and the MLP's 3 intermediate-sized ones at ~2.7x hidden)
+ACTIVATIONS_PER_BLOCK = 16
+CHECKPOINTING_FLOOR = 32 * 2**20  # below this the saving is noise next to the libraries' ~170 MiB
+
+
+def checkpointing_pays(model, batch_size: int, max_length: int) -> bool:
+    """Recomputing activations (~1/3 more compute per step) pays when the stored activations would
+    be a large part of the process: here, when the estimate for all blocks exceeds a quarter of the
+    model's storage and 32 MiB.  The 1B-class Llama at 1x512 (bench/quant.py): ~1 GiB of activations against
+    ~0.8 GiB of NF4 weights and fp32 embeddings, so on; a tiny test model at 1x32: off."""
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    if not hidden or not layers or not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    acts = batch_size * max_length * hidden * 4 * ACTIVATIONS_PER_BLOCK * layers
+    storage = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return acts > max(storage / 4, CHECKPOINTING_FLOOR)
 
 
 def real_model_name(spec: str) -> str:

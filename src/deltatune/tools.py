@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .core import DeltaError
+from .quant_load import base_mismatch, load_quantized_model
 
 TASK_BY_CLASS = {"ForSequenceClassification": "classify", "ForCausalLM": "causal-lm",
                  "LMHeadModel": "causal-lm", "ForImageClassification": "image-classify"}
@@ -51,27 +52,41 @@ def _base_and_task(d: Path, model: str | None, task: str | None) -> tuple[str, s
 
 
 def load_with_adapter(adapter: str | Path, model: str | None = None, task: str | None = None,
-                      trust_remote_code: bool = False):
-    """(model with the adapter loaded, tokenizer, task, info, adapter dir, base spec)."""
+                      trust_remote_code: bool = False, quantize: str | None = None):
+    """(model with the adapter loaded, tokenizer, task, info, adapter dir, base spec).  With
+    ``quantize`` the base is streamed into nf4/int8 storage (``quant_load.load_quantized_model``)."""
     import deltatune as dt
     from .models import load_model
 
     d = adapter_dir(adapter)
     base, task, info = _base_and_task(d, model, task)
     labels = info.get("label_names") or None
-    m, proc, _ = load_model(base, task, labels, trust_remote_code)
+    if quantize:
+        m, proc, _ = load_quantized_model(base, quantize, task, trust_remote_code)
+    else:
+        m, proc, _ = load_model(base, task, labels, trust_remote_code)
     dt.load(m, d)
     return m, proc, task, info, d, base
 
 
+def quantization_warning(d: Path, quantize: str | None) -> str | None:
+    """One line when the adapter in ``d`` was trained on a base of the other kind (4-bit vs float)."""
+    recorded = _manifest(d).get("base_model", {}).get("quantization")
+    return base_mismatch(recorded, quantize)
+
+
 def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch_size=32, trust_remote_code=False,
-                     columns: dict | None = None) -> dict:
+                     columns: dict | None = None, quantize: str | None = None,
+                     log: Callable[[str], None] | None = None) -> dict:
     import deltatune as dt
     from .data import load_examples
     from .evaluate import Forgetting, read_reference, task_metrics
     from .run import MAX_LENGTH, collate_for, encode_examples
 
-    m, proc, task, info, d, base = load_with_adapter(adapter, model, task, trust_remote_code)
+    warning = quantization_warning(adapter_dir(adapter), quantize)
+    if warning and log is not None:
+        log(f"warning: {warning}")
+    m, proc, task, info, d, base = load_with_adapter(adapter, model, task, trust_remote_code, quantize)
     cols = {k: v for k, v in (info.get("columns") or {}).items()}
     cols.update({k: v for k, v in (columns or {}).items() if v is not None})
     from .run import set_chat_template
@@ -86,7 +101,8 @@ def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch
     tok = proc if task != "image-classify" else None
     fg = Forgetting(tok, task, read_reference(reference) if reference else None).snapshot(m).measure(m)
     return {"adapter": str(d), "base_model": base, "task": task, "data": str(data), "rows": len(ex),
-            "metrics": metrics, "base_metrics": base_metrics, "forgetting": fg}
+            "metrics": metrics, "base_metrics": base_metrics, "forgetting": fg, "quantize": quantize,
+            "warnings": [warning] if warning else []}
 
 
 # --------------------------------------------------------------------------- compare
