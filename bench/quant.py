@@ -7,11 +7,11 @@
 The user's path, one process per arm (``--worker``):
     fp32  ``LlamaForCausalLM.from_pretrained(dir, dtype=float32)`` (transformers memory-maps the
           safetensors file: its weights are file pages, not anonymous ones)
-    nf4   ``dt.load_quantized(dir, "nf4")`` (deltatune.quant_load: streamed tensor by tensor)
+    nf4   ``dt.load_quantized(dir, "nf4")`` (deltatune.quant.load: streamed tensor by tensor)
 then LoRA r=8 on q_proj, v_proj, AdamW, ``dt.chunked_causal_lm_loss`` (no (B, T, V) logits), the
 same random token batch in both arms.  torch, transformers, bitsandbytes and deltatune are
 imported and their kernels run once on tiny tensors before the baseline (process state, not the
-model).  Memory = peak anonymous pages (RssAnon sampled every 2 ms by ``deltatune.procmem``)
+model).  Memory = peak anonymous pages (RssAnon sampled every 2 ms by ``deltatune.core.procmem``)
 + file pages still mapped at the end (RssFile growth: the checkpoint the model still points into).
 Each phase (import, load, attach, first step, steady steps, after training) records its end and
 peak values, so a ratio can be traced to where the memory goes.
@@ -96,7 +96,7 @@ def write_model(d: Path, size: str, layers: int | None = None) -> Path:
 # --------------------------------------------------------------------------- one arm, one process
 
 def worker(job: dict) -> dict:
-    from deltatune.procmem import MemoryTrace, release_to_os, rss_kib
+    from deltatune.core.procmem import MemoryTrace, release_to_os, rss_kib
 
     trace = MemoryTrace().start()  # baseline: the bare interpreter
     import torch
@@ -224,9 +224,9 @@ def perplexity(log) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import deltatune as dt
-    from deltatune.demo import smollm2_gguf
+    from deltatune.app.demo import smollm2_gguf
     from deltatune.models import gguf_to_fp32
-    from deltatune.reference_text import TEXTS
+    from deltatune.data.reference_text import TEXTS
 
     d = gguf_to_fp32(smollm2_gguf())
     tok = AutoTokenizer.from_pretrained(str(d))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.procmem import MemoryTrace, release_to_os
+from deltatune.core.procmem import MemoryTrace, release_to_os
+from deltatune.quant.quantize import quantized_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MARGIN_MIB = 12  # allocator slack, bitsandbytes' scratch, the skeleton's buffers (rotary tables)
@@ -55,7 +56,7 @@ def test_nf4_load_stays_under_quantized_size_plus_one_block(checkpoint):
     assert trace.peak_anon_mib <= limit, (f"load peaked at {trace.peak_anon_mib:.1f} MiB anonymous; quantized "
                                           f"model {q_mib:.1f} + one fp32 block {block_mib:.1f} + {MARGIN_MIB}")
     # the margin means something: the whole float model would not fit under the limit
-    whole = q_mib - fp32_mib + sum(m.in_features * m.out_features for _, m in dt.quant.quantized_layers(model)) * 4 / 2**20
+    whole = q_mib - fp32_mib + sum(m.in_features * m.out_features for _, m in quantized_layers(model)) * 4 / 2**20
     assert whole > limit + block_mib
     maps = open("/proc/self/maps").read()
     assert str(checkpoint) not in maps, "the checkpoint is still memory-mapped after loading"

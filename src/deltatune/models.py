@@ -9,7 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .core import DeltaError
+from .core.delta import DeltaError
+from .quant.load import QUANT_TASKS, SCHEMES, load_quantized
 
 AUTO_CLASSES = {
     "classify": "AutoModelForSequenceClassification",
@@ -166,3 +167,35 @@ def configure_threads(threads: int | None = None) -> int:
         threads = 1 if load > n else max(1, n)
     torch.set_num_threads(max(1, threads))
     return threads
+
+
+def load_quantized_model(spec: str, scheme: str, task: str = "causal-lm", trust_remote_code: bool = False,
+                         tokenizer_required: bool = True):
+    """``models.load_model``'s contract — (model, tokenizer, resolved path) — with the base streamed
+    into ``scheme`` by :func:`load_quantized`: what ``deltatune train|eval|compare|serve --quantize``
+    load.  ``spec`` is a model directory, a cached Hub id or a .gguf file (streamed as it is)."""
+    if scheme not in SCHEMES:
+        raise DeltaError(f"unknown --quantize {scheme!r}; choose one of {list(SCHEMES)}")
+    if task not in QUANT_TASKS:
+        raise DeltaError(f"--quantize applies to --task causal-lm (got {task!r}): other tasks add a fresh head "
+                         "that is not in the checkpoint; drop --quantize")
+    if trust_remote_code:
+        raise DeltaError("--quantize streams only architectures that transformers ships; drop "
+                         "--trust-remote-code or --quantize")
+    quiet_transformers()
+    p = Path(spec).expanduser()
+    gguf = p if p.is_file() and p.suffix == ".gguf" else None
+    if gguf is None and p.is_dir() and not (p / "config.json").exists():
+        gguf = next(iter(sorted(p.glob("*.gguf"))), None)
+    path = str(gguf) if gguf is not None else resolve(spec)
+    if gguf is None and not Path(path).is_dir():  # a cached Hub id: its snapshot directory
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, local_files_only=True)
+    model = load_quantized(path, scheme)
+    tok = load_tokenizer(str(gguf.parent) if gguf is not None else path, spec, False, tokenizer_required)
+    if tok is not None and tok.pad_token is None:  # as models.load_model: pad with EOS (masked out anyway)
+        tok.pad_token = tok.eos_token
+    if tok is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok, path
