@@ -190,3 +190,35 @@ def test_merge_cli_gguf_refuses_a_classifier(tmp_path):
             "--output", tmp_path / "o", "--format", "gguf", ok=False)
     assert r.exit_code == 2 and "--format gguf writes causal language models" in r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_lora_merged_to_gguf(tmp_path):
+    """The real thing: SmolLM2-135M-Instruct (49,152-token BPE, ChatML template) + a LoRA adapter,
+    merged and written as GGUF; transformers reads back the merged logits and the same tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.demo import smollm2_gguf
+    from deltatune.models import resolve
+
+    base = resolve(str(smollm2_gguf()))  # the packaged GGUF, dequantised once to a cached fp32 directory
+    m = AutoModelForCausalLM.from_pretrained(base).eval()
+    dt.attach(m, "lora", r=8)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    dt.save(m, tmp_path / "adapter")
+    r = run("merge", "--adapter", tmp_path / "adapter", "--model", base, "--task", "causal-lm",
+            "--output", tmp_path / "smol", "--format", "gguf", "--json")
+    res = json.loads(r.stdout)
+    assert res["gguf_max_abs_diff"] < 1e-4 and res["files"] == ["smol-FP32.gguf"]
+    back, back_tok = load_gguf(tmp_path / "smol" / "smol-FP32.gguf")
+    tok = AutoTokenizer.from_pretrained(base)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30? Answer: 42."}], tokenize=False,
+                                   add_generation_prompt=True)
+    for s in (chat, "The river rose after 3 days of rain.\n\n  Indented, emojis 🙂 and ünïcode."):
+        assert back_tok(s).input_ids == tok(s).input_ids
+    assert back_tok.chat_template == tok.chat_template
+    x = dict(tok([chat], return_tensors="pt"))
+    assert logits_gap(dt.merge(m), back, x) < 1e-4

@@ -89,6 +89,23 @@ def _vocab(tokenizer, vocab_size: int):
     return tokens, types
 
 
+def _pre_name(pre: dict) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for how text is split before the merges: GPT-2's
+    built-in regex is "gpt2"; a ``Split`` regex is looked up in the table transformers' GGUF reader
+    uses to rebuild it (llama.cpp's names: "llama-bpe", "qwen2", ...)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt2"
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
+    splits = [st.get("pattern", {}).get("Regex") for st in steps if st.get("type") == "Split"]
+    names = {rx: name for name, rx in reversed(list(GGUF_PRE_TOKENIZER_SPLITS.items()))}
+    if len(splits) == 1 and splits[0] in names:
+        return names[splits[0]]
+    raise DeltaError("GGUF export: this tokenizer splits text with a pre-tokenizer GGUF readers do not know "
+                     "(neither GPT-2's nor a llama.cpp-named regex); use --format safetensors")
+
+
 def _tokenizer_fields(writer, tokenizer, tok_dir: Path, vocab_size: int) -> None:
     import json
 
@@ -103,7 +120,7 @@ def _tokenizer_fields(writer, tokenizer, tok_dir: Path, vocab_size: int) -> None
                          "tokenizer.json); this one is not -- use --format safetensors")
     tokens, types = _vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(_pre_name(tj.get("pre_tokenizer") or {}))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # merges, bos/eos/unk/pad ids, add_bos and the chat template, read from the saved files by gguf's helper
