@@ -2,9 +2,9 @@
 
 Every command takes flags or ``--config FILE.yaml`` (keys are the flag names, ``-`` or ``_``;
 flags given on the command line win), prints a human summary by default and one JSON object with
-``--json`` (progress and logs then go to stderr).  Models are local directories, ids already in
-the local Hugging Face cache, or GGUF files; nothing is downloaded and ``trust_remote_code`` is
-off unless ``--trust-remote-code`` is given.  Errors print one line and exit with status 2.
+``--json`` (progress and logs then go to stderr).  Models are local directories, Hub ids (from the
+local Hugging Face cache; downloaded only when the user sets ``HF_HUB_OFFLINE=0``), or GGUF files;
+``trust_remote_code`` is off unless ``--trust-remote-code`` is given.  Errors print one line and exit with status 2.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Loading base models for the CLI: a local directory, an id already in the local Hugging Face cache
-(never a download: offline is the default), or a GGUF file, dequantised once to float32 and cached
-under ``~/.cache/deltatune/``.  ``trust_remote_code`` stays off unless the user asks.
+"""Loading base models for the CLI: a local directory, a Hub id (from the local Hugging Face cache;
+downloaded only when the user runs with ``HF_HUB_OFFLINE=0``, see :mod:`deltatune.hub`), or a GGUF
+file, dequantised once to float32 and cached under ``~/.cache/deltatune/``.  ``trust_remote_code`` stays off unless the user asks.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .core import DeltaError
+from .hub import ensure_model
 
 AUTO_CLASSES = {
     "classify": "AutoModelForSequenceClassification",
@@ -78,17 +79,8 @@ def resolve(spec: str) -> str:
     if p.exists():
         raise DeltaError(f"{p}: expected a model directory or a .gguf file")
     if spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(spec, "config.json")
-        except Exception:
-            hit = None
-        if isinstance(hit, str):
-            return spec
-        raise DeltaError(f"model {spec!r} is neither a local directory nor in the local Hugging Face cache; "
-                         "deltatune never downloads by itself: fetch it first (huggingface-cli download "
-                         f"{spec}) or pass a directory")
+        ensure_model(spec)  # in the Hub cache now (or a one-line error); transformers finds it there by id
+        return spec
     raise DeltaError(f"model directory {spec} does not exist")
 
 
