@@ -76,9 +76,9 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 
 COMPILE_AUTO_STEPS = 500  # compile="auto": ~30-60 s of compiling is repaid well before this many steps
 # compile="auto" compiles the blocks with symbolic batch and sequence sizes (one compile for every
-# padded length); a shape change it still cannot absorb recompiles, and past this many the run goes
-# eager instead of spending minutes recompiling (torch's own limit is 8 per frame, each ~30 s here)
-COMPILE_RECOMPILE_LIMIT = 4
+# padded length; a batch of 1 is one more); past this many recompilations the run goes eager instead
+# of spending minutes recompiling (torch's own limit, 8, only warns and keeps going per frame)
+COMPILE_RECOMPILE_LIMIT = 8
 
 
 @dataclass
@@ -290,7 +290,9 @@ class Trainer(CheckpointMixin):
     def _evaluate(self) -> dict:
         was = self.model.training
         self.model.eval()
-        with torch.no_grad():
+        # evaluation runs eagerly: under no_grad the compiled blocks would recompile (dynamo guards on
+        # grad mode) at every evaluation, twice per eval_every, and hit the recompile cap
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             m = dtd.mean_metrics(dict(self.eval_fn(self.model)))
         self.model.train(was)
         return m
