@@ -52,6 +52,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,8 +470,10 @@ class Trainer(CheckpointMixin):
         m["step"] = step
         self.evals.append(m)
         if bar is not None:
+            # beside the bar (stderr), never on stdout: `--json` prints one JSON object there
             bar.write("eval step %d: %s" % (step, ", ".join(f"{k}={v:.4f}" for k, v in m.items()
-                                                           if k != "step" and isinstance(v, float))))
+                                                           if k != "step" and isinstance(v, float))),
+                      file=sys.stderr)
         if self.cfg.metric not in m:
             raise DeltaError(f"eval_fn returned {sorted(m)}; no {self.cfg.metric!r} to track (set metric=...)")
         if self._improved(m[self.cfg.metric]):
