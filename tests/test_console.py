@@ -15,7 +15,7 @@ import warnings
 import pytest
 from cli_fixtures import tiny_llama_dir, words, write_jsonl
 
-from deltatune.console import library_log
+from deltatune.app.console import library_log
 
 
 class Seen(logging.Handler):

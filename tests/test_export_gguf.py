@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 import deltatune as dt
-from deltatune.cli import app
-from deltatune.core import DeltaError
-from deltatune.gguf_export import DTYPES, load_gguf, logits_gap, write_gguf
+from deltatune.cli.main import app
+from deltatune.core.delta import DeltaError
+from deltatune.app.gguf_export import DTYPES, load_gguf, logits_gap, write_gguf
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -30,7 +30,7 @@ def bpe_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from deltatune.reference_text import TEXTS
+    from deltatune.data.reference_text import TEXTS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -198,7 +198,7 @@ def test_smollm2_lora_merged_to_gguf(tmp_path):
     merged and written as GGUF; transformers reads back the merged logits and the same tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltatune.demo import smollm2_gguf
+    from deltatune.app.demo import smollm2_gguf
     from deltatune.models import resolve
 
     base = resolve(str(smollm2_gguf()))  # the packaged GGUF, dequantised once to a cached fp32 directory

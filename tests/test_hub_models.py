@@ -66,7 +66,7 @@ def test_missing_hub_id_offline_names_hf_download(env):
 
 
 def test_local_directory_and_gguf_file_still_load(env):
-    from deltatune.gguf_export import write_gguf
+    from deltatune.app.gguf_export import write_gguf
     from test_export_gguf import bpe_tokenizer, tiny
 
     e, model, root = env
