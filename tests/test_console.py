@@ -32,11 +32,15 @@ class Seen(logging.Handler):
 @pytest.fixture
 def terminal():
     h = Seen()
-    for name in ("torch._dynamo", "transformers"):
-        logging.getLogger(name).addHandler(h)
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # other tests may have set transformers to errors only (quiet_transformers)
+        lg.addHandler(h)
+        lg.setLevel(logging.WARNING)
     yield h
-    for name in ("torch._dynamo", "transformers"):
-        logging.getLogger(name).removeHandler(h)
+    for lg, level in zip(loggers, levels):
+        lg.removeHandler(h)
+        lg.setLevel(level)
 
 
 def test_library_warnings_go_to_the_log_file(tmp_path, terminal, caplog, monkeypatch):
