@@ -150,7 +150,10 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "fp32", n
     ``path``.  Not atomic by itself: write into a temporary directory (``safety.atomic_dir``)."""
     import tempfile
 
-    import gguf
+    try:
+        import gguf  # optional: the `gguf` extra
+    except ImportError:
+        raise DeltaError("--format gguf needs the gguf package: pip install 'deltatune[gguf]'") from None
 
     if dtype not in DTYPES:
         raise DeltaError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
