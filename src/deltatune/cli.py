@@ -295,9 +295,14 @@ def _print_run(out: Out, m: dict) -> None:
 @app.command("eval")
 @_errors
 def eval_cmd(
-    adapter: str = typer.Option(..., help="Adapter directory (or a run directory holding adapter/)."),
+    adapter: Optional[str] = typer.Option(None, help="Adapter directory, or a run directory holding adapter/ or "
+                                          "(--method full) model/. Leave out to evaluate --model itself."),
     data: str = typer.Option(..., help="Evaluation data file (same columns as training)."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded at training)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded at training); alone: "
+                                        "the model to evaluate."),
+    weights: Optional[str] = typer.Option(None, help="With --model timm:/torchvision:/factory and no --adapter: "
+                                          "its state dict."),
+    image_size: Optional[int] = typer.Option(None, help="With --model and no --adapter: image input side."),
     text_column: Optional[str] = typer.Option(None),
     label_column: Optional[str] = typer.Option(None),
     prompt_column: Optional[str] = typer.Option(None),
@@ -313,25 +318,39 @@ def eval_cmd(
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
-    """Task metrics on DATA and forgetting (drift / perplexity change on general text) of an adapter."""
+    """Task metrics on DATA and forgetting (drift / perplexity change on general text) of an adapter,
+    of a --method full run against its recorded base, or (--model alone) of a base model."""
+    from .full_eval import evaluate_base, evaluate_full, full_run_dir
     from .tools import evaluate_adapter
 
     out = Out(as_json)
-    res = evaluate_adapter(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
-                           trust_remote_code=trust_remote_code,
-                           columns=dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
-                                        response_column=response_column, messages_column=messages_column,
-                                        format=format, data_split=data_split, data_config=data_config))
+    columns = dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
+                   response_column=response_column, messages_column=messages_column,
+                   format=format, data_split=data_split, data_config=data_config)
+    if adapter is None and model is None:
+        raise DeltaError("eval needs --adapter RUN (an adapter or a training run) or --model MODEL (a base model)")
+    if adapter is None:
+        res = evaluate_base(model, data, task, batch_size, trust_remote_code, columns, weights, image_size)
+    elif weights or image_size:
+        raise DeltaError("--weights/--image-size are for --model without --adapter; a run records its own")
+    elif full_run_dir(adapter) is not None:
+        res = evaluate_full(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
+                            trust_remote_code=trust_remote_code, columns=columns)
+    else:
+        res = evaluate_adapter(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
+                               trust_remote_code=trust_remote_code, columns=columns)
 
     def human():
         from rich.table import Table
 
-        t = Table(title=f"{res['adapter']} on {Path(data).name} ({res['rows']} rows)")
+        t = Table(title=f"{res['adapter'] or res['base_model']} on {Path(data).name} ({res['rows']} rows)")
         t.add_column("metric")
+        tuned = {"full": "fine-tuned", "base": None}.get(res.get("kind"), "adapter")
         t.add_column("base", justify="right")
-        t.add_column("adapter", justify="right")
+        if tuned:
+            t.add_column(tuned, justify="right")
         for k, v in res["metrics"].items():
-            t.add_row(k, f"{res['base_metrics'].get(k, float('nan')):.4f}", f"{v:.4f}")
+            t.add_row(k, f"{res['base_metrics'].get(k, float('nan')):.4f}", *([f"{v:.4f}"] if tuned else []))
         out.console.print(t)
         fg = res["forgetting"]
         if fg:

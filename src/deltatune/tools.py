@@ -9,6 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from .core import DeltaError
 
 TASK_BY_CLASS = {"ForSequenceClassification": "classify", "ForCausalLM": "causal-lm",
@@ -59,7 +61,9 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, task: str |
     d = adapter_dir(adapter)
     base, task, info = _base_and_task(d, model, task)
     labels = info.get("label_names") or None
-    m, proc, _ = load_model(base, task, labels, trust_remote_code)
+    torch.manual_seed(info.get("seed", 0))  # a fresh head (under dt.disabled) initialised as in train's "before"
+    m, proc, _ = load_model(base, task, labels, trust_remote_code, weights=info.get("weights") if model is None else None,
+                            image_size=info.get("image_size"))
     dt.load(m, d)
     return m, proc, task, info, d, base
 
@@ -85,7 +89,7 @@ def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch
         base_metrics = task_metrics(task, m, feats, coll, batch_size)
     tok = proc if task != "image-classify" else None
     fg = Forgetting(tok, task, read_reference(reference) if reference else None).snapshot(m).measure(m)
-    return {"adapter": str(d), "base_model": base, "task": task, "data": str(data), "rows": len(ex),
+    return {"adapter": str(d), "kind": "adapter", "base_model": base, "task": task, "data": str(data), "rows": len(ex),
             "metrics": metrics, "base_metrics": base_metrics, "forgetting": fg}
 
 
