@@ -146,3 +146,24 @@ def test_packaged_efficientnet_on_mnist_slice(tmp_path, monkeypatch):
     res = json.loads(run("eval", "--adapter", tmp_path / "run", "--data", tmp_path / "val.csv", "--json").stdout)
     assert res["metrics"]["accuracy"] == pytest.approx(m["after"]["accuracy"])
     sys.modules.pop("effnet_factory", None)
+
+
+@pytest.mark.slow  # three training subprocesses
+def test_compare_reports_forgetting_and_trainable_share_for_every_method(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    bert = tiny_bert_dir(tmp_path / "bert")
+    data = write_csv(tmp_path / "spam.csv", spam_rows(48))
+    bars = []
+    real = matplotlib.figure.Figure.colorbar
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar",
+                        lambda self, *a, **kw: bars.append(kw.get("label")) or real(self, *a, **kw))
+    res = json.loads(run("compare", "--methods", "lora,bitfit", "--full", "--model", bert, "--data", data,
+                         "--output", tmp_path / "cmp", "--max-steps", 2, "--json").stdout)
+    assert [r["method"] for r in res["rows"]] == ["lora", "bitfit", "full"]
+    for r in res["rows"]:
+        assert r["forgetting"] is not None and r["forgetting_kind"] == "representation_drift", r
+        assert 0 < r["trainable_percent"] <= 100
+    assert res["rows"][-1]["trainable_percent"] == 100 and res["rows"][-1]["forgetting"] > 0
+    assert bars == ["forgetting (representation drift)"]  # the plot colours points by forgetting
+    assert (tmp_path / "cmp" / "pareto.png").stat().st_size > 1000

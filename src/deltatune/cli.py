@@ -370,6 +370,8 @@ def compare(
     data: str = typer.Option(..., help="Training data."),
     task: str = typer.Option("classify"),
     full: bool = typer.Option(False, help="Also fine-tune every weight, as the reference."),
+    weights: Optional[str] = typer.Option(None, help="timm:/torchvision:/factory models: a local state dict."),
+    image_size: Optional[int] = typer.Option(None, help="Image classifiers: input side (default: the model's own)."),
     output: str = typer.Option("runs/compare", help="Directory: one sub-directory per method, table, plot."),
     max_steps: int = typer.Option(100, help="The same step budget for every method."),
     batch_size: int = typer.Option(16),
@@ -389,14 +391,16 @@ def compare(
     config: Optional[Path] = ConfigOpt,
 ):
     """Train several methods on the same budget; one table (metric, forgetting, params, memory, time,
-    size) and a Pareto plot (metric vs trainable parameters)."""
+    size) and a Pareto plot (metric vs trainable parameters, colour = forgetting); --full adds the
+    full fine-tuning reference."""
     from .tools import compare_methods
 
     out = Out(as_json)
     extra = {"--max-length": max_length, "--val-data": val_data, "--text-column": text_column,
              "--label-column": label_column, "--prompt-column": prompt_column,
              "--response-column": response_column, "--max-train-rows": max_train_rows, "--format": format,
-             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template}
+             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template,
+             "--weights": weights, "--image-size": image_size}
     res = compare_methods([m.strip() for m in methods.split(",") if m.strip()], model, data, task, output,
                           max_steps, batch_size, seed, full, {k: v for k, v in extra.items() if v is not None},
                           log=out.log)
@@ -405,7 +409,9 @@ def compare(
         from rich.table import Table
 
         t = Table(title=f"compare on {Path(data).name}: {max_steps} steps each")
-        for c in ("method", res["metric"], "forgetting", "trainable", "peak RSS MB", "time s", "file MB"):
+        kind = next((r["forgetting_kind"] for r in res["rows"] if r.get("forgetting_kind")), None)
+        fg = f"forgetting ({kind.replace('_', ' ')})" if kind else "forgetting"
+        for c in ("method", res["metric"], fg, "trainable", "peak RSS MB", "time s", "file MB"):
             t.add_column(c, justify="left" if c == "method" else "right")
         for r in res["rows"]:
             t.add_row(r["method"], f"{r['metric']:.4f}", f"{r['forgetting']:.4f}" if r["forgetting"] is not None else "-",

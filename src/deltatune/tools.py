@@ -164,18 +164,30 @@ def pareto_plot(rows: list[dict], path: Path, metric: str, greater: bool) -> Non
     from .io import atomic_write
 
     front = set(pareto_front(rows, greater))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(6.6, 4), dpi=100)
+    # colour = forgetting (drift / perplexity change on general data): a method can sit on the
+    # accuracy/size front and still forget more than another; grey = not measured
+    fg = [r.get("forgetting") for r in rows]
+    known = [v for v in fg if v is not None]
+    norm = matplotlib.colors.Normalize(vmin=min(known + [0.0]), vmax=max(known + [1e-9])) if known else None
+    cmap = matplotlib.colormaps["plasma"]
+    for r, v in zip(rows, fg):
         on = r["method"] in front
-        ax.scatter(r["trainable_params"], r["metric"], s=60, color="tab:red" if on else "tab:gray", zorder=3)
+        ax.scatter(r["trainable_params"], r["metric"], s=90 if on else 60, zorder=3,
+                   color=cmap(norm(v)) if v is not None else "tab:gray",
+                   edgecolors="tab:red" if on else "none", linewidths=2)
         ax.annotate(r["method"], (r["trainable_params"], r["metric"]), textcoords="offset points", xytext=(5, 5))
+    if known:
+        kind = next((r.get("forgetting_kind") for r in rows if r.get("forgetting") is not None), None) or "forgetting"
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+                     label=f"forgetting ({kind.replace('_', ' ')}{', %' if kind == 'perplexity_change' else ''})")
     pts = sorted((r["trainable_params"], r["metric"]) for r in rows if r["method"] in front)
     if len(pts) > 1:
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:red", alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"{metric} ({'higher' if greater else 'lower'} is better)")
-    ax.set_title("Pareto: metric vs trainable parameters (red = front)")
+    ax.set_title("metric vs trainable parameters (red ring = Pareto front)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
