@@ -224,3 +224,39 @@ def test_lora_on_same_padding_convs_matches_its_merge(tmp_path, monkeypatch):
         y = net(x)
         merged = dt.merge(net)(x)
     assert torch.allclose(y, merged, atol=1e-4), (y - merged).abs().max()
+
+
+def test_merged_and_full_models_save_and_load_as_base_models(factory, tmp_path):
+    """save_pretrained (full runs, merge) writes model.safetensors + vision_model.json; the directory
+    is a --model again, rebuilt from the spec and loaded key for key."""
+    model, _, _ = load_vision_model(factory, ["a", "b", "c"])
+    dt.attach(model, "lora", init="gaussian")
+    with torch.no_grad():
+        for k, p in dt.adapter_tensors(model, "default").items():
+            if "lora_B" in k:
+                p.normal_(0, 0.1)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(pixel_values=x).logits
+    dt.merge(model).save_pretrained(tmp_path / "merged")
+    back, _, _ = load_vision_model(str(tmp_path / "merged"), None)
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(pixel_values=x).logits, want, atol=1e-5)
+    assert back.config.id2label == {"0": "a", "1": "b", "2": "c"} or back.config.id2label == {0: "a", 1: "b", 2: "c"}
+    with pytest.raises(DeltaError, match="trained on labels"):
+        load_vision_model(str(tmp_path / "merged"), ["x", "y"])
+
+
+def test_inspect_a_factory_model(factory):
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    r = CliRunner().invoke(app, ["inspect", factory, "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    res = json.loads(r.stdout)
+    assert res["class"] == "VisionModelForImageClassification" and "classifier" in res["heads"], res["heads"]
+    assert res["candidate_targets"]["all-linear"] == ["net.stem", "net.layers.0.conv"]

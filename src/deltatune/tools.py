@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .core import DeltaError
+from .vision_models import is_vision_spec
 
 TASK_BY_CLASS = {"ForSequenceClassification": "classify", "ForCausalLM": "causal-lm",
                  "LMHeadModel": "causal-lm", "ForImageClassification": "image-classify"}
@@ -241,8 +242,8 @@ def inspect_model(spec: str, task: str | None, method: str, options: dict, trust
     from .targets import HEAD_NAMES, find_targets
 
     quiet_transformers()
-    if task:
-        model, _, path = load_model(spec, task, None, trust_remote_code)
+    if task or is_vision_spec(spec):
+        model, _, path = load_model(spec, task or "image-classify", None, trust_remote_code)
     else:
         path = resolve(spec)
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)

@@ -212,6 +212,15 @@ def split_head(net: nn.Module) -> tuple[str, nn.Linear]:
     return path, head
 
 
+def split_head_size(net: nn.Module) -> int:
+    """Number of classes of ``net``'s own head (without removing it)."""
+    get = getattr(net, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        head = next((m for m in reversed(list(net.modules())) if isinstance(m, nn.Linear)), None)
+    return head.out_features if head is not None else 2
+
+
 @dataclass
 class VisionConfig:
     """What rebuilds the model (saved as vision_model.json) and what the library reads from
@@ -320,13 +329,13 @@ def load_vision_model(spec: str, label_names: list[str] | None, weights: str | N
     if p.is_dir() and (p / SPEC_FILE).exists():
         model = load_saved(p, label_names)
     else:
-        if label_names is None:
-            raise DeltaError(f"--model {spec}: the number of classes comes from the data; give --data")
         net, image = build(spec)
         if weights:
             how = load_weights(net, weights)
             if log is not None:
                 log(f"weights: {weights} loaded into {spec} {how}")
+        if label_names is None:  # inspect / eval without data labels: as many classes as the model had
+            label_names = [str(i) for i in range(split_head_size(net))]
         model = _classifier(net, image, spec, list(label_names))
         model.config.weights = str(Path(weights).expanduser().resolve()) if weights else None
     image = ImageConfig.from_dict(model.config.image)
