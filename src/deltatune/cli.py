@@ -354,7 +354,8 @@ def eval_cmd(
         out.console.print(t)
         fg = res["forgetting"]
         if fg:
-            out.log(f"forgetting ({fg['kind']}, {fg['texts']} reference texts): {fg['value']:.4f}"
+            ref = "reference images" if res["task"] == "image-classify" else "reference texts"
+            out.log(f"forgetting ({fg['kind']}, {fg['texts']} {ref}): {fg['value']:.4f}"
                     + (f" %  (ppl {fg['ppl_base']:.2f} -> {fg['ppl_tuned']:.2f})" if fg["kind"] == "perplexity_change" else ""))
 
     out.done(res, human)

@@ -79,6 +79,7 @@ def evaluate_base(model: str, data, task: str | None, batch_size: int = 32, trus
     labels = None
     if task != "causal-lm" and is_vision_spec(model) and not Path(model).is_dir():
         labels = load_examples(task, data, **cols).label_names
+    torch.manual_seed(0)  # a fresh head initialised as train's "before" with the default seed
     m, proc, _ = load_model(model, task, labels, trust_remote_code, weights=weights, image_size=image_size)
     if task != "causal-lm" and labels is None:
         id2label = getattr(m.config, "id2label", None) or {}
