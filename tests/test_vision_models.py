@@ -260,3 +260,25 @@ def test_inspect_a_factory_model(factory):
     res = json.loads(r.stdout)
     assert res["class"] == "VisionModelForImageClassification" and "classifier" in res["heads"], res["heads"]
     assert res["candidate_targets"]["all-linear"] == ["net.stem", "net.layers.0.conv"]
+
+
+@pytest.mark.parametrize("spec, module", [("timm:resnet10t", "timm"), ("torchvision:resnet18", "torchvision.models")])
+def test_unimportable_vision_library_is_one_line(spec, module):
+    try:
+        __import__(module)
+    except Exception:  # absent, or a torchvision built for another torch
+        with pytest.raises(DeltaError, match=r"not importable here .*deltatune\[vision\]") as e:
+            load_vision_model(spec, ["a", "b"])
+        assert "\n" not in str(e.value)
+    else:
+        pytest.skip(f"{module} imports here")
+
+
+def test_weights_only_for_vision_specs(tmp_path):
+    from deltatune.models import load_model
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(DeltaError, match="--weights/--image-size are for timm"):
+        load_model(str(tmp_path), "image-classify", ["a", "b"], weights="w.pth")
+    with pytest.raises(DeltaError, match="use --task image-classify"):
+        load_model("timm:resnet18", "classify", ["a", "b"])
