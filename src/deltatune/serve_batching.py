@@ -153,6 +153,7 @@ class RunningBatch:
         return len(self.part.rows) if self.part is not None else 0
 
     # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
     def step(self, joining: list) -> list:
         finished: list = []
         if self.part is not None:
@@ -179,7 +180,7 @@ class RunningBatch:
         kw = {"input_ids": ids, "attention_mask": mask, "use_cache": True, self.key: cache}
         if self.positions:  # each row counts its own real tokens: (B, T_new)
             kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        with torch.inference_mode(), self.engine._routed([r.job for r in rows]):
+        with self.engine._routed([r.job for r in rows]):
             out = self.model(**kw)
         return out.logits[:, -1].float(), output_cache(out) or cache
 
