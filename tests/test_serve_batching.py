@@ -199,3 +199,23 @@ def test_model_without_a_spliceable_cache_falls_back_to_static(monkeypatch):
     assert engine.running is None
     for job, _ in out:
         assert job.result["output_ids"] == lone(model, job.adapter, job.ids, 4)
+
+
+def test_row_plan_reused_for_other_rows_of_the_same_adapters_routes_them_right():
+    """mixed.row_plan / RowPlan.with_rows (what the decoding loop reuses between steps)."""
+    from deltatune.mixed import row_plan
+
+    model = model_with_adapters()
+    x = torch.tensor([prompt(i)[:3] for i in range(4)])
+    plan = row_plan(model, ["a", "b", "a", "c"])
+    with torch.no_grad(), dt.mixed(model, plan):
+        model(input_ids=x)  # fills the plan's layer plans and stacks
+    other = plan.with_rows(["c", "a", "b", "b"])
+    with torch.no_grad():
+        with dt.mixed(model, other):
+            got = model(input_ids=x).logits
+        with dt.mixed(model, ["c", "a", "b", "b"]):
+            want = model(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(dt.DeltaError, match="with_rows needs the same adapters"):
+        plan.with_rows(["a", None])

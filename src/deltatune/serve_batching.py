@@ -35,6 +35,7 @@ is not a plain per-layer key/value cache (state-space, sliding-window layers) ra
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -46,6 +47,8 @@ from transformers import DynamicCache
 
 from .core import get_state
 from .methods._hf_compat import cache_kwarg, output_cache
+from .api import activate, disabled
+from .mixed import mixed, row_plan
 from .serve_stream import EngineEvents, LogprobTap
 
 log = logging.getLogger("deltatune.serve")
@@ -142,6 +145,8 @@ class RunningBatch:
         self.model = engine.model
         self.events: EngineEvents = engine.events
         self.part: Part | None = None
+        self.plans: dict[frozenset, object] = {}  # adapters in a batch -> its last mixed.RowPlan
+        self.loaded: tuple = ()  # the loaded adapters those plans were checked against
         self.key = cache_kwarg(self.model)
         if self.key is None:
             raise Unsupported("the model's forward takes no KV cache")
@@ -180,9 +185,30 @@ class RunningBatch:
         kw = {"input_ids": ids, "attention_mask": mask, "use_cache": True, self.key: cache}
         if self.positions:  # each row counts its own real tokens: (B, T_new)
             kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        with self.engine._routed([r.job for r in rows]):
+        with self._route(rows):
             out = self.model(**kw)
         return out.logits[:, -1].float(), output_cache(out) or cache
+
+    def _route(self, rows: list[Row]):
+        """Rows of several adapters: a mixed batch.  Its checks (a walk over every layer), layer
+        plans and stacked LoRA weights are kept per set of adapters until an adapter is attached
+        or deleted, though rows join and leave at almost every step; one adapter: it is
+        activated only when it changes (``activate`` walks every layer too)."""
+        names = [r.job.adapter for r in rows]
+        st = get_state(self.model)
+        if len(set(names)) == 1 and names[0] is not None:
+            if list(st.active) != names[:1]:
+                activate(self.model, names[:1])
+            return contextlib.nullcontext()
+        if len(set(names)) == 1:
+            return disabled(self.model)
+        loaded = tuple((n, id(a)) for n, a in st.adapters.items())
+        if self.loaded != loaded:  # an adapter was attached or deleted: check everything again
+            self.loaded, self.plans = loaded, {}
+        seen = self.plans.get(frozenset(names))
+        plan = seen.with_rows(names) if seen is not None else row_plan(self.model, names)
+        self.plans[frozenset(names)] = plan
+        return mixed(self.model, plan)
 
     def _decode(self, part: Part, finished: list) -> Part | None:
         """One new token for every row of ``part``; if the batch raises, each row runs alone so only
