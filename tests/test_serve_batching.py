@@ -18,7 +18,8 @@ from deltatune.serve_batching import Part, Row, cache_kv, make_cache, select, sp
 from deltatune.serve_engine import Engine, EngineConfig, Job, Sampling
 
 EOS = 2
-ADDITIVE = {"a": ("lora", dict(r=4)), "b": ("ia3", {}), "c": ("adapter", {})}
+# a and d: two LoRA adapters of one rank, so mixed batches take the gathered-bmm path
+ADDITIVE = {"a": ("lora", dict(r=4)), "b": ("ia3", {}), "c": ("adapter", {}), "d": ("lora", dict(r=4))}
 
 
 def model_with_adapters(make=tiny_llama, prompt_adapter: bool = False):
@@ -116,7 +117,7 @@ SEEDED = [Sampling(), Sampling(temperature=1.0, seed=7), Sampling(temperature=0.
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_mixed_adapters_and_seeds_joining_at_different_steps_equal_lone_runs(make):
     model = model_with_adapters(make, prompt_adapter=make is tiny_llama)
-    names = ["a", "b", None, "c", "a", "p" if make is tiny_llama else "b", "c", None]
+    names = ["a", "b", None, "d", "a", "p" if make is tiny_llama else "b", "c", "d", "a", "d"]
     plan = []
     for i, name in enumerate(names):
         s = SEEDED[i % len(SEEDED)]
@@ -207,14 +208,14 @@ def test_row_plan_reused_for_other_rows_of_the_same_adapters_routes_them_right()
 
     model = model_with_adapters()
     x = torch.tensor([prompt(i)[:3] for i in range(4)])
-    plan = row_plan(model, ["a", "b", "a", "c"])
+    plan = row_plan(model, ["a", "d", "a", "c"])
     with torch.no_grad(), dt.mixed(model, plan):
         model(input_ids=x)  # fills the plan's layer plans and stacks
-    other = plan.with_rows(["c", "a", "b", "b"])
+    other = plan.with_rows(["c", "a", "d", "d"])
     with torch.no_grad():
         with dt.mixed(model, other):
             got = model(input_ids=x).logits
-        with dt.mixed(model, ["c", "a", "b", "b"]):
+        with dt.mixed(model, ["c", "a", "d", "d"]):
             want = model(input_ids=x).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(dt.DeltaError, match="with_rows needs the same adapters"):

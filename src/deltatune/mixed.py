@@ -66,7 +66,7 @@ class RowPlan(list):
                              f"got {sorted(set(rows), key=str)}")
         plan = RowPlan(rows)
         plan.checked = self.checked
-        plan._pools, plan._rowsel, plan._layers = self._pools, self._rowsel, self._layers
+        plan._pools, plan._layers = self._pools, self._layers
         return plan
 
     def expand(self, n: int, device: torch.device):
