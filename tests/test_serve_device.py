@@ -42,10 +42,11 @@ def test_auto_dtype_on_cpu_follows_the_measurement(monkeypatch):
     speed = serve_device.bf16_speed(torch.device("cpu"), reps=1)
     assert speed > 0 and speed == speed  # a real, finite measurement
     monkeypatch.setattr(serve_device, "bf16_speed", lambda device: 0.02)  # no bf16 units: 50x slower
-    assert pick_dtype("auto", torch.device("cpu")) is torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) == (torch.float32, "--dtype auto: a bf16 matmul ran 0.02x as "
+                                                                      "fast as fp32 on this CPU")
     monkeypatch.setattr(serve_device, "bf16_speed", lambda device: 1.7)  # AMX
-    assert pick_dtype("auto", torch.device("cpu")) is torch.bfloat16
-    assert pick_dtype("fp16", torch.device("cpu")) is torch.float16
+    assert pick_dtype("auto", torch.device("cpu"))[0] is torch.bfloat16
+    assert pick_dtype("fp16", torch.device("cpu"))[0] is torch.float16
 
 
 def served_answer(model, tok, ids, new=5):
@@ -66,9 +67,9 @@ def library_answer(model, ids, new=5):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_tiny_model_served_in_dtype(tmp_path, dtype):
     d = tiny_llama_dir(tmp_path / "m")
-    model, tok, got = load_served(str(d), "causal-lm", Placement("cpu", dtype))
-    assert got is serve_device.DTYPES[dtype]
-    assert {p.dtype for p in model.parameters()} == {got}
+    model, tok, where = load_served(str(d), "causal-lm", Placement("cpu", dtype))
+    assert where == f"LlamaForCausalLM on cpu, {'bfloat16' if dtype == 'bf16' else 'float32'} (--dtype {dtype})"
+    assert {p.dtype for p in model.parameters()} == {serve_device.DTYPES[dtype]}
     ids = [5, 9, 12, 7]
     assert served_answer(model, tok, ids) == library_answer(model, ids)
 

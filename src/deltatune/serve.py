@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 import warnings
@@ -548,9 +549,8 @@ def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-
     import uvicorn
 
     configure_threads(threads)
-    model, tok, dtype = load_served(base_model, task, placement)
-    log.info("serving %s on %s in %s%s", type(model).__name__, next(model.parameters()).device,
-             str(dtype).removeprefix("torch."), f", {placement.quantize} weights" if placement.quantize else "")
+    model, tok, where = load_served(base_model, task, placement)
+    sys.stderr.write(f"deltatune serve: {where}\n")
     p = Path(base_model)
     name = served_name or (p.stem if p.suffix == ".gguf" else p.name) or "base"
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,

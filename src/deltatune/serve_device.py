@@ -87,28 +87,30 @@ def bf16_speed(device: torch.device, reps: int = 3) -> float:
     return best(a, b) / best(a.bfloat16(), b.bfloat16())
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``name`` as a torch dtype; ``auto`` as described in the module docstring (measured on CPU)."""
+def pick_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """(``name`` as a torch dtype, why); ``auto`` as described in the module docstring (measured on CPU)."""
     if name != "auto":
         dtype = DTYPES[name]
         if dtype is torch.float16 and device.type == "cpu":
             log.warning("--dtype fp16 on CPU: many CPU kernels are slow or missing in fp16; bf16 or fp32 is usual")
-        return dtype
+        return dtype, f"--dtype {name}"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        bf16 = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16, "--dtype auto: the GPU supports bf16") if bf16 else \
+            (torch.float16, "--dtype auto: the GPU has no bf16")
     if device.type != "cpu":
-        return torch.float32
+        return torch.float32, f"--dtype auto on {device.type}"
     speed = bf16_speed(device)
-    log.info("--dtype auto: a bf16 matmul runs %.2fx as fast as fp32 on this CPU -> %s", speed,
-             "bf16" if speed >= 1.0 else "fp32")
-    return torch.bfloat16 if speed >= 1.0 else torch.float32
+    why = f"--dtype auto: a bf16 matmul ran {speed:.2f}x as fast as fp32 on this CPU"
+    return (torch.bfloat16 if speed >= 1.0 else torch.float32), why
 
 
-def load_served(spec: str, task: str, placement: Placement) -> tuple[nn.Module, object, torch.dtype]:
-    """(model on its device in its dtype, tokenizer or None, the dtype) for ``deltatune serve``."""
+def load_served(spec: str, task: str, placement: Placement) -> tuple[nn.Module, object, str]:
+    """(model on its device in its dtype, tokenizer or None, one line saying where and in what it runs)
+    for ``deltatune serve``."""
     placement.check()
     device = pick_device(placement.device)
-    dtype = pick_dtype(placement.dtype, device)
+    dtype, why = pick_dtype(placement.dtype, device)
     if placement.quantize is None:
         model, tok, _ = load_model(spec, task, tokenizer_required=False)  # no tokenizer: serve input_ids
     else:
@@ -119,7 +121,8 @@ def load_served(spec: str, task: str, placement: Placement) -> tuple[nn.Module, 
         if tok is not None and tok.pad_token is None:
             tok.pad_token = tok.eos_token
     model = model.to(device=device) if placement.quantize else model.to(device=device, dtype=dtype)
-    return model.eval(), tok, dtype
+    where = f"{type(model).__name__} on {device}, {str(dtype).removeprefix('torch.')} ({why})"
+    return model.eval(), tok, where + (f", {placement.quantize} linear layers" if placement.quantize else "")
 
 
 __all__ = ["DTYPES", "Placement", "bf16_speed", "load_served", "pick_device", "pick_dtype"]
