@@ -57,7 +57,7 @@ def serve(d: str, window_ms: float, port_file: str, threads: int, max_batch: int
           tokenizer=None) -> None:
     import torch
 
-    from deltatune.serve import ServerThread, build_app
+    from deltatune.serve.app import ServerThread, build_app
 
     torch.set_num_threads(threads)
     app = build_app(build_model(), tokenizer, d, window_ms=window_ms, max_batch=max_batch, batching=batching)

@@ -1,4 +1,4 @@
-"""Continuous batching (serve_batching.py): a request joins the running batch at the next decoding
+"""Continuous batching (deltatune/serve/batching.py): a request joins the running batch at the next decoding
 step and leaves when done, so a short request submitted while a long one decodes finishes first;
 every row (LoRA, IA3, bottleneck adapter or bare base next to each other, greedy or seeded
 sampling, joining at different steps) gives exactly its lone library run; prompt/prefix adapters
@@ -14,8 +14,9 @@ import torch
 
 import deltatune as dt
 from conftest import tiny_gpt2, tiny_llama
-from deltatune.serve_batching import Part, Row, cache_kv, make_cache, select, splice
-from deltatune.serve_engine import Engine, EngineConfig, Job, Sampling
+from deltatune.serve import batching as serve_batching
+from deltatune.serve.batching import Part, Row, cache_kv, make_cache, select, splice
+from deltatune.serve.engine import Engine, EngineConfig, Job, Sampling
 
 EOS = 2
 # a and d: two LoRA adapters of one rank, so mixed batches take the gathered-bmm path
@@ -187,8 +188,6 @@ def test_row_whose_adapter_is_unloaded_mid_decoding_fails_alone():
 
 
 def test_model_without_a_spliceable_cache_falls_back_to_static(monkeypatch):
-    from deltatune import serve_batching
-
     def refuse(cache):
         raise serve_batching.Unsupported("test")
 

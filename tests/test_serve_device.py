@@ -1,4 +1,4 @@
-"""``deltatune serve --device/--dtype/--quantize`` (serve_device.py): devices that do not exist and
+"""``deltatune serve --device/--dtype/--quantize`` (deltatune/serve/device.py): devices that do not exist and
 unknown dtypes/schemes are one-line DeltaErrors (before the model loads); ``--dtype auto`` picks
 bf16 on CPU only when the measured bf16 matmul is at least as fast as fp32; a tiny model loads in
 bf16, or quantized (int8 / nf4 linear layers), and the server's answers equal the library's on
@@ -10,12 +10,11 @@ import torch
 
 import deltatune as dt
 from cli_fixtures import tiny_llama_dir
-from deltatune import serve_device
-from deltatune.serve_device import Placement, load_served, pick_device, pick_dtype
-
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 from deltatune.serve import ServerThread, build_app  # noqa: E402
+from deltatune.serve import device as serve_device  # noqa: E402
+from deltatune.serve.device import Placement, load_served, pick_device, pick_dtype  # noqa: E402
 
 
 @pytest.mark.parametrize("placement, message", [
