@@ -559,16 +559,26 @@ def serve(
     max_n: int = typer.Option(8, min=1, help="Most choices (prompts x n) per OpenAI request."),
     max_queue: int = typer.Option(256, min=0, help="Most requests waiting; more get 429 with Retry-After "
                                                    "(0 = no limit)."),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu)."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 | auto (auto measures: bf16 on CPU only when "
+                                           "a bf16 matmul is at least as fast as fp32 here)."),
+    quantize: Optional[str] = typer.Option(None, help="nf4 | int8: quantize the linear layers while loading."),
+    batching: str = typer.Option("continuous", help="continuous (requests join the running batch at every "
+                                                    "decoding step) | static (a batch decodes to its longest request)."),
     config: Optional[Path] = ConfigOpt,
 ):
     """HTTP server: one base model, many adapters, mixed batches, OpenAI-compatible API (see deltatune.serve)."""
-    from ..serve.app import run
+    from ..serve.app import Placement, run  # fastapi / uvicorn: optional dependencies
 
     token = _read_token(token_file) if token_file else None
     _check_adapter_dir(adapters)
+    placement = Placement(device, dtype, quantize)
+    placement.check()  # before loading the model: a typo costs nothing
+    if batching not in ("continuous", "static"):
+        raise DeltaError(f"--batching {batching!r}: choose continuous or static")
     run(model, adapters, task=task, host=host, port=port, token=token, window_ms=window_ms, max_batch=max_batch,
         max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens, max_queue=max_queue, api_key=api_key,
-        served_name=served_model_name, max_n=max_n)
+        served_name=served_model_name, max_n=max_n, placement=placement, batching=batching)
 
 
 def _read_token(path: Path) -> str:
