@@ -368,6 +368,31 @@ Read from the 110M traces (before → after):
 """
 
 
+def _targets() -> list[str]:
+    """Issue 18's targets (NF4 / fp32 LoRA), read from the results files."""
+    out = ["Targets (NF4 / fp32 LoRA; the nf4+gc arm is what `deltatune train --quantize nf4` runs for these "
+           "shapes, gradient checkpointing on by its rule; the fp32 arm is the user's plain fp32 LoRA):"]
+    for size, checks in (("1b", (("process_peak", 0.35, "peak process memory"), ("resident_after", 0.30, "resident after training"),
+                                 ("step", 1.5, "step time"))),
+                         ("110m", (("process_peak", 0.50, "peak process memory"),))):
+        res = _load(size)
+        if not res:
+            out.append(f"- {size}: not measured")
+            continue
+        rows = {r["name"]: r for r in _merge_rounds(res["results"])}
+        ref = rows.get("fp32", {})
+        for arm in ("nf4+gc", "nf4"):
+            if arm not in rows or "error" in rows[arm]:
+                continue
+            for key, limit, what in checks:
+                v = rows[arm][key] / ref[key]
+                out.append(f"- {size} {arm}: {what} ≤ {limit}×: {v:.2f}× — {'met' if v <= limit else 'NOT met'}")
+    out.append("- 1B step time: one step per arm (`--steps 0`: the first step, allocator and optimizer warm-up "
+               "included), one process per arm, machine at load average ~10-15: a single noisy pair, not the "
+               "A, B, A, B medians the bench takes with `--rounds 2 --steps 2` on a quiet machine.")
+    return out
+
+
 def render() -> str:
     lines = [SECTION, ""]
     for size in ("110m", "1b"):
@@ -393,6 +418,7 @@ def render() -> str:
             refb = next((r for r in rb if r["name"] == "fp32"), {})
             lines += [f"Before issue 18 (loader of main at bbf4ff6, same worker): {before['meta']['command']}.", ""]
             lines += _summary(rb, refb) + [""] + _trace_table(rb) + [""]
+    lines += _targets() + [""]
     lines += ["**Largest model within 4 GiB per arm: not measured** (the search over layer count is not built).", ""]
     ppl = _load("ppl")
     if ppl:
