@@ -183,9 +183,16 @@ def _train_dict(**kw) -> dict:
 @_errors
 def train(
     ctx: typer.Context,
-    model: str = typer.Option(..., help="Model directory, id in the local HF cache, or .gguf file."),
+    model: str = typer.Option(..., help="Model directory, id in the local HF cache, or .gguf file; image classifiers: "
+                              "timm:NAME, torchvision:NAME, or package.module:factory (a Python callable returning "
+                              "an nn.Module: this imports and runs YOUR code, from the working directory too)."),
     data: str = typer.Option(..., help="Training data: CSV, TSV, JSONL, JSON, Parquet, Arrow, a dataset directory, "
-                             "a Hub dataset id (org/name, cached or online), .npz or image folder."),
+                             "a Hub dataset id (org/name, cached or online); images: .npz, image folder, or a "
+                             "pixel CSV (MNIST: 784 pixels + label)."),
+    weights: Optional[str] = typer.Option(None, help="timm:/torchvision:/factory models: a local state dict "
+                                          "(.pth/.pt loaded with weights_only, or .safetensors); every key is checked."),
+    image_size: Optional[int] = typer.Option(None, help="Image classifiers: input side in pixels (default: the "
+                                             "model's own config, e.g. 224)."),
     task: str = typer.Option("classify", help="classify | causal-lm | image-classify"),
     method: str = typer.Option("lora", help="A registered method (list them: `deltatune inspect --methods`) or 'full'."),
     opt: Optional[list[str]] = typer.Option(None, "--opt", "-o", help="Method option KEY=VALUE (repeatable), e.g. -o r=16."),
@@ -244,7 +251,7 @@ def train(
                    format=format, data_split=data_split, data_config=data_config, val_split=val_split,
                    train_on=train_on, chat_template=chat_template, command=command_line(ctx),
                    max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
-                   trust_remote_code=trust_remote_code, lr=lr,
+                   trust_remote_code=trust_remote_code, lr=lr, weights=weights, image_size=image_size,
                    train=_train_dict(epochs=epochs,
                                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                      warmup_ratio=warmup_ratio, schedule=schedule, max_grad_norm=max_grad_norm,

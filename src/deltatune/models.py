@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .core import DeltaError
+from .vision_models import is_vision_spec, load_vision_model
 
 AUTO_CLASSES = {
     "classify": "AutoModelForSequenceClassification",
@@ -113,14 +114,24 @@ def load_tokenizer(path: str, spec: str, trust_remote_code: bool = False, requir
 
 
 def load_model(spec: str, task: str, label_names: list[str] | None = None, trust_remote_code: bool = False,
-               tokenizer_required: bool = True):
+               tokenizer_required: bool = True, weights: str | None = None, image_size: int | None = None,
+               log=None):
     """(model, tokenizer or image processor, resolved path) for ``task``.  With
-    ``tokenizer_required=False`` a model without tokenizer files loads with tokenizer None."""
+    ``tokenizer_required=False`` a model without tokenizer files loads with tokenizer None.
+    ``timm:``/``torchvision:``/``module:factory`` specs go to :mod:`deltatune.vision_models`
+    (``weights``: a local state dict; ``image_size``: override the model's input size)."""
     import transformers
 
     quiet_transformers()
     if task not in AUTO_CLASSES:
         raise DeltaError(f"unknown task {task!r}; choose one of {sorted(AUTO_CLASSES)}")
+    if is_vision_spec(spec):
+        if task != "image-classify":
+            raise DeltaError(f"--model {spec} is an image classifier; use --task image-classify")
+        return load_vision_model(spec, label_names, weights, image_size, log)
+    if weights or image_size:
+        raise DeltaError(f"--weights/--image-size are for timm:NAME, torchvision:NAME and module:factory models; "
+                         f"{spec} is a transformers model, which loads its own weights and image size")
     path = resolve(spec)
     cls = getattr(transformers, AUTO_CLASSES[task])
     kw: dict = {"local_files_only": True, "trust_remote_code": trust_remote_code}
