@@ -17,17 +17,26 @@ FACTORY = """
 import torch
 from torch import nn
 
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.relu(self.conv(x))
+
+
 class TinyCNN(nn.Module):
     def __init__(self, classes=7):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(8)
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.layers = nn.Sequential(Block(8))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(8, classes)
 
     def forward(self, x):
-        h = self.block(torch.relu(self.bn(self.stem(x))))
+        h = self.layers(torch.relu(self.bn(self.stem(x))))
         return self.fc(self.pool(h).flatten(1))
 
 def build():
@@ -60,7 +69,7 @@ def test_factory_model_gets_a_fresh_head_and_answers_like_transformers(factory):
     # the library's defaults adapt the convolutions and train the new head in full
     dt.attach(model, "lora")
     names = {k.split(".lora_")[0] for k in dt.adapter_tensors(model, "default") if ".lora_" in k}
-    assert names == {"net.stem", "net.block.0"}, names
+    assert names == {"net.stem", "net.layers.0.conv"}, names
     assert any(k.startswith("classifier") for k in dt.adapter_tensors(model, "default"))
 
 
@@ -107,7 +116,7 @@ def test_weights_every_key_checked(factory, tmp_path):
 
 def test_weights_renamed_module_map_by_position(factory, tmp_path):
     net = __import__("tiny_factory").build()
-    renamed = {k.replace("stem", "conv0").replace("block", "layer"): v for k, v in net.state_dict().items()}
+    renamed = {k.replace("stem", "conv0").replace("layers", "blocks"): v for k, v in net.state_dict().items()}
     torch.save(renamed, tmp_path / "renamed.pth")
     fresh = __import__("tiny_factory").TinyCNN()
     how = load_weights(fresh, tmp_path / "renamed.pth")
@@ -187,3 +196,31 @@ def test_grey_images_become_the_models_channels_and_normalisation():
     assert np.allclose(x[:, 5, 5], want, atol=1e-5)
     assert to_pixels(np.ones((8, 8, 3), np.float32), ImageConfig(size=8, channels=1, mean=(0.0,), std=(1.0,))).shape \
         == (1, 8, 8)
+
+
+@pytest.mark.parametrize("method, adapted", [("ia3", {"net.stem", "net.layers.0.conv"}), ("adapter", {"net.layers.0"}),
+                                             ("lora", {"net.stem", "net.layers.0.conv"})])
+def test_cnn_default_targets(factory, method, adapted):
+    """Convolutions by default (LoRA: ungrouped ones; IA3: all), adapters after the blocks."""
+    model, _, _ = load_vision_model(factory, ["a", "b"])
+    dt.attach(model, method)
+    mods = {k.rsplit(".", 1)[0].split(".lora_")[0].split(".adapter_")[0] for k in dt.adapter_tensors(model, "default")}
+    assert mods - {"classifier"} == adapted, mods
+
+
+def test_lora_on_same_padding_convs_matches_its_merge(tmp_path, monkeypatch):
+    """efficientnet-pytorch pads inside Conv2dStaticSamePadding.forward: LoRA's A sees the padded
+    input too, so the adapted model equals the merged one."""
+    eff = pytest.importorskip("efficientnet_lite_pytorch")
+    torch.manual_seed(0)
+    net = eff.EfficientNet.from_name("efficientnet-lite0").eval()
+    dt.attach(net, "lora", targets=["_conv_stem", "_blocks.1._expand_conv"], init="gaussian", dora=True)
+    with torch.no_grad():
+        for p in dt.adapter_tensors(net, "default").values():
+            if p.dim() == 4 and p.shape[1] == 8:  # lora_B (out, r, 1, 1): nonzero, so the delta shows
+                p.normal_(0, 0.05)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        y = net(x)
+        merged = dt.merge(net)(x)
+    assert torch.allclose(y, merged, atol=1e-4), (y - merged).abs().max()

@@ -295,9 +295,14 @@ def _print_run(out: Out, m: dict) -> None:
 @app.command("eval")
 @_errors
 def eval_cmd(
-    adapter: str = typer.Option(..., help="Adapter directory (or a run directory holding adapter/)."),
+    adapter: Optional[str] = typer.Option(None, help="Adapter directory, or a run directory holding adapter/ or "
+                                          "(--method full) model/. Leave out to evaluate --model itself."),
     data: str = typer.Option(..., help="Evaluation data file (same columns as training)."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded at training)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded at training); alone: "
+                                        "the model to evaluate."),
+    weights: Optional[str] = typer.Option(None, help="With --model timm:/torchvision:/factory and no --adapter: "
+                                          "its state dict."),
+    image_size: Optional[int] = typer.Option(None, help="With --model and no --adapter: image input side."),
     text_column: Optional[str] = typer.Option(None),
     label_column: Optional[str] = typer.Option(None),
     prompt_column: Optional[str] = typer.Option(None),
@@ -313,25 +318,39 @@ def eval_cmd(
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
-    """Task metrics on DATA and forgetting (drift / perplexity change on general text) of an adapter."""
+    """Task metrics on DATA and forgetting (drift / perplexity change on general text) of an adapter,
+    of a --method full run against its recorded base, or (--model alone) of a base model."""
+    from .full_eval import evaluate_base, evaluate_full, full_run_dir
     from .tools import evaluate_adapter
 
     out = Out(as_json)
-    res = evaluate_adapter(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
-                           trust_remote_code=trust_remote_code,
-                           columns=dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
-                                        response_column=response_column, messages_column=messages_column,
-                                        format=format, data_split=data_split, data_config=data_config))
+    columns = dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
+                   response_column=response_column, messages_column=messages_column,
+                   format=format, data_split=data_split, data_config=data_config)
+    if adapter is None and model is None:
+        raise DeltaError("eval needs --adapter RUN (an adapter or a training run) or --model MODEL (a base model)")
+    if adapter is None:
+        res = evaluate_base(model, data, task, batch_size, trust_remote_code, columns, weights, image_size)
+    elif weights or image_size:
+        raise DeltaError("--weights/--image-size are for --model without --adapter; a run records its own")
+    elif full_run_dir(adapter) is not None:
+        res = evaluate_full(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
+                            trust_remote_code=trust_remote_code, columns=columns)
+    else:
+        res = evaluate_adapter(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
+                               trust_remote_code=trust_remote_code, columns=columns)
 
     def human():
         from rich.table import Table
 
-        t = Table(title=f"{res['adapter']} on {Path(data).name} ({res['rows']} rows)")
+        t = Table(title=f"{res['adapter'] or res['base_model']} on {Path(data).name} ({res['rows']} rows)")
         t.add_column("metric")
+        tuned = {"full": "fine-tuned", "base": None}.get(res.get("kind"), "adapter")
         t.add_column("base", justify="right")
-        t.add_column("adapter", justify="right")
+        if tuned:
+            t.add_column(tuned, justify="right")
         for k, v in res["metrics"].items():
-            t.add_row(k, f"{res['base_metrics'].get(k, float('nan')):.4f}", f"{v:.4f}")
+            t.add_row(k, f"{res['base_metrics'].get(k, float('nan')):.4f}", *([f"{v:.4f}"] if tuned else []))
         out.console.print(t)
         fg = res["forgetting"]
         if fg:
@@ -351,6 +370,8 @@ def compare(
     data: str = typer.Option(..., help="Training data."),
     task: str = typer.Option("classify"),
     full: bool = typer.Option(False, help="Also fine-tune every weight, as the reference."),
+    weights: Optional[str] = typer.Option(None, help="timm:/torchvision:/factory models: a local state dict."),
+    image_size: Optional[int] = typer.Option(None, help="Image classifiers: input side (default: the model's own)."),
     output: str = typer.Option("runs/compare", help="Directory: one sub-directory per method, table, plot."),
     max_steps: int = typer.Option(100, help="The same step budget for every method."),
     batch_size: int = typer.Option(16),
@@ -370,14 +391,16 @@ def compare(
     config: Optional[Path] = ConfigOpt,
 ):
     """Train several methods on the same budget; one table (metric, forgetting, params, memory, time,
-    size) and a Pareto plot (metric vs trainable parameters)."""
+    size) and a Pareto plot (metric vs trainable parameters, colour = forgetting); --full adds the
+    full fine-tuning reference."""
     from .tools import compare_methods
 
     out = Out(as_json)
     extra = {"--max-length": max_length, "--val-data": val_data, "--text-column": text_column,
              "--label-column": label_column, "--prompt-column": prompt_column,
              "--response-column": response_column, "--max-train-rows": max_train_rows, "--format": format,
-             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template}
+             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template,
+             "--weights": weights, "--image-size": image_size}
     res = compare_methods([m.strip() for m in methods.split(",") if m.strip()], model, data, task, output,
                           max_steps, batch_size, seed, full, {k: v for k, v in extra.items() if v is not None},
                           log=out.log)
@@ -386,7 +409,9 @@ def compare(
         from rich.table import Table
 
         t = Table(title=f"compare on {Path(data).name}: {max_steps} steps each")
-        for c in ("method", res["metric"], "forgetting", "trainable", "peak RSS MB", "time s", "file MB"):
+        kind = next((r["forgetting_kind"] for r in res["rows"] if r.get("forgetting_kind")), None)
+        fg = f"forgetting ({kind.replace('_', ' ')})" if kind else "forgetting"
+        for c in ("method", res["metric"], fg, "trainable", "peak RSS MB", "time s", "file MB"):
             t.add_column(c, justify="left" if c == "method" else "right")
         for r in res["rows"]:
             t.add_row(r["method"], f"{r['metric']:.4f}", f"{r['forgetting']:.4f}" if r["forgetting"] is not None else "-",

@@ -138,7 +138,8 @@ def _label_index(df, path, label_column: str | None, header: bool) -> int:
     varies = [i for i in (0, len(cols) - 1) if df.iloc[:, i].nunique() > 1]
     if len(varies) == 1:
         return varies[0]
-    raise DeltaError(f"{path}: cannot tell which column holds the label (first and last both vary); "
+    why = "first and last both vary" if varies else "neither the first nor the last column varies"
+    raise DeltaError(f"{path}: cannot tell which column holds the label ({why}); "
                      "pass --label-column NAME or an index (0 = first, -1 = last)")
 
 

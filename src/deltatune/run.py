@@ -294,7 +294,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
                  "trust_remote_code": o.trust_remote_code, "format": train_ex.format or None,
                  "train_on": o.train_on, "chat_template": template,
                  "weights": str(Path(o.weights).expanduser().resolve()) if o.weights else None,
-                 "image_size": o.image_size}
+                 "image_size": o.image_size, "seed": seed}  # seed: eval rebuilds the base's fresh head as it was
     art = out / ("model" if o.method == "full" else "adapter")
     if o.method != "full":
         trainer.save_adapter(art)  # every rank calls it (FSDP gathers); rank 0 writes

@@ -128,6 +128,23 @@ def find_targets(
     return found
 
 
+def conv_blocks(model: nn.Module) -> list[str]:
+    """The blocks of a CNN: items of a Sequential/ModuleList that are not containers themselves and
+    hold a 2-d convolution (ResNet's ``layer1.0``, timm EfficientNet's ``blocks.1.0``,
+    efficientnet-pytorch's ``_blocks.3``, torchvision's ``features.2.0``), outermost first."""
+    lists = (nn.Sequential, nn.ModuleList)
+    found = []
+    for path, mod in iter_base_modules(model):
+        if not path:
+            continue
+        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        if (isinstance(parent, lists) and type(mod) not in (nn.Sequential, nn.ModuleList)
+                and not isinstance(mod, nn.Conv2d) and any(isinstance(m, nn.Conv2d) for m in mod.modules())
+                and not any(path.startswith(f + ".") for f in found)):
+            found.append(path)
+    return found
+
+
 def _inside(path: str, parents: set[str]) -> bool:
     """``path`` is one of ``parents`` or a module inside one of them."""
     return any(path == h or path.startswith(h + ".") for h in parents)

@@ -9,6 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from .core import DeltaError
 
 TASK_BY_CLASS = {"ForSequenceClassification": "classify", "ForCausalLM": "causal-lm",
@@ -59,7 +61,9 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, task: str |
     d = adapter_dir(adapter)
     base, task, info = _base_and_task(d, model, task)
     labels = info.get("label_names") or None
-    m, proc, _ = load_model(base, task, labels, trust_remote_code)
+    torch.manual_seed(info.get("seed", 0))  # a fresh head (under dt.disabled) initialised as in train's "before"
+    m, proc, _ = load_model(base, task, labels, trust_remote_code, weights=info.get("weights") if model is None else None,
+                            image_size=info.get("image_size"))
     dt.load(m, d)
     return m, proc, task, info, d, base
 
@@ -85,7 +89,7 @@ def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch
         base_metrics = task_metrics(task, m, feats, coll, batch_size)
     tok = proc if task != "image-classify" else None
     fg = Forgetting(tok, task, read_reference(reference) if reference else None).snapshot(m).measure(m)
-    return {"adapter": str(d), "base_model": base, "task": task, "data": str(data), "rows": len(ex),
+    return {"adapter": str(d), "kind": "adapter", "base_model": base, "task": task, "data": str(data), "rows": len(ex),
             "metrics": metrics, "base_metrics": base_metrics, "forgetting": fg}
 
 
@@ -160,18 +164,30 @@ def pareto_plot(rows: list[dict], path: Path, metric: str, greater: bool) -> Non
     from .io import atomic_write
 
     front = set(pareto_front(rows, greater))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(6.6, 4), dpi=100)
+    # colour = forgetting (drift / perplexity change on general data): a method can sit on the
+    # accuracy/size front and still forget more than another; grey = not measured
+    fg = [r.get("forgetting") for r in rows]
+    known = [v for v in fg if v is not None]
+    norm = matplotlib.colors.Normalize(vmin=min(known + [0.0]), vmax=max(known + [1e-9])) if known else None
+    cmap = matplotlib.colormaps["plasma"]
+    for r, v in zip(rows, fg):
         on = r["method"] in front
-        ax.scatter(r["trainable_params"], r["metric"], s=60, color="tab:red" if on else "tab:gray", zorder=3)
+        ax.scatter(r["trainable_params"], r["metric"], s=90 if on else 60, zorder=3,
+                   color=cmap(norm(v)) if v is not None else "tab:gray",
+                   edgecolors="tab:red" if on else "none", linewidths=2)
         ax.annotate(r["method"], (r["trainable_params"], r["metric"]), textcoords="offset points", xytext=(5, 5))
+    if known:
+        kind = next((r.get("forgetting_kind") for r in rows if r.get("forgetting") is not None), None) or "forgetting"
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+                     label=f"forgetting ({kind.replace('_', ' ')}{', %' if kind == 'perplexity_change' else ''})")
     pts = sorted((r["trainable_params"], r["metric"]) for r in rows if r["method"] in front)
     if len(pts) > 1:
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:red", alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"{metric} ({'higher' if greater else 'lower'} is better)")
-    ax.set_title("Pareto: metric vs trainable parameters (red = front)")
+    ax.set_title("metric vs trainable parameters (red ring = Pareto front)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()

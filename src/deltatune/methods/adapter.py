@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core import Delta, DeltaConfig, DeltaError, Method, iter_base_modules, register, wrap
 from ..dtypes import build_dtype
-from ..targets import find_targets, linear_types
+from ..targets import conv_blocks, find_targets, linear_types
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
@@ -203,6 +203,9 @@ def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | 
         "ffn_parallel": [("par", p, None) for p in blocks] or [("par", o, i) for i, o in split],
     }
     missing = [pt for pt in points if not found[pt]]
+    blocks = conv_blocks(model) if missing and cfg.placement != "parallel" else []
+    if blocks:  # a CNN: one adapter after each block (channels at axis 1), Rebuffi et al. 2017's serial adapters
+        return [("seq", p, None) for p in blocks]
     if missing:
         raise DeltaError(f"adapter: cannot find the {missing} attachment points of {type(model).__name__} for "
                          f"placement {cfg.placement!r} (known: Llama/GPT-2/GPT-NeoX/BERT/ViT/OPT/Bart/Whisper/T5-style blocks); pass "
