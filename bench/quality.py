@@ -63,7 +63,8 @@ def run_one(task, method: str, data: tuple[Path, Path], work: Path) -> dict:
     out = work / "runs" / f"{task.name}-{method}"
     cmd = command(task, method, *data, out)
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))  # for quality_tasks:lite0_factory
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
     wall = time.perf_counter() - t
     if p.returncode != 0:
         err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -148,11 +149,16 @@ def render(rows: list[dict], method_order: list[str] | None = None) -> str:
              "|---|---|---|---|---|---|---|---|"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     for task in tasks:
-        mine = sorted((r for r in rows if r["task"] == task),
-                      key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+        mine = [r for r in rows if r["task"] == task]
+        seen = {r["method"] for r in mine}
+        mine += [{"method": m, "missing": True} for m in order if m not in seen]  # gaps stay visible
+        mine.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
         for r in mine:
+            if r.get("missing"):
+                lines.append(f"| {task} | {r['method']} | not run | | | | | |")
+                continue
             if "error" in r:
-                lines.append(f"| {task} | {r['method']} | failed: {r['error']} | | | | | {r['wall_s']:.0f} |")
+                lines.append(f"| {task} | {r['method']} | failed: {r['error'][:160]} | | | | | {r['wall_s']:.0f} |")
                 continue
             before = f" ({r['before']:.4f})" if r.get("before") is not None and r["metric"] == "accuracy" else \
                 (f" ({r['before']:.2f})" if r.get("before") is not None else "")

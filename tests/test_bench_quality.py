@@ -61,7 +61,9 @@ def test_table_has_every_run_in_method_order_and_the_targets():
     text = quality.render(ROWS)
     runs = text.split("| task | full fine-tuning")[0].splitlines()  # the per-run table, before the targets
     sms = [ln for ln in runs if ln.startswith("| sms |")]
-    assert [ln.split("|")[2].strip() for ln in sms] == ["full", "lora", "ia3", "adapter"]
+    assert [ln.split("|")[2].strip() for ln in sms] == ["full", "lora", "dora", "ia3", "bitfit", "adapter", "prompt",
+                                                        "sparse"]  # methods without a row: "not run"
+    assert "| sms | dora | not run |" in text and "| sms | ia3 | not run |" not in text
     assert "| sms | lora | accuracy 0.9700 (0.5000) | 0.3000 | 1.500 |" in text
     assert "| dialogue | lora | perplexity 21.00 (0.50) | +20.0 % |" in text
     assert "| dialogue | sparse | failed: DeltaError: boom |" in text
