@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli_fixtures import spam_rows, tiny_bert_dir, write_csv
-from deltatune.cli import app
+from deltatune.cli.main import app
 
 FACTORY = """
 import torch

@@ -9,8 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .core import DeltaError
-from .vision_models import is_vision_spec, load_vision_model
+from .core.delta import DeltaError
+from .vision.classifier import is_vision_spec, load_vision_model
 
 AUTO_CLASSES = {
     "classify": "AutoModelForSequenceClassification",
@@ -118,7 +118,7 @@ def load_model(spec: str, task: str, label_names: list[str] | None = None, trust
                log=None):
     """(model, tokenizer or image processor, resolved path) for ``task``.  With
     ``tokenizer_required=False`` a model without tokenizer files loads with tokenizer None.
-    ``timm:``/``torchvision:``/``module:factory`` specs go to :mod:`deltatune.vision_models`
+    ``timm:``/``torchvision:``/``module:factory`` specs go to :mod:`deltatune.vision.classifier`
     (``weights``: a local state dict; ``image_size``: override the model's input size)."""
     import transformers
 
