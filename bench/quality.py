@@ -199,6 +199,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(mine[0]["metric"] + ("" if mine[0]["greater"] else " (lower is better)"))
         kind = mine[0].get("forgetting_kind") or "forgetting"
         fig.colorbar(sc, ax=ax).set_label(kind.replace("_", " ") + (" %" if kind == "perplexity_change" else ""))
+    dates = sorted(r["date"][:10] for r in rows if "date" in r)
+    fig.suptitle(f"bench/quality.py: deltatune train defaults, {dates[-1] if dates else ''}, {cpu_model()}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
