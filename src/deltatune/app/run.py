@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.delta import DeltaError
+from .console import library_log
 
 # Learning rates per method, used when --lr is not given.  Adapters start at zero and, with a
 # freshly initialised head, need ~10x the rate of full fine-tuning; vector-scaling methods (IA3,
@@ -280,7 +281,10 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
                       eval_fn=lambda m: task_metrics(o.task, m, val_f, coll), **loss)
     if rank == 0 and not (o.resume and (out / OPTIONS_FILE).exists()):
         atomic_write_json(out / OPTIONS_FILE, options_fingerprint(o))
-    result = trainer.train(resume=o.resume)
+    # torch / transformers / datasets warnings (dynamo recompiles, deprecations) go to train.log, not
+    # into the progress bar; DELTATUNE_VERBOSE=1 shows them as well
+    with library_log(out / "train.log" if rank == 0 else None):
+        result = trainer.train(resume=o.resume)
     after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps and not cfg.early_stopping \
         else task_metrics(o.task, model, val_f, coll)
     after = {k: v for k, v in after.items() if k != "step"}
@@ -313,6 +317,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
         "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
         "samples_per_s": result.samples_per_s, "peak_rss_mb": result.peak_rss_mb,
+        "compiled": trainer.compiled,  # torch.compile ran to the end (False: off, or fell back to eager)
         "artifact": str(art), "artifact_bytes": size, "history": result.history, "evals": result.evals,
         "plot": str(out / "training.png"),
     }

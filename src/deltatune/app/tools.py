@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.delta import DeltaError
+from .export import Exported, check_options, export_merged
 from ..vision.classifier import is_vision_spec
 from .full_eval import evaluate_base, evaluate_full, full_run_dir
 
@@ -335,7 +336,8 @@ def print_inspect(out, res: dict) -> None:
 
 # --------------------------------------------------------------------------- merge
 
-def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info: dict) -> None:
+def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info: dict, fmt: str = "safetensors",
+                       files: list[str] | None = None) -> None:
     """README.md of a merged model: the base, the adapter it came from, and that run's results."""
     from ..storage import model_card
     from .run import real_model_name
@@ -350,16 +352,17 @@ def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info:
         method_config=manifest.get("config"), task=task, merged_from=str(adapter_dir.resolve()),
         datasets=[Path(run["data"]).name] if run.get("data") else None,
         metrics={k: (before.get(k), v) for k, v in after.items()} or None, main_metric=run.get("metric"),
-        forgetting=run.get("forgetting")))
+        forgetting=run.get("forgetting"), gguf_file=(files or [None])[0] if fmt == "gguf" else None))
 
 
-def merge_adapter(adapter, output, model=None, task=None, force=False, trust_remote_code=False) -> dict:
+def merge_adapter(adapter, output, model=None, task=None, force=False, trust_remote_code=False,
+                  fmt: str = "safetensors", dtype: str = "fp32") -> dict:
     import torch
 
     import deltatune as dt
     from ..files import atomic_write_json
-    from .run import save_pretrained_atomic
 
+    check_options(fmt, dtype)
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not force:
         raise DeltaError(f"output directory {out} exists and is not empty; pass --force to replace it")
@@ -381,13 +384,17 @@ def merge_adapter(adapter, output, model=None, task=None, force=False, trust_rem
     diff = float((want - got).abs().max())
     if not torch.isfinite(got).all():
         raise DeltaError("the merged model produces NaN/Inf; refusing to write it")
-    save_pretrained_atomic(merged, proc, out)
-    if info:
-        atomic_write_json(out / "deltatune_merge.json", {"adapter": str(d), "base_model": base, **info})
-    _write_merged_card(out, d, base, task, info)
+
+    def extra(tmp: Path, written: Exported) -> None:  # provenance and the card join the same atomic swap
+        if info:
+            atomic_write_json(tmp / "deltatune_merge.json", {"adapter": str(d), "base_model": base, **info})
+        _write_merged_card(tmp, d, base, task, info, fmt, written.files)
+
+    res = export_merged(merged, proc, out, fmt, dtype, inputs=x, task=task, extra=extra)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"adapter": str(d), "base_model": base, "output": str(out), "class": type(merged).__name__,
-            "bytes": size, "check_max_abs_diff": diff}
+            "format": fmt, "dtype": dtype, "files": res.files, "bytes": size, "check_max_abs_diff": diff,
+            **res.check}
 
 
 def print_methods(out) -> None:

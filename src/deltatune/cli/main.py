@@ -2,9 +2,9 @@
 
 Every command takes flags or ``--config FILE.yaml`` (keys are the flag names, ``-`` or ``_``;
 flags given on the command line win), prints a human summary by default and one JSON object with
-``--json`` (progress and logs then go to stderr).  Models are local directories, ids already in
-the local Hugging Face cache, or GGUF files; nothing is downloaded and ``trust_remote_code`` is
-off unless ``--trust-remote-code`` is given.  Errors print one line and exit with status 2.
+``--json`` (progress and logs then go to stderr).  Models are local directories, Hub ids (from the
+local Hugging Face cache; downloaded only when the user sets ``HF_HUB_OFFLINE=0``), or GGUF files;
+``trust_remote_code`` is off unless ``--trust-remote-code`` is given.  Errors print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -487,18 +487,33 @@ def merge(
     model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded at training)."),
     task: Optional[str] = typer.Option(None),
     force: bool = typer.Option(False, help="Replace an existing output directory."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Stored weight type: fp32 | bf16 | fp16."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (a from_pretrained directory) | gguf "
+                            "(one .gguf file for llama.cpp / ollama; Llama and Qwen2 causal LMs)."),
     trust_remote_code: bool = typer.Option(False),
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
-    """Fold the adapter into the base weights; the result loads with transformers' from_pretrained."""
+    """Fold the adapter into the base weights; the result loads with transformers' from_pretrained
+    (with --format gguf: from_pretrained(dir, gguf_file=...), llama.cpp, ollama)."""
     from ..app.tools import merge_adapter
 
     out = Out(as_json)
-    res = merge_adapter(adapter, output, model=model, task=task, force=force, trust_remote_code=trust_remote_code)
-    out.done(res, lambda: out.log(
-        f"merged {res['adapter']} into {res['base_model']} -> {res['output']} ({res['bytes'] / 1e6:.1f} MB, "
-        f"{res['class']}); max |merged - adapter| on a check batch: {res['check_max_abs_diff']:.2e}"))
+    res = merge_adapter(adapter, output, model=model, task=task, force=force, trust_remote_code=trust_remote_code,
+                        fmt=fmt, dtype=dtype)
+
+    def human():
+        out.log(f"merged {res['adapter']} into {res['base_model']} -> {res['output']} ({res['bytes'] / 1e6:.1f} MB, "
+                f"{res['class']}, {res['format']} {res['dtype']}); max |merged - adapter| on a check batch: "
+                f"{res['check_max_abs_diff']:.2e}")
+        if "dtype_max_abs_diff" in res:
+            out.log(f"stored as {res['dtype']}: max |{res['dtype']} - fp32| logits on the check batch: "
+                    f"{res['dtype_max_abs_diff']:.2e}")
+        if "gguf_max_abs_diff" in res:
+            out.log(f"{res['files'][0]} read back with transformers' GGUF reader: max |gguf - merged| logits: "
+                    f"{res['gguf_max_abs_diff']:.2e}")
+
+    out.done(res, human)
 
 
 @app.command()
@@ -544,16 +559,26 @@ def serve(
     max_n: int = typer.Option(8, min=1, help="Most choices (prompts x n) per OpenAI request."),
     max_queue: int = typer.Option(256, min=0, help="Most requests waiting; more get 429 with Retry-After "
                                                    "(0 = no limit)."),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu)."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 | auto (auto measures: bf16 on CPU only when "
+                                           "a bf16 matmul is at least as fast as fp32 here)."),
+    quantize: Optional[str] = typer.Option(None, help="nf4 | int8: quantize the linear layers while loading."),
+    batching: str = typer.Option("continuous", help="continuous (requests join the running batch at every "
+                                                    "decoding step) | static (a batch decodes to its longest request)."),
     config: Optional[Path] = ConfigOpt,
 ):
     """HTTP server: one base model, many adapters, mixed batches, OpenAI-compatible API (see deltatune.serve)."""
-    from ..serve.app import run
+    from ..serve.app import Placement, run  # fastapi / uvicorn: optional dependencies
 
     token = _read_token(token_file) if token_file else None
     _check_adapter_dir(adapters)
+    placement = Placement(device, dtype, quantize)
+    placement.check()  # before loading the model: a typo costs nothing
+    if batching not in ("continuous", "static"):
+        raise DeltaError(f"--batching {batching!r}: choose continuous or static")
     run(model, adapters, task=task, host=host, port=port, token=token, window_ms=window_ms, max_batch=max_batch,
         max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens, max_queue=max_queue, api_key=api_key,
-        served_name=served_model_name, max_n=max_n)
+        served_name=served_model_name, max_n=max_n, placement=placement, batching=batching)
 
 
 def _read_token(path: Path) -> str:

@@ -14,6 +14,7 @@ from typing import Iterable
 
 from torch import nn
 
+from .direct_reads import direct_weight_paths
 from .delta import DeltaError, iter_base_modules
 from . import layer_types as quant_registry
 
@@ -122,9 +123,25 @@ def find_targets(
                     f"{f' (and {len(leaves) - 1} more)' if len(leaves) > 1 else ''}, which this method cannot "
                     f"adapt; supported types: {[t.__name__ for t in types]} - exclude it or pick other targets")
         found = [p for p, m in modules if p in found and isinstance(m, types)]
+        found = skip_direct_reads(model, targets, found)
     if not found:
         raise DeltaError(no_match_message(model, targets, types))
     return found
+
+
+def skip_direct_reads(model: nn.Module, targets, found: list[str]) -> list[str]:
+    """Layers whose parent computes with their ``.weight`` never run a wrapper's forward
+    (core/direct_reads.py): ``all-linear`` leaves them out; naming one is an error."""
+    direct = direct_weight_paths(model)
+    hit = [p for p in found if p in direct]
+    if not hit:
+        return found
+    if targets == "all-linear":
+        return [p for p in found if p not in direct]
+    raise DeltaError(
+        f"targets {targets!r} include {hit[0]!r}{f' (and {len(hit) - 1} more)' if len(hit) > 1 else ''}, whose "
+        f"parent {direct[hit[0]]} uses its .weight directly instead of calling it, so an adapter there would never "
+        "run (and merging would change the model); pick other layers (targets='all-linear' skips these)")
 
 
 def conv_blocks(model: nn.Module) -> list[str]:
