@@ -207,6 +207,12 @@ def train(
     chat_template: Optional[str] = typer.Option(None, help="causal-lm: chat template for a tokenizer without one: "
                                                 "a .jinja file, a Jinja string, or 'chatml'."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per row (default 128 classify, 256 causal-lm)."),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing",
+                                           help="causal-lm: several rows per sequence, each attending only to "
+                                           "itself (default: on when the median row is <= half of --max-length; "
+                                           "not with prompt/prefix)."),
+    report_to: str = typer.Option("none", help="Experiment tracking: tensorboard, mlflow (comma-separated) or none; "
+                                  "needs pip install 'deltatune[tracking]'."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per method: 1e-3 LoRA, 5e-5 full, ...)."),
     epochs: Optional[float] = typer.Option(None, help="Epochs (default 3) unless --max-steps is given."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
@@ -244,7 +250,7 @@ def train(
                    format=format, data_split=data_split, data_config=data_config, val_split=val_split,
                    train_on=train_on, chat_template=chat_template, command=command_line(ctx),
                    max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
-                   trust_remote_code=trust_remote_code, lr=lr,
+                   trust_remote_code=trust_remote_code, lr=lr, packing=packing, report_to=report_to,
                    train=_train_dict(epochs=epochs,
                                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                      warmup_ratio=warmup_ratio, schedule=schedule, max_grad_norm=max_grad_norm,
