@@ -60,7 +60,8 @@ def check_method(method: str, packing: bool | None) -> None:
 
 def pack(features: Sequence[dict], max_length: int) -> list[dict]:
     """Causal-LM features ``{"input_ids", "labels"}`` -> packed features ``{"input_ids", "labels",
-    "position_ids"}`` of at most ``max_length`` tokens each.
+    "position_ids", "rows"}`` of at most ``max_length`` tokens each (``rows``: the indices of the
+    features inside, in order).
 
     First-fit decreasing: rows longest first, each into the first sequence with room (a few %
     of padding left at most, on real chat data).  Which sequence a row lands in is deterministic;
@@ -92,7 +93,7 @@ def pack(features: Sequence[dict], max_length: int) -> list[dict]:
             ids += list(f["input_ids"])
             labels += [-100] + list(f["labels"])[1:]  # nothing in this row predicts its first token
             pos += range(len(f["input_ids"]))
-        out.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+        out.append({"input_ids": ids, "labels": labels, "position_ids": pos, "rows": rows})  # rows: source indices
     return out
 
 
