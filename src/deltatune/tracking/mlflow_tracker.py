@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 from .base import Tracker, flatten, missing_extra, quiet, register
@@ -38,13 +39,15 @@ class MlflowTracker(Tracker):
         self._Metric, self._Param = Metric, Param
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
-        self.client = MlflowClient(tracking_uri=self.uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            name, artifact_location=None if "MLFLOW_TRACKING_URI" in os.environ
-            else (self.run_dir / "mlartifacts").resolve().as_uri())
-        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        with warnings.catch_warnings():  # the SQL store's own sqlalchemy deprecations are not the user's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.client = MlflowClient(tracking_uri=self.uri)
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                name, artifact_location=None if "MLFLOW_TRACKING_URI" in os.environ
+                else (self.run_dir / "mlartifacts").resolve().as_uri())
+            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
 
     def where(self) -> str:
         return f"{self.uri} (run {self.run_id})"
