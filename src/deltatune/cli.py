@@ -284,7 +284,9 @@ def _print_run(out: Out, m: dict) -> None:
         out.log(f"forgetting ({fg['kind']}): {fg['value']:.4f}" + (" %" if fg["kind"] == "perplexity_change" else ""))
     out.log(f"trainable: {m['trainable_params']:,} of {m['total_params']:,} ({m['trainable_percent']:.3f}%)")
     out.log(f"steps {m['steps']}/{m['total_steps']}, train {m['train_time_s']:.1f} s "
-            f"({m['samples_per_s']:.1f} samples/s), wall {m['wall_time_s']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB")
+            f"({m['samples_per_s']:.1f} samples/s"
+            + (f", {m['tokens_per_s']:.0f} tokens/s" if m.get("tokens_per_s") else "")
+            + f"), wall {m['wall_time_s']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB")
     out.log(f"saved: {m['artifact']} ({m['artifact_bytes'] / 1e6:.2f} MB), {m['plot']}, "
             f"{Path(m['artifact']).parent / 'metrics.json'}")
 
