@@ -23,6 +23,10 @@ defines it::
 (``step`` counts finished optimizer steps from 1; ``total_steps`` is the planned number).  Plain
 PyTorch loops get the same behaviour by calling :func:`run_step_hooks` after ``optimizer.step()``.
 User callbacks are plain callables ``cb(step, total_steps, model)`` passed as ``callbacks=[...]``.
+Experiment tracking (``tracker=``, a :class:`deltatune.tracking.Trackers`): after every step the
+trainer reports ``train/loss``, ``train/lr``, ``train/grad_norm`` (before clipping),
+``train/samples_per_s`` and ``train/tokens_per_s`` (real tokens: the unpadded feature lengths), and
+``eval/<metric>`` after every evaluation; nothing else about tracking lives in the loop.
 
 A method whose training carries state beyond its tensors (AdaLoRA's importance averages and
 rank masks) also defines the pair below; checkpoints keep it in ``method_state.safetensors``
