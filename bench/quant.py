@@ -84,7 +84,7 @@ def warm_up_runtimes() -> None:
 
 def model_dir(name: str) -> Path:
     if name == "smollm2":
-        from deltatune.demo import smollm2_gguf
+        from deltatune.app.demo import smollm2_gguf
         from deltatune.models import gguf_to_fp32
 
         return gguf_to_fp32(smollm2_gguf())
@@ -160,7 +160,7 @@ def worker(job: dict) -> dict:
     from transformers import AutoModelForCausalLM  # noqa: F401
 
     import deltatune  # noqa: F401
-    import deltatune.quant_load  # noqa: F401
+    import deltatune.quant.load  # noqa: F401
     if job["base"].startswith("peft"):
         import peft  # noqa: F401
 

@@ -49,7 +49,7 @@ def make_adapters(d: str) -> None:
 def serve(d: str, window_ms: float, port_file: str, threads: int, max_batch: int) -> None:
     import torch
 
-    from deltatune.serve import ServerThread, build_app
+    from deltatune.serve.app import ServerThread, build_app
 
     torch.set_num_threads(threads)
     app = build_app(build_model(), None, d, window_ms=window_ms, max_batch=max_batch)

@@ -89,7 +89,7 @@ def serve(d: str, url_file: str) -> None:
 
     import torch
 
-    from deltatune.serve import ServerThread, build_app
+    from deltatune.serve.app import ServerThread, build_app
 
     torch.set_num_threads(1)
     logging.getLogger("deltatune.serve").setLevel(logging.CRITICAL)  # the hostile inputs are expected

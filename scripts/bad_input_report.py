@@ -77,8 +77,7 @@ def main() -> int:
             sys.exit(f"{a.write}: no {START} ... {END} section to replace")
         pre, rest = text.split(START, 1)
         _, post = rest.split(END, 1)
-        from deltatune.io import atomic_write
-
+        from deltatune.files import atomic_write
         atomic_write(a.write, (pre + START + "\n" + md + END + post).encode())
         print(f"wrote {len(rows)} cases to {a.write}")
     else:

@@ -15,7 +15,7 @@ from conftest import tiny_llama, word_tokenizer
 
 def _data(name: str, content: bytes | str, task="classify", **cols):
     def build(ws):
-        from deltatune.data import load_examples
+        from deltatune.data.examples import load_examples
 
         p = ws / name
         p.write_bytes(content.encode() if isinstance(content, str) else content)
@@ -52,7 +52,7 @@ for _id, _args, _exp in [
 @case("data", "does not exist")
 def c_data_missing_file(ws):
     """load_examples('classify', 'missing.csv')"""
-    from deltatune.data import load_examples
+    from deltatune.data.examples import load_examples
 
     return None, lambda: load_examples("classify", ws / "missing.csv")
 
@@ -60,7 +60,7 @@ def c_data_missing_file(ws):
 @case("data", "is a directory")
 def c_data_is_directory(ws):
     """load_examples('classify', a_directory)"""
-    from deltatune.data import load_examples
+    from deltatune.data.examples import load_examples
 
     (ws / "dir.csv").mkdir()
     return None, lambda: load_examples("classify", ws / "dir.csv")
@@ -71,7 +71,7 @@ def c_npz_with_pickled_objects(ws):
     """an .npz whose images are pickled Python objects (np.load allow_pickle=False)"""
     import numpy as np
 
-    from deltatune.data import load_images
+    from deltatune.data.examples import load_images
 
     np.savez(ws / "x.npz", images=np.array([object(), object()], dtype=object), labels=np.array([0, 1]))
     return None, lambda: load_images(ws / "x.npz")
@@ -80,7 +80,7 @@ def c_npz_with_pickled_objects(ws):
 @case("data", "not seen in training")
 def c_label_unseen_at_eval(ws):
     """evaluation file with a label the model was not trained on"""
-    from deltatune.data import load_classify
+    from deltatune.data.examples import load_classify
 
     (ws / "v.csv").write_text("text,label\nhi,spam\nyo,eggs\n")
     return None, lambda: load_classify(ws / "v.csv", label_names=["ham", "spam"])
@@ -149,7 +149,7 @@ def _http(method: str, url: str, body=None, headers=None, raw: bytes | None = No
 
         from fastapi.testclient import TestClient
 
-        from deltatune.serve import build_app
+        from deltatune.serve.app import build_app
 
         adir = ws / "adapters"
         m = tiny_llama()

@@ -92,7 +92,7 @@ for _id, _args, _files, _exp in [
 @case("cli", "options different from the checkpoint's", "--lr 0.001 -> 0.01", "--opt r 8 -> 16")
 def c_cli_resume_other_options(ws):
     """deltatune train --resume --lr 0.01 -o r=16 on a run started with --lr 0.001 -o r=8"""
-    from deltatune.run import OPTIONS_FILE, RunOptions, options_fingerprint
+    from deltatune.app.run import OPTIONS_FILE, RunOptions, options_fingerprint
 
     build = _cli(*TRAIN, "--resume", "--lr", "0.01", "-o", "r=16", files=GOOD_CSV)
     (ws / "run").mkdir()
@@ -107,7 +107,7 @@ def c_cli_output_locked(ws):
     """deltatune train --output X while another run holds X's lock"""
     import fcntl
 
-    from deltatune.runlock import LOCK_NAME
+    from deltatune.train.runlock import LOCK_NAME
 
     _, act = _cli(*TRAIN, files=GOOD_CSV)(ws)
     (ws / "run").mkdir()

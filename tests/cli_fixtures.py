@@ -20,7 +20,7 @@ CHAT = [("hello", "hi there how are you"), ("how are you", "i am fine thanks"),
 
 
 def words() -> list[str]:
-    from deltatune.reference_text import TEXTS
+    from deltatune.data.reference_text import TEXTS
 
     ws = set()
     for t in SPAM + HAM + [w for p in CHAT for w in p] + list(TEXTS):

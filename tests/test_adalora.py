@@ -8,7 +8,8 @@ import torch
 
 import deltatune as dt
 from conftest import ids_input, run, tiny_llama, tiny_mlp
-from deltatune.methods.adalora import adalora_hook, adalora_ranks, adalora_to_lora, budget_schedule, orth_penalty
+from deltatune.methods.adalora import adalora_hook, adalora_ranks, budget_schedule, orth_penalty
+from deltatune.ops.adalora_convert import adalora_to_lora
 
 OPTS = dict(targets=["fc1", "fc2"], r=6, target_r=2, tinit=4, tfinal=6, deltaT=1)
 
@@ -106,7 +107,7 @@ def test_unknown_total_steps_is_a_clear_error():
 
 
 def test_trainer_drives_the_schedule():
-    from deltatune.trainer import TrainConfig, Trainer
+    from deltatune.train.trainer import TrainConfig, Trainer
 
     model = dt.attach(tiny_mlp(), "adalora", **OPTS)
     g = torch.Generator().manual_seed(0)

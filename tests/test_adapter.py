@@ -7,7 +7,7 @@ import torch
 
 import deltatune as dt
 from conftest import tiny_bert, tiny_conv, tiny_gpt2, tiny_llama
-from deltatune.core import iter_delta_layers
+from deltatune.core.delta import iter_delta_layers
 from test_invariants import perturb
 
 
@@ -100,8 +100,8 @@ def test_quantized_gpt2_matches_its_dequantized_float_twin(scheme, placement):
     # must be read in that layout, and the adapter must behave as on the dequantized float model
     if scheme == "nf4":
         pytest.importorskip("bitsandbytes")
-    from deltatune.core import get_submodule_clean
-    from deltatune.quant import quantized_layers
+    from deltatune.core.delta import get_submodule_clean
+    from deltatune.quant.quantize import quantized_layers
 
     quant = dt.quantize(tiny_gpt2(), scheme)
     twin = tiny_gpt2()

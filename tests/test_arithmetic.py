@@ -7,7 +7,7 @@ import torch
 
 import deltatune as dt
 from conftest import MODELS, ids_input
-from deltatune.arithmetic import combine, dare_drop, elect_and_merge, low_rank, magnitude_mask
+from deltatune.ops.arithmetic import combine, dare_drop, elect_and_merge, low_rank, magnitude_mask
 
 
 def two_loras(r=(4, 2), targets=("fc1", "fc2")):
@@ -22,7 +22,7 @@ def two_loras(r=(4, 2), targets=("fc1", "fc2")):
 
 
 def dw(model, name, path):
-    from deltatune.core import get_submodule_clean
+    from deltatune.core.delta import get_submodule_clean
 
     layer = get_submodule_clean(model, path)
     return layer.deltas[name].delta_weight(layer.base_layer)
@@ -107,7 +107,7 @@ def test_svd_lower_rank_truncates():
 
 @pytest.mark.parametrize("how", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
 def test_task_vector_methods_match_the_dense_formula(how):
-    from deltatune.arithmetic import DENSE
+    from deltatune.ops.arithmetic import DENSE
 
     model = two_loras()
     combine(model, {"a": 0.6, "b": 0.9}, name="m", how=how, density=0.4, rank=16, seed=5)

@@ -37,7 +37,7 @@ def test_malicious_pickle_did_not_run(tmp_path):
 
 def test_huge_row_is_truncated_not_fatal(tmp_path):
     """A 4 MB text cell is not an error: it loads, and encoding truncates it to max_length."""
-    from deltatune.data import encode, load_classify
+    from deltatune.data.examples import encode, load_classify
 
     p = tmp_path / "d.csv"
     p.write_text("text,label\n" + "word " * 800_000 + ",1\nshort,0\n")
@@ -107,7 +107,7 @@ def test_property_data_parser(tmp_path_factory, rows, fmt):
     import csv
     import io
 
-    from deltatune.data import load_classify
+    from deltatune.data.examples import load_classify
 
     p = tmp_path_factory.mktemp("data") / f"d.{fmt}"
     if fmt == "csv":

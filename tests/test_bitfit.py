@@ -117,8 +117,8 @@ def test_bitfit_on_quantized_gpt2(scheme):
     # a quantized GPT-2 layer is a Conv1D storing (in, out): added biases must have its out size
     if scheme == "nf4":
         pytest.importorskip("bitsandbytes")
-    from deltatune.core import iter_delta_layers
-    from deltatune.quant import quantized_layers
+    from deltatune.core.delta import iter_delta_layers
+    from deltatune.quant.quantize import quantized_layers
 
     model = dt.quantize(tiny_gpt2(), scheme)
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))

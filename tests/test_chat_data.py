@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from cli_fixtures import make_tokenizer, write_jsonl
-from deltatune.chat_encode import chat_template_text, encode_causal_lm
-from deltatune.chat_formats import detect_format
-from deltatune.core import DeltaError
-from deltatune.data import load_causal_lm, load_examples
+from deltatune.data.chat_encode import chat_template_text, encode_causal_lm
+from deltatune.data.chat_formats import detect_format
+from deltatune.core.delta import DeltaError
+from deltatune.data.examples import load_causal_lm, load_examples
 
 SYSTEM = "You answer in one short sentence."
 SHAREGPT = {"conversations": [
@@ -250,7 +250,7 @@ def test_each_format_trains_through_the_cli(smol, tmp_path, fmt):
     import yaml
     from typer.testing import CliRunner
 
-    from deltatune.cli import app
+    from deltatune.cli.main import app
 
     _, model = smol
     data = write_jsonl(tmp_path / f"{fmt}.jsonl", [FORMAT_ROWS[fmt]] * 8)
@@ -285,7 +285,7 @@ def test_chat_template_given_at_training_is_used_by_eval(tmp_path):
     from typer.testing import CliRunner
 
     from cli_fixtures import CHAT, tiny_llama_dir
-    from deltatune.cli import app
+    from deltatune.cli.main import app
 
     model = tiny_llama_dir(tmp_path / "llama")  # word-level tokenizer without a chat template
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]} for p, r in CHAT * 4]

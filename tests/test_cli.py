@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli_fixtures import chat_jsonl, spam_rows, tiny_bert_dir, tiny_llama_dir, write_csv
-from deltatune.cli import app
+from deltatune.cli.main import app
 
 runner = CliRunner()
 

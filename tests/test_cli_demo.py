@@ -4,7 +4,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from deltatune.cli import app
+from deltatune.cli.main import app
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from deltatune.cli import app
+from deltatune.cli.main import app
 
 
 @pytest.fixture

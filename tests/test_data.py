@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from deltatune import DeltaError
-from deltatune.data import (collate, load_causal_lm, load_classify, load_examples, load_images, read_table,
-                            split_validation)
+from deltatune.data.examples import (collate, load_causal_lm, load_classify, load_examples, load_images, read_table,
+                                     split_validation)
 
 
 def test_csv_labels_sorted_and_strings(tmp_path):
@@ -126,7 +126,7 @@ def test_causal_lm_shapes(tmp_path):
 
 
 def test_causal_lm_labels_mask_prompt(tmp_path):
-    from deltatune.data import Examples, encode
+    from deltatune.data.examples import Examples, encode
     from cli_fixtures import make_tokenizer
 
     tok, _ = make_tokenizer(tmp_path / "tok")
@@ -170,7 +170,7 @@ def test_images_npz_and_folder(tmp_path):
 def test_macro_f1_matches_sklearn():
     from sklearn.metrics import f1_score
 
-    from deltatune.evaluate import macro_f1
+    from deltatune.app.evaluate import macro_f1
 
     g, p = [0, 1, 2, 2, 1, 0, 0], [0, 2, 2, 2, 1, 1, 0]
     assert macro_f1(g, p) == pytest.approx(f1_score(g, p, average="macro", zero_division=0))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import deltatune as dt
-from deltatune.data import CHARS_PER_TOKEN, encode, load_classify, load_examples
+from deltatune.data.examples import CHARS_PER_TOKEN, encode, load_classify, load_examples
 from real_data import minilm_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +50,8 @@ def test_character_cap_keeps_exactly_the_tokens_kept_before(tmp_path, tok, task,
     (5x the cap) encode to the same ids and labels as with no cap (the whole text tokenized, then
     truncated), for a long response after a short prompt and for a prompt that fills max_length
     (where the tail of the whole text is kept)."""
-    import deltatune.chat_encode as chat_encode
-    import deltatune.data as data
+    import deltatune.data.chat_encode as chat_encode
+    import deltatune.data.examples as data
 
     max_length = 48
     long = _words(5 * max_length * CHARS_PER_TOKEN)

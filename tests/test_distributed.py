@@ -55,7 +55,7 @@ def chunked_loss(model, ids):
 
 def worker(out: Path):  # runs under torchrun: the hand-written loop
     torch.set_num_threads(1)
-    from deltatune import distributed as dtd
+    from deltatune.train import distributed as dtd
 
     rank, world = dtd.init()
     assert world == 2
@@ -81,15 +81,15 @@ def trainer_features(n=12, t=T):
 
 def trainer_eval(model):
     """Loss on this rank's half of 6 validation rows: averaged over 2 ranks = loss on all 6."""
-    from deltatune import distributed as dtd
-    from deltatune.data import collate
+    from deltatune.train import distributed as dtd
+    from deltatune.data.examples import collate
 
     rows = trainer_features(6)[dtd.rank()::dtd.world_size()]
     return {"loss": float(model(**collate(rows)).loss)}
 
 
 def trainer_config(batch, **kw):
-    from deltatune.trainer import TrainConfig
+    from deltatune.train.trainer import TrainConfig
 
     return TrainConfig(lr=1e-2, weight_decay=0.01, batch_size=batch, grad_accum=2, max_steps=STEPS, warmup_ratio=0.34,
                        max_grad_norm=0.05, seed=5, eval_every=1, save_every=2, progress=False, **kw)
@@ -102,7 +102,7 @@ class Stop(Exception):
 def run_trainer(out: Path, batch: int, stop_at: int = 0, method: str = "lora", **kw):
     """Train a tiny model with the Trainer (resuming from ``out`` if it holds checkpoints); a
     callback raises ``Stop`` after step ``stop_at`` (before that step's checkpoint)."""
-    from deltatune.trainer import Trainer
+    from deltatune.train.trainer import Trainer
 
     def stop(step, total, model):
         if step == stop_at:
@@ -128,7 +128,8 @@ TRAINER_RUNS = [("t_ddp", "lora", "ddp"), ("t_ddp_resumed", "lora", "ddp"), ("t_
 def trainer_worker(out: Path):  # runs under torchrun
     torch.set_num_threads(1)
     import deltatune as dt
-    from deltatune import distributed as dtd, io, safety, trainer
+    from deltatune import files as io, files as safety
+    from deltatune.train import distributed as dtd, trainer
 
     rank, world = dtd.init()
     assert world == 2
@@ -171,7 +172,7 @@ def launched(tmp_path_factory) -> Path:
 
 def test_two_ranks_equal_one_process_at_double_batch(launched, tmp_path):
     import deltatune as dt
-    from deltatune.io import adapter_payload
+    from deltatune.storage.adapter import adapter_payload
 
     for run, method, loss in [("ddp_lora", "lora", plain_loss), ("ddp_prompt", "prompt", chunked_loss),
                               ("fsdp_lora", "lora", chunked_loss)]:
@@ -209,7 +210,7 @@ def test_trainer_on_two_ranks_equals_one_process_at_double_batch(launched, tmp_p
         for a, b in zip(res["history"] + res["evals"], ref_res["history"] + ref_res["evals"], strict=True):
             assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 * max(1, abs(b[k])) for k in a), (run, a, b)
     assert not list(launched.glob("**/*.tmp")) and not list(launched.glob("**/.*dt-new*"))
-    from deltatune.io import adapter_payload
+    from deltatune.storage.adapter import adapter_payload
 
     want = refs["lora"][0]
     assert any(not torch.equal(want[k], v) for k, v in adapter_payload(tiny("lora"))[0].items()), "nothing trained"
@@ -243,7 +244,7 @@ def test_epoch_batches_rule():
     """Rank r's batch j is the r-th contiguous part of global batch j; concatenated over ranks the
     global batches are those of one process at W × b (W divides n), and a short epoch is padded
     by repeating its first rows so every rank gets the same number of rows."""
-    from deltatune.trainer import epoch_batches
+    from deltatune.train.trainer import epoch_batches
 
     for n, b, w in [(12, 2, 2), (13, 2, 2), (10, 3, 4), (3, 1, 4)]:
         one = epoch_batches(n, 5, 1, b * w)
@@ -260,7 +261,7 @@ def test_epoch_batches_rule():
 
 def test_helpers_without_a_process_group():
     import deltatune as dt
-    from deltatune import distributed as dtd
+    from deltatune.train import distributed as dtd
 
     assert dtd.init() == (0, 1) or "RANK" in os.environ
     m = tiny("lora")

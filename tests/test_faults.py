@@ -73,8 +73,8 @@ def _serve() -> None:
     torch.set_num_threads(1)  # no OpenMP pool before fork
     from transformers import pytorch_utils  # noqa: F401  (imported once, not per child)
 
-    import deltatune.data  # noqa: F401
-    import deltatune.trainer  # noqa: F401
+    import deltatune.data.examples  # noqa: F401
+    import deltatune.train.trainer  # noqa: F401
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo (~5 s) once
 
     for line in sys.stdin:
@@ -165,7 +165,7 @@ def _save_crashing_at(d: str, value: int, k: int, use_exchange: bool) -> None:
     import pathlib
     import shutil
 
-    from deltatune import safety
+    from deltatune import files as safety
 
     torch.set_num_threads(1)
     model = make_model()
@@ -292,7 +292,7 @@ def _train_forever(out: str) -> None:
     import torch.nn.functional as F
 
     from conftest import tiny_mlp
-    from deltatune.trainer import TrainConfig, Trainer
+    from deltatune.train.trainer import TrainConfig, Trainer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

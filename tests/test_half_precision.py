@@ -17,7 +17,7 @@ import torch
 
 import deltatune as dt
 from conftest import MODELS
-from deltatune.core import DeltaLayer
+from deltatune.core.delta import DeltaLayer
 from specs import SKIP, SPECS
 from test_invariants import perturb
 

@@ -7,7 +7,7 @@ import torch
 
 import deltatune as dt
 from conftest import MODELS, ids_input
-from deltatune.hotswap import hot_swap
+from deltatune.ops.hotswap import hot_swap
 
 
 def lora_mlp(seed, **opts):
@@ -44,7 +44,7 @@ def test_swap_in_place_equals_fresh_load(saved):
     assert {k: (id(t), t.data_ptr()) for k, t in dt.adapter_tensors(model, "a").items()} == ptrs
     torch.testing.assert_close(model(ids_input()), reference(saved / "two"), atol=0, rtol=0)
     # from a tensor dict too (keys with peft's prefix)
-    from deltatune.io import read_adapter_dir
+    from deltatune.storage.adapter import read_adapter_dir
 
     tensors = read_adapter_dir(saved / "one")[0]
     hot_swap(model, "a", {"base_model.model." + k: v for k, v in tensors.items()})

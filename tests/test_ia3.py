@@ -8,7 +8,7 @@ from torch import nn
 
 import deltatune as dt
 from conftest import tiny_gpt2, tiny_llama
-from deltatune.core import iter_delta_layers
+from deltatune.core.delta import iter_delta_layers
 
 
 def test_defaults_and_shapes_follow_peft():

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from cli_fixtures import spam_rows, tiny_bert_dir, write_csv
-from deltatune.cli import app
+from deltatune.cli.main import app
 
 
 def test_importance_command_table_plot_and_budget(tmp_path):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import deltatune as dt
 from conftest import tiny_llama, tiny_mlp
 from deltatune import safety
+from deltatune.storage.adapter import _manifest_digest
 from test_invariants import perturb
 
 W, C, M = "adapter_model.safetensors", "adapter_config.json", "deltatune.json"
@@ -152,7 +153,7 @@ def test_corrupt_manifest(tmp_path, content, pattern):
     try:  # a well-formed dict gets a valid self-checksum, so the deeper checks are what fire
         man = json.loads(content)
         if isinstance(man, dict):
-            man["manifest_sha256"] = dt.io._manifest_digest(man)
+            man["manifest_sha256"] = _manifest_digest(man)
             content = json.dumps(man).encode()
     except (UnicodeDecodeError, ValueError):
         pass
@@ -316,7 +317,7 @@ def test_merge_overflow_rolls_back_every_layer():
 # --------------------------------------------------------------------------- the trainer keeps the last good checkpoint
 
 def _train_until_fault(tmp_path, fault: str):
-    from deltatune.trainer import TrainConfig, Trainer
+    from deltatune.train.trainer import TrainConfig, Trainer
 
     model = dt.attach(tiny_mlp(), "lora", targets=["fc1", "fc2"])
     feats = [{"input_ids": [i % 20, (i + 3) % 20, 5], "labels": i % 3} for i in range(16)]

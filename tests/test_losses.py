@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.losses import chunked_causal_lm_loss, linear_cross_entropy
+from deltatune.train.losses import chunked_causal_lm_loss, linear_cross_entropy
 
 
 def llama(vocab=97, tied=True):
@@ -146,7 +146,7 @@ def test_errors():
 
 def test_trainer_batch_loss_is_the_chunked_loss_with_the_models_value():
     """The CLI's causal-LM loss_fn: same loss and gradients as model(**batch).loss, masks included."""
-    from deltatune.losses import causal_lm_batch_loss
+    from deltatune.train.losses import causal_lm_batch_loss
 
     m = llama()
     dt.attach(m, "lora", targets=["q_proj", "v_proj"])

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import deltatune as dt
 from cli_fixtures import spam_rows, tiny_bert_dir, write_csv
 from conftest import tiny_llama
-from deltatune.cli import app
+from deltatune.cli.main import app
 
 
 def front_matter(path):

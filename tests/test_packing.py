@@ -1,4 +1,4 @@
-"""Packing (deltatune.packing): several rows per sequence, each row's loss equal to its unpacked loss."""
+"""Packing (deltatune.data.packing): several rows per sequence, each row's loss equal to its unpacked loss."""
 import json
 import types
 
@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from cli_fixtures import chat_jsonl, tiny_llama_dir
 from conftest import tiny_gpt2, tiny_llama
-from deltatune import packing
+from deltatune.data import packing
 from deltatune.cli import app
 from deltatune.core import DeltaError
-from deltatune.losses import causal_lm_batch_loss
+from deltatune.train.losses import causal_lm_batch_loss
 
 LENGTHS = [7, 3, 12, 5, 9, 2, 6, 4]  # 48 tokens: 3 sequences of <= 20
 

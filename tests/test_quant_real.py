@@ -18,7 +18,7 @@ pytest.importorskip("bitsandbytes")
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    from deltatune.demo import chatterbot_pairs, smollm2_gguf
+    from deltatune.app.demo import chatterbot_pairs, smollm2_gguf
     from deltatune.models import gguf_to_fp32
 
     try:

@@ -50,7 +50,7 @@ def loss_fn(model, batch):
 
 
 def config():
-    from deltatune.trainer import TrainConfig
+    from deltatune.train.trainer import TrainConfig
 
     return TrainConfig(lr=5e-3, weight_decay=0.01, batch_size=4, grad_accum=2, max_steps=STEPS, warmup_ratio=0.2,
                        schedule="cosine", max_grad_norm=0.5, seed=3, save_every=2, keep_checkpoints=2,
@@ -63,8 +63,8 @@ def _train(out: str, kill_step: int = 0, kill_call: int = 0, count_file: str = "
     (torch RNG not restored), the negative control."""
     import pathlib
 
-    from deltatune import safety
-    from deltatune.trainer import Trainer
+    from deltatune import files as safety
+    from deltatune.train.trainer import Trainer
 
     torch.set_num_threads(1)
     if break_rng:
@@ -186,7 +186,7 @@ def test_resume_is_exact(server, reference, tmp_path):
 
 def test_resume_refuses_a_different_run(server, reference, tmp_path):
     """Resuming with another plan (steps) is refused with a message, not silently mixed."""
-    from deltatune.trainer import Trainer
+    from deltatune.train.trainer import Trainer
 
     out = tmp_path / "run"
     assert server.wait(server.start("test_resume:_train", str(out), 5)) == -signal.SIGKILL
@@ -218,7 +218,7 @@ ADA = dict(targets=["fc1", "fc2"], r=4, target_r=2, tinit=2, tfinal=3, deltaT=2,
 def _train_adalora(out: str, kill_step: int = 0, forget_state: bool = False) -> None:
     """Like ``_train`` with AdaLoRA; ``forget_state``: resume without the method state (negative control)."""
     from deltatune.methods.adalora import AdaLoRA
-    from deltatune.trainer import Trainer
+    from deltatune.train.trainer import Trainer
 
     torch.set_num_threads(1)
     if forget_state:

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from cli_fixtures import spam_rows, tiny_bert_dir, tiny_llama_dir, write_csv
-from deltatune.cli import app
-from deltatune.runlock import LOCK_NAME, run_lock
+from deltatune.cli.main import app
+from deltatune.train.runlock import LOCK_NAME, run_lock
 
 runner = CliRunner()
 

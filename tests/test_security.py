@@ -15,6 +15,7 @@ import torch
 import deltatune as dt
 from conftest import tiny_mlp
 from deltatune import safety
+from deltatune.storage.adapter import _manifest_digest
 
 SRC = Path(dt.__file__).parent
 
@@ -60,7 +61,7 @@ def test_plain_legacy_bin_still_loads(tmp_path):
 
 
 def test_pickle_in_training_checkpoint_is_refused_and_not_run(tmp_path):
-    from deltatune.trainer import TrainConfig, Trainer
+    from deltatune.train.trainer import TrainConfig, Trainer
 
     marker = tmp_path / "pwned"
     ck = tmp_path / "run" / "checkpoints"
@@ -79,7 +80,7 @@ def test_pickle_in_training_checkpoint_is_refused_and_not_run(tmp_path):
 def test_npz_with_objects_is_refused(tmp_path):
     import numpy as np
 
-    from deltatune.data import load_images
+    from deltatune.data.examples import load_images
 
     np.savez(tmp_path / "x.npz", images=np.array([Payload(tmp_path / "pwned")] * 2, dtype=object),
              labels=np.array([0, 1]))
@@ -126,7 +127,8 @@ def test_source_has_no_unsafe_loading():
 # --------------------------------------------------------------------------- 2. remote code off
 
 def test_trust_remote_code_defaults_to_false():
-    from deltatune import cli, models, run, tools
+    from deltatune import cli, models
+    from deltatune.app import run, tools
 
     assert inspect.signature(models.load_model).parameters["trust_remote_code"].default is False
     assert run.RunOptions.__dataclass_fields__["trust_remote_code"].default is False
@@ -198,7 +200,7 @@ def test_manifest_cannot_point_outside_the_adapter(tmp_path):
     d = dt.save(dt.attach(tiny_mlp(), "lora", targets=["fc1"]), tmp_path / "a")
     man = json.loads((d / "deltatune.json").read_text())
     man["files"]["../secret"] = {"sha256": "0" * 64, "bytes": 1}
-    man["manifest_sha256"] = dt.io._manifest_digest(man)  # a consistent (but malicious) manifest
+    man["manifest_sha256"] = _manifest_digest(man)  # a consistent (but malicious) manifest
     (d / "deltatune.json").write_text(json.dumps(man))
     (tmp_path / "secret").write_text("s")
     with pytest.raises(dt.DeltaError, match="bad entry for '../secret'"):
@@ -207,8 +209,8 @@ def test_manifest_cannot_point_outside_the_adapter(tmp_path):
 
 def test_server_names_stay_in_the_adapter_directory(tmp_path):
     pytest.importorskip("fastapi")
-    from deltatune.serve import _adapter_path
-    from deltatune.serve_engine import RequestError
+    from deltatune.serve.app import _adapter_path
+    from deltatune.serve.engine import RequestError
 
     adir = tmp_path / "adapters"
     dt.save(dt.attach(tiny_mlp(), "lora", targets=["fc1"]), adir / "ok")
@@ -259,7 +261,7 @@ def test_server_mutations_need_a_token(tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from deltatune.serve import build_app
+    from deltatune.serve.app import build_app
 
     from conftest import tiny_llama
 
@@ -281,7 +283,7 @@ def test_server_start_up_refuses_an_adapter_dir_linked_outside(tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from deltatune.serve import build_app
+    from deltatune.serve.app import build_app
 
     from conftest import tiny_llama
 

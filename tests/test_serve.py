@@ -15,7 +15,7 @@ from conftest import tiny_bert_cls, tiny_llama, word_tokenizer
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-from deltatune.serve import ServerThread, build_app  # noqa: E402
+from deltatune.serve.app import ServerThread, build_app  # noqa: E402
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

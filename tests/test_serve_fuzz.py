@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
-from deltatune.serve import ServerThread, build_app  # noqa: E402
-from deltatune.serve_openai import OpenAIConfig  # noqa: E402
+from deltatune.serve.app import ServerThread, build_app  # noqa: E402
+from deltatune.serve.openai import OpenAIConfig  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w60{% endif %}"
 

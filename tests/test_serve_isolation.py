@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from deltatune.serve import ServerThread, build_app  # noqa: E402
+from deltatune.serve.app import ServerThread, build_app  # noqa: E402
 from test_serve import AUTH, TOKEN, adir, expected, lm_server, prompt, reference  # noqa: E402,F401 - fixtures
 
 POISON = 63  # a token id the poisoned model refuses (prompt(i) for i < 8 never contains it)

@@ -15,8 +15,8 @@ from test_serve_sampling import library
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 from conftest import tiny_llama  # noqa: E402
-from deltatune.serve import ServerThread, build_app  # noqa: E402
-from deltatune.serve_openai import OpenAIConfig  # noqa: E402
+from deltatune.serve.app import ServerThread, build_app  # noqa: E402
+from deltatune.serve.openai import OpenAIConfig  # noqa: E402
 
 BASE = "tiny"
 # a chat template the WordLevel test tokenizer can read: the messages' words, then "w60" as the cue

@@ -17,10 +17,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from deltatune.serve import ServerThread, build_app  # noqa: E402
-from deltatune.serve_engine import Engine, EngineConfig, Job, RequestError, Sampling  # noqa: E402
-from deltatune.serve_openai import OpenAIConfig  # noqa: E402
-from deltatune.serve_stream import EngineEvents  # noqa: E402
+from deltatune.serve.app import ServerThread, build_app  # noqa: E402
+from deltatune.serve.engine import Engine, EngineConfig, Job, RequestError, Sampling  # noqa: E402
+from deltatune.serve.openai import OpenAIConfig  # noqa: E402
+from deltatune.serve.stream import EngineEvents  # noqa: E402
 
 KEY = "sk-test-key"
 DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json"
@@ -221,7 +221,7 @@ def test_a_disconnected_stream_frees_its_row(server):
 
 
 def test_text_stream_holds_back_what_could_still_become_a_stop_string():
-    from deltatune.serve_stream import TextStream
+    from deltatune.serve.stream import TextStream
 
     words = TextStream(lambda toks: " ".join(f"w{t}" for t in toks), ("w5 w6",))
     assert [words.push(t) for t in (4, 5)] == ["w4", " "]  # "w5" may start "w5 w6": held
@@ -249,7 +249,7 @@ def test_a_rerun_batch_hands_no_token_on_twice():
 
 
 def test_a_failure_after_the_stream_began_is_an_error_event(server, client, monkeypatch):
-    from deltatune import serve_engine
+    from deltatune.serve import engine as serve_engine
 
     def boom(engine, jobs):
         raise RuntimeError("boom")

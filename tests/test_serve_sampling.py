@@ -14,7 +14,7 @@ import deltatune as dt
 from test_serve import adir, expected, lm_server, prompt, reference, tokenizer  # noqa: F401  (fixtures)
 
 httpx = pytest.importorskip("httpx")
-from deltatune.serve_engine import Job, RowSampler, Sampling  # noqa: E402
+from deltatune.serve.engine import Job, RowSampler, Sampling  # noqa: E402
 
 EOS = 2
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
+from deltatune.core.adapters import base_at
 
 
 def _quiet(fn):
@@ -76,7 +77,7 @@ def test_resnet_default_lora_adapts_the_convolutions_not_the_head():
     m = resnet_cls()
     dt.attach(m, "lora")
     wrapped = _wrapped(m)
-    assert wrapped and all(isinstance(dt.api._base_at(m, p), nn.Conv2d) for p in wrapped)
+    assert wrapped and all(isinstance(base_at(m, p), nn.Conv2d) for p in wrapped)
     assert "classifier.1.weight" in dt.adapter_tensors(m, "default")  # the head: trained in full
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 import deltatune as dt
 from conftest import tiny_bert_cls
 from deltatune import DeltaError
-from deltatune.trainer import SCHEDULES, TrainConfig, Trainer, plot
+from deltatune.train.trainer import SCHEDULES, TrainConfig, Trainer, plot
 
 
 def features(n=40, seed=0):
@@ -105,8 +105,8 @@ def test_schedule_warmup_and_decay():
 
 
 def test_learns_and_early_stopping_restores_best(tmp_path):
-    from deltatune.data import collate
-    from deltatune.evaluate import classify_metrics
+    from deltatune.data.examples import collate
+    from deltatune.app.evaluate import classify_metrics
 
     feats = features(48)
     m = model_with_lora(dropout=0.0)
@@ -156,7 +156,7 @@ def test_works_inside_transformers_trainer(tmp_path):
     """A deltatune model needs no wrapper for transformers.Trainer, and only the adapter moves."""
     from transformers import Trainer as HFTrainer, TrainingArguments
 
-    from deltatune.data import collate
+    from deltatune.data.examples import collate
 
     m = model_with_lora(0.0)
     base_before = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
@@ -179,7 +179,7 @@ def test_works_inside_transformers_trainer(tmp_path):
 
 def test_compile_auto_rule(monkeypatch):
     """compile="auto": only for long single-process runs with a C++ compiler; "on"/"off" obey."""
-    import deltatune.trainer as tr
+    import deltatune.train.trainer as tr
 
     feats = features(8)
     short = Trainer(model_with_lora(0.0), feats, cfg(max_steps=4))
@@ -199,7 +199,7 @@ def test_compile_auto_rule(monkeypatch):
 @pytest.mark.parametrize("opts", [dict(r=4), dict(r=4, dora=True)])
 def test_compiled_training_equals_eager(opts):
     """compile="on" (regional torch.compile) trains to the same adapter as eager mode."""
-    from deltatune.losses import causal_lm_batch_loss
+    from deltatune.train.losses import causal_lm_batch_loss
     from test_fast import llama
 
     g = torch.Generator().manual_seed(0)
@@ -219,7 +219,7 @@ def test_compiled_training_equals_eager(opts):
 
 def test_auto_compile_failure_falls_back_to_eager(monkeypatch):
     """A compiler failure under compile="auto" costs the run nothing: same adapter as eager."""
-    import deltatune.trainer as tr
+    import deltatune.train.trainer as tr
     from torch._dynamo.exc import BackendCompilerFailed
 
     feats = features(16)

@@ -5,7 +5,7 @@ import torch
 
 import deltatune as dt
 from conftest import tiny_llama
-from deltatune.core import iter_delta_layers
+from deltatune.core.delta import iter_delta_layers
 from deltatune.methods.vera import projection
 from test_invariants import perturb
 

@@ -16,8 +16,8 @@ import torch
 
 import deltatune as dt
 from conftest import tiny_mlp
-from deltatune import safety
-from deltatune.io import atomic_write
+from deltatune import files as safety
+from deltatune.files import atomic_write
 
 
 def _mode(p: Path) -> int:
@@ -59,7 +59,7 @@ def test_replacing_keeps_the_existing_mode(tmp_path, umask):
 
 def test_checkpoints_and_run_outputs_are_not_private(tmp_path, umask):
     """save_pretrained output swapped in by atomic_dir: 0755 / 0644 under umask 022, not 0700."""
-    from deltatune.run import save_pretrained_atomic
+    from deltatune.app.run import save_pretrained_atomic
     from transformers import BertConfig, BertModel
 
     m = BertModel(BertConfig(vocab_size=20, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
@@ -148,7 +148,8 @@ def test_real_unwritable_location():
 def test_cli_turns_a_fixable_os_error_into_one_line(monkeypatch):
     from typer.testing import CliRunner
 
-    from deltatune import cli, run
+    from deltatune import cli
+    from deltatune.app import run
 
     def train_run(o, log=print):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/training.png")

@@ -4,27 +4,29 @@
     model = dt.attach(model, "lora", r=8, alpha=16, targets=["q_proj", "v_proj"])
     dt.save(model, "out/adapter");  model = dt.load(base_model, "out/adapter")
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import methods as _methods  # noqa: F401  (fills METHODS)
 from . import safety  # noqa: F401  (dt.safety.atomic_dir / check_finite / NanGuard / safe_join)
 from .api import (ParamCount, activate, active_adapters, adapter_tensors, adapters, attach, delete, disabled,
                   make_config, merge, trainable_parameters, unmerge)
-from .arithmetic import combine
-from .core import METHODS, Delta, DeltaConfig, DeltaError, DeltaLayer, Method, register
-from .hotswap import hot_swap
-from .importance import importance
-from .io import load, save
-from .losses import chunked_causal_lm_loss, linear_cross_entropy
-from .methods.adalora import adalora_hook, adalora_ranks, adalora_to_lora
+from .ops.arithmetic import combine
+from .core.delta import METHODS, Delta, DeltaConfig, DeltaError, DeltaLayer, Method, register
+from .ops.hotswap import hot_swap
+from .ops.importance import importance
+from .storage.adapter import load, save
+from .train.losses import chunked_causal_lm_loss, linear_cross_entropy
+from .methods.adalora import adalora_hook, adalora_ranks
 from .methods.adalora import orth_penalty as adalora_orth_penalty
-from .methods.adalora import rank_report as adalora_report
+from .ops.adalora_convert import adalora_to_lora
+from .ops.adalora_convert import rank_report as adalora_report
 from .methods.lora import LoraConfig, lora_plus_groups
 from .methods.sparse import select_sparse
 from .mixed import generate_mixed, mixed
-from .prune import magnitude_prune, truncate_lora
-from .quant import load_quantized, quantize
-from .targets import find_targets
+from .ops.prune import magnitude_prune, truncate_lora
+from .quant.load import load_quantized
+from .quant.quantize import quantize
+from .core.targets import find_targets
 
 __all__ = [
     "METHODS", "Delta", "DeltaConfig", "DeltaError", "DeltaLayer", "LoraConfig", "Method", "ParamCount",

@@ -16,9 +16,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .core import (CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, cast_adapter_dtype, get_state,
-                   iter_delta_layers, merged_names, method_of, unwrap, wrap)
-from .targets import auto_modules_to_save, find_targets
+from .core.delta import (AdapterRecord, CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, base_weight,
+                         cast_adapter_dtype, get_state, iter_delta_layers, merged_names, method_of, unwrap, wrap)
+from .core.adapters import adapter_tensors, base_at, refresh
+from .core.targets import auto_modules_to_save, find_targets
+from .methods._compose import check_merge, merge_order
+from .safety import describe, first_nonfinite
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -61,8 +64,6 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
                          f"pass another name=..., or dt.delete(model, {name!r}) first")
     if merged_names(model):
         raise DeltaError("adapters are merged into the base weights; call dt.unmerge(model) before attaching")
-    from .core import AdapterRecord
-
     st.adapters[name] = AdapterRecord(cfg.method, cfg)
     grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -79,7 +80,7 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
                 if inner:  # the copy would hold this adapter's own wrappers and train twice
                     raise DeltaError(f"targets include {inner[0]!r}, inside {path!r}, which modules_to_save already "
                                      f"trains in full; exclude it (exclude=[{path!r}]) or pass modules_to_save=None")
-                wrap(model, path, st).deltas[name] = CopyDelta(_base_at(model, path))
+                wrap(model, path, st).deltas[name] = CopyDelta(base_at(model, path))
         cast_adapter_dtype(model, name, cfg.autocast_adapter_dtype)  # one dtype rule for every method
     except BaseException:  # leave the model exactly as it was
         _remove(model, name)
@@ -94,43 +95,6 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
         st.active = [name]
     refresh(model)
     return model
-
-
-def _base_at(model: nn.Module, path: str) -> nn.Module:
-    from .core import get_submodule_clean
-
-    mod = get_submodule_clean(model, path)
-    return mod.base_layer if isinstance(mod, DeltaLayer) else mod
-
-
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Every tensor of adapter ``name``, keyed as in the saved file (without peft's
-    ``base_model.model.`` prefix).  The single source of what trains and what is saved."""
-    st = get_state(model)
-    if name not in st.adapters:
-        raise DeltaError(f"no adapter named {name!r}; attached: {sorted(st.adapters)}")
-    out: dict[str, torch.Tensor] = {}
-    for path, layer in iter_delta_layers(model):
-        if name in layer.deltas:
-            d = layer.deltas[name]
-            for k, p in d.named_parameters():
-                out[f"{path}.{d.save_key(k)}" if path else d.save_key(k)] = p
-    out.update(method_of(st.adapters[name].method).own_tensors(model, name))
-    return out
-
-
-def refresh(model: nn.Module) -> None:
-    """Re-derive ``requires_grad`` from the active set: base frozen, active adapters trainable."""
-    st = get_state(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n, rec in st.adapters.items():
-        on = n in st.active and not st.disabled
-        method_of(rec.method).on_activate(model, n, on)
-        if on and getattr(rec, "trainable", True):
-            for t in adapter_tensors(model, n).values():
-                if isinstance(t, nn.Parameter) or t.is_floating_point():
-                    t.requires_grad_(True)
 
 
 def activate(model: nn.Module, names: str | list[str]) -> nn.Module:
@@ -245,10 +209,6 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: boo
         if any(n in layer.deltas for n in names) and w is not None and len(owners.get(id(w), [])) > 1:
             raise DeltaError(f"cannot merge into {path}: its weight is tied to {owners[id(w)]} and merging would "
                              "change those too; untie the weights first or keep the adapter unmerged")
-    from .core import base_weight
-    from .methods._compose import check_merge, merge_order
-    from .safety import describe, first_nonfinite
-
     check_merge(model, names)  # composed adapters: refuse merges that would not be exact
 
     for n in names:  # never fold NaN/Inf into the weights (a diverged run's adapter)

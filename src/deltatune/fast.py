@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .core import DeltaError
+from .core.delta import DeltaError
 
 
 def enable_checkpointing(model: nn.Module) -> nn.Module:

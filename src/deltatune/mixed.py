@@ -39,49 +39,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .core import Delta, DeltaError, DeltaLayer, get_state, iter_delta_layers, merged_names, method_of
+from .core.delta import Delta, DeltaError, DeltaLayer, get_state, merged_names, method_of
+from .core.rows import RowName, RowPlan
+from .methods import _virtual_tokens
+from .methods.lora import LoraLinear
 
-RowName = str | None
 BMM_MIN_ADAPTERS = 2  # LoRA adapters of one rank per layer from which the gathered bmm is used
-
-
-class RowPlan(list):
-    """The per-row adapter list, plus its row groups cached per (batch size, device): every
-    wrapped layer of one forward sees the same batch size, so the grouping is computed once."""
-
-    def __init__(self, rows: Sequence[RowName]):
-        super().__init__(rows)
-        self._cache: dict[tuple[int, str], tuple[list[RowName], dict[RowName, tuple[torch.Tensor, slice | None]]]] = {}
-        self._pools: dict[tuple, tuple] = {}  # (layer, rank) -> the layer's stacked LoRA weights (_pool)
-        self._rowsel: dict[tuple, tuple] = {}  # (rows, pool order, adapters) -> (pool index per row, rows)
-        self._layers: dict[tuple, "_LayerPlan"] = {}  # per layer and batch size: what to run
-
-    def expand(self, n: int, device: torch.device):
-        """(row names for a batch of n rows, {adapter: (row index tensor, slice if contiguous)})."""
-        key = (n, str(device))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        m = len(self)
-        if m == 0 or n % m:
-            # either the names do not match the input rows, or the model runs an adapted layer on
-            # a shared, non-batch tensor (DeBERTa's relative-position embeddings go through the
-            # key/query projections as a batch of 1): say both, the caller knows which
-            raise DeltaError(f"mixed batch: {m} row adapter(s) given but an adapted layer sees a batch of {n} rows; "
-                             "pass one adapter name (or None) per input row - if you did, this model also runs "
-                             "adapted layers on shared, non-batch tensors (e.g. DeBERTa's relative-position "
-                             "embeddings), so its rows cannot take different adapters: run each adapter in its own batch")
-        k = n // m  # beams / return sequences / flattened tokens per input row
-        names = [self[j // k] for j in range(n)]
-        rows: dict[RowName, list[int]] = {}
-        for j, a in enumerate(names):
-            rows.setdefault(a, []).append(j)
-        groups = {}
-        for a, idx in rows.items():
-            contiguous = idx[-1] - idx[0] + 1 == len(idx)
-            groups[a] = (torch.tensor(idx, device=device), slice(idx[0], idx[-1] + 1) if contiguous else None)
-        self._cache[key] = (names, groups)
-        return names, groups
 
 
 # --------------------------------------------------------------------------- row helpers
@@ -125,8 +88,6 @@ def _has_pre(d: Delta) -> bool:
 # --------------------------------------------------------------------------- LoRA: batched gather
 
 def _bmm_ok(d: Delta, dtype: torch.dtype) -> bool:
-    from .methods.lora import LoraLinear
-
     return (isinstance(d, LoraLinear) and type(d).forward is LoraLinear.forward and not d.use_dora
             and getattr(d, "A0", None) is None and (isinstance(d.dropout, nn.Identity) or not d.training)
             and dtype == d.lora_B.weight.dtype)
@@ -283,8 +244,6 @@ def _check(model: nn.Module, rows: Sequence[RowName]) -> None:
                              "shared by every row (it selects tensors outside wrapped layers), so it cannot apply to "
                              "some rows only; " + ("run its rows in a separate batch" if a in rows else
                                                    "deactivate it first (dt.activate(model, [...]))"))
-    from .methods import _virtual_tokens
-
     _virtual_tokens.check_mixed(model, rows)  # prompt / prefix rows: can their shapes be routed exactly?
 
 
@@ -294,12 +253,12 @@ def mixed(model: nn.Module, adapters: Sequence[RowName]) -> Iterator[nn.Module]:
     the active-adapter setting is ignored.  Works with ``model.generate`` (beam search too)."""
     _check(model, adapters)
     st = get_state(model)
-    prev = st.row_adapters
-    st.row_adapters = RowPlan(adapters)
+    prev = st.row_adapters, st.row_router
+    st.row_adapters, st.row_router = RowPlan(adapters), mixed_forward
     try:
         yield model
     finally:
-        st.row_adapters = prev
+        st.row_adapters, st.row_router = prev
 
 
 def generate_mixed(model: nn.Module, adapters: Sequence[RowName], **generate_kwargs):

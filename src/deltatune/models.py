@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .core import DeltaError
+from .core.delta import DeltaError
 
 AUTO_CLASSES = {
     "classify": "AutoModelForSequenceClassification",

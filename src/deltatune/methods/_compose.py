@@ -24,7 +24,7 @@ break the rules above, before touching a weight.
 """
 from __future__ import annotations
 
-from ..core import Delta, DeltaError, DeltaLayer, get_state, iter_delta_layers
+from ..core.delta import Delta, DeltaError, DeltaLayer, get_state, iter_delta_layers
 
 
 def transforms_input(d: Delta) -> bool:

@@ -15,7 +15,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..core import STATE_ATTR
+from ..core.delta import STATE_ATTR
 
 # The keyword a transformers model takes its KV cache under: "cache" in today's releases (renamed
 # with a deprecation shim), "past_key_values" before.  Read off the forward signature, never off a

@@ -36,7 +36,8 @@ import re
 import torch
 from torch import nn
 
-from ..core import DeltaError, Method, get_state, iter_base_modules
+from ..core.delta import DeltaError, Method, get_state, iter_base_modules
+from ..core.targets import auto_modules_to_save, find_targets, matches
 
 SEL = "_dt_selected"
 _STASH = "_dt_selected_stash"  # the in-place tensors, set aside while the module runs on casts of them
@@ -188,8 +189,6 @@ def is_norm(mod: nn.Module) -> bool:
 def candidate_modules(model: nn.Module, cfg) -> list[tuple[str, nn.Module]]:
     """Modules a selector may touch: ``cfg.targets``/``cfg.exclude`` applied, and the modules
     trained in full via ``modules_to_save`` (a fresh classifier head) left out."""
-    from ..targets import auto_modules_to_save, find_targets, matches
-
     mods = [(p, m) for p, m in iter_base_modules(model) if p]
     if cfg.targets is not None:
         keep = set(find_targets(model, cfg.targets, exclude=cfg.exclude))

@@ -51,7 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import PREFIX, STATE_ATTR, DeltaError
+from ..core.delta import CopyDelta, DeltaError, PREFIX, STATE_ATTR, iter_delta_layers
+from ..core.rows import RowPlan
 # cache_kwarg is re-exported: prefix.py and callers reach it as _virtual_tokens.cache_kwarg
 from ._hf_compat import (CACHE_KWARGS, cache_kwarg, cached_tokens, output_cache, pop_cache,  # noqa: F401
                          positions_from_mask)
@@ -123,8 +124,6 @@ def param_device(model: nn.Module) -> torch.device:
 
 
 def saved_modules(model: nn.Module, name: str) -> list[str] | None:
-    from ..core import CopyDelta, iter_delta_layers
-
     out = sorted(p for p, layer in iter_delta_layers(model)
                  if name in layer.deltas and isinstance(layer.deltas[name], CopyDelta))
     return out or None
@@ -264,8 +263,6 @@ def _rows(st, s: Store, batch: int, device: torch.device) -> list[Row]:
     (``dt.mixed``, active setting ignored) the row's own adapter, none for None / LoRA & co. rows."""
     if st.row_adapters is None:
         return [tuple(s.deltas[n] for n in st.active if n in s.deltas)] * batch
-    from ..mixed import RowPlan
-
     plan = st.row_adapters if isinstance(st.row_adapters, RowPlan) else RowPlan(st.row_adapters)
     names = plan.expand(batch, device)[0]  # beams / return sequences map to their prompt's row
     return [(s.deltas[a],) if a is not None and a in s.deltas else () for a in names]

@@ -20,7 +20,7 @@ the final mask fixed.  The regulariser's gradient is added to P and Q by gradien
 backward (``auto_orth``), and :class:`AdaLoraHook` runs the schedule from the optimizer's step
 hook, the trainer's ``Method.step_hook`` or one ``hook.step()`` call a step, so the user never
 calls the allocator by hand; afterwards
-:func:`adalora_to_lora` turns the adapter into a plain LoRA with a per-layer ``rank_pattern``.
+:func:`deltatune.ops.adalora_convert.adalora_to_lora` turns the adapter into a plain LoRA with a per-layer ``rank_pattern``.
 File keys are peft's (``lora_A``, ``lora_B``, ``lora_E``, ``ranknum``), so peft loads the files.
 """
 from __future__ import annotations
@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (DeltaConfig, DeltaError, Delta, Method, get_state, iter_delta_layers, register,
-                    wrap)
-from ..targets import find_targets, linear_types
+from ..core.delta import CopyDelta, Delta, DeltaConfig, DeltaError, Method, get_state, iter_delta_layers, register, wrap
+from ..core.targets import find_targets, linear_types
+from ..core.adapters import base_at
+from .lora import linear_layout
 
 
 @dataclass
@@ -97,8 +98,6 @@ class AdaLoraDelta(Delta):
 
     def __init__(self, base: nn.Module, cfg: AdaLoraConfig):
         super().__init__()
-        from .lora import linear_layout
-
         self.fan_in_fan_out, out_f, in_f, dtype = linear_layout(base)
         r = cfg.r
         self.r = r
@@ -323,58 +322,6 @@ def adalora_ranks(model: nn.Module, name: str | None = None) -> dict[str, int]:
     return {p: d.rank for p, d in _layers(model, _adalora_name(model, name))}
 
 
-def rank_report(model: nn.Module, name: str | None = None):
-    """A :class:`deltatune.importance.LayerReport` of the final ranks: ``.table()``, ``.plot(path)``."""
-    from ..importance import LayerReport
-
-    name = _adalora_name(model, name)
-    r0 = get_state(model).adapters[name].config.r
-    rows = [{"module": p, "rank": d.rank, "initial_rank": r0} for p, d in _layers(model, name)]
-    return LayerReport(rows, value="rank", title=f"AdaLoRA final ranks ({name})")
-
-
-def adalora_to_lora(model: nn.Module, name: str | None = None, new_name: str | None = None) -> nn.Module:
-    """Replace AdaLoRA adapter ``name`` by the equivalent plain LoRA adapter (same output): each
-    layer keeps its surviving triplets, B = P[:, kept], A = (Λ·Q)[kept]; ``rank_pattern`` holds the
-    per-layer ranks and layers pruned to rank 0 are dropped.  peft's LoraConfig/PeftModel load it."""
-    from ..api import activate, adapter_tensors, attach, delete
-    from .lora import LoraConfig
-
-    name = _adalora_name(model, name)
-    st = get_state(model)
-    cfg: AdaLoraConfig = st.adapters[name].config
-    was_active = name in st.active
-    parts, ranks = {}, {}
-    with torch.no_grad():
-        for path, d in _layers(model, name):
-            keep = (d.rank_mask & (d.lora_E.view(-1) != 0)).nonzero().view(-1)  # E = 0: pruned before a save
-            if keep.numel():
-                a = (d.lora_A * d.lora_E)[keep].detach().clone()  # (k, in)
-                b = (d.lora_B[:, keep] * d.scaling).detach().clone()  # (out, k), scaling folded in
-                parts[path], ranks[path] = (a, b), int(keep.numel())
-    if not ranks:
-        raise DeltaError(f"adalora: every layer of {name!r} was pruned to rank 0; nothing to convert")
-    saved = {k: v.detach().clone() for k, v in adapter_tensors(model, name).items()
-             if not any(k.startswith(p + ".lora_") for p in _layer_paths(model, name))}
-    r = max(ranks.values())
-    lcfg = LoraConfig(targets=sorted(ranks), exclude=None, modules_to_save=cfg.modules_to_save, r=r, alpha=float(r),
-                      dropout=cfg.dropout, rank_pattern={p: k for p, k in ranks.items() if k != r},
-                      alpha_pattern={p: float(k) for p, k in ranks.items() if k != r})  # s = 1 everywhere
-    target = new_name or name
-    delete(model, name)
-    attach(model, lcfg, name=target)
-    tensors = adapter_tensors(model, target)
-    with torch.no_grad():
-        for path, (a, b) in parts.items():
-            tensors[f"{path}.lora_A.weight"].copy_(a)
-            tensors[f"{path}.lora_B.weight"].copy_(b)
-        for k, v in saved.items():  # modules_to_save copies (a classification head)
-            tensors[k].copy_(v)
-    if was_active:
-        activate(model, [target] + [n for n in st.active if n != target])
-    return model
-
-
 def _layer_paths(model, name):
     return [p for p, _ in _layers(model, name)]
 
@@ -390,10 +337,8 @@ class AdaLoRA(Method):
     layer_types = ("Linear", "Conv1D", "NF4Linear/Int8Linear")
 
     def attach(self, model, cfg: AdaLoraConfig, name, state):
-        from ..api import _base_at
-
         paths = find_targets(model, cfg.targets, types=linear_types(), exclude=cfg.exclude)
-        made = [(p, AdaLoraDelta(_base_at(model, p), cfg)) for p in paths]
+        made = [(p, AdaLoraDelta(base_at(model, p), cfg)) for p in paths]
         for p, d in made:
             if cfg.auto_orth and cfg.orth_reg_weight > 0:
                 d.enable_orth(cfg.orth_reg_weight / (2 * len(made)))  # peft: γ · mean over 2·#layers terms
@@ -453,8 +398,6 @@ class AdaLoRA(Method):
         return {k: v for k, v in tensors.items() if not k.endswith(".ranknum")}  # derived from the config
 
     def to_peft(self, cfg: AdaLoraConfig, model, name):
-        from ..core import CopyDelta
-
         targets = _layer_paths(model, name)
         saved = sorted(p for p, layer in iter_delta_layers(model) if isinstance(layer.deltas[name] if name in
                                                                                  layer.deltas else None, CopyDelta))

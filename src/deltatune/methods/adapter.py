@@ -31,10 +31,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core import Delta, DeltaConfig, DeltaError, Method, iter_base_modules, register, wrap
-from ..dtypes import build_dtype
-from ..targets import find_targets, linear_types
+from ..core.delta import Delta, DeltaConfig, DeltaError, Method, iter_base_modules, register, wrap
+from ..core.dtypes import build_dtype
+from ..core.targets import find_targets, linear_types, matches
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
+from ..core.adapters import base_at
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 
@@ -181,8 +182,6 @@ class InputTap(Delta):
 
 def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | None]]:
     """[(kind, path, tap path)]: kind "seq" (after the module) or "par" (beside it)."""
-    from ..targets import matches
-
     points = cfg.resolved()[0]
     if cfg.targets is not None:
         kind = "par" if cfg.placement == "parallel" else "seq"
@@ -222,11 +221,9 @@ class Adapter(Method):
                   "folded into the base")
 
     def attach(self, model, cfg: AdapterConfig, name, state):
-        from ..api import _base_at
-
         made = []  # build every delta first: a failure leaves the model untouched
         for kind, path, tap in _points(model, cfg):
-            mod = _base_at(model, path)
+            mod = base_at(model, path)
             d_in, d_out, ch = module_dims(mod)
             ch = cfg.channel_dim if cfg.channel_dim is not None else ch
             dtype = build_dtype(mod)
@@ -236,7 +233,7 @@ class Adapter(Method):
                 made.append((path, BottleneckDelta(d_in, d_out, cfg, True, ch, dtype)))
             else:  # BERT/ViT: the FFN input is the input of `intermediate`
                 slot = _Slot()
-                tap_in = module_dims(_base_at(model, tap))[0]
+                tap_in = module_dims(base_at(model, tap))[0]
                 made.append((tap, InputTap(slot)))
                 made.append((path, BottleneckDelta(tap_in, d_out, cfg, True, ch, dtype, slot)))
         for p, d in made:

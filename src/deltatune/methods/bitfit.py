@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core import Delta, DeltaConfig, DeltaError, register, wrap
-from ..targets import HEAD_NAMES
+from ..core.delta import Delta, DeltaConfig, DeltaError, register, wrap
+from ..core.targets import HEAD_NAMES, linear_types
 from ._selector import SelectorMethod, candidate_modules, is_norm
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 
@@ -93,8 +93,6 @@ class AddedBias(Delta):
 
 def _out_features(mod: nn.Module) -> tuple[int, int] | None:
     """(number of output features, channel dim) of a layer that could carry a bias."""
-    from ..targets import linear_types
-
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return mod.out_channels, 1
     if isinstance(mod, linear_types()) and hasattr(mod, "weight"):

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_base_modules,
-                    iter_delta_layers, register, set_base_weight, wrap)
-from ..dtypes import build_dtype
-from ..targets import find_targets, linear_types, matches
+from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_base_modules,
+                          iter_delta_layers, register, set_base_weight, wrap)
+from ..core.dtypes import build_dtype
+from ..core.targets import find_targets, linear_types, matches
+from ..core.adapters import base_at
 
 # peft's defaults per architecture family: (targets, feedforward); the first family whose
 # targets all exist in the model wins.  (Llama/Mistral/Qwen, GPT-2, BERT/RoBERTa, OPT/CLIP/ViT.)
@@ -162,10 +163,8 @@ class IA3(Method):
     layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "NF4Linear/Int8Linear")
 
     def attach(self, model, cfg: IA3Config, name, state):
-        from ..api import _base_at
-
         paths, ff = resolve(model, cfg)
-        made = [(p, IA3Delta(_base_at(model, p), p in ff)) for p in paths]
+        made = [(p, IA3Delta(base_at(model, p), p in ff)) for p in paths]
         for p, d in made:
             wrap(model, p, state).deltas[name] = d
 

@@ -28,10 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (DeltaConfig, DeltaError, Delta, Method, base_weight, get_state, iter_delta_layers,
-                    register, set_base_weight, wrap)
-from ..dtypes import build_dtype
-from ..targets import find_targets
+from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, get_state, iter_delta_layers,
+                          register, set_base_weight, wrap)
+from ..core.dtypes import build_dtype
+from ..core.targets import find_targets
+from ..core.adapters import adapter_tensors, base_at
+from ..core.layer_types import QUANT_LINEAR_TYPES
+from ..fast import dora_linear, lora_dropout_addmm
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -280,20 +283,18 @@ class LoraLinear(LoraDelta):
         a, b = self.lora_A.weight, self.lora_B.weight
         if (self.use_dora and getattr(self, "A0", None) is None and x.dtype == y.dtype == a.dtype
                 and (isinstance(self.dropout, nn.Identity) or not self.training)):
-            from ..fast import dora_linear  # keeps one (N, out) tensor per layer instead of four
-
             w = self._w(base)
             with torch.no_grad():  # ‖W + sBA‖ per output row, detached (DoRA paper §4.3)
                 norm = torch.addmm(w.to(a.dtype), b, a, alpha=self.scaling).norm(dim=1)  # (out,)
             bias = getattr(base, "bias", None)
+            # fused kernel: keeps one (N, out) tensor per layer instead of four
             return dora_linear(x, y, None if bias is None else bias.to(y.dtype), a, b, self._mag(), norm,
                                self.scaling)
         if self.use_dora or getattr(self, "A0", None) is not None or y.dtype != self.lora_B.weight.dtype:
             return super().forward(x, y, base)
         # fast path: one fused addmm, y + s·(x A^T) B^T, without materialising the scaled branch
         if self.training and isinstance(self.dropout, nn.Dropout) and x.dtype == self.lora_A.weight.dtype:
-            from ..fast import lora_dropout_addmm  # keeps a 1-byte mask, not a dropped-out copy of x
-
+            # keeps a 1-byte mask, not a dropped-out copy of x
             return lora_dropout_addmm(x, y, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout.p)
         h = F.linear(self.dropout(x), self.lora_A.weight)  # (..., r)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(),
@@ -379,8 +380,6 @@ class LoraEmbedding(LoraDelta):
 
 
 def _layer_table() -> dict[type, type[LoraDelta]]:
-    from ..quant_registry import QUANT_LINEAR_TYPES
-
     table: dict[type, type[LoraDelta]] = {nn.Linear: LoraLinear, nn.Conv1d: LoraConv, nn.Conv2d: LoraConv,
                                           nn.Embedding: LoraEmbedding}
     if _conv1d_type() is not None:
@@ -427,14 +426,12 @@ class LoRA(Method):
     layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding", "NF4Linear/Int8Linear")
 
     def attach(self, model, cfg: LoraConfig, name, state):
-        from ..api import _base_at
-
         paths = find_targets(model, cfg.targets, types=tuple(_layer_table()), exclude=cfg.exclude)
         made = []  # build every delta first: a failure leaves the model untouched
         for p in paths:
             r = _pattern_value(p, cfg.rank_pattern, cfg.r)
             alpha = _pattern_value(p, cfg.alpha_pattern, cfg.alpha)
-            base = _base_at(model, p)
+            base = base_at(model, p)
             _check_rank(p, base, r)
             made.append((p, make_delta(base, r, alpha, cfg)))
         for p, d in made:
@@ -461,8 +458,6 @@ class LoRA(Method):
                 for k, v in tensors.items()}
 
     def to_peft(self, cfg: LoraConfig, model, name):
-        from ..core import CopyDelta
-
         targets, saved = [], []
         for path, layer in iter_delta_layers(model):
             d = layer.deltas[name] if name in layer.deltas else None
@@ -530,8 +525,6 @@ def lora_plus_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_de
 
     >>> opt = torch.optim.AdamW(lora_plus_groups(model, lr=2e-4, ratio=16))
     """
-    from ..api import adapter_tensors
-
     st = get_state(model)
     b_ids = set()
     for _, layer in iter_delta_layers(model):

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import DeltaConfig, DeltaError, Method, get_state, register
+from ..core.delta import DeltaConfig, DeltaError, Method, get_state, register
 from . import _virtual_tokens as vt
+from ..core.adapters import refresh
 
 
 @dataclass
@@ -242,8 +243,6 @@ class PrefixTuning(Method):
 def fold(model: nn.Module, name: str = "default") -> None:
     """Replace a trained prefix adapter's MLP by the table it computes (what is saved): the same
     outputs, no MLP per forward.  Training afterwards updates the table directly."""
-    from ..api import refresh
-
     rec = get_state(model).adapters.get(name)
     if rec is None or rec.method != "prefix":
         raise DeltaError(f"no prefix adapter named {name!r} to fold")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import DeltaConfig, DeltaError, Method, get_state, register
+from ..core.delta import DeltaConfig, DeltaError, Method, get_state, register
 from . import _virtual_tokens as vt
 
 

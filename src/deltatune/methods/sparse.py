@@ -30,9 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers, register,
-                    set_base_weight, wrap)
-from ..dtypes import build_dtype
+from ..core.delta import (Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers, register,
+                          set_base_weight, wrap)
+from ..core.dtypes import build_dtype
+from ..core.adapters import base_at
+from ..core.grads import accumulate_grads, weighted_modules
+from .lora import _conv1d_type
 
 RUNTIME = ("batches", "loss_fn", "selection")  # config fields used at attach time, never saved
 
@@ -110,9 +113,6 @@ STATISTICS = {"abs": lambda w, g: g.abs(), "sq": lambda w, g: g.pow(2)}
 def select_sparse(model: nn.Module, batches, budget: float = 0.005, rule: str = "gps", loss_fn=None,
                   targets=None, exclude=None, max_batches: int | None = 8) -> dict[str, torch.Tensor]:
     """{module path: flat indices into its weight} chosen by ``rule`` from one gradient pass."""
-    from ..importance import accumulate_grads, weighted_modules
-    from .lora import _conv1d_type
-
     SparseConfig(budget=budget, rule=rule)  # validates
     mods = [(p, m) for p, m in weighted_modules(model, targets, exclude)
             if isinstance(m, _types()) and not hasattr(m, "dequantize")]  # quantized storage: no float W
@@ -143,8 +143,6 @@ def select_sparse(model: nn.Module, batches, budget: float = 0.005, rule: str = 
 # --------------------------------------------------------------------------- the delta
 
 def _types() -> tuple[type, ...]:
-    from .lora import _conv1d_type
-
     return tuple(t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, _conv1d_type()) if t is not None)
 
 
@@ -238,8 +236,6 @@ class Sparse(Method):
     layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding")
 
     def attach(self, model, cfg: SparseConfig, name, state):
-        from ..api import _base_at
-
         if cfg.selection is not None:
             sel = {p: torch.as_tensor(i) for p, i in cfg.selection.items()}
         elif cfg.batches is not None:
@@ -252,7 +248,7 @@ class Sparse(Method):
                              "choose the weights, or selection=dt.select_sparse(...)")
         made = []
         for p, idx in sel.items():
-            base = _base_at(model, p)
+            base = base_at(model, p)
             if not isinstance(base, _types()):
                 raise DeltaError(f"sparse: {p} is a {type(base).__name__}; supported: {self.layer_types}")
             n = base_weight(base).numel()

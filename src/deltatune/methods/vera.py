@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers,
-                    register, wrap)
-from ..dtypes import build_dtype
-from ..targets import find_targets, linear_types
+from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers,
+                          register, wrap)
+from ..core.dtypes import build_dtype
+from ..core.targets import find_targets, linear_types
+from ..core.adapters import base_at
 
 
 @dataclass
@@ -130,14 +131,12 @@ class VeRA(Method):
     layer_types = ("Linear", "Conv1D", "NF4Linear/Int8Linear")
 
     def attach(self, model, cfg: VeraConfig, name, state):
-        from ..api import _base_at
-
         paths = find_targets(model, cfg.targets, types=_layer_types(), exclude=cfg.exclude, default="attention")
-        dims = [_in_out(_base_at(model, p)) for p in paths]
+        dims = [_in_out(base_at(model, p)) for p in paths]
         in_max, out_max = max(d[0] for d in dims), max(d[1] for d in dims)
         a, b = projection(cfg.projection_prng_key, cfg.r, in_max, out_max)
         shared = Shared(a, b)
-        made = [(p, VeraDelta(_base_at(model, p), shared, cfg)) for p in paths]
+        made = [(p, VeraDelta(base_at(model, p), shared, cfg)) for p in paths]
         for p, d in made:
             wrap(model, p, state).deltas[name] = d
 

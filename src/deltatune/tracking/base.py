@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..core import DeltaError
+from ..core.delta import DeltaError
 
 INSTALL_HINT = "pip install 'deltatune[tracking]'"
 TRACKERS: dict[str, type["Tracker"]] = {}

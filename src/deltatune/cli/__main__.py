@@ -1,0 +1,4 @@
+"""``python -m deltatune.cli`` (torchrun launches training this way)."""
+from .main import main
+
+main()

@@ -1,0 +1,467 @@
+"""The core abstraction: a frozen base module wrapped by a :class:`DeltaLayer` that adds one
+:class:`Delta` per named adapter, plus the model-level bookkeeping (which adapters exist, which
+are active, which are merged).
+
+    x ──► base_layer(x) ──► y ──► delta_a(x, y) ──► delta_b(x, y') ──► out
+            (frozen)             (adapter "a")      (adapter "b")
+
+Two shapes of method share this bookkeeping:
+
+* *adders* (LoRA, IA3, VeRA, bottleneck adapters, ...) put a ``Delta`` into the ``deltas``
+  ModuleDict of a ``DeltaLayer`` that wraps the target module;
+* *selectors* (BitFit, LayerNorm tuning, sparse masks) train existing tensors and report them
+  through ``Method.own_tensors``.
+
+Whatever the shape, :func:`adapter_tensors` is the single source of truth for an adapter: the
+same dict decides what trains (``requires_grad``) and what is saved, keyed by the names that
+appear in the saved file (peft's key layout).  The core never imports the trainer or the CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from .dtypes import adapter_dtype, cast_like, cast_tensors, module_dtype
+
+STATE_ATTR = "_deltatune"
+PREFIX = "base_model.model."  # peft's key prefix, kept so files are interchangeable
+
+
+class DeltaError(ValueError):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+# --------------------------------------------------------------------------- configs
+
+@dataclass
+class DeltaConfig:
+    """Fields every method understands. Method configs subclass this with the paper's defaults."""
+
+    targets: list[str] | str | None = None
+    """Module names to adapt: a list matches exact names or dotted suffixes (peft semantics), a
+    string is a regex that must match the whole name, ``"all-linear"`` takes every linear layer
+    but the output head, ``None`` uses the method's default for the architecture."""
+    exclude: list[str] | str | None = None
+    """Names (same syntax as ``targets``) to leave alone even if ``targets`` matches them."""
+    modules_to_save: list[str] | str | None = "auto"
+    """Modules trained in full and saved with the adapter (a fresh classification head must be).
+    ``"auto"`` picks the head of ``*ForSequenceClassification``-style models."""
+    autocast_adapter_dtype: bool = True
+    """peft's switch: on a float16/bfloat16 base the adapter's trainable tensors are float32 (Adam's
+    updates underflow in half precision: fp16 gives NaN, bf16 does not move at lr 1e-4).  False keeps
+    them in the base's dtype (half the memory, for inference or bf16-aware optimizers)."""
+
+    method: ClassVar[str] = ""
+    size_fields: ClassVar[tuple[str, ...]] = ()
+    """Integer options that size an allocation (a rank, a token count): ``dt.load`` bounds them by
+    the dimensions of the saved tensors before attaching, so a corrupted config cannot allocate
+    gigabytes. A dict-valued field (``rank_pattern``) has each value checked."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, strict: bool = False) -> "DeltaConfig":
+        import warnings
+
+        if not isinstance(d, dict):
+            raise DeltaError(f"{cls.__name__}: expected a dict of options, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"method"})
+        if unknown:
+            if strict:
+                raise DeltaError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
+            warnings.warn(f"{cls.__name__}: ignoring unknown option(s) {unknown} "
+                          "(written by a newer deltatune?)", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --------------------------------------------------------------------------- state
+
+@dataclass
+class AdapterRecord:
+    method: str
+    config: DeltaConfig
+    trainable: bool = True  # False for adapters loaded for inference only
+
+
+@dataclass
+class DeltaState:
+    """Plain-Python bookkeeping shared by the root model and every DeltaLayer (not a Module,
+    so it never shows up in state dicts)."""
+
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    disabled: bool = False
+    # per-row adapter routing for mixed batches: list of adapter names/None, one per batch row
+    row_adapters: list[str | None] | None = None
+    # how a DeltaLayer runs such a batch, installed by ``dt.mixed`` (mixed.py, a layer above the
+    # core) together with row_adapters: router(layer, row_adapters, args, kwargs) -> output
+    row_router: Callable | None = None
+    # adapters folded in by merge(unload=False), selectors included (their values sit in the base
+    # tensors, with no DeltaLayer.merged to say so); unmerge() empties it
+    merged: list[str] = field(default_factory=list)
+
+
+def get_state(model: nn.Module, create: bool = False) -> DeltaState:
+    st = model.__dict__.get(STATE_ATTR)
+    if st is None:
+        if not create:
+            raise DeltaError(f"{type(model).__name__} carries no deltatune adapter; "
+                             "call dt.attach(model, ...) or dt.load(model, DIR) first")
+        st = DeltaState()
+        model.__dict__[STATE_ATTR] = st
+    return st
+
+
+def merged_names(model: nn.Module) -> set[str]:
+    """Adapters currently merged into the base weights (by any method, wrapped or selector)."""
+    st = model.__dict__.get(STATE_ATTR)
+    out = set(st.merged) if st is not None else set()
+    for _, layer in iter_delta_layers(model):
+        out.update(layer.merged)
+    return out
+
+
+def has_adapters(model: nn.Module) -> bool:
+    st = model.__dict__.get(STATE_ATTR)
+    return bool(st and st.adapters)
+
+
+# --------------------------------------------------------------------------- base weights
+# Quantized bases (deltatune.quant) expose `dequantize()` / `set_weight(w)`; plain layers expose
+# `.weight`.  Deltas only ever go through these two functions, so no method branches on the
+# backend.
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's dense weight in its native layout (Linear: (out, in); Conv1D: (in, out))."""
+    if hasattr(base, "dequantize"):
+        return base.dequantize()
+    return base.weight.data
+
+
+def set_base_weight(base: nn.Module, w: torch.Tensor) -> None:
+    if hasattr(base, "set_weight"):
+        base.set_weight(w)
+    else:
+        base.weight.data.copy_(w.to(base.weight.dtype))
+
+
+# --------------------------------------------------------------------------- deltas
+
+class Delta(nn.Module):
+    """One adapter's change to one base module.
+
+    ``forward(x, y, base)`` gets the module input ``x`` and the base output ``y`` and returns the
+    new output.  Mergeable deltas implement ``delta_weight(base)`` (an additive ΔW in the base's
+    weight layout) or override ``merge``/``unmerge`` when the change is not additive (DoRA, IA3).
+    """
+
+    mergeable: ClassVar[bool] = True
+    replaces: ClassVar[bool] = False  # True: called *instead of* the base (modules_to_save copies)
+    # True: forward adds a term of x alone (y + f(x)) and merge adds a ΔW that does not read W, so
+    # the delta commutes with every other additive delta of its layer (merge order is free)
+    additive: ClassVar[bool] = False
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Optionally transform the input before the base runs (None = no change)."""
+        return None
+
+    def param_dtype(self) -> torch.dtype | None:
+        """The dtype this delta computes in (that of its first floating parameter)."""
+        p = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return None if p is None else p.dtype
+
+    def run(self, x, y, base):
+        """``forward`` with the dtype rule: x arrives in the delta's dtype, the result leaves in y's."""
+        dt = self.param_dtype()
+        if dt is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dt:
+            x = x.to(dt)
+        h = y[0] if isinstance(y, tuple) and y else y  # some HF modules return (hidden, extras...)
+        return cast_like(self(x, y, base), h.dtype if isinstance(h, torch.Tensor) else None)
+
+    def run_pre(self, x: torch.Tensor) -> torch.Tensor | None:
+        nx = self.pre(x)
+        return None if nx is None else cast_like(nx, x.dtype)
+
+    def forward(self, x, y, base):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        raise DeltaError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    # merges add in the wider of the two dtypes and round once (set_base_weight casts back)
+    def merge(self, base: nn.Module) -> None:
+        w, d = base_weight(base), self.delta_weight(base)
+        dt = torch.promote_types(w.dtype, d.dtype)
+        set_base_weight(base, w.to(dt) + d.to(dt))
+
+    def unmerge(self, base: nn.Module) -> None:
+        w, d = base_weight(base), self.delta_weight(base)
+        dt = torch.promote_types(w.dtype, d.dtype)
+        set_base_weight(base, w.to(dt) - d.to(dt))
+
+    def save_key(self, local_key: str) -> str:
+        """Map a key of this delta's own state dict to the key used in files (peft layout)."""
+        return local_key
+
+
+class CopyDelta(Delta):
+    """``modules_to_save``: a full trainable copy of the base module, used instead of it.
+    Saved under the base's own key names (``classifier.weight``), as peft does."""
+
+    replaces = True
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(base)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, *args, **kwargs):
+        # the copy may be float32 on a half base: floating inputs follow it (DeltaLayer casts back)
+        dt = self.param_dtype()
+        args = tuple(cast_like(a, dt) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: cast_like(v, dt) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return self.module(*args, **kwargs)
+
+    def merge(self, base: nn.Module) -> None:
+        # the copy *becomes* the base: remember the original so unmerge can restore it
+        self._orig = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        base.load_state_dict(self.module.state_dict())
+
+    def unmerge(self, base: nn.Module) -> None:
+        base.load_state_dict(self._orig)
+        del self._orig
+
+    def save_key(self, local_key: str) -> str:
+        return local_key.removeprefix("module.")
+
+
+class DeltaLayer(nn.Module):
+    """Wraps a frozen base module; runs it, then the deltas of the active adapters."""
+
+    def __init__(self, base: nn.Module, state: DeltaState):
+        super().__init__()
+        self.base_layer = base
+        self.deltas = nn.ModuleDict()
+        self.__dict__["_dt_state"] = state  # shared bookkeeping, deliberately not a submodule
+        self.merged: list[str] = []
+
+    def __getattr__(self, name: str):
+        # transformers code reads e.g. `self.q_proj.weight` or `.in_features`: forward those reads
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "deltas"):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    def active_deltas(self) -> list[tuple[str, Delta]]:
+        st: DeltaState = self.__dict__["_dt_state"]
+        if st.disabled:
+            return []
+        return [(n, self.deltas[n]) for n in st.active if n in self.deltas and n not in self.merged]
+
+    def forward(self, *args, **kwargs):
+        st: DeltaState = self.__dict__["_dt_state"]
+        if st.row_adapters is not None and not st.disabled:
+            if st.row_router is None:
+                raise DeltaError("row_adapters is set but no row router is installed; route rows with "
+                                 "`with dt.mixed(model, rows):` instead of setting DeltaState.row_adapters")
+            return st.row_router(self, st.row_adapters, args, kwargs)
+        active = self.active_deltas()
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        for _, d in active:
+            nx = d.run_pre(x)
+            if nx is not None:
+                x = nx
+                args = (x, *args[1:]) if args else args
+        run = next((d for _, d in active if d.replaces), None)
+        # a replacing copy may compute in float32: the layer still answers in the base's dtype
+        y = self.base_layer(*args, **kwargs) if run is None else cast_like(run(*args, **kwargs),
+                                                                            module_dtype(self.base_layer))
+        for _, d in active:
+            if not d.replaces:
+                y = d.run(x, y, self.base_layer)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.deltas)}, merged={self.merged}"
+
+
+# --------------------------------------------------------------------------- walking
+
+def iter_delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
+    """(clean path, layer): the path as it was before wrapping (``base_layer.`` removed)."""
+    for path, mod in model.named_modules():
+        if isinstance(mod, DeltaLayer):
+            yield clean_path(path), mod
+
+
+def clean_path(path: str) -> str:
+    return path.replace(".base_layer.", ".").removeprefix("base_layer.").removesuffix(".base_layer")
+
+
+def iter_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(clean path, module) for every original module, seen through the wrappers."""
+    for path, mod in model.named_modules():
+        if isinstance(mod, DeltaLayer) or isinstance(mod, Delta):
+            continue
+        if ".deltas." in f".{path}." or path.startswith("deltas."):
+            continue
+        yield clean_path(path), mod
+
+
+def get_submodule_clean(model: nn.Module, path: str) -> nn.Module:
+    """Resolve a clean path, descending through DeltaLayers transparently."""
+    mod = model
+    for part in path.split(".") if path else []:
+        if isinstance(mod, DeltaLayer):
+            mod = mod.base_layer
+        if part not in mod._modules:
+            raise DeltaError(f"no module named {path!r} in {type(model).__name__}")
+        mod = mod._modules[part]
+    return mod
+
+
+def wrap(model: nn.Module, path: str, state: DeltaState) -> DeltaLayer:
+    """Make sure the module at ``path`` is wrapped by a DeltaLayer and return the wrapper."""
+    parent_path, _, child = path.rpartition(".")
+    parent = get_submodule_clean(model, parent_path) if parent_path else model
+    if isinstance(parent, DeltaLayer):
+        parent = parent.base_layer
+    mod = parent._modules[child]
+    if isinstance(mod, DeltaLayer):
+        return mod
+    layer = DeltaLayer(mod, state)
+    parent._modules[child] = layer
+    return layer
+
+
+def unwrap(model: nn.Module, path: str) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = get_submodule_clean(model, parent_path) if parent_path else model
+    if isinstance(parent, DeltaLayer):
+        parent = parent.base_layer
+    layer = parent._modules[child]
+    assert isinstance(layer, DeltaLayer)
+    parent._modules[child] = layer.base_layer
+
+
+# --------------------------------------------------------------------------- methods
+
+class Method:
+    """A registry entry. Adders override ``attach``; selectors also override ``own_tensors`` and
+    the activation hooks.  ``peft_type`` names the peft method whose file format we share."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[DeltaConfig]] = DeltaConfig
+    peft_type: ClassVar[str | None] = None
+    summary: ClassVar[str] = ""
+    layer_types: ClassVar[tuple[str, ...]] = ()
+    mergeable: ClassVar[bool] = True
+    merge_note: ClassVar[str] = ""  # why not, when mergeable is False
+
+    def attach(self, model: nn.Module, cfg: DeltaConfig, name: str, state: DeltaState) -> None:
+        raise NotImplementedError
+
+    def own_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Tensors that belong to the adapter but live outside DeltaLayers (selectors, prompts)."""
+        return {}
+
+    def own_dtypes(self, model: nn.Module, name: str) -> dict[str, torch.dtype]:
+        """For each of ``own_tensors``, the dtype of the base it works with (``adapter_dtype`` picks
+        the adapter's own from it).  Default: the input embeddings' (prompts, prefixes)."""
+        own = self.own_tensors(model, name)
+        if not own:
+            return {}
+        try:  # vision/audio models raise NotImplementedError: they have no token embeddings
+            emb = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            emb = None
+        dt = module_dtype(emb if isinstance(emb, nn.Module) else model)
+        return {k: dt for k in own}
+
+    def delete(self, model: nn.Module, name: str) -> None:
+        """Remove what ``attach`` added outside DeltaLayers."""
+
+    def on_activate(self, model: nn.Module, name: str, active: bool) -> None:
+        """Called when ``name`` becomes active/inactive or the model is disabled/enabled."""
+
+    def merge(self, model: nn.Module, name: str) -> None:
+        """Merge what lives outside DeltaLayers (selectors: already in place)."""
+
+    def unmerge(self, model: nn.Module, name: str) -> None:
+        pass
+
+    def unload(self, model: nn.Module, name: str) -> None:
+        """Drop the bookkeeping after a merge, keeping the (merged) weights."""
+
+    # -- file formats: peft's config dict, when peft has the method
+    def to_peft(self, cfg: DeltaConfig, model: nn.Module, name: str) -> dict[str, Any] | None:
+        return None
+
+    def from_peft(self, d: dict[str, Any]) -> DeltaConfig:
+        raise DeltaError(f"{self.name}: cannot read peft configs")
+
+    def normalize_keys(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map key spellings of other versions/tools to ours when loading."""
+        return tensors
+
+    def file_key(self, key: str) -> str:
+        """The key of adapter tensor ``key`` in the saved file (peft's layout).  Prompt-learning
+        methods override this pair: peft writes them as ``prompt_embeddings`` / ``base_model.<path>``."""
+        return PREFIX + key
+
+    def from_file_key(self, key: str) -> str:
+        """Inverse of :meth:`file_key`, applied when loading."""
+        return key.removeprefix(PREFIX)
+
+    def export(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
+               cfg: DeltaConfig) -> tuple[dict[str, torch.Tensor], DeltaConfig]:
+        """Hook to convert tensors and config at save time (e.g. PiSSA → plain LoRA)."""
+        return tensors, cfg
+
+
+def cast_adapter_dtype(model: nn.Module, name: str, autocast: bool = True) -> None:
+    """Give every tensor of adapter ``name`` the dtype of the ``adapter_dtype`` rule (peft's
+    ``cast_adapter_dtype``), whatever dtype its method built it in: called once by ``dt.attach``."""
+    for _, layer in iter_delta_layers(model):
+        if name in layer.deltas:
+            d = layer.deltas[name]
+            cast_tensors((*d.parameters(), *d.buffers()), adapter_dtype(module_dtype(layer.base_layer), autocast))
+    m = method_of(get_state(model).adapters[name].method)
+    base = m.own_dtypes(model, name)
+    for k, t in m.own_tensors(model, name).items():
+        cast_tensors([t], adapter_dtype(base[k], autocast))
+
+
+METHODS: dict[str, Method] = {}
+"""name -> Method. Filled by ``deltatune.methods``."""
+
+
+def register(method_cls: type[Method]) -> type[Method]:
+    METHODS[method_cls.name] = method_cls()
+    return method_cls
+
+
+def method_of(name: str) -> Method:
+    if not isinstance(name, str):
+        raise DeltaError(f"method must be a name such as 'lora', got {type(name).__name__} {name!r}; "
+                         f"available: {sorted(METHODS)}")
+    if name not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(name, METHODS, n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise DeltaError(f"unknown method {name!r}.{hint} Available: {sorted(METHODS)}")
+    return METHODS[name]

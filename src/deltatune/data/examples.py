@@ -1,0 +1,473 @@
+"""Reading training data for the trainer and the CLI: CSV / TSV / JSONL / Parquet tables (pandas),
+dataset directories / Arrow files / Hub ids (``datasets``, see :mod:`deltatune.data_sources`),
+``.npz`` arrays and image folders, turned into examples for three tasks.
+
+    file ──read_table──► DataFrame ──load_<task>──► Examples(rows, labels) ──encode──► token ids
+                                                     └─ split_validation (seeded 10 %)
+
+Every error is a :class:`deltatune.DeltaError` that names the file, and where it applies the row
+(1-based, as a spreadsheet or ``sed -n Np`` would show it: CSV rows count the header line) and
+the column: missing columns list the ones that exist, empty files, wrong types, non-UTF-8 bytes,
+labels at evaluation time that the model was not trained on.
+
+Tasks:
+  * ``classify``: a text column and a label column (strings or integers; ids follow sorted order);
+  * ``causal-lm``: alpaca, sharegpt, messages, prompt-completion or plain text rows
+    (:mod:`deltatune.chat_formats`), tokenized through the tokenizer's chat template with the loss
+    on every assistant turn (:mod:`deltatune.chat_encode`);
+  * ``image-classify``: a folder of class sub-folders of images, or an ``.npz`` with ``images``
+    (N, H, W[, C]) and ``labels`` arrays.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..core.delta import DeltaError
+
+TEXT_GUESSES = ("text", "sentence", "content", "review", "document", "input")
+LABEL_GUESSES = ("label", "labels", "class", "target", "category", "y")
+PROMPT_GUESSES = ("prompt", "instruction", "question", "statement", "input")
+RESPONSE_GUESSES = ("response", "answer", "output", "reply", "completion")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# A text is cut to max_length * CHARS_PER_TOKEN characters before it is tokenized: a fast tokenizer
+# builds offsets and token objects for the WHOLE text before truncating (a 20 MB cell peaked at
+# 3.2 GB).  16 characters is more than any real token spans (English BPE/WordPiece average ~4),
+# so the cut never changes the max_length tokens that are kept.
+CHARS_PER_TOKEN = 16
+# Rows are flat records (chat messages nest 3 deep); deeper JSON is refused before it can exhaust
+# the parser's recursion or build huge nested objects.
+MAX_JSON_DEPTH = 32
+
+
+@dataclass
+class Examples:
+    """What a task loader returns: one entry per example, plus where it came from."""
+
+    task: str
+    rows: list[Any]  # classify: text; causal-lm: records of deltatune.chat_formats ({"messages"} / {"text"})
+    labels: list[int] | None = None  # classify / image-classify
+    label_names: list[str] = field(default_factory=list)
+    source: str = ""
+    line_of: list[int] = field(default_factory=list)  # file line/row of each example (for errors)
+    format: str = ""  # causal-lm: the chat_formats name the rows were read as
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, idx: Sequence[int]) -> "Examples":
+        return Examples(self.task, [self.rows[i] for i in idx],
+                        None if self.labels is None else [self.labels[i] for i in idx],
+                        list(self.label_names), self.source, [self.line_of[i] for i in idx] if self.line_of else [],
+                        self.format)
+
+
+# --------------------------------------------------------------------------- tables
+
+def _row_offset(path: Path) -> int:
+    """File line of DataFrame row 0: CSV has a header line, JSONL does not."""
+    return 2 if path.suffix.lower() in (".csv", ".tsv", ".txt") else 1
+
+
+def _check_utf8(path: Path, data: bytes) -> None:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DeltaError(f"{path}: line {line} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                         "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
+def read_table(path: str | os.PathLike, split: str | None = None, config: str | None = None) -> "Any":
+    """A pandas DataFrame from CSV/TSV/JSONL/JSON/Parquet, with errors that name the file; dataset
+    directories, Arrow files and Hub ids go through ``datasets`` (:mod:`deltatune.data_sources`)."""
+    from .sources import is_dataset_source, read_dataset_table
+
+    if is_dataset_source(path):
+        return read_dataset_table(path, split, config)
+    path = Path(path)
+    if not path.exists():
+        raise DeltaError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    readers = {".csv": _read_csv, ".tsv": _read_csv, ".txt": _read_csv, ".jsonl": _read_jsonl,
+               ".json": _read_jsonl, ".parquet": _read_parquet, ".pq": _read_parquet}
+    if suffix not in readers:
+        raise DeltaError(f"{path}: unknown file type {suffix!r}; use one of {sorted(readers)}")
+    if path.stat().st_size == 0:
+        raise DeltaError(f"{path}: the file is empty")
+    df = readers[suffix](path)
+    if len(df) == 0:
+        raise DeltaError(f"{path}: no data rows (only a header?)")
+    df.columns = [str(c) for c in df.columns]
+    return df
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    data = path.read_bytes()
+    _check_utf8(path, data)
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:  # everything as text: a label "01" stays "01"; numbers are parsed where we need them
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise DeltaError(f"{path}: the file is empty") from None
+    except pd.errors.ParserError as e:
+        raise DeltaError(f"{path}: not a valid {'TSV' if sep == chr(9) else 'CSV'} file ({e})") from None
+
+
+def _read_jsonl(path: Path):
+    import json
+
+    import pandas as pd
+
+    data = path.read_bytes()
+    _check_utf8(path, data)
+    text = data.decode("utf-8")
+    too_deep = (f"JSON nested more than {MAX_JSON_DEPTH} levels deep; rows must be flat records "
+                "{\"column\": value, ...}")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DeltaError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DeltaError(f"{path}: {too_deep}") from None
+        lines = list(range(1, len(records) + 1))
+        if _too_deep(records, MAX_JSON_DEPTH + 1):
+            raise DeltaError(f"{path}: {too_deep}")
+    else:
+        records, lines = [], []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DeltaError(f"{path}: line {i}: invalid JSON ({e.msg}); JSONL needs one object per line") from None
+            except RecursionError:  # deeper than the interpreter's recursion limit
+                raise DeltaError(f"{path}: line {i}: {too_deep}") from None
+            if _too_deep(rec, MAX_JSON_DEPTH):
+                raise DeltaError(f"{path}: line {i}: {too_deep}")
+            records.append(rec)
+            lines.append(i)
+    bad = next((i for r, i in zip(records, lines) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DeltaError(f"{path}: line {bad}: expected a JSON object {{\"column\": value, ...}}")
+    df = pd.DataFrame.from_records(records)
+    df.attrs["lines"] = lines
+    return df
+
+
+def _too_deep(obj, limit: int) -> bool:
+    """True if ``obj`` nests lists/dicts more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (list, dict)):
+            if d > limit:
+                return True
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return False
+
+
+def _read_parquet(path: Path):
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except ImportError as e:
+        raise DeltaError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow ({e})") from None
+    except Exception as e:
+        raise DeltaError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def _lines(df, path: Path) -> list[int]:
+    if "lines" in df.attrs:
+        return list(df.attrs["lines"])
+    off = _row_offset(path)
+    return [i + off for i in range(len(df))]
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path}: {'line' if path.suffix.lower() in ('.csv', '.tsv', '.txt', '.jsonl', '.json') else 'row'} {line}"
+
+
+def pick_column(df, path: Path, given: str | None, guesses: Sequence[str], role: str, flag: str) -> str:
+    cols = list(df.columns)
+    if given is not None:
+        if given not in cols:
+            import difflib
+
+            close = difflib.get_close_matches(given, cols, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DeltaError(f"{path}: no column {given!r}{hint}; columns are {cols}. Pass {flag} COLUMN")
+        return given
+    lower = {c.lower(): c for c in cols}
+    for g in guesses:
+        if g in lower:
+            return lower[g]
+    raise DeltaError(f"{path}: cannot tell which column holds the {role}; columns are {cols}. Pass {flag} COLUMN")
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _text_values(df, col: str, path: Path, lines: list[int]) -> list[str]:
+    out = []
+    for v, line in zip(df[col].tolist(), lines):
+        if _is_missing(v):
+            raise DeltaError(f"{_where(path, line)}, column {col!r}: missing value; every row needs text")
+        if not isinstance(v, str):
+            raise DeltaError(f"{_where(path, line)}, column {col!r}: expected text, got {type(v).__name__} {v!r}")
+        out.append(v)
+    return out
+
+
+def _label_key(v, col: str, path: Path, line: int) -> str:
+    if _is_missing(v) or (isinstance(v, str) and not v.strip()):
+        raise DeltaError(f"{_where(path, line)}, column {col!r}: missing label")
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise DeltaError(f"{_where(path, line)}, column {col!r}: label {v!r} is not a class (a fractional "
+                             "number); classification needs integer or string labels")
+        return str(int(v))
+    if isinstance(v, (int, str)):
+        return str(v).strip()
+    if hasattr(v, "item"):  # numpy scalars from parquet
+        return _label_key(v.item(), col, path, line)
+    raise DeltaError(f"{_where(path, line)}, column {col!r}: expected a label (text or integer), got "
+                     f"{type(v).__name__} {v!r}")
+
+
+# Spellings of a missing value in exported tables (pandas' and spreadsheets' NA markers): never a
+# class.  "NA" and "None" can be real class names, so they count as missing only in a numeric column.
+_MISSING_ALWAYS = {"nan", "-nan", "null", "<na>", "#n/a", "n/a", "#na"}
+_MISSING_IF_NUMERIC = {"na", "none"}
+
+
+def _as_number(k: str) -> float | None:
+    try:
+        v = float(k)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _normalise_labels(keys: list[str], col: str, path: Path, lines: list[int]) -> list[str]:
+    """Text labels as read from a table -> class keys: missing-value markers are refused with their
+    line, and in a numeric column ``1``, ``1.0`` and ``1e0`` are one class ``"1"`` (a column that went
+    through a spreadsheet or pandas comes back as floats).  Leading zeros (``"01"``) are kept: such
+    columns are codes, not numbers, unless a float spelling shows up too."""
+    numeric = [k for k in keys if k.lower() not in _MISSING_ALWAYS | _MISSING_IF_NUMERIC]
+    is_numeric = bool(numeric) and all(_as_number(k) is not None for k in numeric)
+    missing = _MISSING_ALWAYS | (_MISSING_IF_NUMERIC if is_numeric else set())
+    for k, line in zip(keys, lines):
+        if k.lower() in missing:
+            raise DeltaError(f"{_where(path, line)}, column {col!r}: missing label ({k!r}); fill it in or drop "
+                             "the row")
+    if not is_numeric or not any(any(c in k for c in ".eE+") for k in keys):
+        return keys
+    out = []
+    for k, line in zip(keys, lines):
+        v = _as_number(k)
+        if not v.is_integer():
+            raise DeltaError(f"{_where(path, line)}, column {col!r}: label {k!r} is not a class (a fractional "
+                             "number); classification needs integer or string labels")
+        out.append(str(int(v)))
+    return out
+
+
+def _sorted_labels(keys) -> list[str]:
+    keys = set(keys)
+    if all(k.lstrip("-").isdigit() for k in keys):
+        return sorted(keys, key=int)
+    return sorted(keys)
+
+
+# --------------------------------------------------------------------------- tasks
+
+def load_classify(path, text_column=None, label_column=None, label_names: list[str] | None = None,
+                  split: str | None = None, config: str | None = None) -> Examples:
+    """Text + label rows. ``label_names`` (from training) makes unknown labels an error."""
+    df = read_table(path, split, config)
+    path = Path(path)
+    lines = _lines(df, path)
+    tcol = pick_column(df, path, text_column, TEXT_GUESSES, "text", "--text-column")
+    lcol = pick_column(df, path, label_column, LABEL_GUESSES, "labels", "--label-column")
+    texts = _text_values(df, tcol, path, lines)
+    keys = _normalise_labels([_label_key(v, lcol, path, line) for v, line in zip(df[lcol].tolist(), lines)],
+                             lcol, path, lines)
+    if label_names is None:
+        label_names = _sorted_labels(keys)
+        if len(label_names) < 2:
+            raise DeltaError(f"{path}, column {lcol!r}: only one label ({label_names}); classification needs >= 2")
+    index = {k: i for i, k in enumerate(label_names)}
+    for k, line in zip(keys, lines):
+        if k not in index:
+            raise DeltaError(f"{_where(path, line)}, column {lcol!r}: label {k!r} was not seen in training; "
+                             f"the model knows {label_names}")
+    return Examples("classify", texts, [index[k] for k in keys], list(label_names), str(path), lines)
+
+
+def load_causal_lm(path, text_column=None, prompt_column=None, response_column=None,
+                   messages_column=None, format: str | None = None, split: str | None = None,
+                   config: str | None = None) -> Examples:
+    """Rows as records of :mod:`deltatune.chat_formats` (alpaca, sharegpt, messages,
+    prompt-completion, text; detected from the columns unless ``format`` is given)."""
+    from .chat_formats import load_records
+
+    rows, lines, name = load_records(path, format, split, config, text_column=text_column,
+                                     prompt_column=prompt_column, response_column=response_column,
+                                     messages_column=messages_column)
+    return Examples("causal-lm", rows, source=str(path), line_of=lines, format=name)
+
+
+def load_images(path, label_names: list[str] | None = None) -> Examples:
+    """An ``.npz`` with ``images`` and ``labels``, or a folder ``DIR/<class>/<image>``. Rows are
+    float arrays (H, W, C) in [0, 1]."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise DeltaError(f"image data {path} does not exist")
+    if path.is_dir():
+        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+        if not classes:
+            raise DeltaError(f"{path}: expected one sub-folder per class (e.g. {path}/cat/1.png)")
+        rows, keys, lines = [], [], []
+        from PIL import Image
+
+        for c in classes:
+            for f in sorted((path / c).iterdir()):
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                try:
+                    img = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0
+                except Exception as e:
+                    raise DeltaError(f"{f}: not a readable image ({e})") from None
+                rows.append(img)
+                keys.append(c)
+                lines.append(len(lines) + 1)
+        if not rows:
+            raise DeltaError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
+    else:
+        if path.suffix.lower() != ".npz":
+            raise DeltaError(f"{path}: image data must be a folder of class folders or an .npz file")
+        try:
+            z = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise DeltaError(f"{path}: not a readable .npz ({e})") from None
+        for k in ("images", "labels"):
+            if k not in z:
+                raise DeltaError(f"{path}: no array {k!r}; arrays are {list(z.keys())}")
+        try:
+            imgs, labs = z["images"], z["labels"]
+        except ValueError as e:  # object arrays need pickle, which we refuse
+            raise DeltaError(f"{path}: refused ({e}); store images and labels as plain numeric arrays") from None
+        if imgs.ndim not in (3, 4) or len(imgs) != len(labs):
+            raise DeltaError(f"{path}: images must be (N, H, W[, C]) with one label each; got images "
+                             f"{imgs.shape}, labels {labs.shape}")
+        imgs = imgs.astype(np.float32)
+        if imgs.max() > 1.0:
+            imgs = imgs / 255.0
+        if imgs.ndim == 3:
+            imgs = imgs[..., None]
+        rows = list(imgs)
+        keys = [str(v.item() if hasattr(v, "item") else v) for v in labs]
+        lines = list(range(1, len(rows) + 1))
+    if label_names is None:
+        label_names = _sorted_labels(keys)
+    index = {k: i for i, k in enumerate(label_names)}
+    for k, line in zip(keys, lines):
+        if k not in index:
+            raise DeltaError(f"{path}: image {line}: label {k!r} was not seen in training; known {label_names}")
+    return Examples("image-classify", rows, [index[k] for k in keys], list(label_names), str(path), lines)
+
+
+def split_validation(ex: Examples, fraction: float = 0.1, seed: int = 0, max_rows: int = 2000
+                     ) -> tuple[Examples, Examples]:
+    """A seeded random hold-out: ``fraction`` of the rows (at least 1, at most ``max_rows``)."""
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:  # NaN fails too
+        raise DeltaError(f"validation fraction (--val-fraction) must be between 0 and 1, got {fraction!r}; "
+                         "e.g. 0.1 holds out 10 % of the rows")
+    n = len(ex)
+    if n < 2:
+        raise DeltaError(f"{ex.source}: only {n} example(s); need at least 2 to hold out a validation split "
+                         "(or pass --val-data)")
+    k = min(max(1, round(n * fraction)), max_rows, n - 1)
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    return ex.subset(sorted(idx[k:])), ex.subset(sorted(idx[:k]))
+
+
+def load_examples(task: str, path, label_names=None, **cols) -> Examples:
+    src = {"split": cols.get("data_split"), "config": cols.get("data_config")}
+    if task != "causal-lm" and cols.get("format") not in (None, "classification"):
+        raise DeltaError(f"--format {cols['format']} is for --task causal-lm; --task {task} reads "
+                         "its own format (text + label, or images)")
+    loaders = {
+        "classify": lambda: load_classify(path, cols.get("text_column"), cols.get("label_column"), label_names, **src),
+        "causal-lm": lambda: load_causal_lm(path, cols.get("text_column"), cols.get("prompt_column"),
+                                            cols.get("response_column"), cols.get("messages_column"),
+                                            cols.get("format"), **src),
+        "image-classify": lambda: load_images(path, label_names),
+    }
+    if task not in loaders:
+        raise DeltaError(f"unknown task {task!r}; choose one of {sorted(loaders)}")
+    return loaders[task]()
+
+
+# --------------------------------------------------------------------------- encoding
+
+def encode(ex: Examples, tokenizer=None, max_length: int = 128, image_size: int | None = None, **lm) -> list[dict]:
+    """Examples -> list of feature dicts of Python lists / arrays (padding happens in :func:`collate`).
+    ``lm``: causal-LM options of :func:`deltatune.chat_encode.encode_causal_lm` (train_on, cache)."""
+    cap = max(1, max_length) * CHARS_PER_TOKEN
+    if ex.task == "classify":
+        enc = tokenizer([t[:cap] for t in ex.rows], truncation=True, max_length=max_length)
+        return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], ex.labels)]
+    if ex.task == "causal-lm":
+        from .chat_encode import encode_causal_lm
+
+        return encode_causal_lm(ex.rows, tokenizer, max_length, **lm)
+    if ex.task == "image-classify":
+        import numpy as np
+
+        out = []
+        for img, y in zip(ex.rows, ex.labels):
+            chw = np.ascontiguousarray(np.transpose(img, (2, 0, 1)))  # (C, H, W)
+            out.append({"pixel_values": chw, "labels": y})
+        return out
+    raise DeltaError(f"unknown task {ex.task!r}")
+
+
+def collate(features: list[dict], pad_id: int = 0) -> dict:
+    """Pad token ids to the longest row; stack images. ``labels`` of -100 are ignored by the loss."""
+    import numpy as np
+    import torch
+
+    if "pixel_values" in features[0]:
+        return {"pixel_values": torch.tensor(np.stack([f["pixel_values"] for f in features])),
+                "labels": torch.tensor([f["labels"] for f in features])}
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), n), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(features), n), dtype=torch.long)  # (B, T)
+    seq_labels = isinstance(features[0]["labels"], list)
+    labels = torch.full((len(features), n), -100, dtype=torch.long) if seq_labels else None
+    for i, f in enumerate(features):
+        t = len(f["input_ids"])
+        ids[i, :t] = torch.tensor(f["input_ids"])
+        mask[i, :t] = 1
+        if seq_labels:
+            labels[i, :t] = torch.tensor(f["labels"])
+    if not seq_labels:
+        labels = torch.tensor([f["labels"] for f in features])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,1 @@
+"""Operations on trained adapters: arithmetic (combine), hot swap, pruning, importance scores."""
