@@ -322,7 +322,7 @@ class Trainer(CheckpointMixin):
                 (loss / c.grad_accum).backward()
             loss_sum += loss.item() / c.grad_accum
             samples += len(next(iter(batch.values()))) * self.world
-            tokens += self._last_tokens * self.world
+            tokens += self._last_tokens  # this rank's; summed over the ranks by the caller
         return loss_sum, samples, tokens
 
     def _fallback_to_eager(self, err: Exception) -> bool:
@@ -417,13 +417,14 @@ class Trainer(CheckpointMixin):
                     torch.set_rng_state(rng)
                     loss_sum, n, n_tok = self._accumulate(step, autocast)
                 samples += n
-                tokens += n_tok
                 bad = first_nonfinite([(n, dtd.local(q.grad)) for n, q in model.named_parameters()
                                        if q.requires_grad])
                 if self.world > 1:  # the global batch's loss; every rank stops if one saw NaN
-                    loss_sum, n_bad = dtd.sum_across_ranks([loss_sum, float(bad is not None)])
+                    loss_sum, n_bad, n_tok = dtd.sum_across_ranks([loss_sum, float(bad is not None), float(n_tok)])
+                    n_tok = int(n_tok)
                     loss_sum /= self.world
                     bad = bad or ("an adapter tensor (on another rank)" if n_bad else None)
+                tokens += n_tok
                 if bad is not None:  # stepping would write NaN into the weights (and the next checkpoint)
                     last = self.latest_checkpoint() if self.output_dir else None
                     raise DeltaError(f"gradient of {bad} is NaN/Inf at step {step + 1}; stopping (last good "
@@ -439,7 +440,7 @@ class Trainer(CheckpointMixin):
                 opt.zero_grad(set_to_none=True)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 self.history.append({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0],
-                                     "grad_norm": grad_norm, "tokens": tokens})
+                                     "grad_norm": grad_norm, "tokens": n_tok})  # this step's real tokens
                 self.tracker.log_metrics({"train/loss": loss_sum, "train/lr": sched.get_last_lr()[0],
                                           "train/grad_norm": grad_norm, "train/samples_per_s": samples / elapsed,
                                           "train/tokens_per_s": tokens / elapsed}, step)
