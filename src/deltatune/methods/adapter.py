@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core.delta import Delta, DeltaConfig, DeltaError, Method, iter_base_modules, register, wrap
 from ..core.dtypes import build_dtype
-from ..core.targets import find_targets, linear_types, matches
+from ..core.targets import conv_blocks, find_targets, linear_types, matches
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 from ..core.adapters import base_at
 
@@ -181,7 +181,8 @@ class InputTap(Delta):
 # --------------------------------------------------------------------------- attaching
 
 def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | None]]:
-    """[(kind, path, tap path)]: kind "seq" (after the module) or "par" (beside it)."""
+    """[(kind, path, tap path)]: kind "seq" (after the module), "seq2d" (after a CNN block: channels at
+    axis 1) or "par" (beside it)."""
     points = cfg.resolved()[0]
     if cfg.targets is not None:
         kind = "par" if cfg.placement == "parallel" else "seq"
@@ -202,6 +203,9 @@ def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | 
         "ffn_parallel": [("par", p, None) for p in blocks] or [("par", o, i) for i, o in split],
     }
     missing = [pt for pt in points if not found[pt]]
+    blocks = conv_blocks(model) if missing and cfg.placement != "parallel" else []
+    if blocks:  # a CNN: one adapter after each block (channels at axis 1), Rebuffi et al. 2017's serial adapters
+        return [("seq2d", p, None) for p in blocks]
     if missing:
         raise DeltaError(f"adapter: cannot find the {missing} attachment points of {type(model).__name__} for "
                          f"placement {cfg.placement!r} (known: Llama/GPT-2/GPT-NeoX/BERT/ViT/OPT/Bart/Whisper/T5-style blocks); pass "
@@ -225,6 +229,8 @@ class Adapter(Method):
         for kind, path, tap in _points(model, cfg):
             mod = base_at(model, path)
             d_in, d_out, ch = module_dims(mod)
+            if kind == "seq2d":  # a CNN block returns (B, C, H, W) whatever it does inside (ConvNeXt
+                kind, ch = "seq", 1  # permutes to channels-last for its LayerNorm/Linear layers and back)
             ch = cfg.channel_dim if cfg.channel_dim is not None else ch
             dtype = build_dtype(mod)
             if kind == "seq":
