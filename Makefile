@@ -15,7 +15,7 @@ $(BIN)/python:
 # torch first and pinned to the CPU wheel on disk; the project itself declares a range
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[cli,serve,test,gguf,quant]"
+	$(BIN)/pip install -q -e ".[cli,serve,test,gguf,quant,tracking]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 

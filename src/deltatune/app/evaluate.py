@@ -172,6 +172,9 @@ class Forgetting:
             h = model(**b, output_hidden_states=True).hidden_states[-1].float()  # (B, T, H) or (B, C, h, w)
             if "attention_mask" in b:
                 m = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+                # prompt tuning prepends V virtual tokens: (B, V+T, H); drift is measured on the
+                # user's T tokens, the ones the base model also saw
+                h = h[:, h.shape[1] - m.shape[1]:]
                 outs.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu())  # (B, H)
             elif h.dim() == 2:  # images: pooled features (B, F) of deltatune.vision.classifier
                 outs.append(h.cpu())

@@ -20,6 +20,8 @@ from typing import Any, Callable
 from ..core.delta import DeltaError
 from ..models import load_quantized_model
 from ..quant.load import QUANT_TASKS, SCHEMES
+from ..data import packing
+from ..tracking import make_trackers, parse_report_to
 from .console import library_log
 
 # Learning rates per method, used when --lr is not given.  Adapters start at zero and, with a
@@ -74,6 +76,8 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False  # replace a previous run in ``output`` (its checkpoints are deleted)
     lr: float | None = None
+    packing: bool | None = None  # causal-lm: rows packed per sequence; None = when rows are short (packing.py)
+    report_to: str = "none"  # experiment trackers (deltatune.tracking): "tensorboard,mlflow" | "none"
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
 
 
@@ -106,6 +110,11 @@ def check_options(o: RunOptions) -> None:
         TrainConfig(**o.train).validate()
     except TypeError as e:
         raise DeltaError(f"unknown training option ({e})") from None
+    if o.packing and o.task != "causal-lm":
+        raise DeltaError(f"--packing is for --task causal-lm (rows of a {o.task} task are not token sequences "
+                         "to concatenate); leave it out")
+    packing.check_method(o.method, o.packing)
+    parse_report_to(o.report_to)  # a typo fails before anything loads
 
 
 def options_fingerprint(o: RunOptions) -> dict:
@@ -118,6 +127,7 @@ def options_fingerprint(o: RunOptions) -> dict:
           "--val-data": o.val_data, "--val-fraction": None if o.val_data else o.val_fraction,
           "--max-length": o.max_length or MAX_LENGTH[o.task], "--max-train-rows": o.max_train_rows,
           "--lr": o.lr or default_lr(o.method, o.task), "--quantize": o.quantize, "--weights": o.weights, "--image-size": o.image_size,
+          "--packing": o.packing,
           **{f"--{k.replace('_', '-')}": v for k, v in _columns(o).items()},
           **{f"--opt {k}": v for k, v in o.method_options.items()},
           **{f"--{k.replace('_', '-')}": v for k, v in train.items()}}
@@ -223,10 +233,19 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     if rank != 0:
         log = lambda msg: None  # noqa: E731
     with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per --output at a time
-        return _train_locked(o, out, rank, log, on_model, t_start)
+        tracker = make_trackers(o.report_to if rank == 0 else "none", out, out.resolve().name)
+        if tracker:
+            log(f"tracking: {tracker.describe()}")
+        try:
+            metrics = _train_locked(o, out, rank, log, on_model, t_start, tracker)
+        except BaseException:
+            tracker.close(ok=False)  # the run shows as FAILED in the tracker, with what it logged
+            raise
+        tracker.close(ok=True)
+        return metrics
 
 
-def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: float) -> dict:
+def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: float, tracker) -> dict:
     import torch
 
     import deltatune as dt
@@ -247,8 +266,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         if (out / "metrics.json").exists() or (out / "checkpoints").exists():
             raise DeltaError(f"output directory {out} already holds a run; pass --resume to continue it, "
                              "or choose another --output")
-    if o.method != "full":
-        dt.make_config(o.method, **o.method_options)  # fail on typos before loading anything
+    method_config = dt.make_config(o.method, **o.method_options) if o.method != "full" else None  # typos fail here
     if o.task == "causal-lm":
         from ..data.chat_encode import TRAIN_ON, chat_template_text
 
@@ -274,6 +292,15 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     train_f = encode_examples(train_ex, proc, max_length, o.train_on)
     val_f = encode_examples(val_ex, proc, max_length, o.train_on)
     coll = collate_for(proc)
+    rows_f, train_coll, pack_mode = train_f, coll, None  # rows_f: unpacked (sparse selection batches)
+    if use_packing(o, train_f, max_length):
+        pack_mode = packing.attention_mode(model)  # checked on the base: no adapter changes attention
+        train_f = packing.pack(rows_f, max_length)
+        train_coll = packing.PackedCollator(getattr(proc, "pad_token_id", None) or 0, pack_mode,
+                                            packing._model_dtype(model))
+        log(f"packing: {len(rows_f)} rows in {len(train_f)} sequence(s) of <= {max_length} tokens "
+            f"({sum(len(f['input_ids']) for f in train_f) / (len(train_f) * max_length):.0%} full; rows kept apart by "
+            f"{'restarting position ids' if pack_mode == 'position_ids' else 'a block-diagonal 4-D mask'})")
     metric, greater = MAIN_METRIC[o.task]
     tok = proc if o.task != "image-classify" else None
     fg = Forgetting(tok, o.task, read_reference(o.reference) if o.reference else None).snapshot(model)
@@ -283,7 +310,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         on_model("base", model, proc)
     bs = int(o.train.get("batch_size", TrainConfig.batch_size))
     attach_method(model, o.method, o.method_options,  # selection pass: the first 8 training batches
-                  batches=lambda: [coll(train_f[i:i + bs]) for i in range(0, min(len(train_f), 8 * bs), bs)])
+                  batches=lambda: [coll(rows_f[i:i + bs]) for i in range(0, min(len(rows_f), 8 * bs), bs)])
     counts = dt.trainable_parameters(model)
     log(f"method: {o.method} {o.method_options or ''} | trainable {counts.trainable:,} of {counts.total:,} "
         f"({counts.percent:.3f}%)")
@@ -296,8 +323,10 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     cfg = TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **small, **o.train})
     # causal LMs: the chunked loss (same value and gradients, no (B, T, V) fp32 logits in memory)
     loss = {"loss_fn": causal_lm_batch_loss} if o.task == "causal-lm" else {}
-    trainer = Trainer(model, train_f, cfg, collate=coll, output_dir=out,
-                      eval_fn=lambda m: task_metrics(o.task, m, val_f, coll), **loss)
+    tracker.log_config(resolved_config(o, cfg, method_config, max_length, train_ex, val_ex, pack_mode, counts))
+    tracker.log_metrics({f"eval/{k}": v for k, v in before.items()}, 0)
+    trainer = Trainer(model, train_f, cfg, collate=train_coll, output_dir=out,
+                      eval_fn=lambda m: task_metrics(o.task, m, val_f, coll), tracker=tracker, **loss)
     if rank == 0 and not (o.resume and (out / OPTIONS_FILE).exists()):
         atomic_write_json(out / OPTIONS_FILE, options_fingerprint(o))
     # torch / transformers / datasets warnings (dynamo recompiles, deprecations) go to train.log, not
@@ -309,6 +338,8 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     after = {k: v for k, v in after.items() if k != "step"}
     forgetting = fg.measure(model)
     log("after:  " + _fmt(after))
+    tracker.log_metrics({**{f"eval/{k}": v for k, v in after.items()},
+                         **{f"forgetting/{k}": v for k, v in (forgetting or {}).items()}}, result.steps)
     if on_model is not None:
         on_model("trained", model, proc)
     # ---- outputs
@@ -327,6 +358,8 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         atomic_write_json(art / "task.json", task_info)
         plot(result, out / "training.png", metric, title=f"{o.method} on {Path(o.data).name}")
     dtd.barrier()
+    if rank == 0:
+        tracker.log_artifact(art, "adapter" if o.method != "full" else "model")
     size = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
     metrics = {
         "task": o.task, "model": o.model, "data": o.data, "method": o.method, "method_options": o.method_options,
@@ -335,7 +368,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         "trainable_params": counts.trainable, "total_params": counts.total, "trainable_percent": counts.percent,
         "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
         "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
-        "samples_per_s": result.samples_per_s, "peak_rss_mb": result.peak_rss_mb,
+        "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
         "compiled": trainer.compiled,  # torch.compile ran to the end (False: off, or fell back to eager)
         "artifact": str(art), "artifact_bytes": size, "history": result.history, "evals": result.evals,
         "plot": str(out / "training.png"),
@@ -365,6 +398,29 @@ def checkpointing_pays(model, batch_size: int, max_length: int) -> bool:
     acts = batch_size * max_length * hidden * 4 * ACTIVATIONS_PER_BLOCK * layers
     storage = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return acts > max(storage / 4, CHECKPOINTING_FLOOR)
+
+
+def use_packing(o: RunOptions, features: list[dict], max_length: int) -> bool:
+    """--packing / --no-packing as given; unset: causal-LM rows that are short (packing.should_pack),
+    and never for methods that prepend virtual tokens per sequence."""
+    if o.task != "causal-lm":
+        return False
+    if o.packing is not None:
+        return o.packing
+    return o.method not in packing.PER_SEQUENCE_METHODS and packing.should_pack(
+        [len(f["input_ids"]) for f in features], max_length)
+
+
+def resolved_config(o: RunOptions, cfg, method_config, max_length: int, train_ex, val_ex, pack_mode, counts) -> dict:
+    """Everything that decides the run, defaults filled in: what the trackers record."""
+    skip = {"train", "resume", "overwrite"}
+    return {"run": {k: v for k, v in dataclasses.asdict(o).items() if k not in skip},
+            "train": dataclasses.asdict(cfg),
+            "method": {"name": o.method, **(dataclasses.asdict(method_config)
+                                            if dataclasses.is_dataclass(method_config) else {})},
+            "data": {"train_rows": len(train_ex), "val_rows": len(val_ex), "format": train_ex.format or None,
+                     "max_length": max_length, "packing": pack_mode or "off"},
+            "params": {"trainable": counts.trainable, "total": counts.total, "percent": counts.percent}}
 
 
 def real_model_name(spec: str) -> str:

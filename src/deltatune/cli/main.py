@@ -217,6 +217,12 @@ def train(
     chat_template: Optional[str] = typer.Option(None, help="causal-lm: chat template for a tokenizer without one: "
                                                 "a .jinja file, a Jinja string, or 'chatml'."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per row (default 128 classify, 256 causal-lm)."),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing",
+                                           help="causal-lm: several rows per sequence, each attending only to "
+                                           "itself (default: on when the median row is <= half of --max-length; "
+                                           "not with prompt/prefix)."),
+    report_to: str = typer.Option("none", help="Experiment tracking: tensorboard, mlflow (comma-separated) or none; "
+                                  "needs pip install 'deltatune[tracking]'."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per method: 1e-3 LoRA, 5e-5 full, ...)."),
     epochs: Optional[float] = typer.Option(None, help="Epochs (default 3) unless --max-steps is given."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
@@ -256,6 +262,7 @@ def train(
                    train_on=train_on, chat_template=chat_template, command=command_line(ctx),
                    max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
                    trust_remote_code=trust_remote_code, lr=lr, quantize=quantize, weights=weights, image_size=image_size,
+                   packing=packing, report_to=report_to,
                    train=_train_dict(epochs=epochs,
                                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                      warmup_ratio=warmup_ratio, schedule=schedule, max_grad_norm=max_grad_norm,
@@ -289,7 +296,9 @@ def _print_run(out: Out, m: dict) -> None:
         out.log(f"forgetting ({fg['kind']}): {fg['value']:.4f}" + (" %" if fg["kind"] == "perplexity_change" else ""))
     out.log(f"trainable: {m['trainable_params']:,} of {m['total_params']:,} ({m['trainable_percent']:.3f}%)")
     out.log(f"steps {m['steps']}/{m['total_steps']}, train {m['train_time_s']:.1f} s "
-            f"({m['samples_per_s']:.1f} samples/s), wall {m['wall_time_s']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB")
+            f"({m['samples_per_s']:.1f} samples/s"
+            + (f", {m['tokens_per_s']:.0f} tokens/s" if m.get("tokens_per_s") else "")
+            + f"), wall {m['wall_time_s']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB")
     out.log(f"saved: {m['artifact']} ({m['artifact_bytes'] / 1e6:.2f} MB), {m['plot']}, "
             f"{Path(m['artifact']).parent / 'metrics.json'}")
 

@@ -23,6 +23,10 @@ defines it::
 (``step`` counts finished optimizer steps from 1; ``total_steps`` is the planned number).  Plain
 PyTorch loops get the same behaviour by calling :func:`run_step_hooks` after ``optimizer.step()``.
 User callbacks are plain callables ``cb(step, total_steps, model)`` passed as ``callbacks=[...]``.
+Experiment tracking (``tracker=``, a :class:`deltatune.tracking.Trackers`): after every step the
+trainer reports ``train/loss``, ``train/lr``, ``train/grad_norm`` (before clipping),
+``train/samples_per_s`` and ``train/tokens_per_s`` (real tokens: the unpadded feature lengths), and
+``eval/<metric>`` after every evaluation; nothing else about tracking lives in the loop.
 
 A method whose training carries state beyond its tensors (AdaLoRA's importance averages and
 rank masks) also defines the pair below; checkpoints keep it in ``method_state.safetensors``
@@ -65,6 +69,7 @@ from . import distributed as dtd
 from ..core.delta import DeltaError
 from ..files import atomic_write, atomic_write_json
 from ..safety import first_nonfinite
+from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
 
 SCHEDULES: dict[str, Callable[[float], float]] = {
@@ -137,12 +142,13 @@ class TrainResult:
     steps: int
     total_steps: int
     wall_time_s: float
-    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr"} per step
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "grad_norm", "tokens"} per step
     evals: list[dict] = field(default_factory=list)  # {"step", **metrics}
     best: dict | None = None
     stopped_early: bool = False
     samples_per_s: float = 0.0
     peak_rss_mb: float = 0.0
+    tokens_per_s: float = 0.0  # real (unpadded) input tokens of the training batches per second
 
 
 def run_step_hooks(model: nn.Module, step: int, total_steps: int) -> None:
@@ -205,7 +211,7 @@ class Trainer(CheckpointMixin):
                  collate: Callable[[list], dict] | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
                  loss_fn: Callable[[nn.Module, dict], torch.Tensor] = default_loss,
                  output_dir: str | Path | None = None, callbacks: Sequence[Callable] = (),
-                 param_groups: list[dict] | None = None):
+                 param_groups: list[dict] | None = None, tracker: Trackers | None = None):
         from ..data.examples import collate as default_collate
 
         self.features = list(features)
@@ -218,6 +224,7 @@ class Trainer(CheckpointMixin):
         self.output_dir = Path(output_dir) if output_dir else None
         self.compiled = False  # set by train(): torch.compile on, and still on at the end
         self.callbacks = list(callbacks)
+        self.tracker = tracker or Trackers()  # --report-to backends (deltatune.tracking); empty = off
         self.rank, self.world = dtd.init() if dtd.launched() else (0, 1)
         self.model, self.net = dtd.unwrap(model), model  # net: what the loss calls (the DDP wrapper, if any)
         self.device = torch.device(self.cfg.device if self.cfg.device != "auto" else
@@ -250,7 +257,9 @@ class Trainer(CheckpointMixin):
             self._order = epoch_batches(len(self.features), self.cfg.seed, epoch, self.cfg.batch_size,
                                         self.rank, self.world)
             self._order_epoch = epoch
-        batch = self.collate([self.features[i] for i in self._order[pos]])
+        feats = [self.features[i] for i in self._order[pos]]
+        self._last_tokens = sum(len(f["input_ids"]) for f in feats if "input_ids" in f)
+        batch = self.collate(feats)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ pieces
@@ -305,9 +314,10 @@ class Trainer(CheckpointMixin):
         return value > b if self.cfg.greater_is_better else value < b
 
     # ------------------------------------------------------------------ checkpoints
-    def _accumulate(self, step: int, autocast) -> tuple[float, int]:
-        """Forward + backward of one optimizer step's micro-batches; returns (mean loss, rows seen)."""
-        c, loss_sum, samples = self.cfg, 0.0, 0
+    def _accumulate(self, step: int, autocast) -> tuple[float, int, int]:
+        """Forward + backward of one optimizer step's micro-batches; returns (mean loss, rows seen,
+        real tokens seen: the unpadded length of the features, packed or not)."""
+        c, loss_sum, samples, tokens = self.cfg, 0.0, 0, 0
         for k in range(c.grad_accum):
             batch = self._batch(step * c.grad_accum + k)
             with dtd.sync_gradients(self.net, k == c.grad_accum - 1):  # all-reduce once per step
@@ -320,7 +330,8 @@ class Trainer(CheckpointMixin):
                 (loss / c.grad_accum).backward()
             loss_sum += loss.item() / c.grad_accum
             samples += len(next(iter(batch.values()))) * self.world
-        return loss_sum, samples
+            tokens += self._last_tokens  # this rank's; summed over the ranks by the caller
+        return loss_sum, samples, tokens
 
     def _fallback_to_eager(self, err: Exception) -> bool:
         """compile="auto" must never cost a run: if torch.compile itself fails (no working C++
@@ -406,7 +417,7 @@ class Trainer(CheckpointMixin):
 
             bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
         self.net.train()
-        t0, samples, stopped = time.perf_counter(), 0, False
+        t0, samples, tokens, stopped = time.perf_counter(), 0, 0, False
         step = start
         limits = (torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
                   if compiled and c.compile == "auto" else _Null())
@@ -415,26 +426,28 @@ class Trainer(CheckpointMixin):
             while step < self.total_steps:
                 rng = torch.get_rng_state() if compiled else None  # a failed compile replays the step
                 try:
-                    loss_sum, n = self._accumulate(step, autocast)
+                    loss_sum, n, n_tok = self._accumulate(step, autocast)
                 except Exception as e:  # noqa: BLE001 - only compiler failures are handled, the rest re-raised
                     if not (compiled and self._fallback_to_eager(e)):
                         raise
                     compiled = self.compiled = False
                     torch.set_rng_state(rng)
-                    loss_sum, n = self._accumulate(step, autocast)
+                    loss_sum, n, n_tok = self._accumulate(step, autocast)
                 samples += n
                 bad = first_nonfinite([(n, dtd.local(q.grad)) for n, q in model.named_parameters()
                                        if q.requires_grad])
                 if self.world > 1:  # the global batch's loss; every rank stops if one saw NaN
-                    loss_sum, n_bad = dtd.sum_across_ranks([loss_sum, float(bad is not None)])
+                    loss_sum, n_bad, n_tok = dtd.sum_across_ranks([loss_sum, float(bad is not None), float(n_tok)])
+                    n_tok = int(n_tok)
                     loss_sum /= self.world
                     bad = bad or ("an adapter tensor (on another rank)" if n_bad else None)
+                tokens += n_tok
                 if bad is not None:  # stepping would write NaN into the weights (and the next checkpoint)
                     last = self.latest_checkpoint() if self.output_dir else None
                     raise DeltaError(f"gradient of {bad} is NaN/Inf at step {step + 1}; stopping (last good "
                                      f"checkpoint: {last or 'none'}). Lower --lr or enable gradient clipping")
-                if c.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                # the norm before clipping, for the log (max_norm=inf: measured, nothing scaled)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm or float("inf")))
                 opt.step()
                 sched.step()
                 step += 1
@@ -442,9 +455,14 @@ class Trainer(CheckpointMixin):
                 for cb in self.callbacks:
                     cb(step, self.total_steps, model)
                 opt.zero_grad(set_to_none=True)
-                self.history.append({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0]})
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                self.history.append({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0],
+                                     "grad_norm": grad_norm, "tokens": n_tok})  # this step's real tokens
+                self.tracker.log_metrics({"train/loss": loss_sum, "train/lr": sched.get_last_lr()[0],
+                                          "train/grad_norm": grad_norm, "train/samples_per_s": samples / elapsed,
+                                          "train/tokens_per_s": tokens / elapsed}, step)
                 if bar is not None:
-                    rate = samples / max(time.perf_counter() - t0, 1e-9)
+                    rate = samples / elapsed
                     bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{rate:.1f}", refresh=False)
                     bar.update(1)
                 if self.eval_fn is not None and (step % self.eval_every == 0 or step == self.total_steps):
@@ -463,12 +481,13 @@ class Trainer(CheckpointMixin):
         wall = time.perf_counter() - t0
         model.eval()
         return TrainResult(step, self.total_steps, wall, self.history, self.evals, self.best, stopped,
-                           samples / max(wall, 1e-9), peak_rss_mb())
+                           samples / max(wall, 1e-9), peak_rss_mb(), tokens / max(wall, 1e-9))
 
     def _after_eval(self, step: int, bar) -> bool:
         m = self._evaluate()
         m["step"] = step
         self.evals.append(m)
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in m.items() if k != "step"}, step)
         if bar is not None:
             # beside the bar (stderr), never on stdout: `--json` prints one JSON object there
             bar.write("eval step %d: %s" % (step, ", ".join(f"{k}={v:.4f}" for k, v in m.items()

@@ -1,0 +1,275 @@
+"""Quality benchmark: the CLI's defaults on four real packaged tasks x eight methods (issue 19).
+
+    nice -n 5 .venv/bin/python bench/quality.py --tasks sms,sentiment,dialogue,mnist   # runs, appends
+    .venv/bin/python bench/quality.py --report          # table -> docs/benchmarks.md, plot -> docs/
+
+Each (task, method) is one real ``deltatune train`` command (a subprocess, so every run pays its
+own loading like a user's would), with the task's training budget (``quality_tasks.TASKS``) and the
+method's name only: learning rate, targets, rank... are the CLI's defaults.  Each finished run is
+appended as one JSON line to ``bench/results/quality.jsonl`` at once, so an interrupted benchmark
+keeps what it measured; a rerun skips (task, method) pairs already there (``--rerun`` to redo).
+
+Reported per run: the held-out metric (``after`` in metrics.json), forgetting as the CLI reports
+it (representation drift for classifiers, % perplexity change on general text for causal LMs),
+trainable % and wall time.  The targets (issue 19): on every task the best PEFT method with < 2 %
+trainable parameters matches or beats full fine-tuning's held-out metric, and LoRA forgets less
+than full fine-tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from quality_tasks import METHODS, TASKS  # noqa: E402
+
+RESULTS = HERE / "results" / "quality.jsonl"
+PEFT_LIMIT = 2.0  # % trainable: a "parameter-efficient" method stays below this
+SECTION = "## Quality: the CLI's defaults on real tasks (issue 19)"
+
+
+# --------------------------------------------------------------------------- running
+
+def command(task, method: str, train: Path, val: Path, out: Path) -> list[str]:
+    cli = Path(sys.executable).with_name("deltatune")
+    return [str(cli), "train", *task.model(), "--task", task.kind, "--data", str(train), "--val-data", str(val),
+            *task.extra, *task.budget, *METHODS[method], "--output", str(out), "--overwrite", "--no-progress",
+            "--json"]
+
+
+def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
+    """The benchmark's row for one finished run's metrics.json."""
+    fg = m.get("forgetting") or {}
+    return {"task": task.name, "method": method, "metric": task.metric, "greater": task.greater_is_better,
+            "value": m["after"][task.metric], "before": m["before"].get(task.metric),
+            "forgetting": fg.get("value"), "forgetting_kind": fg.get("kind"),
+            "trainable_percent": m["trainable_percent"], "trainable": m["trainable_params"],
+            "lr": m["lr"], "steps": m["steps"], "train_rows": m["train_rows"], "val_rows": m["val_rows"],
+            "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat()}
+
+
+def run_one(task, method: str, data: tuple[Path, Path], work: Path) -> dict:
+    out = work / "runs" / f"{task.name}-{method}"
+    cmd = command(task, method, *data, out)
+    t = time.perf_counter()
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))  # for quality_tasks:lite0_factory
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"task": task.name, "method": method, "error": err[:300], "wall_s": wall,
+                "command": shlex.join(cmd)}
+    m = json.loads((out / "metrics.json").read_text())
+    return {**row_from_metrics(task, method, m, wall), "command": shlex.join(cmd)}
+
+
+def read_rows(path: Path = RESULTS) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """The last row per (task, method): a rerun replaces an earlier measurement."""
+    last: dict[tuple, dict] = {}
+    for r in rows:
+        last[(r["task"], r["method"])] = r
+    return list(last.values())
+
+
+def run(tasks: list[str], methods: list[str], work: Path, rerun: bool) -> None:
+    done = {(r["task"], r["method"]) for r in read_rows() if "error" not in r}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for name in tasks:
+        task = TASKS[name]
+        work.mkdir(parents=True, exist_ok=True)
+        data = task.prep(work)
+        for method in methods:
+            if (name, method) in done and not rerun:
+                continue
+            row = run_one(task, method, data, work)
+            with open(RESULTS, "a") as f:  # one line per finished run: partial results survive
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row.get(k) for k in ("task", "method", "value", "forgetting",
+                                                      "trainable_percent", "wall_s", "error")}), flush=True)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Per task: full fine-tuning's metric, the best PEFT method (< PEFT_LIMIT % trainable) and
+    whether the two targets hold (None when a needed run is missing)."""
+    out: dict[str, dict] = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        ok = [r for r in latest(rows) if r["task"] == task and "error" not in r]
+        full = next((r for r in ok if r["method"] == "full"), None)
+        lora = next((r for r in ok if r["method"] == "lora"), None)
+        peft = [r for r in ok if r["method"] != "full" and r["trainable_percent"] < PEFT_LIMIT]
+        sign = 1 if (peft or ok or [{"greater": True}])[0]["greater"] else -1
+        best = max(peft, key=lambda r: sign * r["value"]) if peft else None
+        s = {"full": full, "best": best, "lora": lora, "beats_full": None, "lora_forgets_less": None}
+        if full and best:
+            s["beats_full"] = sign * (best["value"] - full["value"]) >= 0
+        if full and lora and full.get("forgetting") is not None and lora.get("forgetting") is not None:
+            s["lora_forgets_less"] = lora["forgetting"] < full["forgetting"]
+        out[task] = s
+    return out
+
+
+def _metric(r: dict) -> str:
+    return f"{r['value']:.4f}" if r["metric"] == "accuracy" else f"{r['value']:.2f}"
+
+
+def _forgetting(r: dict) -> str:
+    if r.get("forgetting") is None:
+        return "n/a"
+    return f"{r['forgetting']:+.1f} %" if r.get("forgetting_kind") == "perplexity_change" else f"{r['forgetting']:.4f}"
+
+
+def _mark(flag) -> str:
+    return {True: "**yes**", False: "**no**", None: "not measured"}[flag]
+
+
+def render(rows: list[dict], method_order: list[str] | None = None) -> str:
+    """The markdown table (one row per task x method) and the targets, from benchmark rows."""
+    order = method_order or list(METHODS)
+    rows = latest(rows)
+    lines = ["| task | method | held-out metric (before) | forgetting | trainable % | lr | train s | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    for task in tasks:
+        mine = [r for r in rows if r["task"] == task]
+        seen = {r["method"] for r in mine}
+        mine += [{"method": m, "missing": True} for m in order if m not in seen]  # gaps stay visible
+        mine.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+        for r in mine:
+            if r.get("missing"):
+                lines.append(f"| {task} | {r['method']} | not run | | | | | |")
+                continue
+            if "error" in r:
+                lines.append(f"| {task} | {r['method']} | failed: {r['error'][:160]} | | | | | {r['wall_s']:.0f} |")
+                continue
+            before = f" ({r['before']:.4f})" if r.get("before") is not None and r["metric"] == "accuracy" else \
+                (f" ({r['before']:.2f})" if r.get("before") is not None else "")
+            lines.append(f"| {task} | {r['method']} | {r['metric']} {_metric(r)}{before} | {_forgetting(r)} | "
+                         f"{r['trainable_percent']:.3f} | {r['lr']:g} | {r['train_s']:.0f} | {r['wall_s']:.0f} |")
+    lines += ["", "| task | full fine-tuning | best PEFT (< 2 % trainable) | PEFT ≥ full? | LoRA forgets less? |",
+              "|---|---|---|---|---|"]
+    for task, s in summarize(rows).items():
+        full = _metric(s["full"]) if s["full"] else "not measured"
+        best = f"{s['best']['method']} {_metric(s['best'])} ({s['best']['trainable_percent']:.2f} %)" \
+            if s["best"] else "not measured"
+        lines.append(f"| {task} | {full} | {best} | {_mark(s['beats_full'])} | {_mark(s['lora_forgets_less'])} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One panel per task: held-out metric against trainable % (log), colour = forgetting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in latest(rows) if "error" not in r]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task]
+        fg = [r["forgetting"] if r.get("forgetting") is not None else 0.0 for r in mine]
+        sc = ax.scatter([max(r["trainable_percent"], 1e-4) for r in mine], [r["value"] for r in mine], c=fg,
+                        cmap="viridis_r", s=60, edgecolors="k")
+        for r in mine:
+            ax.annotate(r["method"], (max(r["trainable_percent"], 1e-4), r["value"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.axvline(PEFT_LIMIT, color="grey", lw=0.8, ls="--")
+        ax.set_title(task)
+        ax.set_xlabel("trainable parameters, %")
+        ax.set_ylabel(mine[0]["metric"] + ("" if mine[0]["greater"] else " (lower is better)"))
+        kind = mine[0].get("forgetting_kind") or "forgetting"
+        fig.colorbar(sc, ax=ax).set_label(kind.replace("_", " ") + (" %" if kind == "perplexity_change" else ""))
+    dates = sorted(r["date"][:10] for r in rows if "date" in r)
+    fig.suptitle(f"bench/quality.py: deltatune train defaults, {dates[-1] if dates else ''}, {cpu_model()}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace only this benchmark's section of the shared benchmarks file."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip() + f"\n\n{SECTION}\n\n(pending)\n"
+    start = text.index(SECTION) + len(SECTION)
+    nxt = text.find("\n## ", start)
+    tail = "" if nxt < 0 else "\n" + text[nxt:].lstrip("\n")
+    path.write_text(text[:start] + "\n\n" + body.strip() + "\n" + tail)
+
+
+def report(doc: Path, png: Path, notes: str = "") -> str:
+    rows = read_rows()
+    if not rows:
+        raise SystemExit(f"no results in {RESULTS}; run the benchmark first")
+    plot(rows, png)
+    dates = sorted(r["date"][:16].replace("T", " ") for r in rows if "date" in r)
+    budgets = "; ".join(f"{t.name}: `{' '.join(t.budget)}`" for t in TASKS.values()
+                        if any(r["task"] == t.name for r in rows))
+    body = "\n".join([
+        "    nice -n 5 .venv/bin/python bench/quality.py --tasks sms,sentiment,dialogue,mnist",
+        "    .venv/bin/python bench/quality.py --report", "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs (so seconds are inflated and "
+        f"noisy), torch CPU; runs {dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC.  "
+        f"Each cell is one `deltatune train` with the method's name only (every other option the CLI's "
+        f"default) and the same budget for every method of a task ({budgets}; batch 16, the CLI's default), "
+        "held-out rows never trained on.  Forgetting as the CLI reports it: representation drift "
+        "(1 − cosine of mean-pooled hidden states on general reference text or photos; 0 = unchanged) for "
+        "classifiers, % perplexity change on general reference text for the causal LM.  Raw rows: "
+        f"`bench/results/quality.jsonl` (with each run's command).", "",
+        render(rows), "", f"![quality]({png.name})", "", notes])
+    write_section(doc, body)
+    return body
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--work", default="/tmp/deltatune-quality", help="data files and run outputs (not in the repo)")
+    ap.add_argument("--rerun", action="store_true", help="run pairs already in the results again")
+    ap.add_argument("--report", action="store_true", help="write the table and the plot from the results")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--png", default=str(ROOT / "docs" / "quality.png"))
+    a = ap.parse_args()
+    if a.report:
+        print(report(Path(a.doc), Path(a.png)))
+        return
+    bad = [t for t in a.tasks.split(",") if t not in TASKS] + [m for m in a.methods.split(",") if m not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown task or method {bad}; tasks: {list(TASKS)}, methods: {list(METHODS)}")
+    run(a.tasks.split(","), a.methods.split(","), Path(a.work), a.rerun)
+
+
+if __name__ == "__main__":
+    main()

