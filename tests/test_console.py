@@ -33,14 +33,16 @@ class Seen(logging.Handler):
 def terminal():
     h = Seen()
     loggers = [logging.getLogger(n) for n in ("torch._dynamo", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:  # other tests may have set transformers to errors only (quiet_transformers)
-        lg.addHandler(h)
+    levels = [(lg.level, lg.disabled) for lg in loggers]
+    for lg in loggers:  # other tests may have set transformers to errors only (quiet_transformers),
+        lg.addHandler(h)  # or a library's dictConfig may have disabled existing loggers
         lg.setLevel(logging.WARNING)
+        lg.disabled = False
     yield h
-    for lg, level in zip(loggers, levels):
+    for lg, (level, disabled) in zip(loggers, levels):
         lg.removeHandler(h)
         lg.setLevel(level)
+        lg.disabled = disabled
 
 
 def test_library_warnings_go_to_the_log_file(tmp_path, terminal, caplog, monkeypatch):
@@ -87,3 +89,17 @@ def test_compile_auto_over_varying_lengths_is_quiet(tmp_path):
     assert m["compiled"] is True  # compiled, and never fell back to eager
     shown = (r.stdout + r.stderr).lower()
     assert "traceback" not in shown and "recompil" not in shown and "warning" not in shown, r.stderr[-2000:]
+
+
+def test_a_logger_disabled_by_another_librarys_dictconfig_still_files(tmp_path):
+    """mlflow/alembic call logging.config.dictConfig, which disables every existing logger."""
+    lg = logging.getLogger("torch._dynamo")
+    was = lg.disabled
+    lg.disabled = True
+    try:
+        with library_log(tmp_path / "train.log"):
+            lg.warning("recompiled after a dictConfig")
+        assert "recompiled after a dictConfig" in (tmp_path / "train.log").read_text()
+        assert lg.disabled  # restored as found
+    finally:
+        lg.disabled = was

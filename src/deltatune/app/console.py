@@ -38,7 +38,10 @@ def library_log(path: str | os.PathLike | None) -> Iterator[Path | None]:
     saved = []
     for name in LIBRARY_LOGGERS:
         lg = logging.getLogger(name)
-        saved.append((lg, list(lg.handlers), lg.propagate))
+        saved.append((lg, list(lg.handlers), lg.propagate, lg.disabled))
+        # a library's logging.config.dictConfig (mlflow, alembic) disables every existing logger;
+        # inside the block a disabled one would drop its records instead of filing them
+        lg.disabled = False
         if verbose():  # the file and the terminal
             lg.addHandler(handler)
             continue
@@ -52,6 +55,6 @@ def library_log(path: str | os.PathLike | None) -> Iterator[Path | None]:
             yield Path(path) if path is not None else None
         finally:
             logging.captureWarnings(False)
-            for lg, handlers, propagate in saved:
-                lg.handlers, lg.propagate = handlers, propagate
+            for lg, handlers, propagate, disabled in saved:
+                lg.handlers, lg.propagate, lg.disabled = handlers, propagate, disabled
             handler.close()
