@@ -33,8 +33,6 @@ LAZY_DEBT = {
     "deltatune.data.sources": ['deltatune.data.examples'],
     "deltatune.serve.app": ['deltatune.api', 'deltatune.models', 'deltatune.storage.adapter'],
     "deltatune.serve.engine": ['deltatune.api', 'deltatune.methods._virtual_tokens', 'deltatune.mixed'],
-    "deltatune.storage.adapter": ['deltatune._version', 'deltatune.api', 'deltatune.core.adapters', 'deltatune.files',
-                                  'deltatune.safety'],
     "deltatune.storage.model_card": ['deltatune.files'],
     "deltatune.train.trainer": ['deltatune.data.examples', 'deltatune.fast'],
 }

@@ -10,7 +10,7 @@ import torch
 
 import deltatune as dt
 from conftest import MODELS, run, tiny_conv, tiny_gpt2, tiny_llama
-from deltatune.quant import quantize as Q
+from deltatune.quant import layers as Q
 from deltatune.fast import disable_checkpointing, enable_checkpointing
 
 pytest.importorskip("bitsandbytes")

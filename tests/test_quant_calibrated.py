@@ -8,7 +8,7 @@ import torch
 
 import deltatune as dt
 from conftest import run, tiny_gpt2, tiny_llama
-from deltatune.quant import quantize as Q
+from deltatune.quant import layers as Q
 
 bf = pytest.importorskip("bitsandbytes.functional")
 

@@ -9,7 +9,7 @@ import torch
 
 import deltatune as dt
 from conftest import MODELS, run
-from deltatune.quant import quantize as Q
+from deltatune.quant import layers as Q
 from specs import SKIP, SPECS
 
 pytest.importorskip("bitsandbytes")

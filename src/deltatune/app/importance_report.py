@@ -1,4 +1,4 @@
-"""`deltatune importance`: gradient sensitivity of every layer on the user's data (issue 4's
+"""`deltatune importance`: gradient sensitivity of every layer on the user's data (the
 "identify critical parameters" step), as a ranked table, a PNG plot and — given a parameter
 budget — a LoRA config (targets + per-layer ranks) that `deltatune train` can use."""
 from __future__ import annotations

@@ -18,23 +18,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.delta import DeltaError
+from ..core.method import METHODS, Method
 
-# Learning rates per method, used when --lr is not given.  Adapters start at zero and, with a
-# freshly initialised head, need ~10x the rate of full fine-tuning; vector-scaling methods (IA3,
-# VeRA) and soft prompts move few numbers and are tuned at higher rates in their papers.
-DEFAULT_LR = {
-    "full": 5e-5,  # BERT / RoBERTa fine-tuning range (2e-5..1e-4)
-    "lora": 1e-3, "dora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "bitfit": 1e-3, "ln": 1e-3, "sparse": 1e-3,
-    "ia3": 3e-3,  # T-Few (Liu et al. 2022)
-    "vera": 5e-3,  # VeRA trains only scaling vectors
-    "prompt": 3e-2, "prefix": 1e-2,  # soft prompts need large steps (Lester et al. 2021 used 0.3)
-}
+# Full fine-tuning's learning rate when --lr is not given (BERT / RoBERTa fine-tuning range,
+# 2e-5..1e-4); each method's own default is ``Method.default_lr`` in its registry entry.
+FULL_LR = 5e-5
 LM_LR_FACTOR = 0.5  # causal LMs have no fresh head and drift more easily: halve the rate
 MAX_LENGTH = {"classify": 128, "causal-lm": 256, "image-classify": 0}
 
 
 def default_lr(method: str, task: str) -> float:
-    lr = DEFAULT_LR.get(method, 1e-3)
+    # an unknown method keeps the base default here: attach names it with the available ones
+    lr = FULL_LR if method == "full" else getattr(METHODS.get(method), "default_lr", Method.default_lr)
     return lr * (LM_LR_FACTOR if task == "causal-lm" and method != "full" else 1.0)
 
 

@@ -15,7 +15,7 @@ from typing import Iterable
 from torch import nn
 
 from .delta import DeltaError, iter_base_modules
-from . import layer_types as quant_registry
+from .layer_types import linear_types
 
 # Names of output heads: "all-linear" leaves them alone (adapting the vocabulary projection is
 # costly and rarely helps; classification heads are trained in full via modules_to_save).
@@ -36,19 +36,6 @@ ATTENTION_NAMES: list[tuple[str, ...]] = [
 
 # Classification heads of transformers' *For{Sequence,Token,Image}Classification models.
 CLASSIFIER_HEADS = ("classifier", "score")
-
-
-def linear_types() -> tuple[type, ...]:
-    """nn.Linear, transformers' GPT-2 Conv1D and quantized linears (anything with in/out_features)."""
-    types: list[type] = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except Exception:  # transformers is optional for the core
-        pass
-    types.extend(quant_registry.QUANT_LINEAR_TYPES)
-    return tuple(types)
 
 
 def _leaf(path: str) -> str:

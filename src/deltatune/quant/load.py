@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..core.delta import DeltaError, get_submodule_clean
+from ..core.layer_types import conv1d_type
 from ..core.targets import HEAD_NAMES
-from . import quantize as Q
+from . import layers as Q
 
 Thunk = Callable[[], torch.Tensor]
 
@@ -144,7 +145,7 @@ def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, s
     by_module: dict[str, list[str]] = {}
     for key in thunks:
         by_module.setdefault(key.rpartition(".")[0], []).append(key)
-    conv1d = Q._conv1d_class()
+    conv1d = conv1d_type()
     for mod_path, keys in by_module.items():  # one module's tensors in memory at a time
         tensors = {k: thunks[k]() for k in keys}
         if mod_path in quant_paths:

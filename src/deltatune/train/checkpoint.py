@@ -2,7 +2,7 @@
 (``adapter/`` in the normal adapter format, ``trainer_state.pt`` = trainable tensors, optimizer,
 scheduler, RNG states of every rank, history; ``method_state.safetensors`` = methods' own
 training state such as AdaLoRA's importance averages), then ``latest`` names it.  Loading uses
-``torch.load(weights_only=True)`` and safetensors only.  Mixed into :class:`~deltatune.trainer.Trainer`."""
+``torch.load(weights_only=True)`` and safetensors only.  Mixed into :class:`~deltatune.train.trainer.Trainer`."""
 from __future__ import annotations
 
 import io
@@ -16,15 +16,17 @@ import torch
 from torch import nn
 
 from . import distributed as dtd
-from ..core.delta import METHODS, DeltaError, has_adapters
+from ..core.delta import DeltaError, has_adapters
+from ..core.method import METHODS
 from ..files import atomic_write
 def _method_hooks(model: nn.Module, attr: str):
-    """(adapter name, bound ``Method.<attr>``) for each active trainable adapter whose method has it."""
+    """(adapter name, bound ``Method.<attr>``) for each active trainable adapter whose method
+    implements that training hook (``Method.overrides``)."""
     st = model.__dict__.get("_deltatune")
     for name, rec in list(st.adapters.items()) if st is not None else []:
-        hook = getattr(METHODS.get(rec.method), attr, None)
-        if hook is not None and getattr(rec, "trainable", True) and name in st.active:
-            yield name, hook
+        m = METHODS.get(rec.method)
+        if m is not None and m.overrides(attr) and getattr(rec, "trainable", True) and name in st.active:
+            yield name, getattr(m, attr)
 
 
 class CheckpointMixin:
