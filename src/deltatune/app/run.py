@@ -17,13 +17,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import deltatune as dt
+
 from ..core.delta import DeltaError
 from ..core.method import METHODS, Method
+from ..data.chat_encode import TRAIN_ON, chat_template_text
+from ..data.examples import collate, encode, load_examples, split_validation
+from ..files import atomic_dir, atomic_write_json, umask
+from ..models import load_model
+from ..storage import model_card
+from ..train import distributed as dtd
+from ..train.losses import causal_lm_batch_loss
+from ..train.checkpoint import CHECKPOINTS
+from ..train.runlock import run_lock
+from ..train.trainer import TrainConfig, Trainer, plot
+from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
 
 # Full fine-tuning's learning rate when --lr is not given (BERT / RoBERTa fine-tuning range,
 # 2e-5..1e-4); each method's own default is ``Method.default_lr`` in its registry entry.
 FULL_LR = 5e-5
 LM_LR_FACTOR = 0.5  # causal LMs have no fresh head and drift more easily: halve the rate
+METRICS_FILE = "metrics.json"  # a run directory's results (train writes it; eval / inspect read it)
 MAX_LENGTH = {"classify": 128, "causal-lm": 256, "image-classify": 0}
 
 
@@ -73,8 +87,6 @@ RESUME_FREE = {"progress", "compile", "save_every", "gradient_checkpointing", "d
 
 def check_options(o: RunOptions) -> None:
     """Refuse run options that would otherwise be ignored or crash late (before any loading)."""
-    from ..train.trainer import TrainConfig
-
     if o.max_train_rows is not None and (not isinstance(o.max_train_rows, int) or o.max_train_rows < 1):
         raise DeltaError(f"--max-train-rows must be a positive number of rows, got {o.max_train_rows!r}; "
                          "leave it out to use every row")
@@ -92,8 +104,6 @@ def check_options(o: RunOptions) -> None:
 def options_fingerprint(o: RunOptions) -> dict:
     """The run options that decide what a checkpoint contains, with defaults filled in (so
     ``--lr`` left out and ``--lr`` given as its default compare equal), as flag names."""
-    from ..train.trainer import TrainConfig
-
     train = {k: v for k, v in dataclasses.asdict(TrainConfig(**o.train)).items() if k not in RESUME_FREE | {"lr"}}
     fp = {"--model": o.model, "--data": o.data, "--task": o.task, "--method": o.method,
           "--val-data": o.val_data, "--val-fraction": None if o.val_data else o.val_fraction,
@@ -130,8 +140,6 @@ def _columns(o: RunOptions) -> dict:
 
 def prepare(o: RunOptions, label_names=None):
     """(train Examples, validation Examples) for the options."""
-    from ..data.examples import load_examples, split_validation
-
     ex = load_examples(o.task, o.data, label_names=label_names, data_split=o.data_split, data_config=o.data_config,
                        **_columns(o))
     seed = o.train.get("seed", 0)
@@ -149,8 +157,6 @@ def prepare(o: RunOptions, label_names=None):
 
 
 def encode_examples(ex, proc, max_length: int, train_on: str = "responses"):
-    from ..data.examples import encode
-
     if ex.task == "image-classify" and proc is not None:
         import numpy as np
 
@@ -162,8 +168,6 @@ def encode_examples(ex, proc, max_length: int, train_on: str = "responses"):
 def collate_for(proc):
     from functools import partial
 
-    from ..data.examples import collate
-
     pad = getattr(proc, "pad_token_id", None) or 0
     return partial(collate, pad_id=pad)
 
@@ -173,8 +177,6 @@ def attach_method(model, method: str, options: dict, batches: Callable[[], list]
     weights from gradients (``sparse``) get ``batches()`` — a few training batches — unless the
     options already give batches or a selection."""
     import dataclasses
-
-    import deltatune as dt
 
     if method == "full":
         for p in model.parameters():
@@ -192,9 +194,6 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     attached) and "trained" (after training)."""
     import contextlib
 
-    from ..train import distributed as dtd
-    from ..train.runlock import run_lock
-
     t_start = time.perf_counter()
     out = Path(o.output)
     check_options(o)
@@ -208,29 +207,19 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
 def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: float) -> dict:
     import torch
 
-    import deltatune as dt
-    from ..train import distributed as dtd
-    from .evaluate import MAIN_METRIC, Forgetting, read_reference, task_metrics
-    from ..files import atomic_write_json
-    from ..train.losses import causal_lm_batch_loss
-    from ..models import load_model
-    from ..train.trainer import TrainConfig, Trainer, plot
-
     if o.resume:
         check_resume(o, out)
     if o.overwrite and not o.resume and rank == 0:
         import shutil
 
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     elif out.exists() and any(out.iterdir()) and not o.resume:
-        if (out / "metrics.json").exists() or (out / "checkpoints").exists():
+        if (out / METRICS_FILE).exists() or (out / CHECKPOINTS).exists():
             raise DeltaError(f"output directory {out} already holds a run; pass --resume to continue it, "
                              "or choose another --output")
     if o.method != "full":
         dt.make_config(o.method, **o.method_options)  # fail on typos before loading anything
     if o.task == "causal-lm":
-        from ..data.chat_encode import TRAIN_ON, chat_template_text
-
         if o.train_on not in TRAIN_ON:
             raise DeltaError(f"unknown --train-on {o.train_on!r}; choose one of {list(TRAIN_ON)}")
         if o.chat_template:
@@ -305,7 +294,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         "plot": str(out / "training.png"),
     }
     if rank == 0:
-        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / METRICS_FILE, metrics)
         write_run_card(o, metrics, art, train_ex.format)
     return metrics
 
@@ -326,8 +315,6 @@ def card_config(o: RunOptions) -> dict:
 
 def write_run_card(o: RunOptions, m: dict, art: Path, fmt: str | None = None) -> None:
     """README.md of the saved adapter (or full model) with the run: data, command, metrics, forgetting."""
-    from ..storage import model_card
-
     keys = [k for k in m["after"] if k in m["before"]] or list(m["after"])
     data = f"`{o.data}`" + (f" (split {o.data_split})" if o.data_split else "") + \
         f", {m['train_rows']} training / {m['val_rows']} validation rows" + (f", format {fmt}" if fmt else "") + \
@@ -346,8 +333,6 @@ def set_chat_template(proc, value: str | None) -> str | None:
     that was set (recorded in task.json so eval uses the same one), or None."""
     if not value or proc is None:
         return None
-    from ..data.chat_encode import chat_template_text
-
     proc.chat_template = chat_template_text(value)
     return proc.chat_template
 
@@ -357,7 +342,6 @@ def save_pretrained_atomic(model, proc, out: Path) -> Path:
     (``safety.atomic_dir``): readers and crashes see the old model dir or the new one, never half."""
     import os
 
-    from ..files import atomic_dir, umask
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

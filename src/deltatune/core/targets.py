@@ -16,6 +16,7 @@ from torch import nn
 
 from .delta import DeltaError, iter_base_modules
 from .layer_types import linear_types
+from .tasks import CLASSIFIER_TASKS, task_of
 
 # Names of output heads: "all-linear" leaves them alone (adapting the vocabulary projection is
 # costly and rarely helps; classification heads are trained in full via modules_to_save).
@@ -159,9 +160,7 @@ def no_match_message(model: nn.Module, targets, types=None) -> str:
 def auto_modules_to_save(model: nn.Module) -> list[str]:
     """The classification head of a transformers ``*For...Classification`` model (its weights are
     freshly initialised, so it must train in full), else nothing."""
-    cls = type(model).__name__
-    if not cls.endswith(("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
-                         "ForAudioClassification", "ForMultipleChoice")):
+    if task_of(model) not in CLASSIFIER_TASKS:
         return []
     # peft matches modules_to_save by plain string suffix, so ["classifier"] also takes
     # DistilBERT's "pre_classifier": train every such module in full, as peft will when it loads

@@ -53,21 +53,13 @@ from torch import nn
 
 from ..core.delta import CopyDelta, DeltaError, PREFIX, STATE_ATTR, iter_delta_layers
 from ..core.rows import RowPlan
+from ..core.tasks import PEFT_TASK_TYPES, task_of
 # cache_kwarg is re-exported: prefix.py and callers reach it as _virtual_tokens.cache_kwarg
 from ._hf_compat import (CACHE_KWARGS, cache_kwarg, cached_tokens, output_cache, pop_cache,  # noqa: F401
                          positions_from_mask)
 
 STORE = "deltatune_virtual"  # attribute of the top model holding every prompt/prefix adapter
 _HOOK = "_deltatune_virtual_hook"  # model.__dict__ key of the hook handle
-
-# peft task_type from the class name of a transformers model (peft picks its wrapper with it)
-TASK_TYPES = {
-    "ForCausalLM": "CAUSAL_LM",
-    "LMHeadModel": "CAUSAL_LM",
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-}
 
 
 class Store(nn.Module):
@@ -115,8 +107,8 @@ def dims(model: nn.Module) -> dict[str, int | None]:
 
 
 def task_type(model: nn.Module) -> str:
-    cls = type(model).__name__
-    return next((t for suffix, t in TASK_TYPES.items() if cls.endswith(suffix)), "FEATURE_EXTRACTION")
+    """peft's task_type for ``model`` (the prompt-learning wrapper peft builds depends on it)."""
+    return PEFT_TASK_TYPES.get(task_of(model), "FEATURE_EXTRACTION")
 
 
 def param_device(model: nn.Module) -> torch.device:

@@ -65,6 +65,9 @@ from ..core.delta import DeltaError
 from ..files import atomic_write, atomic_write_json
 from ..safety import first_nonfinite
 from .checkpoint import CheckpointMixin, _method_hooks
+from .. import fast
+from ..data.examples import collate as default_collate
+from ..fast import enable_checkpointing, repeated_blocks
 
 SCHEDULES: dict[str, Callable[[float], float]] = {
     # progress in [0, 1] after warmup -> lr multiplier
@@ -201,8 +204,6 @@ class Trainer(CheckpointMixin):
                  loss_fn: Callable[[nn.Module, dict], torch.Tensor] = default_loss,
                  output_dir: str | Path | None = None, callbacks: Sequence[Callable] = (),
                  param_groups: list[dict] | None = None):
-        from ..data.examples import collate as default_collate
-
         self.features = list(features)
         self.cfg = config or TrainConfig()
         self.cfg.validate()
@@ -319,8 +320,6 @@ class Trainer(CheckpointMixin):
         toolchain, an op dynamo cannot trace), drop the compiled blocks and redo the step eagerly."""
         from torch._dynamo.exc import TorchDynamoException
 
-        from ..fast import repeated_blocks
-
         if self.cfg.compile != "auto" or not isinstance(err, TorchDynamoException):
             return False
         import warnings
@@ -334,8 +333,6 @@ class Trainer(CheckpointMixin):
         return True
 
     def _compile(self) -> bool:
-        from ..fast import repeated_blocks
-
         c = self.cfg
         if c.compile == "on":
             return True
@@ -350,13 +347,9 @@ class Trainer(CheckpointMixin):
 
         c, model = self.cfg, self.model
         if c.gradient_checkpointing:
-            from ..fast import enable_checkpointing
-
             enable_checkpointing(model)
         compiled = self._compile()
         if compiled:
-            from .. import fast
-
             fast.compile_blocks(model, dynamic=None)  # dynamic=None: padded lengths vary, one dynamic recompile
         if not dtd.is_wrapped(self.net):
             model.to(self.device)
