@@ -1,7 +1,14 @@
-"""Load benchmark of ``deltatune serve``: requests/s and p50/p99 latency for 1, 4 and 16 concurrent
-clients, each request for one of 8 LoRA adapters (round-robin), over HTTP on loopback.
+"""Load benchmark of ``deltatune serve``, over HTTP on loopback, two modes:
 
-    .venv/bin/python bench/serve.py [--requests 48] [--new-tokens 8] [--window-ms 10] [--max-batch 16]
+    .venv/bin/python bench/serve.py --compare [--reps 3] [--requests 48]      # issue 17
+    .venv/bin/python bench/serve.py [--levels 1,4,16] [--new-tokens 8] [--max-batch 16]
+
+``--compare`` (serve_compare.py): 16 concurrent streaming clients of /v1/completions, max_tokens
+drawn from 8-64 per request, interleaved rounds against two servers of the same model and
+adapters, one with continuous batching, one with static batches: generated tokens/s, time to
+first token, and continuous batching over 8 adapters vs the same load on one adapter.
+The default mode: requests/s and p50/p99 latency for 1, 4 and 16 concurrent clients, each
+request for one of 8 LoRA adapters (round-robin).
 
 The server runs in a subprocess (so client threads do not share its GIL) on 127.0.0.1 with a
 small random Llama (hidden 256, 4 layers, vocab 4096; 8 LoRA r=8 adapters on q,k,v,o) and
@@ -46,13 +53,14 @@ def make_adapters(d: str) -> None:
         dt.save(m, os.path.join(d, f"a{i}"), name=f"a{i}")
 
 
-def serve(d: str, window_ms: float, port_file: str, threads: int, max_batch: int) -> None:
+def serve(d: str, window_ms: float, port_file: str, threads: int, max_batch: int, batching: str = "continuous",
+          tokenizer=None) -> None:
     import torch
 
     from deltatune.serve.app import ServerThread, build_app
 
     torch.set_num_threads(threads)
-    app = build_app(build_model(), None, d, window_ms=window_ms, max_batch=max_batch)
+    app = build_app(build_model(), tokenizer, d, window_ms=window_ms, max_batch=max_batch, batching=batching)
     with ServerThread(app) as srv:
         with open(port_file, "w") as f:
             f.write(srv.url)
@@ -68,6 +76,10 @@ def metric(text: str, name: str) -> float:
 
 
 def main() -> None:
+    if "--compare" in sys.argv:
+        import serve_compare
+
+        return serve_compare.main(sys.argv[1:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     ap.add_argument("--new-tokens", type=int, default=8)

@@ -201,29 +201,17 @@ def cases():
 
 
 # (family, column) -> why it fails today: known bugs, kept visible as strict xfails in the test
-# and as "bug" in docs/coverage.md until fixed
-_DIRECT_WEIGHT = ("{}'s forward reads {} .weight directly (not through the module's forward), so the unmerged "
-                  "{} is silently skipped while dt.merge applies it: merged != unmerged. Targets must skip such "
-                  "layers (or refuse them)")
-XFAIL: dict[tuple[str, str], str] = {
-    ("falcon_mamba", "lora"): _DIRECT_WEIGHT.format("FalconMambaMixer", "dt_proj", "LoRA") + " (seen failing in one "
-                              "run and passing in the next: non-strict)",
-    ("falcon_mamba", "dora"): _DIRECT_WEIGHT.format("FalconMambaMixer", "dt_proj", "DoRA") + " (non-strict, as above)",
-    ("wavlm", "lora"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)", "q_proj/v_proj", "LoRA"),
-    ("wavlm", "dora"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)", "q_proj/v_proj", "DoRA"),
-    ("wavlm", "sparse"): _DIRECT_WEIGHT.format("WavLMAttention (F.multi_head_attention_forward)",
-                                               "q/k/v_proj", "sparse delta"),
-}
+# and as "bug" in docs/coverage.md until fixed.  (Empty: the last ones, layers whose parent reads
+# .weight directly - WavLM's attention, Mamba's dt_proj - are now left out of "all-linear" and
+# refused by name, core/direct_reads.py.)
+XFAIL: dict[tuple[str, str], str] = {}
 
-FLAKY = {("falcon_mamba", "lora"), ("falcon_mamba", "dora")}  # xfail(strict=False): outcome varies by run
+FLAKY: set[tuple[str, str]] = set()  # xfail(strict=False): outcome varies by run
 
 # (family, column) -> why peft cannot read deltatune's file of that case today
 _GQA = ("peft sizes the prefix from config.num_key_value_heads, which the zoo's generic config sets (2) but {} "
         "ignores (its cache has {}); deltatune measures the cache the model fills. A peft bug on this synthetic "
         "config: real {} configs carry no num_key_value_heads")
-_MAMBA = ("peft refuses LoRA on Mamba's out_proj/conv1d (its CUDA kernels read those weights directly), which "
-          "deltatune's default targets include: on the CPU path they work (merged == unmerged here), on the fused "
-          "GPU path they would be skipped. Defaults should exclude them as peft does")
 _BERT_PREFIX = ("peft refuses prefix tuning on {} under transformers 5 ('Model does not support past key values'); "
                 "deltatune injects the prefix with its own attention hook, so it writes a PREFIX_TUNING file peft "
                 "cannot load")
@@ -231,7 +219,6 @@ PEFT_XFAIL: dict[tuple[str, str], str] = {
     **{(f, "prefix"): _GQA.format(f, "4 key/value heads", f)
        for f in ("gpt2", "gpt_neox", "bloom", "opt", "xglm", "mpt", "persimmon", "biogpt")},
     ("gpt_bigcode", "prefix"): _GQA.format("gpt_bigcode", "1 (multi-query)", "gpt_bigcode"),
-    **{(f, c): _MAMBA for f in ("mamba", "falcon_mamba") for c in ("lora", "dora", "adalora")},
     **{(f, "prefix"): _BERT_PREFIX.format(f)
        for f in ("bert", "roberta", "electra", "xlm-roberta", "roformer", "big_bird", "data2vec-text")},
 }

@@ -249,12 +249,14 @@ def test_a_rerun_batch_hands_no_token_on_twice():
 
 
 def test_a_failure_after_the_stream_began_is_an_error_event(server, client, monkeypatch):
+    from deltatune.serve import batching as serve_batching
     from deltatune.serve import engine as serve_engine
 
-    def boom(engine, jobs):
+    def boom(engine, *args):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(serve_engine.RUNNERS, "generate", boom)
+    monkeypatch.setitem(serve_engine.RUNNERS, "generate", boom)  # static batches
+    monkeypatch.setattr(serve_batching.RunningBatch, "_forward", boom)  # the continuous batch
     with pytest.raises(openai.APIError, match="internal error"):
         list(client.completions.create(model="a", prompt="w1", max_tokens=3, stream=True))
     with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:

@@ -1,6 +1,7 @@
-"""Loading base models for the CLI: a local directory, an id already in the local Hugging Face cache
-(never a download: offline is the default), or a GGUF file, dequantised once to float32 and cached
-under ``~/.cache/deltatune/``.  ``trust_remote_code`` stays off unless the user asks.
+"""Loading base models for the CLI: a local directory, a Hub id (from the local Hugging Face cache;
+downloaded only when the user runs with ``HF_HUB_OFFLINE=0``, see :func:`ensure_model`), or a GGUF
+file, dequantised once to float32 and cached under ``~/.cache/deltatune/``.  ``trust_remote_code``
+stays off unless the user asks.
 """
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
 from .core.delta import DeltaError
+from .vision.classifier import is_vision_spec, load_vision_model
 
 AUTO_CLASSES = {
     "classify": "AutoModelForSequenceClassification",
@@ -63,6 +68,58 @@ def gguf_to_fp32(gguf_path: str | Path) -> Path:
     return out
 
 
+# --------------------------------------------------------------------------- Hub model ids
+# deltatune runs offline by default (the CLI sets HF_HUB_OFFLINE=1 unless the user set it): an id is
+# then served from the cache that `hf download org/name` fills, and a missing one is a one-line
+# error naming that command.  With HF_HUB_OFFLINE=0 a missing id is downloaded once with
+# huggingface_hub.snapshot_download (its progress bars on stderr), limited to the files a
+# transformers model needs, so a repository's duplicate .bin / .onnx / .gguf copies are not fetched.
+
+# what from_pretrained reads: config, weights, tokenizer, processor, chat template
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def offline() -> bool:
+    """``HF_HUB_OFFLINE`` as the user (or the CLI's default) set it, read now, not at import."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_snapshot(repo: str) -> str | None:
+    """The cached snapshot directory of ``repo`` holding a config.json, or None (never the network)."""
+    try:
+        d = snapshot_download(repo, local_files_only=True)
+    except Exception:  # huggingface_hub raises one of several errors for "not cached"; all mean None
+        return None
+    return d if os.path.exists(os.path.join(d, "config.json")) else None
+
+
+def ensure_model(repo: str) -> str:
+    """The local snapshot directory of Hub model ``repo``: cached, or downloaded when online."""
+    d = cached_snapshot(repo)
+    if d is not None:
+        return d
+    fetch = f"`hf download {repo}`"
+    if offline():
+        raise DeltaError(f"model {repo!r} is not a local directory and not in the local Hugging Face cache "
+                         f"(HF_HUB_OFFLINE=1); download it once with {fetch} (or run with HF_HUB_OFFLINE=0 to let "
+                         "deltatune download it), then run again")
+    was_off = are_progress_bars_disabled()
+    enable_progress_bars()  # transformers' quiet mode turns the Hub's bars off; a download shows its bar
+    try:
+        d = snapshot_download(repo, allow_patterns=MODEL_FILES)
+    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, HTTP / connection errors ...
+        why = " ".join(str(e).split())[:200]
+        raise DeltaError(f"model {repo!r}: the download failed ({type(e).__name__}: {why}); check the id and the "
+                         f"network, or fetch it with {fetch}") from None
+    finally:
+        if was_off:
+            disable_progress_bars()
+    if not os.path.exists(os.path.join(d, "config.json")):
+        raise DeltaError(f"model {repo!r}: the Hub repository has no config.json; it is not a transformers model "
+                         "(for a GGUF repository, download the .gguf file and pass its path)")
+    return d
+
+
 def resolve(spec: str) -> str:
     """A loadable directory or cached id for ``spec``; GGUF files become a cached fp32 directory."""
     p = Path(spec).expanduser()
@@ -78,17 +135,8 @@ def resolve(spec: str) -> str:
     if p.exists():
         raise DeltaError(f"{p}: expected a model directory or a .gguf file")
     if spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(spec, "config.json")
-        except Exception:
-            hit = None
-        if isinstance(hit, str):
-            return spec
-        raise DeltaError(f"model {spec!r} is neither a local directory nor in the local Hugging Face cache; "
-                         "deltatune never downloads by itself: fetch it first (huggingface-cli download "
-                         f"{spec}) or pass a directory")
+        ensure_model(spec)  # in the Hub cache now (or a one-line error); transformers finds it there by id
+        return spec
     raise DeltaError(f"model directory {spec} does not exist")
 
 
@@ -113,14 +161,24 @@ def load_tokenizer(path: str, spec: str, trust_remote_code: bool = False, requir
 
 
 def load_model(spec: str, task: str, label_names: list[str] | None = None, trust_remote_code: bool = False,
-               tokenizer_required: bool = True):
+               tokenizer_required: bool = True, weights: str | None = None, image_size: int | None = None,
+               log=None):
     """(model, tokenizer or image processor, resolved path) for ``task``.  With
-    ``tokenizer_required=False`` a model without tokenizer files loads with tokenizer None."""
+    ``tokenizer_required=False`` a model without tokenizer files loads with tokenizer None.
+    ``timm:``/``torchvision:``/``module:factory`` specs go to :mod:`deltatune.vision.classifier`
+    (``weights``: a local state dict; ``image_size``: override the model's input size)."""
     import transformers
 
     quiet_transformers()
     if task not in AUTO_CLASSES:
         raise DeltaError(f"unknown task {task!r}; choose one of {sorted(AUTO_CLASSES)}")
+    if is_vision_spec(spec):
+        if task != "image-classify":
+            raise DeltaError(f"--model {spec} is an image classifier; use --task image-classify")
+        return load_vision_model(spec, label_names, weights, image_size, log)
+    if weights or image_size:
+        raise DeltaError(f"--weights/--image-size are for timm:NAME, torchvision:NAME and module:factory models; "
+                         f"{spec} is a transformers model, which loads its own weights and image size")
     path = resolve(spec)
     cls = getattr(transformers, AUTO_CLASSES[task])
     kw: dict = {"local_files_only": True, "trust_remote_code": trust_remote_code}

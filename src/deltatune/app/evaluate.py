@@ -149,7 +149,11 @@ class Forgetting:
             px = nn.functional.interpolate(torch.stack(crops), size=(size, size), mode="bilinear",
                                            align_corners=False)  # (N, 3, S, S)
             px = px.mean(1, keepdim=True).expand(-1, c, -1, -1) if c != 3 else px
-            self._pixels = (px - 0.5) / 0.5
+            mean, std = getattr(self, "_norm", (None, None))
+            if mean is not None and std is not None and len(mean) == c == len(std):  # the model's own (timm, torchvision)
+                self._pixels = (px - torch.tensor(mean).view(1, c, 1, 1)) / torch.tensor(std).view(1, c, 1, 1)
+            else:  # transformers' ViT processors: [-1, 1]
+                self._pixels = (px - 0.5) / 0.5
             self.texts = [f"photo crop {i}" for i in range(len(px))]
         for i in range(0, len(self._pixels), self.batch_size):
             yield {"pixel_values": self._pixels[i:i + self.batch_size]}
@@ -162,12 +166,15 @@ class Forgetting:
         if self.images:
             cfg = getattr(model, "config", None)
             self._size = (getattr(cfg, "num_channels", 3), int(getattr(cfg, "image_size", 224) or 224))
+            self._norm = (getattr(cfg, "image_mean", None), getattr(cfg, "image_std", None))
         for b in self._encoded():
             b = {k: v.to(dev) for k, v in b.items()}
             h = model(**b, output_hidden_states=True).hidden_states[-1].float()  # (B, T, H) or (B, C, h, w)
             if "attention_mask" in b:
                 m = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
                 outs.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu())  # (B, H)
+            elif h.dim() == 2:  # images: pooled features (B, F) of deltatune.vision.classifier
+                outs.append(h.cpu())
             else:  # images: mean over tokens (ViT) or over the spatial grid (CNNs)
                 outs.append((h.mean(1) if h.dim() == 3 else h.flatten(2).mean(-1)).cpu())
         model.train(was)

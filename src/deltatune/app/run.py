@@ -31,6 +31,7 @@ from ..train.losses import causal_lm_batch_loss
 from ..train.checkpoint import CHECKPOINTS
 from ..train.runlock import run_lock
 from ..train.trainer import TrainConfig, Trainer, plot
+from .console import library_log
 from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
 
 # Full fine-tuning's learning rate when --lr is not given (BERT / RoBERTa fine-tuning range,
@@ -74,6 +75,8 @@ class RunOptions:
     max_eval_rows: int | None = 2000  # keeps evaluation cheap on CPU
     reference: str | None = None  # text file for forgetting; None = packaged general text
     trust_remote_code: bool = False
+    weights: str | None = None  # state dict for a timm:/torchvision:/module:factory model
+    image_size: int | None = None  # override the vision model's input side (None = its own config)
     resume: bool = False
     overwrite: bool = False  # replace a previous run in ``output`` (its checkpoints are deleted)
     lr: float | None = None
@@ -108,7 +111,7 @@ def options_fingerprint(o: RunOptions) -> dict:
     fp = {"--model": o.model, "--data": o.data, "--task": o.task, "--method": o.method,
           "--val-data": o.val_data, "--val-fraction": None if o.val_data else o.val_fraction,
           "--max-length": o.max_length or MAX_LENGTH[o.task], "--max-train-rows": o.max_train_rows,
-          "--lr": o.lr or default_lr(o.method, o.task),
+          "--lr": o.lr or default_lr(o.method, o.task), "--weights": o.weights, "--image-size": o.image_size,
           **{f"--{k.replace('_', '-')}": v for k, v in _columns(o).items()},
           **{f"--opt {k}": v for k, v in o.method_options.items()},
           **{f"--{k.replace('_', '-')}": v for k, v in train.items()}}
@@ -157,6 +160,8 @@ def prepare(o: RunOptions, label_names=None):
 
 
 def encode_examples(ex, proc, max_length: int, train_on: str = "responses"):
+    if ex.task == "image-classify" and hasattr(proc, "features"):  # timm / torchvision / factory: lazy
+        return proc.features(ex.rows, ex.labels)
     if ex.task == "image-classify" and proc is not None:
         import numpy as np
 
@@ -227,7 +232,8 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     train_ex, val_ex = prepare(o)
     seed = o.train.get("seed", 0)
     torch.manual_seed(seed)  # the fresh head's init is part of the run
-    model, proc, path = load_model(o.model, o.task, train_ex.label_names or None, o.trust_remote_code)
+    model, proc, path = load_model(o.model, o.task, train_ex.label_names or None, o.trust_remote_code,
+                                   weights=o.weights, image_size=o.image_size, log=log)
     template = set_chat_template(proc, o.chat_template)
     if getattr(model, "config", None) is not None:  # adapter_config / model card record the real base
         model.config._name_or_path = real_model_name(o.model)
@@ -259,7 +265,10 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
                       eval_fn=lambda m: task_metrics(o.task, m, val_f, coll), **loss)
     if rank == 0 and not (o.resume and (out / OPTIONS_FILE).exists()):
         atomic_write_json(out / OPTIONS_FILE, options_fingerprint(o))
-    result = trainer.train(resume=o.resume)
+    # torch / transformers / datasets warnings (dynamo recompiles, deprecations) go to train.log, not
+    # into the progress bar; DELTATUNE_VERBOSE=1 shows them as well
+    with library_log(out / "train.log" if rank == 0 else None):
+        result = trainer.train(resume=o.resume)
     after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps and not cfg.early_stopping \
         else task_metrics(o.task, model, val_f, coll)
     after = {k: v for k, v in after.items() if k != "step"}
@@ -271,7 +280,9 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     task_info = {"task": o.task, "base_model": o.model, "resolved_model": path, "label_names": train_ex.label_names,
                  "max_length": max_length, "columns": _columns(o), "method": o.method,
                  "trust_remote_code": o.trust_remote_code, "format": train_ex.format or None,
-                 "train_on": o.train_on, "chat_template": template}
+                 "train_on": o.train_on, "chat_template": template,
+                 "weights": str(Path(o.weights).expanduser().resolve()) if o.weights else None,
+                 "image_size": o.image_size, "seed": seed}  # seed: eval rebuilds the base's fresh head as it was
     art = out / ("model" if o.method == "full" else "adapter")
     if o.method != "full":
         trainer.save_adapter(art)  # every rank calls it (FSDP gathers); rank 0 writes
@@ -290,6 +301,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
         "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
         "samples_per_s": result.samples_per_s, "peak_rss_mb": result.peak_rss_mb,
+        "compiled": trainer.compiled,  # torch.compile ran to the end (False: off, or fell back to eager)
         "artifact": str(art), "artifact_bytes": size, "history": result.history, "evals": result.evals,
         "plot": str(out / "training.png"),
     }

@@ -9,9 +9,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 import deltatune as dt
 
 from ..core.delta import DeltaError, iter_delta_layers
+from ..vision.classifier import is_vision_spec
+from .export import Exported, check_options, export_merged
+from .full_eval import evaluate_base, evaluate_full, full_run_dir
 from ..core.tasks import task_of
 from ..core.targets import HEAD_NAMES, find_targets
 from ..data.examples import load_examples
@@ -21,8 +26,7 @@ from ..models import load_model, quiet_transformers, resolve
 from ..storage import model_card
 from ..storage.adapter import CONFIG, MANIFEST, read_adapter_dir, sha256
 from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
-from .run import (MAX_LENGTH, METRICS_FILE, collate_for, encode_examples, read_task, real_model_name,
-                  save_pretrained_atomic, set_chat_template)
+from .run import (MAX_LENGTH, METRICS_FILE, collate_for, encode_examples, read_task, real_model_name, set_chat_template)
 
 RUN_TASKS = ("classify", "causal-lm", "image-classify")  # the core.tasks tasks `deltatune train` runs
 
@@ -66,13 +70,27 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, task: str |
     d = adapter_dir(adapter)
     base, task, info = _base_and_task(d, model, task)
     labels = info.get("label_names") or None
-    m, proc, _ = load_model(base, task, labels, trust_remote_code)
+    torch.manual_seed(info.get("seed", 0))  # a fresh head (under dt.disabled) initialised as in train's "before"
+    m, proc, _ = load_model(base, task, labels, trust_remote_code, weights=info.get("weights") if model is None else None,
+                            image_size=info.get("image_size"))
     dt.load(m, d)
     return m, proc, task, info, d, base
 
 
 def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch_size=32, trust_remote_code=False,
-                     columns: dict | None = None) -> dict:
+                     columns: dict | None = None, weights: str | None = None, image_size: int | None = None) -> dict:
+    """``eval``: an adapter (or a run holding adapter/) against its base with the adapter disabled;
+    a ``--method full`` run against the base recorded at train time (:mod:`.full_eval`); with no
+    adapter, the base ``model`` alone."""
+    if adapter is None:
+        if model is None:
+            raise DeltaError("eval needs --adapter RUN (an adapter or a training run) or --model MODEL (a base model)")
+        return evaluate_base(model, data, task, batch_size, trust_remote_code, columns, weights, image_size)
+    if weights or image_size:
+        raise DeltaError("--weights/--image-size are for --model without --adapter; a run records its own")
+    if full_run_dir(adapter) is not None:
+        return evaluate_full(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
+                             trust_remote_code=trust_remote_code, columns=columns)
     m, proc, task, info, d, base = load_with_adapter(adapter, model, task, trust_remote_code)
     cols = {k: v for k, v in (info.get("columns") or {}).items()}
     cols.update({k: v for k, v in (columns or {}).items() if v is not None})
@@ -85,7 +103,7 @@ def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch
         base_metrics = task_metrics(task, m, feats, coll, batch_size)
     tok = proc if task != "image-classify" else None
     fg = Forgetting(tok, task, read_reference(reference) if reference else None).snapshot(m).measure(m)
-    return {"adapter": str(d), "base_model": base, "task": task, "data": str(data), "rows": len(ex),
+    return {"adapter": str(d), "kind": "adapter", "base_model": base, "task": task, "data": str(data), "rows": len(ex),
             "metrics": metrics, "base_metrics": base_metrics, "forgetting": fg}
 
 
@@ -154,18 +172,30 @@ def pareto_plot(rows: list[dict], path: Path, metric: str, greater: bool) -> Non
     import matplotlib.pyplot as plt
 
     front = set(pareto_front(rows, greater))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(6.6, 4), dpi=100)
+    # colour = forgetting (drift / perplexity change on general data): a method can sit on the
+    # accuracy/size front and still forget more than another; grey = not measured
+    fg = [r.get("forgetting") for r in rows]
+    known = [v for v in fg if v is not None]
+    norm = matplotlib.colors.Normalize(vmin=min(known + [0.0]), vmax=max(known + [1e-9])) if known else None
+    cmap = matplotlib.colormaps["plasma"]
+    for r, v in zip(rows, fg):
         on = r["method"] in front
-        ax.scatter(r["trainable_params"], r["metric"], s=60, color="tab:red" if on else "tab:gray", zorder=3)
+        ax.scatter(r["trainable_params"], r["metric"], s=90 if on else 60, zorder=3,
+                   color=cmap(norm(v)) if v is not None else "tab:gray",
+                   edgecolors="tab:red" if on else "none", linewidths=2)
         ax.annotate(r["method"], (r["trainable_params"], r["metric"]), textcoords="offset points", xytext=(5, 5))
+    if known:
+        kind = next((r.get("forgetting_kind") for r in rows if r.get("forgetting") is not None), None) or "forgetting"
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+                     label=f"forgetting ({kind.replace('_', ' ')}{', %' if kind == 'perplexity_change' else ''})")
     pts = sorted((r["trainable_params"], r["metric"]) for r in rows if r["method"] in front)
     if len(pts) > 1:
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:red", alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"{metric} ({'higher' if greater else 'lower'} is better)")
-    ax.set_title("Pareto: metric vs trainable parameters (red = front)")
+    ax.set_title("metric vs trainable parameters (red ring = Pareto front)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -211,8 +241,8 @@ def inspect_model(spec: str, task: str | None, method: str, options: dict, trust
     import transformers
 
     quiet_transformers()
-    if task:
-        model, _, path = load_model(spec, task, None, trust_remote_code)
+    if task or is_vision_spec(spec):
+        model, _, path = load_model(spec, task or "image-classify", None, trust_remote_code)
     else:
         path = resolve(spec)
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -293,7 +323,8 @@ def print_inspect(out, res: dict) -> None:
 
 # --------------------------------------------------------------------------- merge
 
-def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info: dict) -> None:
+def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info: dict, fmt: str = "safetensors",
+                       files: list[str] | None = None) -> None:
     """README.md of a merged model: the base, the adapter it came from, and that run's results."""
     manifest = json.loads((adapter_dir / MANIFEST).read_text(encoding="utf-8")) \
         if (adapter_dir / MANIFEST).exists() else {}
@@ -305,12 +336,14 @@ def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info:
         method_config=manifest.get("config"), task=task, merged_from=str(adapter_dir.resolve()),
         datasets=[Path(run["data"]).name] if run.get("data") else None,
         metrics={k: (before.get(k), v) for k, v in after.items()} or None, main_metric=run.get("metric"),
-        forgetting=run.get("forgetting")))
+        forgetting=run.get("forgetting"), gguf_file=(files or [None])[0] if fmt == "gguf" else None))
 
 
-def merge_adapter(adapter, output, model=None, task=None, force=False, trust_remote_code=False) -> dict:
+def merge_adapter(adapter, output, model=None, task=None, force=False, trust_remote_code=False,
+                  fmt: str = "safetensors", dtype: str = "fp32") -> dict:
     import torch
 
+    check_options(fmt, dtype)
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not force:
         raise DeltaError(f"output directory {out} exists and is not empty; pass --force to replace it")
@@ -330,13 +363,17 @@ def merge_adapter(adapter, output, model=None, task=None, force=False, trust_rem
     diff = float((want - got).abs().max())
     if not torch.isfinite(got).all():
         raise DeltaError("the merged model produces NaN/Inf; refusing to write it")
-    save_pretrained_atomic(merged, proc, out)
-    if info:
-        atomic_write_json(out / "deltatune_merge.json", {"adapter": str(d), "base_model": base, **info})
-    _write_merged_card(out, d, base, task, info)
+
+    def extra(tmp: Path, written: Exported) -> None:  # provenance and the card join the same atomic swap
+        if info:
+            atomic_write_json(tmp / "deltatune_merge.json", {"adapter": str(d), "base_model": base, **info})
+        _write_merged_card(tmp, d, base, task, info, fmt, written.files)
+
+    res = export_merged(merged, proc, out, fmt, dtype, inputs=x, task=task, extra=extra)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"adapter": str(d), "base_model": base, "output": str(out), "class": type(merged).__name__,
-            "bytes": size, "check_max_abs_diff": diff}
+            "format": fmt, "dtype": dtype, "files": res.files, "bytes": size, "check_max_abs_diff": diff,
+            **res.check}
 
 
 def print_methods(out) -> None:

@@ -2,9 +2,9 @@
 
 Every command takes flags or ``--config FILE.yaml`` (keys are the flag names, ``-`` or ``_``;
 flags given on the command line win), prints a human summary by default and one JSON object with
-``--json`` (progress and logs then go to stderr).  Models are local directories, ids already in
-the local Hugging Face cache, or GGUF files; nothing is downloaded and ``trust_remote_code`` is
-off unless ``--trust-remote-code`` is given.  Errors print one line and exit with status 2.
+``--json`` (progress and logs then go to stderr).  Models are local directories, Hub ids (from the
+local Hugging Face cache; downloaded only when the user sets ``HF_HUB_OFFLINE=0``), or GGUF files;
+``trust_remote_code`` is off unless ``--trust-remote-code`` is given.  Errors print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -191,9 +191,16 @@ def _train_dict(**kw) -> dict:
 @_errors
 def train(
     ctx: typer.Context,
-    model: str = typer.Option(..., help="Model directory, id in the local HF cache, or .gguf file."),
+    model: str = typer.Option(..., help="Model directory, id in the local HF cache, or .gguf file; image classifiers: "
+                              "timm:NAME, torchvision:NAME, or package.module:factory (a Python callable returning "
+                              "an nn.Module: this imports and runs YOUR code, from the working directory too)."),
     data: str = typer.Option(..., help="Training data: CSV, TSV, JSONL, JSON, Parquet, Arrow, a dataset directory, "
-                             "a Hub dataset id (org/name, cached or online), .npz or image folder."),
+                             "a Hub dataset id (org/name, cached or online); images: .npz, image folder, or a "
+                             "pixel CSV (MNIST: 784 pixels + label)."),
+    weights: Optional[str] = typer.Option(None, help="timm:/torchvision:/factory models: a local state dict "
+                                          "(.pth/.pt loaded with weights_only, or .safetensors); every key is checked."),
+    image_size: Optional[int] = typer.Option(None, help="Image classifiers: input side in pixels (default: the "
+                                             "model's own config, e.g. 224)."),
     task: str = typer.Option("classify", help="classify | causal-lm | image-classify"),
     method: str = typer.Option("lora", help="A registered method (list them: `deltatune inspect --methods`) or 'full'."),
     opt: Optional[list[str]] = typer.Option(None, "--opt", "-o", help="Method option KEY=VALUE (repeatable), e.g. -o r=16."),
@@ -249,7 +256,7 @@ def train(
                    format=format, data_split=data_split, data_config=data_config, val_split=val_split,
                    train_on=train_on, chat_template=chat_template, command=command_line(ctx),
                    max_length=max_length, max_train_rows=max_train_rows, reference=reference, resume=resume, overwrite=overwrite,
-                   trust_remote_code=trust_remote_code, lr=lr,
+                   trust_remote_code=trust_remote_code, lr=lr, weights=weights, image_size=image_size,
                    train=_train_dict(epochs=epochs,
                                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                                      warmup_ratio=warmup_ratio, schedule=schedule, max_grad_norm=max_grad_norm,
@@ -291,9 +298,14 @@ def _print_run(out: Out, m: dict) -> None:
 @app.command("eval")
 @_errors
 def eval_cmd(
-    adapter: str = typer.Option(..., help="Adapter directory (or a run directory holding adapter/)."),
+    adapter: Optional[str] = typer.Option(None, help="Adapter directory, or a run directory holding adapter/ or "
+                                          "(--method full) model/. Leave out to evaluate --model itself."),
     data: str = typer.Option(..., help="Evaluation data file (same columns as training)."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded at training)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded at training); alone: "
+                                        "the model to evaluate."),
+    weights: Optional[str] = typer.Option(None, help="With --model timm:/torchvision:/factory and no --adapter: "
+                                          "its state dict."),
+    image_size: Optional[int] = typer.Option(None, help="With --model and no --adapter: image input side."),
     text_column: Optional[str] = typer.Option(None),
     label_column: Optional[str] = typer.Option(None),
     prompt_column: Optional[str] = typer.Option(None),
@@ -309,27 +321,31 @@ def eval_cmd(
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
-    """Task metrics on DATA and forgetting (drift / perplexity change on general text) of an adapter."""
+    """Task metrics on DATA and forgetting (drift / perplexity change on general text) of an adapter,
+    of a --method full run against its recorded base, or (--model alone) of a base model."""
     out = Out(as_json)
+    columns = dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
+                   response_column=response_column, messages_column=messages_column,
+                   format=format, data_split=data_split, data_config=data_config)
     res = evaluate_adapter(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
-                           trust_remote_code=trust_remote_code,
-                           columns=dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
-                                        response_column=response_column, messages_column=messages_column,
-                                        format=format, data_split=data_split, data_config=data_config))
+                           trust_remote_code=trust_remote_code, columns=columns, weights=weights, image_size=image_size)
 
     def human():
         from rich.table import Table
 
-        t = Table(title=f"{res['adapter']} on {Path(data).name} ({res['rows']} rows)")
+        t = Table(title=f"{res['adapter'] or res['base_model']} on {Path(data).name} ({res['rows']} rows)")
         t.add_column("metric")
+        tuned = {"full": "fine-tuned", "base": None}.get(res.get("kind"), "adapter")
         t.add_column("base", justify="right")
-        t.add_column("adapter", justify="right")
+        if tuned:
+            t.add_column(tuned, justify="right")
         for k, v in res["metrics"].items():
-            t.add_row(k, f"{res['base_metrics'].get(k, float('nan')):.4f}", f"{v:.4f}")
+            t.add_row(k, f"{res['base_metrics'].get(k, float('nan')):.4f}", *([f"{v:.4f}"] if tuned else []))
         out.console.print(t)
         fg = res["forgetting"]
         if fg:
-            out.log(f"forgetting ({fg['kind']}, {fg['texts']} reference texts): {fg['value']:.4f}"
+            ref = "reference images" if res["task"] == "image-classify" else "reference texts"
+            out.log(f"forgetting ({fg['kind']}, {fg['texts']} {ref}): {fg['value']:.4f}"
                     + (f" %  (ppl {fg['ppl_base']:.2f} -> {fg['ppl_tuned']:.2f})" if fg["kind"] == "perplexity_change" else ""))
 
     out.done(res, human)
@@ -345,6 +361,8 @@ def compare(
     data: str = typer.Option(..., help="Training data."),
     task: str = typer.Option("classify"),
     full: bool = typer.Option(False, help="Also fine-tune every weight, as the reference."),
+    weights: Optional[str] = typer.Option(None, help="timm:/torchvision:/factory models: a local state dict."),
+    image_size: Optional[int] = typer.Option(None, help="Image classifiers: input side (default: the model's own)."),
     output: str = typer.Option("runs/compare", help="Directory: one sub-directory per method, table, plot."),
     max_steps: int = typer.Option(100, help="The same step budget for every method."),
     batch_size: int = typer.Option(16),
@@ -364,12 +382,14 @@ def compare(
     config: Optional[Path] = ConfigOpt,
 ):
     """Train several methods on the same budget; one table (metric, forgetting, params, memory, time,
-    size) and a Pareto plot (metric vs trainable parameters)."""
+    size) and a Pareto plot (metric vs trainable parameters, colour = forgetting); --full adds the
+    full fine-tuning reference."""
     out = Out(as_json)
     extra = {"--max-length": max_length, "--val-data": val_data, "--text-column": text_column,
              "--label-column": label_column, "--prompt-column": prompt_column,
              "--response-column": response_column, "--max-train-rows": max_train_rows, "--format": format,
-             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template}
+             "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template,
+             "--weights": weights, "--image-size": image_size}
     res = compare_methods([m.strip() for m in methods.split(",") if m.strip()], model, data, task, output,
                           max_steps, batch_size, seed, full, {k: v for k, v in extra.items() if v is not None},
                           log=out.log)
@@ -378,7 +398,9 @@ def compare(
         from rich.table import Table
 
         t = Table(title=f"compare on {Path(data).name}: {max_steps} steps each")
-        for c in ("method", res["metric"], "forgetting", "trainable", "peak RSS MB", "time s", "file MB"):
+        kind = next((r["forgetting_kind"] for r in res["rows"] if r.get("forgetting_kind")), None)
+        fg = f"forgetting ({kind.replace('_', ' ')})" if kind else "forgetting"
+        for c in ("method", res["metric"], fg, "trainable", "peak RSS MB", "time s", "file MB"):
             t.add_column(c, justify="left" if c == "method" else "right")
         for r in res["rows"]:
             t.add_row(r["method"], f"{r['metric']:.4f}", f"{r['forgetting']:.4f}" if r["forgetting"] is not None else "-",
@@ -461,16 +483,31 @@ def merge(
     model: Optional[str] = typer.Option(None, help="Base model (default: the one recorded at training)."),
     task: Optional[str] = typer.Option(None),
     force: bool = typer.Option(False, help="Replace an existing output directory."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Stored weight type: fp32 | bf16 | fp16."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (a from_pretrained directory) | gguf "
+                            "(one .gguf file for llama.cpp / ollama; Llama and Qwen2 causal LMs)."),
     trust_remote_code: bool = typer.Option(False),
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
-    """Fold the adapter into the base weights; the result loads with transformers' from_pretrained."""
+    """Fold the adapter into the base weights; the result loads with transformers' from_pretrained
+    (with --format gguf: from_pretrained(dir, gguf_file=...), llama.cpp, ollama)."""
     out = Out(as_json)
-    res = merge_adapter(adapter, output, model=model, task=task, force=force, trust_remote_code=trust_remote_code)
-    out.done(res, lambda: out.log(
-        f"merged {res['adapter']} into {res['base_model']} -> {res['output']} ({res['bytes'] / 1e6:.1f} MB, "
-        f"{res['class']}); max |merged - adapter| on a check batch: {res['check_max_abs_diff']:.2e}"))
+    res = merge_adapter(adapter, output, model=model, task=task, force=force, trust_remote_code=trust_remote_code,
+                        fmt=fmt, dtype=dtype)
+
+    def human():
+        out.log(f"merged {res['adapter']} into {res['base_model']} -> {res['output']} ({res['bytes'] / 1e6:.1f} MB, "
+                f"{res['class']}, {res['format']} {res['dtype']}); max |merged - adapter| on a check batch: "
+                f"{res['check_max_abs_diff']:.2e}")
+        if "dtype_max_abs_diff" in res:
+            out.log(f"stored as {res['dtype']}: max |{res['dtype']} - fp32| logits on the check batch: "
+                    f"{res['dtype_max_abs_diff']:.2e}")
+        if "gguf_max_abs_diff" in res:
+            out.log(f"{res['files'][0]} read back with transformers' GGUF reader: max |gguf - merged| logits: "
+                    f"{res['gguf_max_abs_diff']:.2e}")
+
+    out.done(res, human)
 
 
 @app.command()
@@ -514,16 +551,26 @@ def serve(
     max_n: int = typer.Option(8, min=1, help="Most choices (prompts x n) per OpenAI request."),
     max_queue: int = typer.Option(256, min=0, help="Most requests waiting; more get 429 with Retry-After "
                                                    "(0 = no limit)."),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu)."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 | auto (auto measures: bf16 on CPU only when "
+                                           "a bf16 matmul is at least as fast as fp32 here)."),
+    quantize: Optional[str] = typer.Option(None, help="nf4 | int8: quantize the linear layers while loading."),
+    batching: str = typer.Option("continuous", help="continuous (requests join the running batch at every "
+                                                    "decoding step) | static (a batch decodes to its longest request)."),
     config: Optional[Path] = ConfigOpt,
 ):
     """HTTP server: one base model, many adapters, mixed batches, OpenAI-compatible API (see deltatune.serve)."""
-    from ..serve.app import run  # lazy: the server needs the optional serve extra (fastapi, pydantic)
+    from ..serve.app import Placement, run  # lazy: the server needs the optional serve extra (fastapi, uvicorn)
 
     token = _read_token(token_file) if token_file else None
     _check_adapter_dir(adapters)
+    placement = Placement(device, dtype, quantize)
+    placement.check()  # before loading the model: a typo costs nothing
+    if batching not in ("continuous", "static"):
+        raise DeltaError(f"--batching {batching!r}: choose continuous or static")
     run(model, adapters, task=task, host=host, port=port, token=token, window_ms=window_ms, max_batch=max_batch,
         max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens, max_queue=max_queue, api_key=api_key,
-        served_name=served_model_name, max_n=max_n)
+        served_name=served_model_name, max_n=max_n, placement=placement, batching=batching)
 
 
 def _read_token(path: Path) -> str:

@@ -20,10 +20,23 @@ class RowPlan(list):
 
     def __init__(self, rows: Sequence[RowName]):
         super().__init__(rows)
+        self.checked = False  # mixed.row_plan sets it: mixed() then skips its checks
         self._cache: dict[tuple[int, str], tuple[list[RowName], dict[RowName, tuple[torch.Tensor, slice | None]]]] = {}
         self._pools: dict[tuple, tuple] = {}  # (layer, rank) -> the layer's stacked LoRA weights (_pool)
         self._rowsel: dict[tuple, tuple] = {}  # (rows, pool order, adapters) -> (pool index per row, rows)
         self._layers: dict[tuple, Any] = {}  # per layer and batch size: what to run (mixed._LayerPlan)
+
+    def with_rows(self, rows: Sequence[RowName]) -> "RowPlan":
+        """A plan for ``rows`` over the same set of adapters (a decoding loop whose rows join and
+        leave): the checks, per-layer plans (which depend on the adapter set only) and LoRA stacks
+        carry over; the row groups and bmm row selections (keyed by batch size, not rows) do not."""
+        if set(rows) != set(self):
+            raise DeltaError(f"mixed batch: with_rows needs the same adapters ({sorted(set(self), key=str)}), "
+                             f"got {sorted(set(rows), key=str)}")
+        plan = RowPlan(rows)
+        plan.checked = self.checked
+        plan._pools, plan._layers = self._pools, self._layers
+        return plan
 
     def expand(self, n: int, device: torch.device):
         """(row names for a batch of n rows, {adapter: (row index tensor, slice if contiguous)})."""

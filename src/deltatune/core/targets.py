@@ -14,6 +14,7 @@ from typing import Iterable
 
 from torch import nn
 
+from .direct_reads import direct_weight_paths
 from .delta import DeltaError, iter_base_modules
 from .layer_types import linear_types
 from .tasks import CLASSIFIER_TASKS, task_of
@@ -110,8 +111,41 @@ def find_targets(
                     f"{f' (and {len(leaves) - 1} more)' if len(leaves) > 1 else ''}, which this method cannot "
                     f"adapt; supported types: {[t.__name__ for t in types]} - exclude it or pick other targets")
         found = [p for p, m in modules if p in found and isinstance(m, types)]
+        found = skip_direct_reads(model, targets, found)
     if not found:
         raise DeltaError(no_match_message(model, targets, types))
+    return found
+
+
+def skip_direct_reads(model: nn.Module, targets, found: list[str]) -> list[str]:
+    """Layers whose parent computes with their ``.weight`` never run a wrapper's forward
+    (core/direct_reads.py): ``all-linear`` leaves them out; naming one is an error."""
+    direct = direct_weight_paths(model)
+    hit = [p for p in found if p in direct]
+    if not hit:
+        return found
+    if targets == "all-linear":
+        return [p for p in found if p not in direct]
+    raise DeltaError(
+        f"targets {targets!r} include {hit[0]!r}{f' (and {len(hit) - 1} more)' if len(hit) > 1 else ''}, whose "
+        f"parent {direct[hit[0]]} uses its .weight directly instead of calling it, so an adapter there would never "
+        "run (and merging would change the model); pick other layers (targets='all-linear' skips these)")
+
+
+def conv_blocks(model: nn.Module) -> list[str]:
+    """The blocks of a CNN: items of a Sequential/ModuleList that are not containers themselves and
+    hold a 2-d convolution (ResNet's ``layer1.0``, timm EfficientNet's ``blocks.1.0``,
+    efficientnet-pytorch's ``_blocks.3``, torchvision's ``features.2.0``), outermost first."""
+    lists = (nn.Sequential, nn.ModuleList)
+    found = []
+    for path, mod in iter_base_modules(model):
+        if not path:
+            continue
+        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        if (isinstance(parent, lists) and type(mod) not in (nn.Sequential, nn.ModuleList)
+                and not isinstance(mod, nn.Conv2d) and any(isinstance(m, nn.Conv2d) for m in mod.modules())
+                and not any(path.startswith(f + ".") for f in found)):
+            found.append(path)
     return found
 
 

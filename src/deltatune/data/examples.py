@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.delta import DeltaError
+from ..vision.images import is_table, load_pixel_table
 from .chat_encode import encode_causal_lm
 from .chat_formats import load_records
 from .tables import (CHARS_PER_TOKEN, IMAGE_SUFFIXES, LABEL_GUESSES, TEXT_GUESSES, _is_missing, _lines, _text_values,
                      _where, pick_column, read_table)
+
 
 @dataclass
 class Examples:
@@ -155,15 +157,18 @@ def load_causal_lm(path, text_column=None, prompt_column=None, response_column=N
     return Examples("causal-lm", rows, source=str(path), line_of=lines, format=name)
 
 
-def load_images(path, label_names: list[str] | None = None) -> Examples:
-    """An ``.npz`` with ``images`` and ``labels``, or a folder ``DIR/<class>/<image>``. Rows are
+def load_images(path, label_names: list[str] | None = None, label_column: str | None = None) -> Examples:
+    """An ``.npz`` with ``images`` and ``labels``, a folder ``DIR/<class>/<image>``, or a pixel
+    CSV (MNIST: 784 grey pixels + label, :func:`deltatune.vision.images.load_pixel_table`). Rows are
     float arrays (H, W, C) in [0, 1]."""
     import numpy as np
 
     path = Path(path)
     if not path.exists():
         raise DeltaError(f"image data {path} does not exist")
-    if path.is_dir():
+    if is_table(path):
+        rows, keys, lines = load_pixel_table(path, label_column)
+    elif path.is_dir():
         classes = sorted(p.name for p in path.iterdir() if p.is_dir())
         if not classes:
             raise DeltaError(f"{path}: expected one sub-folder per class (e.g. {path}/cat/1.png)")
@@ -185,7 +190,8 @@ def load_images(path, label_names: list[str] | None = None) -> Examples:
             raise DeltaError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
     else:
         if path.suffix.lower() != ".npz":
-            raise DeltaError(f"{path}: image data must be a folder of class folders or an .npz file")
+            raise DeltaError(f"{path}: image data must be a folder of class folders, an .npz file or a pixel "
+                             "CSV (784 pixels + label, as MNIST)")
         try:
             z = np.load(path, allow_pickle=False)
         except Exception as e:
@@ -243,7 +249,7 @@ def load_examples(task: str, path, label_names=None, **cols) -> Examples:
         "causal-lm": lambda: load_causal_lm(path, cols.get("text_column"), cols.get("prompt_column"),
                                             cols.get("response_column"), cols.get("messages_column"),
                                             cols.get("format"), **src),
-        "image-classify": lambda: load_images(path, label_names),
+        "image-classify": lambda: load_images(path, label_names, cols.get("label_column")),
     }
     if task not in loaders:
         raise DeltaError(f"unknown task {task!r}; choose one of {sorted(loaders)}")

@@ -35,7 +35,7 @@ from ..core.delta import Delta, DeltaConfig, DeltaError, iter_base_modules, wrap
 from ..core.method import Method, register
 from ..core.dtypes import build_dtype
 from ..core.layer_types import linear_types
-from ..core.targets import find_targets, matches
+from ..core.targets import conv_blocks, find_targets, matches
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 from ..core.adapters import base_at
 
@@ -183,7 +183,8 @@ class InputTap(Delta):
 # --------------------------------------------------------------------------- attaching
 
 def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | None]]:
-    """[(kind, path, tap path)]: kind "seq" (after the module) or "par" (beside it)."""
+    """[(kind, path, tap path)]: kind "seq" (after the module), "seq2d" (after a CNN block: channels at
+    axis 1) or "par" (beside it)."""
     points = cfg.resolved()[0]
     if cfg.targets is not None:
         kind = "par" if cfg.placement == "parallel" else "seq"
@@ -204,6 +205,9 @@ def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | 
         "ffn_parallel": [("par", p, None) for p in blocks] or [("par", o, i) for i, o in split],
     }
     missing = [pt for pt in points if not found[pt]]
+    blocks = conv_blocks(model) if missing and cfg.placement != "parallel" else []
+    if blocks:  # a CNN: one adapter after each block (channels at axis 1), Rebuffi et al. 2017's serial adapters
+        return [("seq2d", p, None) for p in blocks]
     if missing:
         raise DeltaError(f"adapter: cannot find the {missing} attachment points of {type(model).__name__} for "
                          f"placement {cfg.placement!r} (known: Llama/GPT-2/GPT-NeoX/BERT/ViT/OPT/Bart/Whisper/T5-style blocks); pass "
@@ -227,6 +231,8 @@ class Adapter(Method):
         for kind, path, tap in _points(model, cfg):
             mod = base_at(model, path)
             d_in, d_out, ch = module_dims(mod)
+            if kind == "seq2d":  # a CNN block returns (B, C, H, W) whatever it does inside (ConvNeXt
+                kind, ch = "seq", 1  # permutes to channels-last for its LayerNorm/Linear layers and back)
             ch = cfg.channel_dim if cfg.channel_dim is not None else ch
             dtype = build_dtype(mod)
             if kind == "seq":

@@ -140,6 +140,9 @@ def resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
     if targets is None:
         leaves = [p for p, _ in iter_base_modules(model) if p]
         fam = next(((t, f) for t, f in DEFAULTS if all(any(matches(p, [n]) for p in leaves) for n in t)), None)
+        convs = [p for p, m in iter_base_modules(model) if p and isinstance(m, nn.Conv2d)]
+        if fam is None and convs:  # a CNN: scale every 2-d convolution's output channels (depthwise too)
+            fam = (convs, [])
         if fam is None:
             raise DeltaError(f"ia3: no default targets for {type(model).__name__}; pass targets=[...] "
                              "(and feedforward=[...] for the layers whose input should be scaled)")

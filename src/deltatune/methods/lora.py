@@ -318,6 +318,11 @@ class LoraConv(LoraDelta):
         self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                            bias=False, padding_mode=base.padding_mode, dtype=build_dtype(base))
         self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, dtype=build_dtype(base))
+        if type(base).forward is not conv.forward:
+            # a subclass that pads in its own forward (TF "same" padding: efficientnet-pytorch's
+            # Conv2dStaticSamePadding, timm's Conv2dSame): A must see the padded input too, so it runs
+            # through the base's forward.  A plain reference, not a submodule (no second copy in state dicts).
+            object.__setattr__(self, "_own_forward_base", base)
         if cfg.init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / r)
         nn.init.zeros_(self.lora_B.weight)
@@ -331,7 +336,10 @@ class LoraConv(LoraDelta):
         return [self.lora_B.weight]
 
     def lora(self, x, initial: bool = False):
-        return self.lora_B(self.lora_A(x))
+        base = self.__dict__.get("_own_forward_base")
+        if base is None:
+            return self.lora_B(self.lora_A(x))
+        return self.lora_B(_call_with(base, self.lora_A.weight, x))  # (B, r, H', W') -> (B, out, H', W')
 
     def product(self, initial: bool = False):
         a = self.lora_A.weight  # (r, in, *k)
@@ -347,7 +355,17 @@ class LoraConv(LoraDelta):
         self.lora_magnitude_vector.weight = nn.Parameter(m.detach().view(1, -1, *[1] * (base.weight.dim() - 2)))
 
     def base_no_bias(self, base, x):
+        if "_own_forward_base" in self.__dict__:
+            return _call_with(base, base.weight, x.to(base.weight.dtype))
         return base._conv_forward(x.to(base.weight.dtype), base.weight, None)
+
+
+def _call_with(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``base``'s own forward (its padding included) with ``weight`` and no bias."""
+    swap = {"weight": weight}
+    if getattr(base, "bias", None) is not None:
+        swap["bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return torch.func.functional_call(base, swap, (x,))
 
 
 class LoraEmbedding(LoraDelta):

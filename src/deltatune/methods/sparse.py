@@ -36,6 +36,7 @@ from ..core.dtypes import build_dtype
 from ..core.adapters import base_at
 from ..core.grads import accumulate_grads, weighted_modules
 from ..core.layer_types import conv1d_type
+from ..core.targets import skip_direct_reads
 
 RUNTIME = ("batches", "loss_fn", "selection")  # config fields used at attach time, never saved
 
@@ -116,6 +117,9 @@ def select_sparse(model: nn.Module, batches, budget: float = 0.005, rule: str = 
     SparseConfig(budget=budget, rule=rule)  # validates
     mods = [(p, m) for p, m in weighted_modules(model, targets, exclude)
             if isinstance(m, _types()) and not hasattr(m, "dequantize")]  # quantized storage: no float W
+    # a sparse delta runs in the layer's forward: leave out layers whose parent reads .weight itself
+    keep = set(skip_direct_reads(model, "all-linear" if targets is None else targets, [p for p, _ in mods]))
+    mods = [(p, m) for p, m in mods if p in keep]
     if not mods:
         raise DeltaError("sparse: no Linear/Conv1D/Conv/Embedding weight among the targets")
     stat, pick = RULES[rule]
@@ -246,6 +250,7 @@ class Sparse(Method):
         else:
             raise DeltaError("sparse: pass batches=... (and loss_fn=... unless batches are dicts with labels) to "
                              "choose the weights, or selection=dt.select_sparse(...)")
+        skip_direct_reads(model, sorted(sel), sorted(sel))  # a saved selection on such a layer: refuse
         made = []
         for p, idx in sel.items():
             base = base_at(model, p)

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 import warnings
@@ -44,12 +45,13 @@ from typing import Annotated, Any
 
 from ..core.delta import DeltaError, get_state
 from ..core.tasks import task_of
+from .device import Placement, load_served
 from .engine import (MAX_TEMPERATURE, MIN_TEMPERATURE, Engine, EngineConfig, Job, RequestError, Sampling,
                      validate_ids)
 from .openai import OpenAIConfig, add_openai_routes
 from .stream import EngineEvents
 from ..api import _NAME_RE, delete
-from ..models import configure_threads, load_model
+from ..models import configure_threads
 from ..storage.adapter import CONFIG, MANIFEST, load
 
 TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
@@ -151,11 +153,14 @@ def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
 def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = None, *, token: str | None = None,
               task: str = "auto", window_ms: float = 5.0, max_batch: int = 16, max_new_tokens: int = 256,
               max_input_tokens: int = 1024, load_all: bool = True, max_prompt_chars: int | None = None,
-              liveness_s: float = 300.0, max_queue: int = 256, openai: OpenAIConfig | None = None):
+              liveness_s: float = 300.0, max_queue: int = 256, openai: OpenAIConfig | None = None,
+              batching: str = "continuous"):
     """A FastAPI app serving ``model`` (already on its device, eval mode) with the adapters found in
     ``adapter_dir`` (each a sub-directory written by ``dt.save``; loaded at start when ``load_all``;
     one that cannot be loaded is listed under ``failed`` in ``GET /v1/adapters``), and the
-    OpenAI-compatible endpoints of ``serve_openai`` (configured by ``openai``)."""
+    OpenAI-compatible endpoints of ``serve_openai`` (configured by ``openai``).  ``batching``:
+    "continuous" (rows join and leave the running batch at every decoding step, ``batching.py``)
+    or "static" (a batch decodes to its longest request)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -170,7 +175,8 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     model.eval()
     metrics = Metrics()
     engine = Engine(model, tokenizer, EngineConfig(window_ms, max_batch, max_new_tokens, max_input_tokens,
-                                                   max_prompt_chars, liveness_s, max_queue=max_queue), events=metrics)
+                                                   max_prompt_chars, liveness_s, max_queue=max_queue,
+                                                   batching=batching), events=metrics)
     # JSON escapes take at most 12 bytes a character (a \\uXXXX pair); ids at most 21 ("-1234567890123456789,")
     max_body = 12 * engine.max_chars + 21 * max_input_tokens + 65536
     failed: dict[str, str] = {}
@@ -529,18 +535,21 @@ def run(base_model: str, adapter_dir: str | None = None, *, task: str = "causal-
         port: int = 8000, token: str | None = None, window_ms: float = 5.0, max_batch: int = 16,
         max_new_tokens: int = 256, threads: int | None = None, max_prompt_chars: int | None = None,
         liveness_s: float = 300.0, max_input_tokens: int = 1024, max_queue: int = 256, api_key: str | None = None,
-        served_name: str | None = None, max_n: int = 8) -> None:
-    """Load ``base_model`` (a directory, a cached id or a .gguf file) and serve it until interrupted.
-    ``served_name`` is the base model's name in the OpenAI API (default: the file or directory name)."""
+        served_name: str | None = None, max_n: int = 8, placement: Placement = Placement(),
+        batching: str = "continuous") -> None:
+    """Load ``base_model`` (a directory, a cached id or a .gguf file) on ``placement``'s device, dtype
+    and quantization (``serve/device.py``) and serve it until interrupted.  ``served_name`` is the base
+    model's name in the OpenAI API (default: the file or directory name)."""
     import uvicorn
 
     configure_threads(threads)
-    model, tok, _ = load_model(base_model, task, tokenizer_required=False)  # no tokenizer: serve input_ids
+    model, tok, where = load_served(base_model, task, placement)
+    sys.stderr.write(f"deltatune serve: {where}\n")
     p = Path(base_model)
     name = served_name or (p.stem if p.suffix == ".gguf" else p.name) or "base"
     app = build_app(model, tok, adapter_dir, token=token, task=task, window_ms=window_ms, max_batch=max_batch,
                     max_new_tokens=max_new_tokens, max_prompt_chars=max_prompt_chars, liveness_s=liveness_s,
-                    max_input_tokens=max_input_tokens, max_queue=max_queue,
+                    max_input_tokens=max_input_tokens, max_queue=max_queue, batching=batching,
                     openai=OpenAIConfig(served_name=name, api_key=api_key, max_n=max_n))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines", host)

@@ -46,6 +46,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.delta import DeltaError, get_state
+from .batching import RunningBatch, Unsupported
 from .stream import Cancelled, EngineEvents, LogprobTap, RowStreamer
 from ..api import activate, disabled
 from ..methods._virtual_tokens import store
@@ -58,6 +59,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
 
 log = logging.getLogger("deltatune.serve")
 CHARS_PER_TOKEN = 16  # a prompt over 16 characters per allowed token is refused before tokenizing
+BATCHING = ("continuous", "static")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
@@ -124,6 +126,9 @@ class EngineConfig:
     max_prompt_chars: int | None = None  # cap on prompt text before tokenizing; None: CHARS_PER_TOKEN per token
     liveness_s: float = 300.0  # /health is 503 once one model-thread call runs longer (a stuck thread)
     max_queue: int = 256  # requests waiting beyond this are refused (429 + Retry-After), not queued without bound
+    # "continuous": requests join the running batch at the next decoding step and leave when done
+    # (batching.py); "static": a batch decodes to its longest request before the next one starts
+    batching: str = "continuous"
 
 
 class Engine:
@@ -148,6 +153,14 @@ class Engine:
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.eos = eos
         self.pad = pad if pad is not None else (eos if eos is not None else 0)
+        if cfg.batching not in BATCHING:
+            raise DeltaError(f"serve: batching must be one of {BATCHING}, got {cfg.batching!r}")
+        self.running: RunningBatch | None = None
+        if cfg.batching == "continuous":
+            try:
+                self.running = RunningBatch(self)
+            except Unsupported as e:
+                log.warning("continuous batching is not available for this model (%s); using static batches", e)
 
     # ------------------------------------------------------------------ lifecycle (event loop)
     def start(self) -> None:
@@ -240,59 +253,123 @@ class Engine:
         """Run ``fn(*args)`` on the model thread, after the batches already running."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed, fn, *args)
 
+    async def _gather(self) -> list[Job]:
+        """Wait for a request, then up to ``window_ms`` for more to share its batch (≤ max_batch)."""
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.cfg.window_ms / 1000
+        while len(batch) < self.cfg.max_batch:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    def _take(self, n: int) -> list[Job]:
+        """Up to ``n`` requests already waiting (the running batch's free rows), without waiting."""
+        batch: list[Job] = []
+        while len(batch) < n:
+            try:
+                batch.append(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return batch
+
+    def joins(self, job: Job) -> bool:
+        """Does ``job`` decode in the continuous batch?  Beams, classification and prompt/prefix
+        adapters (virtual tokens added by a model-level hook) keep whole static batches."""
+        return (self.running is not None and job.kind == "generate" and job.num_beams == 1
+                and not self.virtual_tokens(job.adapter))
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.cfg.window_ms / 1000
-            while len(batch) < self.cfg.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
+            busy = self.running is not None and self.running.size > 0
+            # idle: wait for work (and a window for company); decoding: take what fits, don't wait
+            batch = self._take(self.cfg.max_batch - self.running.size) if busy else await self._gather()
+            joining = [j for j in batch if self.joins(j)]
             groups: dict[tuple, list[Job]] = {}
             for j in batch:
-                groups.setdefault((j.kind, j.num_beams), []).append(j)
+                if not self.joins(j):
+                    groups.setdefault((j.kind, j.num_beams), []).append(j)
             for jobs in groups.values():
-                try:
-                    await loop.run_in_executor(self.pool, self._timed, self._run, jobs)
-                except Exception as e:  # a failure outside the model call (rows are isolated in _run)
-                    log.exception("batch failed")
-                    for j in jobs:
-                        if j.error is None and j.result is None:
-                            j.error = RequestError(500, f"internal error ({type(e).__name__}); see the server log")
-                for j in jobs:
-                    if not j.future.done():
-                        if j.error is not None:
-                            j.future.set_exception(j.error)
-                        else:
-                            self.events.on_done(j)
-                            j.future.set_result(j)
+                await self._static(loop, jobs)
+            if joining or busy:
+                await self._continuous(loop, joining)
+
+    async def _static(self, loop, jobs: list[Job]) -> None:
+        """One whole batch (``_run``): it decodes to its longest row."""
+        try:
+            await loop.run_in_executor(self.pool, self._timed, self._run, jobs)
+        except Exception as e:  # a failure outside the model call (rows are isolated in _run)
+            log.exception("batch failed")
+            for j in jobs:
+                if j.error is None and j.result is None:
+                    j.error = RequestError(500, f"internal error ({type(e).__name__}); see the server log")
+        self._settle(jobs)
+
+    async def _continuous(self, loop, joining: list[Job]) -> None:
+        """One step of the running batch, ``joining`` entering it (``batching.py``)."""
+        try:
+            done = await loop.run_in_executor(self.pool, self._timed, self._join_and_step, joining)
+        except Unsupported as e:  # the model's cache cannot be spliced: static batches from now on
+            log.warning("continuous batching is not available for this model (%s); using static batches", e)
+            self.running = None
+            await self._static(loop, joining)
+            return
+        except Exception as e:  # a failure outside the per-row isolation: every row of the batch fails
+            log.exception("decoding step failed")
+            err = RequestError(500, f"internal error ({type(e).__name__}); see the server log")
+            done = self.running.abort(err) + [j for j in joining if j.result is None and j.error is None]
+            for j in done:
+                j.error = j.error or err
+        self._settle(done)
+
+    def _settle(self, jobs: list[Job]) -> None:
+        for j in jobs:
+            if not j.future.done():
+                if j.error is not None:
+                    j.future.set_exception(j.error)
+                else:
+                    self.events.on_done(j)
+                    j.future.set_result(j)
+
+    def _join_and_step(self, joining: list[Job]) -> list[Job]:
+        """Model thread: the checks ``_run`` makes, then one step of the running batch."""
+        refused = [j for j in joining if self._rejected(j)]
+        return refused + self.running.step([j for j in joining if j.error is None])
 
     # ------------------------------------------------------------------ model thread
     def _run(self, jobs: list[Job]) -> None:
-        st = get_state(self.model)
-        ok = []
-        for j in jobs:
-            if j.cancelled:  # its client left while it waited
-                j.error = RequestError(499, "the client disconnected")
-            elif j.adapter is not None and j.adapter not in st.adapters:
-                j.error = RequestError(404, f"adapter {j.adapter!r} is not loaded; GET /v1/adapters lists them")
-            else:
-                ok.append(j)
-        if not ok:
-            return
-        ok = [j for j in ok if not self._refused(j)]  # the adapter may have changed since the request
+        ok = [j for j in jobs if not self._rejected(j)]
         if ok:
             self._attempt(ok)
+
+    def _rejected(self, job: Job) -> bool:
+        """Refuse ``job`` now if its client left, its adapter is gone or no longer fits its prompt."""
+        if job.cancelled:  # its client left while it waited
+            job.error = RequestError(499, "the client disconnected")
+        elif job.adapter is not None and job.adapter not in get_state(self.model).adapters:
+            job.error = RequestError(404, f"adapter {job.adapter!r} is not loaded; GET /v1/adapters lists them")
+        else:
+            return self._refused(job)  # the adapter may have changed since the request
+        return True
+
+    @staticmethod
+    def unloaded(adapter: str) -> RequestError:
+        return RequestError(404, f"adapter {adapter!r} was unloaded while this request was decoding")
+
+    @staticmethod
+    def sampler(jobs: list[Job], prompt_len: int) -> "RowSampler":
+        return RowSampler(jobs, prompt_len)
 
     def _refused(self, job: Job) -> bool:
         try:

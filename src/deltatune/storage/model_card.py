@@ -70,9 +70,11 @@ def card(*, base_model: str | None, method: str, method_config: dict | None = No
          trainable: int | None = None, total: int | None = None, datasets: list[str] | None = None,
          data: str | None = None, metrics: dict[str, tuple[Any, Any]] | None = None, main_metric: str | None = None,
          forgetting: dict | None = None, command: str | None = None, config: dict | None = None,
-         merged_from: str | None = None) -> str:
-    """The README.md text. ``metrics``: name -> (before, after)."""
-    tags = ["deltatune", method] + ([task] if task else []) + (["merged"] if merged_from else [])
+         merged_from: str | None = None, gguf_file: str | None = None) -> str:
+    """The README.md text. ``metrics``: name -> (before, after); ``gguf_file``: a merged model
+    exported as that GGUF file (tagged ``gguf``, as the Hub lists such repositories)."""
+    tags = (["deltatune", method] + ([task] if task else []) + (["merged"] if merged_from else [])
+            + (["gguf"] if gguf_file else []))
     head = front_matter({
         "base_model": base_model, "library_name": "deltatune", "tags": tags, "datasets": datasets or [],
         "metrics": ([main_metric] if main_metric else []) + sorted(set(metrics or {}) - {main_metric}),
@@ -80,7 +82,11 @@ def card(*, base_model: str | None, method: str, method_config: dict | None = No
     })
     what = "model (adapter merged into the base weights)" if merged_from else "adapter"
     body = [f"# {method} {what} for {base_model or 'an unnamed model'}", ""]
-    if merged_from:
+    if merged_from and gguf_file:
+        body += [f"Merged from the adapter `{merged_from}` with `deltatune merge --format gguf`: `{gguf_file}` "
+                 "runs in llama.cpp / ollama and loads with `transformers`' "
+                 f"`from_pretrained(THIS_DIR, gguf_file=\"{gguf_file}\")`.", ""]
+    elif merged_from:
         body += [f"Merged from the adapter `{merged_from}` with `deltatune merge`; loads with "
                  "`transformers`' `from_pretrained`.", ""]
     body += [f"- **Method:** `{method}`" + (f" with `{_json(method_config)}`"

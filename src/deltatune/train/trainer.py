@@ -52,6 +52,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,10 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 
 
 COMPILE_AUTO_STEPS = 500  # compile="auto": ~30-60 s of compiling is repaid well before this many steps
+# compile="auto" compiles the blocks with symbolic batch and sequence sizes (one compile for every
+# padded length; a batch of 1 is one more); past this many recompilations the run goes eager instead
+# of spending minutes recompiling (torch's own limit, 8, only warns and keeps going per frame)
+COMPILE_RECOMPILE_LIMIT = 8
 
 
 @dataclass
@@ -212,6 +217,7 @@ class Trainer(CheckpointMixin):
         self.collate = collate or default_collate
         self.eval_fn, self.loss_fn = eval_fn, loss_fn
         self.output_dir = Path(output_dir) if output_dir else None
+        self.compiled = False  # set by train(): torch.compile on, and still on at the end
         self.callbacks = list(callbacks)
         self.rank, self.world = dtd.init() if dtd.launched() else (0, 1)
         self.model, self.net = dtd.unwrap(model), model  # net: what the loss calls (the DDP wrapper, if any)
@@ -286,7 +292,9 @@ class Trainer(CheckpointMixin):
     def _evaluate(self) -> dict:
         was = self.model.training
         self.model.eval()
-        with torch.no_grad():
+        # evaluation runs eagerly: under no_grad the compiled blocks would recompile (dynamo guards on
+        # grad mode) at every evaluation, twice per eval_every, and hit the recompile cap
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             m = dtd.mean_metrics(dict(self.eval_fn(self.model)))
         self.model.train(was)
         return m
@@ -318,18 +326,22 @@ class Trainer(CheckpointMixin):
     def _fallback_to_eager(self, err: Exception) -> bool:
         """compile="auto" must never cost a run: if torch.compile itself fails (no working C++
         toolchain, an op dynamo cannot trace), drop the compiled blocks and redo the step eagerly."""
-        from torch._dynamo.exc import TorchDynamoException
+        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
-        if self.cfg.compile != "auto" or not isinstance(err, TorchDynamoException):
+        if self.cfg.compile != "auto" or not isinstance(err, (TorchDynamoException, FailOnRecompileLimitHit)):
             return False
-        import warnings
+        import logging
 
         for block in repeated_blocks(self.model) or []:
             block._compiled_call_impl = None
         torch._dynamo.reset()
         self.model.zero_grad(set_to_none=True)
-        warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                      "training continues without it (pass compile='off' / --compile off to skip the attempt)")
+        why = ("the input shapes kept changing (more than %d recompilations)" % COMPILE_RECOMPILE_LIMIT
+               if isinstance(err, FailOnRecompileLimitHit) else
+               f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        # one line for the user (deltatune's logger reaches the terminal); the details are in the run's log
+        logging.getLogger("deltatune").warning(
+            "torch.compile stopped (%s); training continues without it (--compile off skips the attempt)", why)
         return True
 
     def _compile(self) -> bool:
@@ -348,9 +360,11 @@ class Trainer(CheckpointMixin):
         c, model = self.cfg, self.model
         if c.gradient_checkpointing:
             enable_checkpointing(model)
-        compiled = self._compile()
+        compiled = self.compiled = self._compile()
         if compiled:
-            fast.compile_blocks(model, dynamic=None)  # dynamic=None: padded lengths vary, one dynamic recompile
+            # dynamic=True: padded (B, T) vary from batch to batch; symbolic sizes compile once for all of
+            # them, where dynamic=None compiles a static graph first and recompiles at the first new length
+            fast.compile_blocks(model, dynamic=True)
         if not dtd.is_wrapped(self.net):
             model.to(self.device)
             if self.world > 1:
@@ -387,7 +401,10 @@ class Trainer(CheckpointMixin):
         self.net.train()
         t0, samples, stopped = time.perf_counter(), 0, False
         step = start
+        limits = (torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+                  if compiled and c.compile == "auto" else _Null())
         try:
+            limits.__enter__()
             while step < self.total_steps:
                 rng = torch.get_rng_state() if compiled else None  # a failed compile replays the step
                 try:
@@ -395,7 +412,7 @@ class Trainer(CheckpointMixin):
                 except Exception as e:  # noqa: BLE001 - only compiler failures are handled, the rest re-raised
                     if not (compiled and self._fallback_to_eager(e)):
                         raise
-                    compiled = False
+                    compiled = self.compiled = False
                     torch.set_rng_state(rng)
                     loss_sum, n = self._accumulate(step, autocast)
                 samples += n
@@ -430,6 +447,7 @@ class Trainer(CheckpointMixin):
                 if stopped:
                     break
         finally:
+            limits.__exit__(None, None, None)
             if bar is not None:
                 bar.close()
         restore = c.restore_best if c.restore_best is not None else bool(c.early_stopping)
@@ -445,8 +463,10 @@ class Trainer(CheckpointMixin):
         m["step"] = step
         self.evals.append(m)
         if bar is not None:
+            # beside the bar (stderr), never on stdout: `--json` prints one JSON object there
             bar.write("eval step %d: %s" % (step, ", ".join(f"{k}={v:.4f}" for k, v in m.items()
-                                                           if k != "step" and isinstance(v, float))))
+                                                           if k != "step" and isinstance(v, float))),
+                      file=sys.stderr)
         if self.cfg.metric not in m:
             raise DeltaError(f"eval_fn returned {sorted(m)}; no {self.cfg.metric!r} to track (set metric=...)")
         if self._improved(m[self.cfg.metric]):

@@ -1,0 +1,155 @@
+"""Continuous vs static batching in ``deltatune serve`` (issue 17), one run, interleaved rounds.
+
+    .venv/bin/python bench/serve.py --compare [--reps 3] [--requests 48] [--clients 16] [--threads 1]
+
+Two server processes on 127.0.0.1 hold the same small random Llama (bench/serve.py: hidden 256,
+4 layers, vocab 4096) and the same 8 LoRA adapters (r=8 on q,k,v,o), one with
+``batching="continuous"``, one with ``batching="static"`` (today's: a batch decodes to its longest
+request).  A word-level tokenizer over the 4096 ids ("t0" ... "t4095") lets the OpenAI endpoint
+stream one text chunk per token.  Each round, ``--clients`` threads send ``--requests`` streaming
+``/v1/completions`` requests back to back (16-token prompts, ``max_tokens`` drawn from 8-64 with the
+round's seed, the same draws for every case), adapter ``a{i mod 8}`` (mixed) or ``a0`` (one).
+
+Cases, in this order in every repetition (the machine is shared; interleaving spreads its noise):
+  static        static batches, 8 adapters
+  continuous    continuous batching, 8 adapters
+  cont-one      continuous batching, every request on a0
+Reported: generated tokens/s (completion tokens / round wall time), p50 time to first token (first
+non-empty text chunk, client side), p50 request latency; medians over repetitions.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import serve as base  # bench/serve.py: the model, adapters and server process
+
+VOCAB = 4096
+CASES = [("static", "static", True), ("continuous", "continuous", True), ("cont-one", "continuous", False)]
+
+
+def make_tokenizer(path: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(path)
+
+
+def load_tokenizer(path: str):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=path, unk_token="t1", pad_token="t0")
+
+
+def start(d: str, batching: str, a) -> tuple[subprocess.Popen, str]:
+    port_file = os.path.join(d, f"url-{batching}")
+    proc = subprocess.Popen([sys.executable, base.__file__, "--compare", "--_serve", d, port_file, batching,
+                             "--threads", str(a.threads), "--window-ms", str(a.window_ms)])
+    deadline = time.time() + 300
+    while not os.path.exists(port_file) or not open(port_file).read():
+        if proc.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"the {batching} server did not start")
+        time.sleep(0.2)
+    return proc, open(port_file).read()
+
+
+def one(client, model: str, ids: list[int], new: int) -> tuple[float, float, int]:
+    """(time to first token, latency, completion tokens) of one streaming request."""
+    body = {"model": model, "prompt": ids, "max_tokens": new, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, toks = None, 0
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            assert "error" not in d, d
+            if first is None and d["choices"] and d["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+            if d.get("usage"):
+                toks = d["usage"]["completion_tokens"]
+    return (first if first is not None else time.perf_counter() - t0), time.perf_counter() - t0, toks
+
+
+def round_(url: str, mixed: bool, seed: int, a) -> dict:
+    import httpx
+
+    rng = random.Random(seed)
+    reqs = [([(17 * i + k + seed) % 4000 + 3 for k in range(16)], rng.randint(8, 64)) for i in range(a.requests)]
+
+    def client(c: int) -> list[tuple[float, float, int]]:
+        with httpx.Client(base_url=url, timeout=600) as h:
+            return [one(h, f"a{i % base.N_ADAPTERS}" if mixed else "a0", *reqs[i])
+                    for i in range(c, a.requests, a.clients)]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(a.clients) as pool:
+        res = [x for part in pool.map(client, range(a.clients)) for x in part]
+    wall = time.perf_counter() - t0
+    return {"tok_s": sum(r[2] for r in res) / wall, "ttft": [r[0] for r in res], "lat": [r[1] for r in res],
+            "tokens": sum(r[2] for r in res)}
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=48, help="requests per round")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    ap.add_argument("--window-ms", type=float, default=10.0)
+    ap.add_argument("--_serve", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._serve:
+        d, port_file, batching = a._serve
+        return base.serve(d, a.window_ms, port_file, a.threads, 16, batching, load_tokenizer(os.path.join(d, "tok.json")))
+    import httpx
+
+    with tempfile.TemporaryDirectory() as d:
+        base.make_adapters(d)
+        make_tokenizer(os.path.join(d, "tok.json"))
+        procs = {}
+        try:
+            for b in ("static", "continuous"):
+                procs[b] = start(d, b, a)
+            for _, url in procs.values():  # warm-up: first calls build caches and stacks
+                with httpx.Client(base_url=url, timeout=300) as h:
+                    one(h, "a0", list(range(3, 19)), 4)
+            results: dict[str, list[dict]] = {name: [] for name, _, _ in CASES}
+            for rep in range(a.reps):
+                for name, b, mixed in CASES:
+                    r = round_(procs[b][1], mixed, seed=rep, a=a)
+                    results[name].append(r)
+                    print(f"rep {rep} {name:>10}: {r['tok_s']:7.1f} tok/s, p50 TTFT "
+                          f"{statistics.median(r['ttft']) * 1000:6.0f} ms, p50 latency "
+                          f"{statistics.median(r['lat']) * 1000:6.0f} ms, {r['tokens']} tokens", flush=True)
+        finally:
+            for p, _ in procs.values():
+                p.terminate()
+                p.wait(30)
+    med = {n: {"tok_s": statistics.median(r["tok_s"] for r in rs),
+               "ttft": statistics.median(t for r in rs for t in r["ttft"]),
+               "lat": statistics.median(t for r in rs for t in r["lat"])} for n, rs in results.items()}
+    print("| case | generated tok/s | p50 time to first token (ms) | p50 latency (ms) |")
+    print("|---|---|---|---|")
+    for n, m in med.items():
+        print(f"| {n} | {m['tok_s']:.1f} | {m['ttft'] * 1000:.0f} | {m['lat'] * 1000:.0f} |")
+    c, s, o = med["continuous"], med["static"], med["cont-one"]
+    print(f"throughput continuous / static: {c['tok_s'] / s['tok_s']:.2f}x (target >= 2)")
+    print(f"p50 TTFT continuous / static: {c['ttft'] / s['ttft']:.3f} (target <= 0.333)")
+    print(f"continuous 8 adapters / one adapter: {c['tok_s'] / o['tok_s']:.2f}x (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
