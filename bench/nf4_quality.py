@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import deltatune as dt  # noqa: E402
-from deltatune.quant import quantize as Q  # noqa: E402
+from deltatune.quant import layers as Q  # noqa: E402
 from deltatune.quant import search as QS  # noqa: E402
 
 

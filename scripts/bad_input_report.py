@@ -78,6 +78,7 @@ def main() -> int:
         pre, rest = text.split(START, 1)
         _, post = rest.split(END, 1)
         from deltatune.files import atomic_write
+
         atomic_write(a.write, (pre + START + "\n" + md + END + post).encode())
         print(f"wrote {len(rows)} cases to {a.write}")
     else:

@@ -101,7 +101,7 @@ def test_quantized_gpt2_matches_its_dequantized_float_twin(scheme, placement):
     if scheme == "nf4":
         pytest.importorskip("bitsandbytes")
     from deltatune.core.delta import get_submodule_clean
-    from deltatune.quant.quantize import quantized_layers
+    from deltatune.quant.layers import quantized_layers
 
     quant = dt.quantize(tiny_gpt2(), scheme)
     twin = tiny_gpt2()

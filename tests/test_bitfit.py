@@ -118,7 +118,7 @@ def test_bitfit_on_quantized_gpt2(scheme):
     if scheme == "nf4":
         pytest.importorskip("bitsandbytes")
     from deltatune.core.delta import iter_delta_layers
-    from deltatune.quant.quantize import quantized_layers
+    from deltatune.quant.layers import quantized_layers
 
     model = dt.quantize(tiny_gpt2(), scheme)
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))

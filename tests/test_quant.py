@@ -3,7 +3,6 @@ quantize → attach → train → save → load → merge cycle for nf4 and int8
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 
 import pytest
@@ -11,10 +10,8 @@ import torch
 
 import deltatune as dt
 from conftest import MODELS, run, tiny_conv, tiny_gpt2, tiny_llama
+from deltatune.quant import layers as Q
 from deltatune.fast import disable_checkpointing, enable_checkpointing
-
-# the module (deltatune.quant re-exports its function `quantize`, which shadows the submodule name)
-Q = importlib.import_module("deltatune.quant.quantize")
 
 pytest.importorskip("bitsandbytes")
 SCHEMES = ["nf4", "int8"]

@@ -3,16 +3,13 @@ they minimise, stored in bitsandbytes' format exactly (bitsandbytes decodes them
 and dt.quantize(..., calibration=...) wiring: statistics, merges, errors."""
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
 import deltatune as dt
 from conftest import run, tiny_gpt2, tiny_llama
-
-# the module (deltatune.quant re-exports its function `quantize`, which shadows the submodule name)
-Q = importlib.import_module("deltatune.quant.quantize")
+from deltatune.quant import layers as Q
 
 bf = pytest.importorskip("bitsandbytes.functional")
 

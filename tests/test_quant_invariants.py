@@ -4,17 +4,14 @@ this is a dedicated matrix: spec × {Llama, GPT-2} × {nf4, int8}, one test per 
 The reference for every comparison is the quantized base model, not the fp32 one."""
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
 import deltatune as dt
 from conftest import MODELS, run
+from deltatune.quant import layers as Q
 from specs import SKIP, SPECS
-
-# the module (deltatune.quant re-exports its function `quantize`, which shadows the submodule name)
-Q = importlib.import_module("deltatune.quant.quantize")
 
 pytest.importorskip("bitsandbytes")
 ATOL = 1e-5

@@ -11,7 +11,8 @@ from . import safety  # noqa: F401  (dt.safety.atomic_dir / check_finite / NanGu
 from .api import (ParamCount, activate, active_adapters, adapter_tensors, adapters, attach, delete, disabled,
                   make_config, merge, trainable_parameters, unmerge)
 from .ops.arithmetic import combine
-from .core.delta import METHODS, Delta, DeltaConfig, DeltaError, DeltaLayer, Method, register
+from .core.delta import Delta, DeltaConfig, DeltaError, DeltaLayer
+from .core.method import METHODS, Method, register
 from .ops.hotswap import hot_swap
 from .ops.importance import importance
 from .storage.adapter import load, save
@@ -25,7 +26,7 @@ from .methods.sparse import select_sparse
 from .mixed import generate_mixed, mixed
 from .ops.prune import magnitude_prune, truncate_lora
 from .quant.load import load_quantized
-from .quant.quantize import quantize
+from .quant.layers import quantize
 from .core.targets import find_targets
 
 __all__ = [

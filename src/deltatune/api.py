@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .core.delta import (AdapterRecord, CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, base_weight,
-                         cast_adapter_dtype, get_state, iter_delta_layers, merged_names, method_of, unwrap, wrap)
+                         get_state, iter_delta_layers, merged_names, unwrap, wrap)
+from .core.method import cast_adapter_dtype, method_of
 from .core.adapters import adapter_tensors, base_at, refresh
 from .core.targets import auto_modules_to_save, find_targets
 from .methods._compose import check_merge, merge_order
@@ -179,21 +180,16 @@ def _remove(model: nn.Module, name: str) -> None:
     st.active = [n for n in st.active if n != name]
 
 
-def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: bool = True,
-          copy: bool = False) -> nn.Module:
-    """Fold adapters (default: the active ones) into the base weights.
-
-    ``unload=True`` (default) returns the plain base model, of the base's own class, with every
-    wrapper removed (like peft's ``merge_and_unload``); ``copy=True`` leaves ``model`` untouched.
-    ``unload=False`` merges in place and keeps the adapters so that :func:`unmerge` can undo it.
-    Raises before touching any weight if one of the adapters cannot be merged exactly."""
+def _check_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Raise before any weight changes if one of ``names`` cannot be merged exactly: unknown,
+    a method or delta that cannot merge, a tied weight, a composition order merging would break,
+    or NaN/Inf in the adapter (a diverged run's)."""
     st = get_state(model)
-    names = st.active if names is None else ([names] if isinstance(names, str) else list(names))
     for n in names:
         if n not in st.adapters:
             raise DeltaError(f"no adapter named {n!r}; attached: {sorted(st.adapters)}")
         m = method_of(st.adapters[n].method)
-        if not getattr(m, "mergeable", True):
+        if not m.mergeable:
             raise DeltaError(f"adapter {n!r} ({m.name}) cannot be merged into the weights: {m.merge_note}. "
                              "Keep it unmerged, or dt.delete it before merging the others")
     for path, layer in iter_delta_layers(model):
@@ -217,41 +213,61 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: boo
         if bad is not None:
             raise DeltaError(f"adapter {n!r}: {bad} has {describe(tensors[bad])}; refusing to merge it into "
                              "the weights - load an earlier checkpoint of the adapter")
+
+
+def _fold_layers(model: nn.Module, names: list[str], unload: bool) -> None:
+    """Merge ``names`` into every wrapped layer's base, in forward order; if any layer's merged
+    weights are not finite, every layer is put back as it was and a DeltaError says where."""
+    st = get_state(model)
+    done: list[tuple[DeltaLayer, str, nn.Module]] = []  # (layer, adapter, base before to_float): for rollback
+    for path, layer in iter_delta_layers(model):
+        todo = merge_order(layer, names, st.active)  # forward order, input scalings last
+        if not todo:
+            continue
+        orig_base = layer.base_layer
+        if unload and hasattr(layer.base_layer, "to_float"):
+            # merging into 4/8-bit storage would round the delta away: merge into a float copy
+            layer.base_layer = layer.base_layer.to_float()
+        snapshot = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+        for n in todo:
+            layer.deltas[n].merge(layer.base_layer)
+            layer.merged.append(n)
+        merged_w = dict(layer.base_layer.state_dict())
+        if hasattr(layer.base_layer, "dequantize"):
+            merged_w["weight"] = base_weight(layer.base_layer)
+        bad = first_nonfinite(merged_w)
+        if bad is not None:  # put every weight back as it was, then refuse
+            layer.base_layer.load_state_dict(snapshot)
+            layer.merged = [m for m in layer.merged if m not in todo]
+            layer.base_layer = orig_base
+            for lay, n, ob in reversed(done):
+                if lay.base_layer is ob:  # else it merged into a float copy: the original is intact
+                    lay.deltas[n].unmerge(lay.base_layer)
+                lay.merged.remove(n)
+            for lay, _, ob in done:
+                lay.base_layer = ob
+            raise DeltaError(f"merging {todo} into {path} gives {bad} with {describe(merged_w[bad])}; "
+                             "nothing was merged. The base or the adapter overflows in this dtype: "
+                             "merge in float32")
+        done += [(layer, n, orig_base) for n in todo]
+
+
+def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: bool = True,
+          copy: bool = False) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights.
+
+    ``unload=True`` (default) returns the plain base model, of the base's own class, with every
+    wrapper removed (like peft's ``merge_and_unload``); ``copy=True`` leaves ``model`` untouched.
+    ``unload=False`` merges in place and keeps the adapters so that :func:`unmerge` can undo it.
+    Raises before touching any weight if one of the adapters cannot be merged exactly."""
+    st = get_state(model)
+    names = st.active if names is None else ([names] if isinstance(names, str) else list(names))
+    _check_mergeable(model, names)
     if copy:
         model = _copy.deepcopy(model)
         st = get_state(model)
-    done: list[tuple[DeltaLayer, str, nn.Module]] = []  # (layer, adapter, base before to_float): for rollback
     with torch.no_grad():
-        for path, layer in iter_delta_layers(model):
-            todo = merge_order(layer, names, st.active)  # forward order, input scalings last
-            if not todo:
-                continue
-            orig_base = layer.base_layer
-            if unload and hasattr(layer.base_layer, "to_float"):
-                # merging into 4/8-bit storage would round the delta away: merge into a float copy
-                layer.base_layer = layer.base_layer.to_float()
-            snapshot = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
-            for n in todo:
-                layer.deltas[n].merge(layer.base_layer)
-                layer.merged.append(n)
-            merged_w = dict(layer.base_layer.state_dict())
-            if hasattr(layer.base_layer, "dequantize"):
-                merged_w["weight"] = base_weight(layer.base_layer)
-            bad = first_nonfinite(merged_w)
-            if bad is not None:  # put every weight back as it was, then refuse
-                layer.base_layer.load_state_dict(snapshot)
-                layer.merged = [m for m in layer.merged if m not in todo]
-                layer.base_layer = orig_base
-                for lay, n, ob in reversed(done):
-                    if lay.base_layer is ob:  # else it merged into a float copy: the original is intact
-                        lay.deltas[n].unmerge(lay.base_layer)
-                    lay.merged.remove(n)
-                for lay, _, ob in done:
-                    lay.base_layer = ob
-                raise DeltaError(f"merging {todo} into {path} gives {bad} with {describe(merged_w[bad])}; "
-                                 "nothing was merged. The base or the adapter overflows in this dtype: "
-                                 "merge in float32")
-            done += [(layer, n, orig_base) for n in todo]
+        _fold_layers(model, names, unload)
         for n in names:
             method_of(st.adapters[n].method).merge(model, n)
         st.merged += [n for n in names if n not in st.merged]

@@ -1,4 +1,4 @@
-"""Speed/memory switches for training deltas on a frozen base (issue 9).  Each one keeps the loss
+"""Speed/memory switches for training deltas on a frozen base.  Each one keeps the loss
 and gradients of the plain computation (tests/test_fast.py); bench/run.py --ablation measures them.
 
 * :func:`enable_checkpointing` — activation checkpointing per transformer block that cooperates
@@ -8,7 +8,7 @@ and gradients of the plain computation (tests/test_fast.py); bench/run.py --abla
 * :func:`compile_blocks` — regional ``torch.compile`` of each transformer block (inductor fuses
   the frozen base's element-wise ops: RMSNorm, rotary, SiLU·gate); compiles one block, reuses it.
 * :func:`compile_step` — ``torch.compile`` of a whole forward+backward closure (slow to compile).
-* The chunked loss lives in :mod:`deltatune.losses`; the LoRA layer's own fast path (one fused
+* The chunked loss lives in :mod:`deltatune.train.losses`; the LoRA layer's own fast path (one fused
   ``addmm``, no dropout copy at p = 0) in :mod:`deltatune.methods.lora`.
 """
 from __future__ import annotations

@@ -5,8 +5,8 @@
     x (B, ..., in) ──► base(x) once for the whole batch ──► y (B, ..., out)
                        for each adapter k used by the batch:
                            y[rows_k] = delta_k(x[rows_k], y[rows_k])      gather → delta → scatter
-                       LoRA, many adapters (punica / S-LoRA style, Chen et al. 2023
-                       arXiv:2310.18547, Sheng et al. 2023 arXiv:2311.03285):
+                       deltas declaring ``bmm_factors`` (plain LoRA), many adapters (punica /
+                       S-LoRA style, Chen et al. 2023 arXiv:2310.18547, Sheng et al. 2023 arXiv:2311.03285):
                            y[i] += s_i · (x[i] A_iᵀ) B_iᵀ   for all rows i in one pair of bmm calls
 
 The frozen base runs once on the whole batch, so the cost of serving many adapters at once is the
@@ -39,10 +39,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .core.delta import Delta, DeltaError, DeltaLayer, get_state, merged_names, method_of
+from .core.delta import Delta, DeltaError, DeltaLayer, get_state, merged_names
+from .core.method import method_of
 from .core.rows import RowName, RowPlan
-from .methods import _virtual_tokens
-from .methods.lora import LoraLinear
 
 BMM_MIN_ADAPTERS = 2  # LoRA adapters of one rank per layer from which the gathered bmm is used
 
@@ -85,13 +84,7 @@ def _has_pre(d: Delta) -> bool:
     return type(d).pre is not Delta.pre
 
 
-# --------------------------------------------------------------------------- LoRA: batched gather
-
-def _bmm_ok(d: Delta, dtype: torch.dtype) -> bool:
-    return (isinstance(d, LoraLinear) and type(d).forward is LoraLinear.forward and not d.use_dora
-            and getattr(d, "A0", None) is None and (isinstance(d.dropout, nn.Identity) or not d.training)
-            and dtype == d.lora_B.weight.dtype)
-
+# --------------------------------------------------------------------------- low-rank deltas: batched gather
 
 STACKS_ATTR = "_dt_mixed_stacks"  # layer.__dict__ key: {rank: stacked LoRA weights of the layer}
 
@@ -107,29 +100,31 @@ def _pool(plan: RowPlan, layer: DeltaLayer, r: int, dtype: torch.dtype) -> tuple
     if ent is not None and all(p._version == v for p, v in zip(ent[1], ent[2])):
         return ent[0], ent[3], ent[4]
     store = layer.__dict__.setdefault(STACKS_ATTR, {})
-    deltas = {a: d for a, d in layer.deltas.items() if getattr(d, "r", None) == r and _bmm_ok(d, dtype)}
-    params = [t for d in deltas.values() for t in (d.lora_A.weight, d.lora_B.weight)]
+    factors = {a: f for a, f in ((a, d.bmm_factors(dtype)) for a, d in layer.deltas.items())
+               if f is not None and f[0].shape[0] == r}
+    params = [t for f in factors.values() for t in f[:2]]
     hit = store.get(r)
-    if (hit is not None and hit[0] == tuple(deltas) and len(hit[1]) == len(params)
+    if (hit is not None and hit[0] == tuple(factors) and len(hit[1]) == len(params)
             and all(t is p and p._version == v for t, p, v in zip(hit[1], params, hit[2]))
             and hit[3].device == params[0].device and hit[3].dtype == params[0].dtype):
         plan._pools[(id(layer), r)] = hit
         return hit[0], hit[3], hit[4]
-    At = torch.stack([d.lora_A.weight.detach().t() for d in deltas.values()])  # (K, in, r)
-    Bt = torch.stack([d.lora_B.weight.detach().t() * d.scaling for d in deltas.values()])  # (K, r, out)
-    store[r] = plan._pools[(id(layer), r)] = (tuple(deltas), params, [p._version for p in params], At, Bt)
-    return tuple(deltas), At, Bt
+    At = torch.stack([a.detach().t() for a, _, _ in factors.values()])  # (K, in, r)
+    Bt = torch.stack([b.detach().t() * s for _, b, s in factors.values()])  # (K, r, out)
+    store[r] = plan._pools[(id(layer), r)] = (tuple(factors), params, [p._version for p in params], At, Bt)
+    return tuple(factors), At, Bt
 
 
 def _lora_bmm(plan: RowPlan, layer: DeltaLayer, x: torch.Tensor, y: torch.Tensor, names: list[RowName],
               deltas: dict[str, Delta], use: list[str]) -> torch.Tensor:
     """y[i] += s_i (x[i] A_iᵀ) B_iᵀ for every row whose adapter is in ``use`` (all of one rank)."""
+    factors = [deltas[a].bmm_factors(y.dtype) for a in use]
     if torch.is_grad_enabled():  # autograd: stack the live parameters so gradients reach each adapter
         order = tuple(use)
-        At = torch.stack([deltas[a].lora_A.weight.t() for a in use])  # (k, in, r)
-        Bt = torch.stack([deltas[a].lora_B.weight.t() * deltas[a].scaling for a in use])  # (k, r, out)
+        At = torch.stack([a.t() for a, _, _ in factors])  # (k, in, r)
+        Bt = torch.stack([b.t() * s for _, b, s in factors])  # (k, r, out)
     else:
-        order, At, Bt = _pool(plan, layer, deltas[use[0]].r, y.dtype)
+        order, At, Bt = _pool(plan, layer, factors[0][0].shape[0], y.dtype)
     key = (len(names), order, tuple(use))
     rowsel = plan._rowsel.get(key)
     if rowsel is None:
@@ -216,8 +211,9 @@ class _LayerPlan:
             by_rank: dict[int, list[str]] = {}
             if isinstance(y, torch.Tensor) and y.dim() >= 2:
                 for a in self.additive:
-                    if _bmm_ok(self.deltas[a], y.dtype):
-                        by_rank.setdefault(self.deltas[a].r, []).append(a)
+                    f = self.deltas[a].bmm_factors(y.dtype)
+                    if f is not None:
+                        by_rank.setdefault(f[0].shape[0], []).append(a)
             groups = [use for use in by_rank.values() if len(use) >= BMM_MIN_ADAPTERS]
             batched = {a for use in groups for a in use}
             hit = self._split[key] = (groups, [a for a in self.additive if a not in batched])
@@ -237,14 +233,15 @@ def _check(model: nn.Module, rows: Sequence[RowName]) -> None:
         raise DeltaError("mixed batch: adapters are merged into the base weights; call dt.unmerge(model) first")
     for a in sorted({a for a in rows if a is not None} | set(st.active)):
         m = method_of(st.adapters[a].method)
-        if getattr(m, "supports_mixed", None) is False or (
-                getattr(m, "supports_mixed", None) is None and m.own_tensors(model, a)):
+        if m.supports_mixed is False or (m.supports_mixed is None and m.own_tensors(model, a)):
             role = "used by a row" if a in rows else "active"
             raise DeltaError(f"mixed batch: adapter {a!r} ({m.name}, {role}) changes base tensors "
                              "shared by every row (it selects tensors outside wrapped layers), so it cannot apply to "
                              "some rows only; " + ("run its rows in a separate batch" if a in rows else
                                                    "deactivate it first (dt.activate(model, [...]))"))
-    _virtual_tokens.check_mixed(model, rows)  # prompt / prefix rows: can their shapes be routed exactly?
+    used = [a for a in rows if a is not None] + list(st.active)
+    for m in dict.fromkeys(method_of(st.adapters[a].method) for a in used):
+        m.check_mixed(model, list(rows))  # e.g. prompt / prefix rows: can their shapes be routed exactly?
 
 
 def row_plan(model: nn.Module, adapters: Sequence[RowName]) -> RowPlan:

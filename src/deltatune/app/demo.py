@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.delta import DeltaError
-from .run import RunOptions, train_run
+from .run import METRICS_FILE, RunOptions, train_run
 from ..data.chat_encode import render_prompt
 from ..files import atomic_write, atomic_write_json
 
@@ -101,7 +101,7 @@ def demo_causal_lm(output: str = "runs/demo-lm", steps: int = 40, log: Callable 
     metrics = train_run(o, log=log, on_model=generate)
     metrics["samples"] = [{"prompt": q, "before": b, "after": a}
                           for q, b, a in zip(DEMO_PROMPTS, samples.get("base", []), samples.get("trained", []))]
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / METRICS_FILE, metrics)
     return metrics
 
 

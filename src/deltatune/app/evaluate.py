@@ -21,7 +21,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..core.delta import DeltaError
+from ..core.delta import DeltaError, has_adapters
+from ..api import disabled
+from ..data.reference_text import TEXTS
 
 
 def _batches(features: Sequence[dict], batch_size: int, collate: Callable, device):
@@ -108,8 +110,6 @@ class Forgetting:
 
     def __init__(self, tokenizer, task: str, texts: Sequence[str] | None = None, max_length: int = 64,
                  batch_size: int = 16):
-        from ..data.reference_text import TEXTS
-
         self.kind = {"classify": "representation_drift", "causal-lm": "perplexity_change",
                      "image-classify": "representation_drift"}.get(task)
         self.images = task == "image-classify"  # reference = general photos, not text
@@ -203,11 +203,7 @@ class Forgetting:
         """Record the base behaviour (call before training, or on a model with adapters at any time)."""
         if not self.available:
             return self
-        from ..core.delta import has_adapters
-
         if has_adapters(model):
-            from ..api import disabled
-
             with disabled(model):
                 self.base = self._value(model)
         else:

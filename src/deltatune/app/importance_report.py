@@ -1,9 +1,11 @@
-"""`deltatune importance`: gradient sensitivity of every layer on the user's data (issue 4's
+"""`deltatune importance`: gradient sensitivity of every layer on the user's data (the
 "identify critical parameters" step), as a ranked table, a PNG plot and — given a parameter
 budget — a LoRA config (targets + per-layer ranks) that `deltatune train` can use."""
 from __future__ import annotations
 
 from pathlib import Path
+import deltatune as dt
+
 from ..data.examples import load_examples
 from ..files import atomic_write, atomic_write_json
 from ..models import load_model
@@ -18,7 +20,6 @@ def importance_report(model: str, data: str, task: str = "classify", output: str
     ``importance.json``, ``importance.png`` (and ``lora_options.json`` when ``budget`` is given)."""
     import torch
 
-    import deltatune as dt
     if max_batches < 1 or batch_size < 1:
         raise dt.DeltaError("importance: --max-batches and --batch-size must be at least 1")
     ex = load_examples(task, data, **(columns or {}))

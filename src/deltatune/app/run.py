@@ -17,29 +17,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.delta import DeltaError
+import deltatune as dt
 from ..models import load_quantized_model
 from ..quant.load import QUANT_TASKS, SCHEMES
 from ..data import packing
 from ..tracking import make_trackers, parse_report_to
 from .console import library_log
 
-# Learning rates per method, used when --lr is not given.  Adapters start at zero and, with a
-# freshly initialised head, need ~10x the rate of full fine-tuning; vector-scaling methods (IA3,
-# VeRA) and soft prompts move few numbers and are tuned at higher rates in their papers.
-DEFAULT_LR = {
-    "full": 5e-5,  # BERT / RoBERTa fine-tuning range (2e-5..1e-4)
-    "lora": 1e-3, "dora": 1e-3, "adalora": 1e-3, "adapter": 1e-3, "bitfit": 1e-3, "ln": 1e-3, "sparse": 1e-3,
-    "ia3": 3e-3,  # T-Few (Liu et al. 2022)
-    "vera": 5e-3,  # VeRA trains only scaling vectors
-    "prompt": 3e-2, "prefix": 1e-2,  # soft prompts need large steps (Lester et al. 2021 used 0.3)
-}
+from ..core.delta import DeltaError
+from ..core.method import METHODS, Method
+from ..data.chat_encode import TRAIN_ON, chat_template_text
+from ..data.examples import collate, encode, load_examples, split_validation
+from ..files import atomic_dir, atomic_write_json, umask
+from ..models import load_model
+from ..storage import model_card
+from ..train import distributed as dtd
+from ..train.losses import causal_lm_batch_loss
+from ..train.checkpoint import CHECKPOINTS
+from ..train.runlock import run_lock
+from ..train.trainer import TrainConfig, Trainer, plot
+from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
+
+# Full fine-tuning's learning rate when --lr is not given (BERT / RoBERTa fine-tuning range,
+# 2e-5..1e-4); each method's own default is ``Method.default_lr`` in its registry entry.
+FULL_LR = 5e-5
 LM_LR_FACTOR = 0.5  # causal LMs have no fresh head and drift more easily: halve the rate
+METRICS_FILE = "metrics.json"  # a run directory's results (train writes it; eval / inspect read it)
 MAX_LENGTH = {"classify": 128, "causal-lm": 256, "image-classify": 0}
 
 
 def default_lr(method: str, task: str) -> float:
-    lr = DEFAULT_LR.get(method, 1e-3)
+    # an unknown method keeps the base default here: attach names it with the available ones
+    lr = FULL_LR if method == "full" else getattr(METHODS.get(method), "default_lr", Method.default_lr)
     return lr * (LM_LR_FACTOR if task == "causal-lm" and method != "full" else 1.0)
 
 
@@ -88,8 +97,6 @@ RESUME_FREE = {"progress", "compile", "save_every", "gradient_checkpointing", "d
 
 def check_options(o: RunOptions) -> None:
     """Refuse run options that would otherwise be ignored or crash late (before any loading)."""
-    from ..train.trainer import TrainConfig
-
     if o.max_train_rows is not None and (not isinstance(o.max_train_rows, int) or o.max_train_rows < 1):
         raise DeltaError(f"--max-train-rows must be a positive number of rows, got {o.max_train_rows!r}; "
                          "leave it out to use every row")
@@ -120,8 +127,6 @@ def check_options(o: RunOptions) -> None:
 def options_fingerprint(o: RunOptions) -> dict:
     """The run options that decide what a checkpoint contains, with defaults filled in (so
     ``--lr`` left out and ``--lr`` given as its default compare equal), as flag names."""
-    from ..train.trainer import TrainConfig
-
     train = {k: v for k, v in dataclasses.asdict(TrainConfig(**o.train)).items() if k not in RESUME_FREE | {"lr"}}
     fp = {"--model": o.model, "--data": o.data, "--task": o.task, "--method": o.method,
           "--val-data": o.val_data, "--val-fraction": None if o.val_data else o.val_fraction,
@@ -159,8 +164,6 @@ def _columns(o: RunOptions) -> dict:
 
 def prepare(o: RunOptions, label_names=None):
     """(train Examples, validation Examples) for the options."""
-    from ..data.examples import load_examples, split_validation
-
     ex = load_examples(o.task, o.data, label_names=label_names, data_split=o.data_split, data_config=o.data_config,
                        **_columns(o))
     seed = o.train.get("seed", 0)
@@ -178,8 +181,6 @@ def prepare(o: RunOptions, label_names=None):
 
 
 def encode_examples(ex, proc, max_length: int, train_on: str = "responses"):
-    from ..data.examples import encode
-
     if ex.task == "image-classify" and hasattr(proc, "features"):  # timm / torchvision / factory: lazy
         return proc.features(ex.rows, ex.labels)
     if ex.task == "image-classify" and proc is not None:
@@ -193,8 +194,6 @@ def encode_examples(ex, proc, max_length: int, train_on: str = "responses"):
 def collate_for(proc):
     from functools import partial
 
-    from ..data.examples import collate
-
     pad = getattr(proc, "pad_token_id", None) or 0
     return partial(collate, pad_id=pad)
 
@@ -204,8 +203,6 @@ def attach_method(model, method: str, options: dict, batches: Callable[[], list]
     weights from gradients (``sparse``) get ``batches()`` — a few training batches — unless the
     options already give batches or a selection."""
     import dataclasses
-
-    import deltatune as dt
 
     if method == "full":
         for p in model.parameters():
@@ -222,9 +219,6 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
     ``on_model(stage, model, tokenizer)`` is called with stage "base" (before the adapter is
     attached) and "trained" (after training)."""
     import contextlib
-
-    from ..train import distributed as dtd
-    from ..train.runlock import run_lock
 
     t_start = time.perf_counter()
     out = Path(o.output)
@@ -248,28 +242,18 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
 def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: float, tracker) -> dict:
     import torch
 
-    import deltatune as dt
-    from ..train import distributed as dtd
-    from .evaluate import MAIN_METRIC, Forgetting, read_reference, task_metrics
-    from ..files import atomic_write_json
-    from ..train.losses import causal_lm_batch_loss
-    from ..models import load_model
-    from ..train.trainer import TrainConfig, Trainer, plot
-
     if o.resume:
         check_resume(o, out)
     if o.overwrite and not o.resume and rank == 0:
         import shutil
 
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     elif out.exists() and any(out.iterdir()) and not o.resume:
-        if (out / "metrics.json").exists() or (out / "checkpoints").exists():
+        if (out / METRICS_FILE).exists() or (out / CHECKPOINTS).exists():
             raise DeltaError(f"output directory {out} already holds a run; pass --resume to continue it, "
                              "or choose another --output")
     method_config = dt.make_config(o.method, **o.method_options) if o.method != "full" else None  # typos fail here
     if o.task == "causal-lm":
-        from ..data.chat_encode import TRAIN_ON, chat_template_text
-
         if o.train_on not in TRAIN_ON:
             raise DeltaError(f"unknown --train-on {o.train_on!r}; choose one of {list(TRAIN_ON)}")
         if o.chat_template:
@@ -374,7 +358,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         "plot": str(out / "training.png"),
     }
     if rank == 0:
-        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / METRICS_FILE, metrics)
         write_run_card(o, metrics, art, train_ex.format)
     return metrics
 
@@ -439,8 +423,6 @@ def card_config(o: RunOptions) -> dict:
 
 def write_run_card(o: RunOptions, m: dict, art: Path, fmt: str | None = None) -> None:
     """README.md of the saved adapter (or full model) with the run: data, command, metrics, forgetting."""
-    from ..storage import model_card
-
     keys = [k for k in m["after"] if k in m["before"]] or list(m["after"])
     data = f"`{o.data}`" + (f" (split {o.data_split})" if o.data_split else "") + \
         f", {m['train_rows']} training / {m['val_rows']} validation rows" + (f", format {fmt}" if fmt else "") + \
@@ -459,8 +441,6 @@ def set_chat_template(proc, value: str | None) -> str | None:
     that was set (recorded in task.json so eval uses the same one), or None."""
     if not value or proc is None:
         return None
-    from ..data.chat_encode import chat_template_text
-
     proc.chat_template = chat_template_text(value)
     return proc.chat_template
 
@@ -470,7 +450,6 @@ def save_pretrained_atomic(model, proc, out: Path) -> Path:
     (``safety.atomic_dir``): readers and crashes see the old model dir or the new one, never half."""
     import os
 
-    from ..files import atomic_dir, umask
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -11,21 +11,32 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.delta import DeltaError
+import deltatune as dt
 from ..models import load_quantized_model
 from ..quant.load import base_mismatch
 from .export import Exported, check_options, export_merged
 from ..vision.classifier import is_vision_spec
 from .full_eval import evaluate_base, evaluate_full, full_run_dir
 
-TASK_BY_CLASS = {"ForSequenceClassification": "classify", "ForCausalLM": "causal-lm",
-                 "LMHeadModel": "causal-lm", "ForImageClassification": "image-classify"}
+from ..core.delta import DeltaError, iter_delta_layers
+from ..core.tasks import task_of
+from ..core.targets import HEAD_NAMES, find_targets
+from ..data.examples import load_examples
+from ..data.reference_text import TEXTS
+from ..files import atomic_write, atomic_write_json
+from ..models import load_model, quiet_transformers, resolve
+from ..storage import model_card
+from ..storage.adapter import CONFIG, MANIFEST, read_adapter_dir, sha256
+from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
+from .run import (MAX_LENGTH, METRICS_FILE, collate_for, encode_examples, read_task, real_model_name, set_chat_template)
+
+RUN_TASKS = ("classify", "causal-lm", "image-classify")  # the core.tasks tasks `deltatune train` runs
 
 
 def adapter_dir(path: str | Path) -> Path:
     """Accept an adapter directory or a run directory that holds ``adapter/``."""
     p = Path(path)
-    if (p / "adapter").is_dir() and not (p / "adapter_config.json").exists():
+    if (p / "adapter").is_dir() and not (p / CONFIG).exists():
         return p / "adapter"
     if not p.is_dir():
         raise DeltaError(f"adapter directory {p} does not exist")
@@ -33,25 +44,23 @@ def adapter_dir(path: str | Path) -> Path:
 
 
 def _manifest(d: Path) -> dict:
-    f = d / "deltatune.json"
+    f = d / MANIFEST
     return json.loads(f.read_text(encoding="utf-8")) if f.exists() else {}
 
 
 def _base_and_task(d: Path, model: str | None, task: str | None) -> tuple[str, str, dict]:
-    from .run import read_task
-
     info = read_task(d)
     man = _manifest(d)
     base = model or info.get("base_model") or man.get("base_model", {}).get("name_or_path")
     if not base:
         try:
-            base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            base = json.loads((d / CONFIG).read_text()).get("base_model_name_or_path")
         except (OSError, json.JSONDecodeError):
             base = None
     if not base:
         raise DeltaError(f"{d}: the base model is not recorded; pass --model")
     cls = man.get("base_model", {}).get("class", "")
-    task = task or info.get("task") or next((t for s, t in TASK_BY_CLASS.items() if cls.endswith(s)), None)
+    task = task or info.get("task") or (task_of(cls) if task_of(cls) in RUN_TASKS else None)
     if task is None:
         raise DeltaError(f"{d}: cannot tell the task (base class {cls or 'unknown'}); pass --task")
     return base, task, info
@@ -61,9 +70,6 @@ def load_with_adapter(adapter: str | Path, model: str | None = None, task: str |
                       trust_remote_code: bool = False, quantize: str | None = None):
     """(model with the adapter loaded, tokenizer, task, info, adapter dir, base spec).  With
     ``quantize`` the base is streamed into nf4/int8 storage (``models.load_quantized_model``)."""
-    import deltatune as dt
-    from ..models import load_model
-
     d = adapter_dir(adapter)
     base, task, info = _base_and_task(d, model, task)
     labels = info.get("label_names") or None
@@ -98,19 +104,12 @@ def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch
     if full_run_dir(adapter) is not None:
         return evaluate_full(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
                              trust_remote_code=trust_remote_code, columns=columns)
-    import deltatune as dt
-    from ..data.examples import load_examples
-    from .evaluate import Forgetting, read_reference, task_metrics
-    from .run import MAX_LENGTH, collate_for, encode_examples
-
     warning = quantization_warning(adapter_dir(adapter), quantize)
     if warning and log is not None:
         log(f"warning: {warning}")
     m, proc, task, info, d, base = load_with_adapter(adapter, model, task, trust_remote_code, quantize)
     cols = {k: v for k, v in (info.get("columns") or {}).items()}
     cols.update({k: v for k, v in (columns or {}).items() if v is not None})
-    from .run import set_chat_template
-
     set_chat_template(proc, info.get("chat_template"))  # the template the adapter was trained with
     ex = load_examples(task, data, label_names=info.get("label_names") or None, **cols)
     feats = encode_examples(ex, proc, info.get("max_length") or MAX_LENGTH[task], info.get("train_on") or "responses")
@@ -131,9 +130,6 @@ def compare_methods(methods: list[str], model: str, data: str, task: str, output
                     batch_size: int, seed: int, full: bool, extra: dict[str, Any],
                     log: Callable[[str], None] = print) -> dict:
     """Train each method in a fresh process (so peak memory is per method) on the same budget."""
-    import deltatune as dt
-    from .evaluate import MAIN_METRIC
-    from ..files import atomic_write_json
     out = Path(output)
     rows, skipped = [], []
     todo = list(dict.fromkeys(methods + (["full"] if full and "full" not in methods else [])))
@@ -192,7 +188,6 @@ def pareto_plot(rows: list[dict], path: Path, metric: str, greater: bool) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..files import atomic_write
     front = set(pareto_front(rows, greater))
     fig, ax = plt.subplots(figsize=(6.6, 4), dpi=100)
     # colour = forgetting (drift / perplexity change on general data): a method can sit on the
@@ -229,9 +224,6 @@ def pareto_plot(rows: list[dict], path: Path, metric: str, greater: bool) -> Non
 # --------------------------------------------------------------------------- inspect
 
 def inspect_adapter(d: Path) -> dict:
-    from ..storage.adapter import read_adapter_dir, sha256
-    from .run import read_task
-
     man = _manifest(d)
     files = []
     for f in sorted(d.iterdir()):
@@ -242,7 +234,7 @@ def inspect_adapter(d: Path) -> dict:
         if meta:
             data = f.read_bytes()
             entry["checksum"] = "ok" if (len(data) == meta.get("bytes") and sha256(data) == meta.get("sha256")) else "MISMATCH"
-        elif f.name == "deltatune.json":
+        elif f.name == MANIFEST:
             entry["checksum"] = "(the manifest)"
         files.append(entry)
     try:
@@ -264,11 +256,6 @@ def inspect_adapter(d: Path) -> dict:
 
 def inspect_model(spec: str, task: str | None, method: str, options: dict, trust_remote_code: bool) -> dict:
     import transformers
-
-    import deltatune as dt
-    from ..core.delta import iter_delta_layers
-    from ..models import load_model, quiet_transformers, resolve
-    from ..core.targets import HEAD_NAMES, find_targets
 
     quiet_transformers()
     if task or is_vision_spec(spec):
@@ -306,7 +293,7 @@ def inspect_model(spec: str, task: str | None, method: str, options: dict, trust
 
 def inspect_path(path: str, task=None, method="lora", options=None, trust_remote_code=False) -> dict:
     p = Path(path)
-    if p.is_dir() and ((p / "adapter_config.json").exists() or (p / "deltatune.json").exists()
+    if p.is_dir() and ((p / CONFIG).exists() or (p / MANIFEST).exists()
                        or (p / "adapter").is_dir()):
         return inspect_adapter(adapter_dir(p))
     return inspect_model(path, task, method, options or {}, trust_remote_code)
@@ -356,12 +343,9 @@ def print_inspect(out, res: dict) -> None:
 def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info: dict, fmt: str = "safetensors",
                        files: list[str] | None = None) -> None:
     """README.md of a merged model: the base, the adapter it came from, and that run's results."""
-    from ..storage import model_card
-    from .run import real_model_name
-
-    manifest = json.loads((adapter_dir / "deltatune.json").read_text(encoding="utf-8")) \
-        if (adapter_dir / "deltatune.json").exists() else {}
-    run_file = adapter_dir.parent / "metrics.json"  # train's run directory, when the adapter came from one
+    manifest = json.loads((adapter_dir / MANIFEST).read_text(encoding="utf-8")) \
+        if (adapter_dir / MANIFEST).exists() else {}
+    run_file = adapter_dir.parent / METRICS_FILE  # train's run directory, when the adapter came from one
     run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
     before, after = run.get("before") or {}, run.get("after") or {}
     model_card.write(out, model_card.card(
@@ -376,9 +360,6 @@ def merge_adapter(adapter, output, model=None, task=None, force=False, trust_rem
                   fmt: str = "safetensors", dtype: str = "fp32") -> dict:
     import torch
 
-    import deltatune as dt
-    from ..files import atomic_write_json
-
     check_options(fmt, dtype)
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not force:
@@ -390,8 +371,6 @@ def merge_adapter(adapter, output, model=None, task=None, force=False, trust_rem
         x = {"pixel_values": torch.randn(2, getattr(c, "num_channels", 3), c.image_size, c.image_size,
                                          generator=torch.Generator().manual_seed(0))}
     else:
-        from ..data.reference_text import TEXTS
-
         x = dict(proc(list(TEXTS[:4]), padding=True, return_tensors="pt"))
     with torch.no_grad():
         want = m(**x).logits
@@ -417,8 +396,6 @@ def merge_adapter(adapter, output, model=None, task=None, force=False, trust_rem
 def print_methods(out) -> None:
     """``deltatune inspect --methods``: the method registry, one row per method (or JSON)."""
     import dataclasses
-
-    import deltatune as dt
 
     rows = [{"name": n, "summary": m.summary, "peft_type": m.peft_type, "mergeable": m.mergeable,
              "options": [f.name for f in dataclasses.fields(m.config_cls)]}

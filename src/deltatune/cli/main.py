@@ -15,7 +15,17 @@ from typing import Any, Optional
 
 import typer
 
+from ..app import run as app_run
+from ..app.demo import DEMOS
+from ..app.importance_report import importance_report
+from ..app.run import RunOptions
+from ..app.tools import (command_line, compare_methods, evaluate_adapter, inspect_path, merge_adapter, print_inspect,
+                         print_methods)
 from ..core.delta import DeltaError
+from ..files import write_error
+from ..models import configure_threads
+from ..storage.adapter import CONFIG, MANIFEST
+from ..train.distributed import rank
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient fine-tuning from the command line (deltatune).")
@@ -152,7 +162,6 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from ..files import write_error
         try:
             return fn(*a, **kw)
         except DeltaError as e:
@@ -251,9 +260,6 @@ def train(
     config: Optional[Path] = ConfigOpt,
 ):
     """Train an adapter (or the full model with --method full) and write it with metrics and a plot."""
-    from ..app.run import RunOptions, train_run
-    from ..app.tools import command_line
-
     out = Out(as_json)
     o = RunOptions(model=model, data=data, task=task, method=method, method_options=_parse_opts(opt), output=output,
                    val_data=val_data, val_fraction=val_fraction, text_column=text_column, label_column=label_column,
@@ -270,9 +276,7 @@ def train(
                                      save_every=save_every, early_stopping=early_stopping,
                                      gradient_checkpointing=gradient_checkpointing or None, precision=precision,
                                      compile=compile, progress=progress))
-    m = train_run(o, log=out.log)
-    from ..train.distributed import rank
-
+    m = app_run.train_run(o, log=out.log)  # looked up at call time (tests replace it)
     if rank() == 0:  # under torchrun, the other ranks stay quiet
         out.done(_summary(m), lambda: _print_run(out, m))
 
@@ -335,8 +339,6 @@ def eval_cmd(
 ):
     """Task metrics on DATA and forgetting (drift / perplexity change on general text) of an adapter,
     of a --method full run against its recorded base, or (--model alone) of a base model."""
-    from ..app.tools import evaluate_adapter
-
     out = Out(as_json)
     columns = dict(text_column=text_column, label_column=label_column, prompt_column=prompt_column,
                    response_column=response_column, messages_column=messages_column,
@@ -400,8 +402,6 @@ def compare(
     """Train several methods on the same budget; one table (metric, forgetting, params, memory, time,
     size) and a Pareto plot (metric vs trainable parameters, colour = forgetting); --full adds the
     full fine-tuning reference."""
-    from ..app.tools import compare_methods
-
     out = Out(as_json)
     extra = {"--max-length": max_length, "--val-data": val_data, "--text-column": text_column,
              "--label-column": label_column, "--prompt-column": prompt_column,
@@ -453,8 +453,6 @@ def importance(
     config: Optional[Path] = ConfigOpt,
 ):
     """Rank the model's layers by gradient sensitivity on DATA; with --budget, a LoRA config for it."""
-    from ..app.importance_report import importance_report
-
     out = Out(as_json)
     cols = {"text_column": text_column, "label_column": label_column, "prompt_column": prompt_column,
             "response_column": response_column}
@@ -486,8 +484,6 @@ def inspect(
     config: Optional[Path] = ConfigOpt,
 ):
     """Modules, candidate targets and trainable counts of a model; or an adapter's files and integrity."""
-    from ..app.tools import inspect_path, print_inspect, print_methods
-
     out = Out(as_json)
     if methods:
         return print_methods(out)
@@ -514,8 +510,6 @@ def merge(
 ):
     """Fold the adapter into the base weights; the result loads with transformers' from_pretrained
     (with --format gguf: from_pretrained(dir, gguf_file=...), llama.cpp, ollama)."""
-    from ..app.tools import merge_adapter
-
     out = Out(as_json)
     res = merge_adapter(adapter, output, model=model, task=task, force=force, trust_remote_code=trust_remote_code,
                         fmt=fmt, dtype=dtype)
@@ -545,8 +539,6 @@ def demo(
     config: Optional[Path] = ConfigOpt,
 ):
     """Real pretrained model + real data, LoRA with library defaults, before/after and forgetting."""
-    from ..app.demo import DEMOS
-
     if task not in DEMOS:
         raise DeltaError(f"unknown demo task {task!r}; choose one of {sorted(DEMOS)}")
     out = Out(as_json)
@@ -586,7 +578,7 @@ def serve(
     config: Optional[Path] = ConfigOpt,
 ):
     """HTTP server: one base model, many adapters, mixed batches, OpenAI-compatible API (see deltatune.serve)."""
-    from ..serve.app import Placement, run  # fastapi / uvicorn: optional dependencies
+    from ..serve.app import Placement, run  # lazy: the server needs the optional serve extra (fastapi, uvicorn)
 
     token = _read_token(token_file) if token_file else None
     _check_adapter_dir(adapters)
@@ -619,8 +611,6 @@ def _check_adapter_dir(adapters: str | None) -> None:
     if not p.is_dir():
         raise DeltaError(f"--adapters {p}: {'not a directory' if p.exists() else 'does not exist'}; give the "
                          "directory holding one sub-directory per adapter (written by dt.save / deltatune train)")
-    from ..storage.adapter import CONFIG, MANIFEST
-
     if not any((d / CONFIG).exists() or (d / MANIFEST).exists() for d in p.iterdir() if d.is_dir()):
         sys.stderr.write(f"warning: --adapters {p} holds no adapter sub-directory yet; serving the base model "
                          "only (adapters saved there later can be loaded with POST /v1/adapters)\n")
@@ -632,8 +622,6 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..models import configure_threads
-
     configure_threads(int(os.environ["DELTATUNE_THREADS"]) if os.environ.get("DELTATUNE_THREADS") else None)
     try:
         app(args=argv, standalone_mode=True)

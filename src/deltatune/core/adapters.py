@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .delta import DeltaError, DeltaLayer, get_state, get_submodule_clean, iter_delta_layers, method_of
+from .delta import DeltaError, DeltaLayer, get_state, get_submodule_clean, iter_delta_layers
+from .method import method_of
 
 
 def base_at(model: nn.Module, path: str) -> nn.Module:

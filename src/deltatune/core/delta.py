@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from .dtypes import adapter_dtype, cast_like, cast_tensors, module_dtype
+from .dtypes import cast_like, module_dtype
 
 STATE_ATTR = "_deltatune"
 PREFIX = "base_model.model."  # peft's key prefix, kept so files are interchangeable
@@ -209,6 +209,13 @@ class Delta(nn.Module):
         """Map a key of this delta's own state dict to the key used in files (peft layout)."""
         return local_key
 
+    def bmm_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """For mixed batches (``dt.mixed``): ``(A (r, in), B (out, r), scale)`` when, right now and
+        for a base output of ``dtype``, this delta computes exactly ``y + scale · (x Aᵀ) Bᵀ``; rows
+        of such deltas of one rank then share one batched matmul.  None (the default): the delta
+        runs on its own rows."""
+        return None
+
 
 class CopyDelta(Delta):
     """``modules_to_save``: a full trainable copy of the base module, used instead of it.
@@ -355,113 +362,3 @@ def unwrap(model: nn.Module, path: str) -> None:
     layer = parent._modules[child]
     assert isinstance(layer, DeltaLayer)
     parent._modules[child] = layer.base_layer
-
-
-# --------------------------------------------------------------------------- methods
-
-class Method:
-    """A registry entry. Adders override ``attach``; selectors also override ``own_tensors`` and
-    the activation hooks.  ``peft_type`` names the peft method whose file format we share."""
-
-    name: ClassVar[str] = ""
-    config_cls: ClassVar[type[DeltaConfig]] = DeltaConfig
-    peft_type: ClassVar[str | None] = None
-    summary: ClassVar[str] = ""
-    layer_types: ClassVar[tuple[str, ...]] = ()
-    mergeable: ClassVar[bool] = True
-    merge_note: ClassVar[str] = ""  # why not, when mergeable is False
-
-    def attach(self, model: nn.Module, cfg: DeltaConfig, name: str, state: DeltaState) -> None:
-        raise NotImplementedError
-
-    def own_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """Tensors that belong to the adapter but live outside DeltaLayers (selectors, prompts)."""
-        return {}
-
-    def own_dtypes(self, model: nn.Module, name: str) -> dict[str, torch.dtype]:
-        """For each of ``own_tensors``, the dtype of the base it works with (``adapter_dtype`` picks
-        the adapter's own from it).  Default: the input embeddings' (prompts, prefixes)."""
-        own = self.own_tensors(model, name)
-        if not own:
-            return {}
-        try:  # vision/audio models raise NotImplementedError: they have no token embeddings
-            emb = model.get_input_embeddings()
-        except (AttributeError, NotImplementedError):
-            emb = None
-        dt = module_dtype(emb if isinstance(emb, nn.Module) else model)
-        return {k: dt for k in own}
-
-    def delete(self, model: nn.Module, name: str) -> None:
-        """Remove what ``attach`` added outside DeltaLayers."""
-
-    def on_activate(self, model: nn.Module, name: str, active: bool) -> None:
-        """Called when ``name`` becomes active/inactive or the model is disabled/enabled."""
-
-    def merge(self, model: nn.Module, name: str) -> None:
-        """Merge what lives outside DeltaLayers (selectors: already in place)."""
-
-    def unmerge(self, model: nn.Module, name: str) -> None:
-        pass
-
-    def unload(self, model: nn.Module, name: str) -> None:
-        """Drop the bookkeeping after a merge, keeping the (merged) weights."""
-
-    # -- file formats: peft's config dict, when peft has the method
-    def to_peft(self, cfg: DeltaConfig, model: nn.Module, name: str) -> dict[str, Any] | None:
-        return None
-
-    def from_peft(self, d: dict[str, Any]) -> DeltaConfig:
-        raise DeltaError(f"{self.name}: cannot read peft configs")
-
-    def normalize_keys(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map key spellings of other versions/tools to ours when loading."""
-        return tensors
-
-    def file_key(self, key: str) -> str:
-        """The key of adapter tensor ``key`` in the saved file (peft's layout).  Prompt-learning
-        methods override this pair: peft writes them as ``prompt_embeddings`` / ``base_model.<path>``."""
-        return PREFIX + key
-
-    def from_file_key(self, key: str) -> str:
-        """Inverse of :meth:`file_key`, applied when loading."""
-        return key.removeprefix(PREFIX)
-
-    def export(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
-               cfg: DeltaConfig) -> tuple[dict[str, torch.Tensor], DeltaConfig]:
-        """Hook to convert tensors and config at save time (e.g. PiSSA → plain LoRA)."""
-        return tensors, cfg
-
-
-def cast_adapter_dtype(model: nn.Module, name: str, autocast: bool = True) -> None:
-    """Give every tensor of adapter ``name`` the dtype of the ``adapter_dtype`` rule (peft's
-    ``cast_adapter_dtype``), whatever dtype its method built it in: called once by ``dt.attach``."""
-    for _, layer in iter_delta_layers(model):
-        if name in layer.deltas:
-            d = layer.deltas[name]
-            cast_tensors((*d.parameters(), *d.buffers()), adapter_dtype(module_dtype(layer.base_layer), autocast))
-    m = method_of(get_state(model).adapters[name].method)
-    base = m.own_dtypes(model, name)
-    for k, t in m.own_tensors(model, name).items():
-        cast_tensors([t], adapter_dtype(base[k], autocast))
-
-
-METHODS: dict[str, Method] = {}
-"""name -> Method. Filled by ``deltatune.methods``."""
-
-
-def register(method_cls: type[Method]) -> type[Method]:
-    METHODS[method_cls.name] = method_cls()
-    return method_cls
-
-
-def method_of(name: str) -> Method:
-    if not isinstance(name, str):
-        raise DeltaError(f"method must be a name such as 'lora', got {type(name).__name__} {name!r}; "
-                         f"available: {sorted(METHODS)}")
-    if name not in METHODS:
-        import difflib
-
-        close = difflib.get_close_matches(name, METHODS, n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise DeltaError(f"unknown method {name!r}.{hint} Available: {sorted(METHODS)}")
-    return METHODS[name]

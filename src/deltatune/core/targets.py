@@ -16,7 +16,8 @@ from torch import nn
 
 from .direct_reads import direct_weight_paths
 from .delta import DeltaError, iter_base_modules
-from . import layer_types as quant_registry
+from .layer_types import linear_types
+from .tasks import CLASSIFIER_TASKS, task_of
 
 # Names of output heads: "all-linear" leaves them alone (adapting the vocabulary projection is
 # costly and rarely helps; classification heads are trained in full via modules_to_save).
@@ -37,19 +38,6 @@ ATTENTION_NAMES: list[tuple[str, ...]] = [
 
 # Classification heads of transformers' *For{Sequence,Token,Image}Classification models.
 CLASSIFIER_HEADS = ("classifier", "score")
-
-
-def linear_types() -> tuple[type, ...]:
-    """nn.Linear, transformers' GPT-2 Conv1D and quantized linears (anything with in/out_features)."""
-    types: list[type] = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except Exception:  # transformers is optional for the core
-        pass
-    types.extend(quant_registry.QUANT_LINEAR_TYPES)
-    return tuple(types)
 
 
 def _leaf(path: str) -> str:
@@ -206,9 +194,7 @@ def no_match_message(model: nn.Module, targets, types=None) -> str:
 def auto_modules_to_save(model: nn.Module) -> list[str]:
     """The classification head of a transformers ``*For...Classification`` model (its weights are
     freshly initialised, so it must train in full), else nothing."""
-    cls = type(model).__name__
-    if not cls.endswith(("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
-                         "ForAudioClassification", "ForMultipleChoice")):
+    if task_of(model) not in CLASSIFIER_TASKS:
         return []
     # peft matches modules_to_save by plain string suffix, so ["classifier"] also takes
     # DistilBERT's "pre_classifier": train every such module in full, as peft will when it loads

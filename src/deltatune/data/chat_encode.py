@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .chat_formats import as_record
 from ..core.delta import DeltaError
-from .examples import CHARS_PER_TOKEN
+from .tables import CHARS_PER_TOKEN
 from .sources import quiet_datasets
 from ..models import cache_root
 

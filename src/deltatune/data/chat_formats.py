@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.delta import DeltaError
-# this module is the layer above data.py's table readers; data.load_causal_lm calls back into it
-from .examples import (PROMPT_GUESSES, RESPONSE_GUESSES, TEXT_GUESSES, _is_missing, _lines, _text_values, _where,
-                       pick_column, read_table)
+# the table readers are below this module (tables.py); examples.load_causal_lm calls into it
+from .tables import (PROMPT_GUESSES, RESPONSE_GUESSES, TEXT_GUESSES, _is_missing, _lines, _text_values, _where,
+                     pick_column, read_table)
 
 # Stanford Alpaca's own prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT): what alpaca rows
 # become when the tokenizer has no chat template, so base models train on the format they were shown.

@@ -1,5 +1,5 @@
 """Reading training data for the trainer and the CLI: CSV / TSV / JSONL / Parquet tables (pandas),
-dataset directories / Arrow files / Hub ids (``datasets``, see :mod:`deltatune.data_sources`),
+dataset directories / Arrow files / Hub ids (``datasets``, see :mod:`deltatune.data.sources`),
 ``.npz`` arrays and image folders, turned into examples for three tasks.
 
     file ──read_table──► DataFrame ──load_<task>──► Examples(rows, labels) ──encode──► token ids
@@ -13,15 +13,14 @@ labels at evaluation time that the model was not trained on.
 Tasks:
   * ``classify``: a text column and a label column (strings or integers; ids follow sorted order);
   * ``causal-lm``: alpaca, sharegpt, messages, prompt-completion or plain text rows
-    (:mod:`deltatune.chat_formats`), tokenized through the tokenizer's chat template with the loss
-    on every assistant turn (:mod:`deltatune.chat_encode`);
+    (:mod:`deltatune.data.chat_formats`), tokenized through the tokenizer's chat template with the loss
+    on every assistant turn (:mod:`deltatune.data.chat_encode`);
   * ``image-classify``: a folder of class sub-folders of images, or an ``.npz`` with ``images``
     (N, H, W[, C]) and ``labels`` arrays.
 """
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +28,10 @@ from typing import Any, Sequence
 
 from ..core.delta import DeltaError
 from ..vision.images import is_table, load_pixel_table
-
-TEXT_GUESSES = ("text", "sentence", "content", "review", "document", "input")
-LABEL_GUESSES = ("label", "labels", "class", "target", "category", "y")
-PROMPT_GUESSES = ("prompt", "instruction", "question", "statement", "input")
-RESPONSE_GUESSES = ("response", "answer", "output", "reply", "completion")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-# A text is cut to max_length * CHARS_PER_TOKEN characters before it is tokenized: a fast tokenizer
-# builds offsets and token objects for the WHOLE text before truncating (a 20 MB cell peaked at
-# 3.2 GB).  16 characters is more than any real token spans (English BPE/WordPiece average ~4),
-# so the cut never changes the max_length tokens that are kept.
-CHARS_PER_TOKEN = 16
-# Rows are flat records (chat messages nest 3 deep); deeper JSON is refused before it can exhaust
-# the parser's recursion or build huge nested objects.
-MAX_JSON_DEPTH = 32
+from .chat_encode import encode_causal_lm
+from .chat_formats import load_records
+from .tables import (CHARS_PER_TOKEN, IMAGE_SUFFIXES, LABEL_GUESSES, TEXT_GUESSES, _is_missing, _lines, _text_values,
+                     _where, pick_column, read_table)
 
 
 @dataclass
@@ -50,7 +39,7 @@ class Examples:
     """What a task loader returns: one entry per example, plus where it came from."""
 
     task: str
-    rows: list[Any]  # classify: text; causal-lm: records of deltatune.chat_formats ({"messages"} / {"text"})
+    rows: list[Any]  # classify: text; causal-lm: records of deltatune.data.chat_formats ({"messages"} / {"text"})
     labels: list[int] | None = None  # classify / image-classify
     label_names: list[str] = field(default_factory=list)
     source: str = ""
@@ -68,167 +57,6 @@ class Examples:
 
 
 # --------------------------------------------------------------------------- tables
-
-def _row_offset(path: Path) -> int:
-    """File line of DataFrame row 0: CSV has a header line, JSONL does not."""
-    return 2 if path.suffix.lower() in (".csv", ".tsv", ".txt") else 1
-
-
-def _check_utf8(path: Path, data: bytes) -> None:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DeltaError(f"{path}: line {line} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
-                         "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
-
-
-def read_table(path: str | os.PathLike, split: str | None = None, config: str | None = None) -> "Any":
-    """A pandas DataFrame from CSV/TSV/JSONL/JSON/Parquet, with errors that name the file; dataset
-    directories, Arrow files and Hub ids go through ``datasets`` (:mod:`deltatune.data_sources`)."""
-    from .sources import is_dataset_source, read_dataset_table
-
-    if is_dataset_source(path):
-        return read_dataset_table(path, split, config)
-    path = Path(path)
-    if not path.exists():
-        raise DeltaError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    readers = {".csv": _read_csv, ".tsv": _read_csv, ".txt": _read_csv, ".jsonl": _read_jsonl,
-               ".json": _read_jsonl, ".parquet": _read_parquet, ".pq": _read_parquet}
-    if suffix not in readers:
-        raise DeltaError(f"{path}: unknown file type {suffix!r}; use one of {sorted(readers)}")
-    if path.stat().st_size == 0:
-        raise DeltaError(f"{path}: the file is empty")
-    df = readers[suffix](path)
-    if len(df) == 0:
-        raise DeltaError(f"{path}: no data rows (only a header?)")
-    df.columns = [str(c) for c in df.columns]
-    return df
-
-
-def _read_csv(path: Path):
-    import pandas as pd
-
-    data = path.read_bytes()
-    _check_utf8(path, data)
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:  # everything as text: a label "01" stays "01"; numbers are parsed where we need them
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
-    except pd.errors.EmptyDataError:
-        raise DeltaError(f"{path}: the file is empty") from None
-    except pd.errors.ParserError as e:
-        raise DeltaError(f"{path}: not a valid {'TSV' if sep == chr(9) else 'CSV'} file ({e})") from None
-
-
-def _read_jsonl(path: Path):
-    import json
-
-    import pandas as pd
-
-    data = path.read_bytes()
-    _check_utf8(path, data)
-    text = data.decode("utf-8")
-    too_deep = (f"JSON nested more than {MAX_JSON_DEPTH} levels deep; rows must be flat records "
-                "{\"column\": value, ...}")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DeltaError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-        except RecursionError:
-            raise DeltaError(f"{path}: {too_deep}") from None
-        lines = list(range(1, len(records) + 1))
-        if _too_deep(records, MAX_JSON_DEPTH + 1):
-            raise DeltaError(f"{path}: {too_deep}")
-    else:
-        records, lines = [], []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DeltaError(f"{path}: line {i}: invalid JSON ({e.msg}); JSONL needs one object per line") from None
-            except RecursionError:  # deeper than the interpreter's recursion limit
-                raise DeltaError(f"{path}: line {i}: {too_deep}") from None
-            if _too_deep(rec, MAX_JSON_DEPTH):
-                raise DeltaError(f"{path}: line {i}: {too_deep}")
-            records.append(rec)
-            lines.append(i)
-    bad = next((i for r, i in zip(records, lines) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise DeltaError(f"{path}: line {bad}: expected a JSON object {{\"column\": value, ...}}")
-    df = pd.DataFrame.from_records(records)
-    df.attrs["lines"] = lines
-    return df
-
-
-def _too_deep(obj, limit: int) -> bool:
-    """True if ``obj`` nests lists/dicts more than ``limit`` levels (iterative: no recursion)."""
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, (list, dict)):
-            if d > limit:
-                return True
-            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
-    return False
-
-
-def _read_parquet(path: Path):
-    import pandas as pd
-
-    try:
-        return pd.read_parquet(path)
-    except ImportError as e:
-        raise DeltaError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow ({e})") from None
-    except Exception as e:
-        raise DeltaError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-
-
-def _lines(df, path: Path) -> list[int]:
-    if "lines" in df.attrs:
-        return list(df.attrs["lines"])
-    off = _row_offset(path)
-    return [i + off for i in range(len(df))]
-
-
-def _where(path: Path, line: int) -> str:
-    return f"{path}: {'line' if path.suffix.lower() in ('.csv', '.tsv', '.txt', '.jsonl', '.json') else 'row'} {line}"
-
-
-def pick_column(df, path: Path, given: str | None, guesses: Sequence[str], role: str, flag: str) -> str:
-    cols = list(df.columns)
-    if given is not None:
-        if given not in cols:
-            import difflib
-
-            close = difflib.get_close_matches(given, cols, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise DeltaError(f"{path}: no column {given!r}{hint}; columns are {cols}. Pass {flag} COLUMN")
-        return given
-    lower = {c.lower(): c for c in cols}
-    for g in guesses:
-        if g in lower:
-            return lower[g]
-    raise DeltaError(f"{path}: cannot tell which column holds the {role}; columns are {cols}. Pass {flag} COLUMN")
-
-
-def _is_missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _text_values(df, col: str, path: Path, lines: list[int]) -> list[str]:
-    out = []
-    for v, line in zip(df[col].tolist(), lines):
-        if _is_missing(v):
-            raise DeltaError(f"{_where(path, line)}, column {col!r}: missing value; every row needs text")
-        if not isinstance(v, str):
-            raise DeltaError(f"{_where(path, line)}, column {col!r}: expected text, got {type(v).__name__} {v!r}")
-        out.append(v)
-    return out
-
 
 def _label_key(v, col: str, path: Path, line: int) -> str:
     if _is_missing(v) or (isinstance(v, str) and not v.strip()):
@@ -321,10 +149,8 @@ def load_classify(path, text_column=None, label_column=None, label_names: list[s
 def load_causal_lm(path, text_column=None, prompt_column=None, response_column=None,
                    messages_column=None, format: str | None = None, split: str | None = None,
                    config: str | None = None) -> Examples:
-    """Rows as records of :mod:`deltatune.chat_formats` (alpaca, sharegpt, messages,
+    """Rows as records of :mod:`deltatune.data.chat_formats` (alpaca, sharegpt, messages,
     prompt-completion, text; detected from the columns unless ``format`` is given)."""
-    from .chat_formats import load_records
-
     rows, lines, name = load_records(path, format, split, config, text_column=text_column,
                                      prompt_column=prompt_column, response_column=response_column,
                                      messages_column=messages_column)
@@ -434,14 +260,12 @@ def load_examples(task: str, path, label_names=None, **cols) -> Examples:
 
 def encode(ex: Examples, tokenizer=None, max_length: int = 128, image_size: int | None = None, **lm) -> list[dict]:
     """Examples -> list of feature dicts of Python lists / arrays (padding happens in :func:`collate`).
-    ``lm``: causal-LM options of :func:`deltatune.chat_encode.encode_causal_lm` (train_on, cache)."""
+    ``lm``: causal-LM options of :func:`deltatune.data.chat_encode.encode_causal_lm` (train_on, cache)."""
     cap = max(1, max_length) * CHARS_PER_TOKEN
     if ex.task == "classify":
         enc = tokenizer([t[:cap] for t in ex.rows], truncation=True, max_length=max_length)
         return [{"input_ids": ids, "labels": y} for ids, y in zip(enc["input_ids"], ex.labels)]
     if ex.task == "causal-lm":
-        from .chat_encode import encode_causal_lm
-
         return encode_causal_lm(ex.rows, tokenizer, max_length, **lm)
     if ex.task == "image-classify":
         import numpy as np

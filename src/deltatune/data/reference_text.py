@@ -1,4 +1,4 @@
-"""A small general-English text sample for measuring forgetting (``deltatune.evaluate``).
+"""A small general-English text sample for measuring forgetting (``deltatune.app.evaluate``).
 
 Written for deltatune (no third-party text): short passages on everyday topics, deliberately
 unlike any one fine-tuning task, so that a change of the model's behaviour on them is a change

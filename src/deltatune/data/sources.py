@@ -6,7 +6,7 @@
     org/name             a Hub dataset id: from the local Hub cache (``hf download org/name --repo-type
                          dataset``) or, when online (HF_HUB_OFFLINE=0), through ``load_dataset``
 
-Single csv/tsv/jsonl/json/parquet files stay with :func:`deltatune.data.read_table` (pandas), which
+Single csv/tsv/jsonl/json/parquet files stay with :func:`deltatune.data.tables.read_table` (pandas), which
 names the exact line of a bad row; everything here comes back as the same kind of DataFrame, so
 the task loaders and their errors (row, column) are shared.  ``--data-split`` picks a split
 (default ``train``, or the only one), ``--data-config`` a Hub configuration.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 from ..core.delta import DeltaError
 
@@ -41,11 +42,14 @@ def is_dataset_source(spec: str | os.PathLike) -> bool:
             and not s.startswith((".", "/", "~")) and bool(s.strip()))
 
 
-def read_dataset_table(spec: str | os.PathLike, split: str | None = None, config: str | None = None):
-    """A pandas DataFrame of one split of a dataset directory, Arrow file or Hub id."""
+def read_dataset_table(spec: str | os.PathLike, split: str | None, config: str | None,
+                       read_file: Callable[[Path], Any]):
+    """A pandas DataFrame of one split of a dataset directory, Arrow file or Hub id.  ``read_file``
+    reads one table file (``tables.read_table``): a directory that fails is re-read file by file
+    with it, so the error names the file and line."""
     import pandas as pd
 
-    ds = _one_split(_open(str(spec), config), str(spec), split)
+    ds = _one_split(_open(str(spec), config, read_file), str(spec), split)
     if len(ds) == 0:
         raise DeltaError(f"{spec}: split {split or 'train'!r} has no rows")
     # records, not ds.to_pandas(): nested columns (chat messages) stay Python lists of dicts
@@ -54,7 +58,7 @@ def read_dataset_table(spec: str | os.PathLike, split: str | None = None, config
     return df
 
 
-def _open(spec: str, config: str | None):
+def _open(spec: str, config: str | None, read_file: Callable[[Path], Any]):
     import datasets
 
     quiet_datasets()
@@ -76,15 +80,13 @@ def _open(spec: str, config: str | None):
         raise
     except Exception as e:  # no data files, unknown config, a parse error of a file inside a directory
         if p.is_dir():
-            _precise_error(p)  # name the file and line, as for a single file
+            _precise_error(p, read_file)  # name the file and line, as for a single file
         raise DeltaError(f"{spec}: cannot read it as a dataset ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _precise_error(d: Path) -> None:
+def _precise_error(d: Path, read_table: Callable[[Path], Any]) -> None:
     """Read each table file of a directory on its own: the first bad one raises its error with the
-    file and line (pandas readers of deltatune.data); columns that differ between files are named."""
-    from .examples import read_table
-
+    file and line (the pandas readers of ``tables.py``); columns that differ between files are named."""
     columns: dict[tuple, Path] = {}
     for f in sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES):
         columns.setdefault(tuple(read_table(f).columns), f)

@@ -36,7 +36,8 @@ import re
 import torch
 from torch import nn
 
-from ..core.delta import DeltaError, Method, get_state, iter_base_modules
+from ..core.delta import DeltaError, get_state, iter_base_modules
+from ..core.method import Method
 from ..core.targets import auto_modules_to_save, find_targets, matches
 
 SEL = "_dt_selected"

@@ -53,21 +53,13 @@ from torch import nn
 
 from ..core.delta import CopyDelta, DeltaError, PREFIX, STATE_ATTR, iter_delta_layers
 from ..core.rows import RowPlan
+from ..core.tasks import PEFT_TASK_TYPES, task_of
 # cache_kwarg is re-exported: prefix.py and callers reach it as _virtual_tokens.cache_kwarg
 from ._hf_compat import (CACHE_KWARGS, cache_kwarg, cached_tokens, output_cache, pop_cache,  # noqa: F401
                          positions_from_mask)
 
 STORE = "deltatune_virtual"  # attribute of the top model holding every prompt/prefix adapter
 _HOOK = "_deltatune_virtual_hook"  # model.__dict__ key of the hook handle
-
-# peft task_type from the class name of a transformers model (peft picks its wrapper with it)
-TASK_TYPES = {
-    "ForCausalLM": "CAUSAL_LM",
-    "LMHeadModel": "CAUSAL_LM",
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-}
 
 
 class Store(nn.Module):
@@ -115,8 +107,8 @@ def dims(model: nn.Module) -> dict[str, int | None]:
 
 
 def task_type(model: nn.Module) -> str:
-    cls = type(model).__name__
-    return next((t for suffix, t in TASK_TYPES.items() if cls.endswith(suffix)), "FEATURE_EXTRACTION")
+    """peft's task_type for ``model`` (the prompt-learning wrapper peft builds depends on it)."""
+    return PEFT_TASK_TYPES.get(task_of(model), "FEATURE_EXTRACTION")
 
 
 def param_device(model: nn.Module) -> torch.device:
@@ -368,24 +360,35 @@ def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
             kw[key] = _prefix_cache(model, past, rows, f_max)
     if pos is not None:
         kw["position_ids"] = pos
+    _count_slots(kw, prefill, cached, length, f_max, p_max)
+    mask = kw.get("attention_mask")
+    if mask is None and padded:
+        mask = torch.ones(batch, seen + length, dtype=torch.long, device=dev)
+    if mask is not None:
+        kw["attention_mask"] = _mask_slots(mask, F, P, f_max, p_max)
+    return (), kw
+
+
+def _count_slots(kw: dict, prefill: bool, cached, length: int, f_max: int, p_max: int) -> None:
+    """Older transformers (<5) index a KV cache by ``cache_position``: count the virtual slots.
+    Only where it numbers the input tokens: Mamba's (4.x) is a conv-window index, left alone."""
     cp = kw.get("cache_position")
-    # older transformers (<5) index a KV cache by cache_position: count the virtual slots.  Only
-    # where it numbers the input tokens: Mamba's (4.x) is a conv-window index, left alone
     if isinstance(cp, torch.Tensor) and cp.dim() == 1:
         if prefill and cp.shape[0] == length:
             kw["cache_position"] = torch.arange(f_max, f_max + p_max + length, device=cp.device)
         elif not prefill and cached is not None:
             kw["cache_position"] = cp + f_max + p_max
-    mask = kw.get("attention_mask")
-    if mask is None and padded:
-        mask = torch.ones(batch, seen + length, dtype=torch.long, device=dev)
-    if mask is not None:
-        if mask.dim() != 2:
-            raise DeltaError(f"prompt/prefix adapters need a 2-D attention_mask (B, T), got {tuple(mask.shape)}")
-        front = torch.cat([torch.arange(f_max, device=dev) >= f_max - F,  # (B, F_max): the row's prefix slots
-                           torch.arange(p_max, device=dev) >= p_max - P], dim=1)  # (B, P_max): its prompt
-        kw["attention_mask"] = torch.cat([front.to(mask.dtype), mask.to(dev)], dim=1)
-    return (), kw
+
+
+def _mask_slots(mask: torch.Tensor, F: torch.Tensor, P: torch.Tensor, f_max: int, p_max: int) -> torch.Tensor:
+    """(B, F_max + P_max + T) attention mask: each row's own prefix and prompt slots open, the
+    padding slots of rows needing fewer closed, then the given (B, T) mask."""
+    if mask.dim() != 2:
+        raise DeltaError(f"prompt/prefix adapters need a 2-D attention_mask (B, T), got {tuple(mask.shape)}")
+    dev = F.device
+    front = torch.cat([torch.arange(f_max, device=dev) >= f_max - F,  # (B, F_max): the row's prefix slots
+                       torch.arange(p_max, device=dev) >= p_max - P], dim=1)  # (B, P_max): its prompt
+    return torch.cat([front.to(mask.dtype), mask.to(dev)], dim=1)
 
 
 def _post_forward(model: nn.Module, args: tuple, kwargs: dict, out):

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import CopyDelta, Delta, DeltaConfig, DeltaError, Method, get_state, iter_delta_layers, register, wrap
-from ..core.targets import find_targets, linear_types
+from ..core.delta import CopyDelta, Delta, DeltaConfig, DeltaError, get_state, iter_delta_layers, wrap
+from ..core.method import Method, register
+from ..core.layer_types import linear_types
+from ..core.targets import find_targets
 from ..core.adapters import base_at
 from .lora import linear_layout
 
@@ -243,7 +245,7 @@ class AdaLoraHook:
 
     ``optimizer`` registers a step post-hook.  Without one, call ``hook.step()`` after
     ``opt.step()`` and before ``opt.zero_grad()`` (the importance needs the gradients).
-    ``deltatune.trainer`` needs nothing: it calls ``AdaLoRA.step_hook`` with its step count.  A
+    ``deltatune.train.Trainer`` needs nothing: it calls ``AdaLoRA.step_hook`` with its step count.  A
     hook is also a trainer callback, ``hook(step, total_steps, model)``.  One hook exists per
     adapter (``adalora_hook`` returns the existing one), and a step is never counted twice.
     """
@@ -280,7 +282,7 @@ class AdaLoraHook:
         if self.allocator is None:
             raise DeltaError("adalora: the total number of training steps is unknown; pass "
                              "dt.adalora_hook(model, total_steps=N), set total_steps in the config, or train "
-                             "with deltatune.trainer (the budget schedule needs it)")
+                             "with deltatune.train.Trainer (the budget schedule needs it)")
         step = self.global_step + 1 if step is None else int(step)
         if step <= self.global_step:
             return  # already counted (optimizer hook and trainer both firing)
@@ -345,7 +347,7 @@ class AdaLoRA(Method):
             wrap(model, p, state).deltas[name] = d
 
     def step_hook(self, model, name, step, total_steps):
-        """Called by deltatune.trainer after every optimizer step (gradients still present)."""
+        """Called by the trainer (deltatune.train) after every optimizer step (gradients still present)."""
         hook = adalora_hook(model, name=name)
         if hook.allocator is None or hook.allocator.total != total_steps:
             hook.set_total_steps(int(total_steps))
@@ -353,7 +355,7 @@ class AdaLoRA(Method):
 
     def train_state(self, model, name):
         """What a checkpoint needs for an exact resume beyond the tensors: the step count, the
-        importance averages Ī, Ū and the rank masks (``deltatune.trainer`` saves it, safetensors)."""
+        importance averages Ī, Ū and the rank masks (``deltatune.train.Trainer`` saves it, safetensors)."""
         hook = model.__dict__.get(HOOKS_ATTR, {}).get(name)
         if hook is None or hook.allocator is None:
             return {}

@@ -31,9 +31,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..core.delta import Delta, DeltaConfig, DeltaError, Method, iter_base_modules, register, wrap
+from ..core.delta import Delta, DeltaConfig, DeltaError, iter_base_modules, wrap
+from ..core.method import Method, register
 from ..core.dtypes import build_dtype
-from ..core.targets import conv_blocks, find_targets, linear_types, matches
+from ..core.layer_types import linear_types
+from ..core.targets import conv_blocks, find_targets, matches
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 from ..core.adapters import base_at
 

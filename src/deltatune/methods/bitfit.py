@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.delta import Delta, DeltaConfig, DeltaError, register, wrap
-from ..core.targets import HEAD_NAMES, linear_types
+from ..core.delta import Delta, DeltaConfig, DeltaError, wrap
+from ..core.method import register
+from ..core.layer_types import linear_types
+from ..core.targets import HEAD_NAMES
 from ._selector import SelectorMethod, candidate_modules, is_norm
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 

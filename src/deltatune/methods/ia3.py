@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_base_modules,
-                          iter_delta_layers, register, set_base_weight, wrap)
+from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, base_weight, iter_base_modules, iter_delta_layers,
+                          set_base_weight, wrap)
+from ..core.method import Method, register
 from ..core.dtypes import build_dtype
-from ..core.targets import find_targets, linear_types, matches
+from ..core.layer_types import is_conv1d, linear_types
+from ..core.targets import find_targets, matches
 from ..core.adapters import base_at
 
 # peft's defaults per architecture family: (targets, feedforward); the first family whose
@@ -55,11 +57,6 @@ class IA3Config(DeltaConfig):
     method = "ia3"
 
 
-def _is_conv1d(mod: nn.Module) -> bool:
-    # transformers' GPT-2 layer, weight stored (in, out); subclasses too (quant.NF4Conv1D)
-    return any(c.__name__ == "Conv1D" for c in type(mod).__mro__)
-
-
 class IA3Delta(Delta):
     """One learned vector ``ia3_l`` scaling a layer's output (or, feedforward, its input)."""
 
@@ -71,7 +68,7 @@ class IA3Delta(Delta):
             n = base.in_channels if feedforward else base.out_channels
             shape = (1, n, *[1] * (w.dim() - 2))  # (1, C, 1, 1): broadcasts over (B, C, H, W)
         else:
-            in_f, out_f = (w.shape[0], w.shape[1]) if _is_conv1d(base) else (w.shape[1], w.shape[0])
+            in_f, out_f = (w.shape[0], w.shape[1]) if is_conv1d(base) else (w.shape[1], w.shape[0])
             shape = (1, in_f) if feedforward else (out_f, 1)  # peft's layout
         dtype = build_dtype(base)
         self.conv = isinstance(base, CONV_TYPES)
@@ -99,7 +96,7 @@ class IA3Delta(Delta):
         v = self.ia3_l.detach().flatten().to(w.dtype)
         if not self.conv:
             rows = not self.feedforward  # Linear (out, in): output scales rows
-            if _is_conv1d(base):
+            if is_conv1d(base):
                 rows = not rows  # Conv1D stores (in, out)
             return v[:, None] if rows else v[None, :]
         k = [1] * (w.dim() - 2)
@@ -160,6 +157,7 @@ def resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
 @register
 class IA3(Method):
     name = "ia3"
+    default_lr = 3e-3  # T-Few (Liu et al. 2022)
     config_cls = IA3Config
     peft_type = "IA3"
     summary = "learned vectors rescaling keys, values and FFN inputs (or conv channels); merges exactly"
@@ -184,7 +182,7 @@ class IA3(Method):
         return {
             "peft_type": "IA3", "task_type": None, "target_modules": sorted(targets),
             "feedforward_modules": sorted(ff), "exclude_modules": None, "modules_to_save": sorted(saved) or None,
-            "fan_in_fan_out": any(_is_conv1d(layer.base_layer) for _, layer in iter_delta_layers(model)
+            "fan_in_fan_out": any(is_conv1d(layer.base_layer) for _, layer in iter_delta_layers(model)
                                   if name in layer.deltas),
             "init_ia3_weights": True, "inference_mode": True, "revision": None,
         }

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..core.delta import DeltaConfig, DeltaError, register
+from ..core.delta import DeltaConfig, DeltaError
+from ..core.method import register
 from ._selector import SelectorMethod, candidate_modules, is_norm
 
 PARAMS = ("weight", "bias")

@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, get_state, iter_delta_layers,
-                          register, set_base_weight, wrap)
+from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, base_weight, get_state, iter_delta_layers,
+                          set_base_weight, wrap)
+from ..core.method import Method, register
 from ..core.dtypes import build_dtype
 from ..core.targets import find_targets
 from ..core.adapters import adapter_tensors, base_at
-from ..core.layer_types import QUANT_LINEAR_TYPES
+from ..core.layer_types import QUANT_LINEAR_TYPES, conv1d_type
 from ..fast import dora_linear, lora_dropout_addmm
 
 INITS = ("default", "gaussian", "pissa")
@@ -87,19 +88,10 @@ def _pattern_value(path: str, pattern: dict[str, Any], default):
     return default
 
 
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except Exception:
-        return None
-
-
 def linear_layout(base: nn.Module) -> tuple[bool, int, int, torch.dtype]:
     """(fan_in_fan_out, out, in, delta dtype) of a linear-like base. GPT-2's Conv1D stores its
     weight as (in, out); half-precision bases get fp32 deltas (``dtypes.adapter_dtype``)."""
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     t = conv1d is not None and isinstance(base, conv1d)
     w = base_weight(base)
     out_f, in_f = (w.shape[1], w.shape[0]) if t else (w.shape[0], w.shape[1])
@@ -231,6 +223,14 @@ class LoraLinear(LoraDelta):
 
     def b_params(self):
         return [self.lora_B.weight]
+
+    def bmm_factors(self, dtype: torch.dtype):
+        # plain LoRA only: DoRA rescales, PiSSA's A0 path and a live dropout change the product
+        if (type(self).forward is not LoraLinear.forward or self.use_dora or getattr(self, "A0", None) is not None
+                or not (isinstance(self.dropout, nn.Identity) or not self.training)
+                or dtype != self.lora_B.weight.dtype):
+            return None
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
 
     def _init_pissa(self, base):
         with torch.no_grad():
@@ -400,8 +400,8 @@ class LoraEmbedding(LoraDelta):
 def _layer_table() -> dict[type, type[LoraDelta]]:
     table: dict[type, type[LoraDelta]] = {nn.Linear: LoraLinear, nn.Conv1d: LoraConv, nn.Conv2d: LoraConv,
                                           nn.Embedding: LoraEmbedding}
-    if _conv1d_type() is not None:
-        table[_conv1d_type()] = LoraLinear
+    if conv1d_type() is not None:
+        table[conv1d_type()] = LoraLinear
     for t in QUANT_LINEAR_TYPES:
         table[t] = LoraLinear
     return table
@@ -483,7 +483,7 @@ class LoRA(Method):
                 targets.append(path)
             elif isinstance(d, CopyDelta):
                 saved.append(path)
-        conv1d = _conv1d_type()
+        conv1d = conv1d_type()
         return {
             "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout, "target_modules": sorted(targets), "exclude_modules": None,

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.delta import DeltaConfig, DeltaError, Method, get_state, register
+from ..core.delta import DeltaConfig, DeltaError, get_state
+from ..core.method import Method, register
 from . import _virtual_tokens as vt
 from ..core.adapters import refresh
 
@@ -159,6 +160,7 @@ def real_key_values(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @register
 class PrefixTuning(Method):
     name = "prefix"
+    default_lr = 1e-2  # soft prompts need large steps
     config_cls = PrefixConfig
     peft_type = "PREFIX_TUNING"
     summary = "prefix tuning: trainable key/value prefixes at every attention layer (Li & Liang 2021)"
@@ -166,6 +168,9 @@ class PrefixTuning(Method):
     mergeable = False
     merge_note = "a prefix adds keys/values to every softmax, which no weight change reproduces"
     supports_mixed = True  # the hook gives each row of dt.mixed its own tokens (_virtual_tokens.py)
+
+    def check_mixed(self, model: nn.Module, rows) -> None:
+        vt.check_mixed(model, rows)  # rows needing different token counts: exact only on some models
 
     def attach(self, model: nn.Module, cfg: PrefixConfig, name: str, state) -> None:
         vt.check_model(model, "prefix")

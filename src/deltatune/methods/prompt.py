@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.delta import DeltaConfig, DeltaError, Method, get_state, register
+from ..core.delta import DeltaConfig, DeltaError, get_state
+from ..core.method import Method, register
 from . import _virtual_tokens as vt
 
 
@@ -100,6 +101,7 @@ class PromptEmbedding(nn.Module):
 @register
 class PromptTuning(Method):
     name = "prompt"
+    default_lr = 3e-2  # soft prompts need large steps (Lester et al. 2021 used 0.3)
     config_cls = PromptConfig
     peft_type = "PROMPT_TUNING"
     summary = "prompt tuning: trainable virtual-token embeddings prepended to the input (Lester et al. 2021)"
@@ -107,6 +109,9 @@ class PromptTuning(Method):
     mergeable = False
     merge_note = "a soft prompt is extra input, not a weight change: there is nothing to fold it into"
     supports_mixed = True  # the hook gives each row of dt.mixed its own tokens (_virtual_tokens.py)
+
+    def check_mixed(self, model: nn.Module, rows) -> None:
+        vt.check_mixed(model, rows)  # rows needing different token counts: exact only on some models
 
     def attach(self, model: nn.Module, cfg: PromptConfig, name: str, state) -> None:
         vt.check_model(model, "prompt")

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import (Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers, register,
-                          set_base_weight, wrap)
+from ..core.delta import Delta, DeltaConfig, DeltaError, base_weight, iter_delta_layers, set_base_weight, wrap
+from ..core.method import Method, register
 from ..core.dtypes import build_dtype
 from ..core.adapters import base_at
 from ..core.grads import accumulate_grads, weighted_modules
+from ..core.layer_types import conv1d_type
 from ..core.targets import skip_direct_reads
-from .lora import _conv1d_type
 
 RUNTIME = ("batches", "loss_fn", "selection")  # config fields used at attach time, never saved
 
@@ -131,7 +131,7 @@ def select_sparse(model: nn.Module, batches, budget: float = 0.005, rule: str = 
     if not 1 <= k <= avail:
         raise DeltaError(f"sparse: budget {budget!r} = {k:,} entries, but the targets hold {avail:,}; "
                          "use a budget between 1 and that (or widen targets)")
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     kinds = dict(mods)
 
     def rows(path):  # (out, rest) view of the scores + index map back to the native layout
@@ -147,7 +147,7 @@ def select_sparse(model: nn.Module, batches, budget: float = 0.005, rule: str = 
 # --------------------------------------------------------------------------- the delta
 
 def _types() -> tuple[type, ...]:
-    return tuple(t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, _conv1d_type()) if t is not None)
+    return tuple(t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, conv1d_type()) if t is not None)
 
 
 def _conv1d_apply(x, dw, base):  # GPT-2 Conv1D: y = x @ W + b, W (in, out)

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, Method, base_weight, iter_delta_layers,
-                          register, wrap)
+from ..core.delta import CopyDelta, Delta, DeltaConfig, DeltaError, base_weight, iter_delta_layers, wrap
+from ..core.method import Method, register
 from ..core.dtypes import build_dtype
-from ..core.targets import find_targets, linear_types
+from ..core.layer_types import is_conv1d, linear_types
+from ..core.targets import find_targets
 from ..core.adapters import base_at
 
 
@@ -84,7 +85,7 @@ class Shared:
 
 def _in_out(base: nn.Module) -> tuple[int, int, bool]:
     w = base_weight(base)
-    conv1d = any(c.__name__ == "Conv1D" for c in type(base).__mro__)  # GPT-2 (and quant.NF4Conv1D): (in, out)
+    conv1d = is_conv1d(base)  # GPT-2 (and quant.NF4Conv1D): (in, out)
     return (w.shape[0], w.shape[1], True) if conv1d else (w.shape[1], w.shape[0], False)
 
 
@@ -125,6 +126,7 @@ def _layer_types() -> tuple[type, ...]:
 @register
 class VeRA(Method):
     name = "vera"
+    default_lr = 5e-3  # VeRA trains only scaling vectors
     config_cls = VeraConfig
     peft_type = "VERA"
     summary = "shared frozen random A, B (from a seed) with trained per-layer scaling vectors λ_b, λ_d"

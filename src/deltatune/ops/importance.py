@@ -29,7 +29,8 @@ from torch import nn
 from ..core.delta import DeltaError
 from ..core.grads import accumulate_grads, weighted_modules
 from ..files import atomic_write
-from ..methods.lora import LoraConfig, _conv1d_type
+from ..core.layer_types import conv1d_type
+from ..methods.lora import LoraConfig
 
 METRICS = ("taylor", "fisher")
 
@@ -206,7 +207,7 @@ def _out_in(m: nn.Module) -> tuple[int, int]:
     """(out, in) of a layer's LoRA factors: Linear (out, in); GPT-2 Conv1D stores (in, out);
     convolutions count in × kernel; embeddings (dim, vocab) as peft's embedding LoRA."""
     w = m.weight
-    c1 = _conv1d_type()
+    c1 = conv1d_type()
     if c1 is not None and isinstance(m, c1):
         return w.shape[1], w.shape[0]
     if isinstance(m, nn.Embedding):

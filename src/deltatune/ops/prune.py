@@ -12,7 +12,7 @@ update; the adapter stays a plain LoRA (``rank_pattern`` per layer) that peft lo
 Magnitude pruning zeroes the smallest-|x| entries of every trained adapter tensor (LoRA factors,
 IA3 vectors, sparse values, ...), keeping ``density`` of them per tensor or across the adapter.
 Full copies of a head (``modules_to_save``) are left alone.  (TIES / DARE merging of several
-adapters lives in ``deltatune.arithmetic``.)
+adapters lives in ``deltatune.ops.arithmetic``.)
 """
 from __future__ import annotations
 

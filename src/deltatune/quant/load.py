@@ -24,9 +24,10 @@ from safetensors import safe_open
 from torch import nn
 
 from ..core.delta import DeltaError, get_submodule_clean
+from ..core.layer_types import conv1d_type
 from ..core.procmem import cap_heap_cache, release_to_os
 from ..core.targets import HEAD_NAMES
-from . import quantize as Q
+from . import layers as Q
 
 Thunk = Callable[[], torch.Tensor]
 _CLOSE = "\0close"  # thunks entry that releases the source's files once every tensor is read
@@ -152,7 +153,7 @@ def _fill(model: nn.Module, thunks: dict[str, Thunk], quant_paths: set[str], cls
     by_module: dict[str, list[str]] = {}
     for key in thunks:
         by_module.setdefault(key.rpartition(".")[0], []).append(key)
-    conv1d = Q._conv1d_class()
+    conv1d = conv1d_type()
     for mod_path, keys in by_module.items():  # one module's tensors in memory at a time
         tensors = {k: thunks[k]() for k in keys}
         if mod_path in quant_paths:

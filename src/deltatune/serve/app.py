@@ -44,29 +44,29 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from ..core.delta import DeltaError, get_state
-from ..models import configure_threads
+from ..core.tasks import task_of
 from .device import Placement, load_served
 from .engine import (MAX_TEMPERATURE, MIN_TEMPERATURE, Engine, EngineConfig, Job, RequestError, Sampling,
                      validate_ids)
 from .openai import OpenAIConfig, add_openai_routes
 from .stream import EngineEvents
+from ..api import _NAME_RE, delete
+from ..models import configure_threads
+from ..storage.adapter import CONFIG, MANIFEST, load
 
 TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
 log = logging.getLogger("deltatune.serve")
-TASKS = {"ForSequenceClassification": "classify", "ForCausalLM": "generate", "LMHeadModel": "generate"}
+SERVE_MODES = {"classify": "classify", "causal-lm": "generate"}  # core.tasks task -> what the server does
 
 
 def _task_of(model) -> str:
-    name = type(model).__name__
-    for suffix, task in TASKS.items():
-        if name.endswith(suffix):
-            return task
+    mode = SERVE_MODES.get(task_of(model))
+    if mode is not None:
+        return mode
     return "generate" if callable(getattr(model, "generate", None)) else "classify"
 
 
 def _valid_name(name: Any) -> str:
-    from ..api import _NAME_RE
-
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # fullmatch: "$" would let "a\n" through
         raise RequestError(400, f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-'")
     return name
@@ -132,9 +132,6 @@ class Metrics(EngineEvents):
 
 
 def _available(adapter_dir: Path | None) -> list[str]:
-    from ..api import _NAME_RE
-    from ..storage.adapter import CONFIG, MANIFEST
-
     if adapter_dir is None or not adapter_dir.is_dir():
         return []
     return sorted(p.name for p in adapter_dir.iterdir()
@@ -169,9 +166,6 @@ def build_app(model, tokenizer=None, adapter_dir: str | os.PathLike | None = Non
     from fastapi.responses import JSONResponse, PlainTextResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
-
-    from ..api import delete
-    from ..storage.adapter import load
 
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     adir = Path(adapter_dir) if adapter_dir is not None else None

@@ -48,6 +48,9 @@ import torch
 from ..core.delta import DeltaError, get_state
 from .batching import RunningBatch, Unsupported
 from .stream import Cancelled, EngineEvents, LogprobTap, RowStreamer
+from ..api import activate, disabled
+from ..methods._virtual_tokens import store
+from ..mixed import mixed
 
 
 # temperatures below this are greedy (vLLM's rule: logits / 1e-40 overflow float32); above the cap the
@@ -217,8 +220,6 @@ class Engine:
 
     def virtual_tokens(self, adapter: str | None) -> int:
         """Positions a prompt/prefix adapter's virtual tokens take before the prompt (0 for others)."""
-        from ..methods._virtual_tokens import store
-
         s = store(self.model) if adapter is not None else None
         d = s.deltas[adapter] if s is not None and adapter in s.deltas else None
         return int(d.num_virtual_tokens) if d is not None else 0
@@ -414,9 +415,6 @@ class Engine:
     @contextlib.contextmanager
     def _routed(self, jobs: list[Job]):
         """One adapter for all rows: the plain path (any method); several: a mixed batch."""
-        from ..api import activate, disabled
-        from ..mixed import mixed
-
         names = [j.adapter for j in jobs]
         if len(set(names)) > 1:
             with mixed(self.model, names):

@@ -5,7 +5,7 @@
     DIR/deltatune.json              our full config + a manifest (sha256 and size of each file)
 
 The three files are written into a hidden sibling directory, fsynced, and swapped in with one
-atomic rename (``safety.atomic_dir``), so a crash or a concurrent reader sees the previous adapter
+atomic rename (``files.atomic_dir``), so a crash or a concurrent reader sees the previous adapter
 or the new one, never a mix; the manifest's checksums catch later corruption.  Loading verifies the manifest, refuses pickles (safetensors, or
 ``torch.load(weights_only=True)`` for peft's legacy ``adapter_model.bin``), and reports every
 missing, unexpected or mis-shaped tensor by name.
@@ -31,9 +31,15 @@ import torch
 from torch import nn
 
 from . import model_card
-from ..core.delta import METHODS, DeltaError, get_state, method_of
+from ..core.delta import STATE_ATTR, DeltaError, get_state
+from ..core.method import METHODS, method_of
 from ..core.dtypes import module_dtype
+from .. import files  # files.atomic_dir / recover_dir looked up at call time (tests patch them)
 from ..files import json_default
+from .._version import __version__
+from ..api import _remove, activate, attach
+from ..core.adapters import adapter_tensors
+from ..safety import describe, first_nonfinite
 
 WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
@@ -67,9 +73,6 @@ def _pick_name(model: nn.Module, name: str | None) -> str:
 
 def adapter_payload(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(tensors with file keys, peft-style config, our config) for adapter ``name``."""
-    from .._version import __version__
-    from ..core.adapters import adapter_tensors
-
     name = _pick_name(model, name)
     rec = get_state(model).adapters[name]
     m = method_of(rec.method)
@@ -119,7 +122,6 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise DeltaError(f"cannot save adapter to {d}: it is a file, not a directory")
-    from ..files import atomic_dir
     weights = st_save(sd, metadata={"format": "pt"})
     cfg_bytes = (json.dumps(peft_cfg, indent=2, sort_keys=True, default=json_default) + "\n").encode()
     ours["files"] = {WEIGHTS: {"sha256": sha256(weights), "bytes": len(weights)},
@@ -128,7 +130,7 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     # (or a crash) sees the previous adapter or this one, never a mix; other files in d are kept
     ours["manifest_sha256"] = _manifest_digest(ours)  # the manifest vouches for itself too
     card = _minimal_card(model, sd, ours) if model_card.may_write(d) else None
-    with atomic_dir(d, carry_over=True) as tmp:
+    with files.atomic_dir(d, carry_over=True) as tmp:
         (tmp / WEIGHTS).write_bytes(weights)
         (tmp / CONFIG).write_bytes(cfg_bytes)
         (tmp / MANIFEST).write_text(json.dumps(ours, indent=2, sort_keys=True, default=json_default) + "\n")
@@ -276,10 +278,9 @@ def read_adapter_dir(directory: str | os.PathLike, verify: bool = True) -> tuple
 
 
 def _read_adapter_dir_once(directory, verify):
-    from ..files import recover_dir
     d = Path(directory)
     if not d.exists():
-        recover_dir(d)  # a save killed between the two renames of the non-Linux fallback swap
+        files.recover_dir(d)  # a save killed between the two renames of the non-Linux fallback swap
     if d.exists() and not d.is_dir():
         raise DeltaError(f"{d} is a file, not an adapter directory (expected {CONFIG} and {WEIGHTS} inside)")
     if not d.is_dir():
@@ -382,11 +383,6 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     ``trainable=True`` keeps it trainable (resume training); otherwise its tensors are frozen.
     ``autocast_adapter_dtype`` overrides the saved choice (None: as saved; peft files: True).
     The new adapter is activated."""
-    from ..api import _remove, activate, attach
-    from ..core.adapters import adapter_tensors
-
-    from ..safety import describe, first_nonfinite
-
     tensors, method, cfg, saved_name = read_adapter_dir(directory, verify=verify)
     if autocast_adapter_dtype is not None:
         cfg = dataclasses.replace(cfg, autocast_adapter_dtype=bool(autocast_adapter_dtype))
@@ -395,7 +391,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         raise DeltaError(f"{directory}: tensor {bad} has {describe(tensors[bad])}; this adapter was saved "
                          "from a diverged run - load an earlier checkpoint")
     check_sizes(cfg, tensors, str(directory))
-    st = model.__dict__.get("_deltatune")
+    st = model.__dict__.get(STATE_ATTR)
     taken = set(st.adapters) if st else set()
     if name is None:
         name = next((n for n in ("default", saved_name) if n and n not in taken), None)
@@ -423,7 +419,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         for p, g in grads:
             p.requires_grad_(g)
         if not get_state(model).adapters:
-            model.__dict__.pop("_deltatune", None)
+            model.__dict__.pop(STATE_ATTR, None)
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise DeltaError(f"adapter in {directory} does not fit this {type(model).__name__} "
                          f"(was it trained on another base model?):\n  {shown}")

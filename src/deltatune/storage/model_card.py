@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import files
+
 README = "README.md"
 MARKERS = ('library_name: "deltatune"', "library_name: deltatune")
 PIPELINE = {"causal-lm": "text-generation", "classify": "text-classification",
@@ -117,9 +119,7 @@ def card(*, base_model: str | None, method: str, method_config: dict | None = No
 
 def write(directory: str | os.PathLike, text: str) -> bool:
     """Write README.md atomically unless a user's own README.md is there; True if written."""
-    from ..files import atomic_write
-
     if not may_write(directory):
         return False
-    atomic_write(Path(directory) / README, text.encode("utf-8"))
+    files.atomic_write(Path(directory) / README, text.encode("utf-8"))  # looked up at call time (tests patch it)
     return True

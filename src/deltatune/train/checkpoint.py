@@ -2,7 +2,7 @@
 (``adapter/`` in the normal adapter format, ``trainer_state.pt`` = trainable tensors, optimizer,
 scheduler, RNG states of every rank, history; ``method_state.safetensors`` = methods' own
 training state such as AdaLoRA's importance averages), then ``latest`` names it.  Loading uses
-``torch.load(weights_only=True)`` and safetensors only.  Mixed into :class:`~deltatune.trainer.Trainer`."""
+``torch.load(weights_only=True)`` and safetensors only.  Mixed into :class:`~deltatune.train.trainer.Trainer`."""
 from __future__ import annotations
 
 import io
@@ -16,15 +16,21 @@ import torch
 from torch import nn
 
 from . import distributed as dtd
-from ..core.delta import METHODS, DeltaError, has_adapters
+from ..core.delta import STATE_ATTR, DeltaError, has_adapters
+from ..core.method import METHODS
 from ..files import atomic_write
+
+CHECKPOINTS = "checkpoints"  # the sub-directory of an output directory holding step-N checkpoints
+
+
 def _method_hooks(model: nn.Module, attr: str):
-    """(adapter name, bound ``Method.<attr>``) for each active trainable adapter whose method has it."""
-    st = model.__dict__.get("_deltatune")
+    """(adapter name, bound ``Method.<attr>``) for each active trainable adapter whose method
+    implements that training hook (``Method.overrides``)."""
+    st = model.__dict__.get(STATE_ATTR)
     for name, rec in list(st.adapters.items()) if st is not None else []:
-        hook = getattr(METHODS.get(rec.method), attr, None)
-        if hook is not None and getattr(rec, "trainable", True) and name in st.active:
-            yield name, hook
+        m = METHODS.get(rec.method)
+        if m is not None and m.overrides(attr) and getattr(rec, "trainable", True) and name in st.active:
+            yield name, getattr(m, attr)
 
 
 class CheckpointMixin:
@@ -34,7 +40,7 @@ class CheckpointMixin:
     def checkpoint_dir(self) -> Path:
         if self.output_dir is None:
             raise DeltaError("checkpoints need an output_dir")
-        return self.output_dir / "checkpoints"
+        return self.output_dir / CHECKPOINTS
 
     def save_checkpoint(self, step: int, opt, sched) -> Path:
         """Every rank calls it (FSDP shards and per-rank RNG states are gathered); rank 0 writes."""

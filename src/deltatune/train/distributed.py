@@ -22,7 +22,7 @@ Either way the optimizer sees only the adapter parameters, and ``save`` writes t
 ``dt.save`` on one process (FSDP shards are gathered first, collectively).  Correctness check:
 tests/test_distributed.py trains 2 ranks × batch b and compares with one process at batch 2b.
 
-``deltatune.trainer.Trainer`` uses the helpers at the bottom of this file (``wrap``, the
+``deltatune.train.Trainer`` uses the helpers at the bottom of this file (``wrap``, the
 collectives, whole <-> sharded tensors) to do all of the above by itself under torchrun.
 """
 from __future__ import annotations

@@ -71,6 +71,9 @@ from ..files import atomic_write, atomic_write_json
 from ..safety import first_nonfinite
 from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
+from .. import fast
+from ..data.examples import collate as default_collate
+from ..fast import enable_checkpointing, repeated_blocks
 
 SCHEDULES: dict[str, Callable[[float], float]] = {
     # progress in [0, 1] after warmup -> lr multiplier
@@ -212,8 +215,6 @@ class Trainer(CheckpointMixin):
                  loss_fn: Callable[[nn.Module, dict], torch.Tensor] = default_loss,
                  output_dir: str | Path | None = None, callbacks: Sequence[Callable] = (),
                  param_groups: list[dict] | None = None, tracker: Trackers | None = None):
-        from ..data.examples import collate as default_collate
-
         self.features = list(features)
         self.cfg = config or TrainConfig()
         self.cfg.validate()
@@ -338,8 +339,6 @@ class Trainer(CheckpointMixin):
         toolchain, an op dynamo cannot trace), drop the compiled blocks and redo the step eagerly."""
         from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
-        from ..fast import repeated_blocks
-
         if self.cfg.compile != "auto" or not isinstance(err, (TorchDynamoException, FailOnRecompileLimitHit)):
             return False
         import logging
@@ -357,8 +356,6 @@ class Trainer(CheckpointMixin):
         return True
 
     def _compile(self) -> bool:
-        from ..fast import repeated_blocks
-
         c = self.cfg
         if c.compile == "on":
             return True
@@ -373,13 +370,9 @@ class Trainer(CheckpointMixin):
 
         c, model = self.cfg, self.model
         if c.gradient_checkpointing:
-            from ..fast import enable_checkpointing
-
             enable_checkpointing(model)
         compiled = self.compiled = self._compile()
         if compiled:
-            from .. import fast
-
             # dynamic=True: padded (B, T) vary from batch to batch; symbolic sizes compile once for all of
             # them, where dynamic=None compiles a static graph first and recompiles at the first new length
             fast.compile_blocks(model, dynamic=True)

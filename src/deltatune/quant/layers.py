@@ -59,6 +59,7 @@ from torch import nn
 
 from ..api import merge as api_merge
 from ..core import layer_types as quant_registry
+from ..core.layer_types import conv1d_type
 from ..core.delta import DeltaError, get_submodule_clean, iter_base_modules, iter_delta_layers
 from .search import input_stats, nf4_codes, search_scales
 from ..core.targets import HEAD_NAMES, matches, no_match_message
@@ -196,7 +197,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_float(cls, module: nn.Module, name: str = "", **options) -> "QuantLinear":
-        conv1d = _conv1d_class()
+        conv1d = conv1d_type()
         k = _variant(cls) if conv1d is not None and isinstance(module, conv1d) else cls
         return k(module.weight, getattr(module, "bias", None), name, **options).train(module.training)
 
@@ -375,21 +376,12 @@ quant_registry.QUANT_LINEAR_TYPES.extend(SCHEMES.values())
 
 
 @functools.cache
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except Exception:
-        return None
-
-
 @functools.cache
 def _variant(cls: type[QuantLinear]) -> type[QuantLinear]:
     """``NF4Conv1D`` etc.: a quantized layer that *is* a transformers Conv1D (GPT-2), so methods
     see the Conv1D layout (weight (in, out)) exactly as with the float layer."""
     name = cls.__name__.replace("Linear", "Conv1D")
-    k = type(name, (cls, _conv1d_class()), {"__module__": __name__, "fan_in_fan_out": True,
+    k = type(name, (cls, conv1d_type()), {"__module__": __name__, "fan_in_fan_out": True,
                                             "__repr__": nn.Module.__repr__})
     globals()[name] = k  # picklable by name
     quant_registry.QUANT_LINEAR_TYPES.append(k)
@@ -399,7 +391,7 @@ def _variant(cls: type[QuantLinear]) -> type[QuantLinear]:
 # --------------------------------------------------------------------------- quantize a model
 
 def _float_linear_types() -> tuple[type, ...]:
-    c = _conv1d_class()
+    c = conv1d_type()
     return (nn.Linear,) if c is None else (nn.Linear, c)
 
 
