@@ -27,29 +27,13 @@ The layers (:class:`NF4Linear`, :class:`Int8Linear`, and Conv1D variants for GPT
 demand) replace ``nn.Linear``/``Conv1D`` in place; every additive method wraps them like any
 linear layer and reaches the weight only through ``dequantize()`` / ``set_weight()``
 (``core.base_weight`` / ``core.set_base_weight``), so no method branches on the backend.
-
-Backend choice, measured on this machine (torch 2.13 CPU, 2 shared cores, fwd+bwd of a
-(1024×in) batch; medians of 5 interleaved runs; see docs/benchmarks.md):
-
-    layer (out×in)   fp32 F.linear   bitsandbytes 0.50.2   torchao 0.18 NF4   pure torch
-    576×576             3.5 ms           4.0 ms               5.2 ms           5.3 ms
-    1536×576            9.2 ms           9.9 ms              13.8 ms          13.3 ms
-    768×3072           24.7 ms          24.7 ms              37.5 ms          40.3 ms
-    dequantize 768×3072               0.46 ms               4.8 ms           4.3 ms
-
-NF4 uses **bitsandbytes** (``quantize_4bit`` / ``dequantize_4bit`` / ``matmul_4bit``): the QLoRA
-authors' reference implementation, kept by Hugging Face, with a C++ CPU kernel that dequantizes
-~10× faster than torchao or pure torch; its autograd Function saves only the packed codes.
-torchao's ``to_nf4`` imports and runs but asserts that the number of blocks is divisible by its
-scaler block (256): SmolLM2's 576×576 and 192×576 projections fail unless that is changed.
-int8 per-channel absmax is three tensor ops, so it is plain torch (a small autograd Function that
-casts the int8 matrix to the compute dtype inside forward/backward only).
+The storage codecs (bitsandbytes, nibble packing, the dequantizing matmuls) and why bitsandbytes
+was chosen are in ``quant/codecs.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Iterator
 
@@ -61,23 +45,14 @@ from ..api import merge as api_merge
 from ..core import layer_types as quant_registry
 from ..core.layer_types import conv1d_type
 from ..core.delta import DeltaError, get_submodule_clean, iter_base_modules, iter_delta_layers
+from .codecs import BLOCK_SIZES, DequantMatmul, Int8Matmul, bnb, code_table, pack_nibbles
 from .search import input_stats, nf4_codes, search_scales
 from ..core.targets import HEAD_NAMES, matches, no_match_message
 
 __all__ = ["NF4Linear", "Int8Linear", "QuantLinear", "quantize", "merge", "lossy_merge",
            "SCHEMES", "MergeReport", "input_stats"]
 
-
-def _bnb():
-    """bitsandbytes.functional, imported on first use (optional dependency: deltatune[quant])."""
-    try:
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # silence "no GPU kernels" notices
-        import bitsandbytes
-        import bitsandbytes.functional as bf
-    except ImportError as e:
-        raise DeltaError(f"NF4 quantization needs bitsandbytes ({e}); pip install 'deltatune[quant]' "
-                         "(or use scheme 'int8', which needs only torch)") from None
-    return bitsandbytes, bf
+_bnb, _table = bnb, code_table  # the names quant/load.py and the NF4 tests reach through this module
 
 
 # --------------------------------------------------------------------------- rounding report
@@ -249,20 +224,20 @@ class NF4Linear(QuantLinear):
         super().__init__(weight, bias, name, block_size=block_size, double_quant=double_quant, **opts)
 
     def _store(self, w):  # w (out, in)
-        _, bf = _bnb()
+        _, bf = bnb()
         bs, dq, h = self.options["block_size"], self.options["double_quant"], self.options.get("input_sq")
         if h is None:  # bitsandbytes' own quantization: c = absmax
             q, st = bf.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=dq)
             absmax, offset, state2 = st.absmax, st.offset, st.state2
         else:
-            code = _table("nf4", w.device)
+            code = code_table("nf4", w.device)
             scale = search_scales(w, h, bs, code)  # (blocks,) fp32, signed
             absmax, offset, state2 = scale, None, None
             if dq:  # bitsandbytes' double quantization, then round against the scales it decodes
                 offset = scale.mean()
                 absmax, state2 = bf.quantize_blockwise(scale - offset, blocksize=256)
                 scale = bf.dequantize_blockwise(absmax, state2) + offset
-            q = _pack(nf4_codes(w, scale, bs, code))
+            q = pack_nibbles(nf4_codes(w, scale, bs, code))
         self.register_buffer("qweight", q)  # (out·in/2, 1) uint8, two codes per byte
         self.register_buffer("absmax", absmax)  # (blocks,) fp32, or uint8 when double-quantized
         if dq:
@@ -271,13 +246,13 @@ class NF4Linear(QuantLinear):
             self.block_size2 = state2.blocksize
 
     def quant_state(self):
-        _, bf = _bnb()
+        _, bf = bnb()
         s2 = None
         if self.options["double_quant"]:
-            s2 = bf.QuantState(absmax=self.absmax2, code=_table("dynamic8", self.absmax2.device),
+            s2 = bf.QuantState(absmax=self.absmax2, code=code_table("dynamic8", self.absmax2.device),
                                blocksize=self.block_size2, dtype=torch.float32)
         return bf.QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                             code=_table("nf4", self.qweight.device), blocksize=self.options["block_size"], quant_type="nf4",
+                             code=code_table("nf4", self.qweight.device), blocksize=self.options["block_size"], quant_type="nf4",
                              dtype=self.compute_dtype, offset=getattr(self, "offset", None), state2=s2)
 
     @property
@@ -287,7 +262,7 @@ class NF4Linear(QuantLinear):
         return self.in_features % self.options["block_size"] != 0
 
     def _dequant(self):
-        _, bf = _bnb()
+        _, bf = bnb()
         if self._rows_split_blocks:  # decode as one flat row (exact), then reshape
             st = self.quant_state()
             st.shape = torch.Size((1, self.out_features * self.in_features))
@@ -296,58 +271,10 @@ class NF4Linear(QuantLinear):
 
     def _matmul(self, x):
         if self._rows_split_blocks:
-            return _DequantMatmul.apply(x, self)
-        bnb, _ = _bnb()
+            return DequantMatmul.apply(x, self)
+        bitsandbytes, _ = bnb()
         # MatMul4Bit saves the packed codes and dequantizes again in backward for dL/dx
-        return bnb.matmul_4bit(x, self.qweight.t(), quant_state=self.quant_state())
-
-
-class _DequantMatmul(torch.autograd.Function):
-    """y = x Wᵀ, W = layer._dequant() decoded in forward and again in backward: autograd keeps
-    the packed storage only (the layer), never a float W."""
-
-    @staticmethod
-    def forward(ctx, x, layer):  # x (..., in)
-        ctx.layer = layer
-        return F.linear(x, layer._dequant().to(x.dtype))  # (..., out)
-
-    @staticmethod
-    def backward(ctx, g):  # g (..., out)
-        gx = g @ ctx.layer._dequant().to(g.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
-        return gx, None
-
-
-def _table(kind: str, device: torch.device) -> torch.Tensor:
-    """The constant code tables bitsandbytes decodes with, one copy per device."""
-    if (kind, device) not in _TABLES:
-        _, bf = _bnb()
-        _TABLES[(kind, device)] = (bf.get_4bit_type("nf4", device=device) if kind == "nf4"
-                                   else bf.create_dynamic_map(signed=True).to(device))
-    return _TABLES[(kind, device)]
-
-
-_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' packing: element 2i in the high nibble, 2i+1 in the low one; (n/2, 1) uint8."""
-    if codes.numel() % 2:
-        codes = F.pad(codes, (0, 1))
-    return ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
-
-
-class _Int8Matmul(torch.autograd.Function):
-    """y = (x Qᵀ) ⊙ s; saves the int8 Q and s only, casts Q to x's dtype inside each pass."""
-
-    @staticmethod
-    def forward(ctx, x, q, scale):  # x (..., in), q (out, in) int8, scale (out,)
-        ctx.save_for_backward(q, scale)
-        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # (..., out)
-
-    @staticmethod
-    def backward(ctx, g):  # g (..., out)
-        q, scale = ctx.saved_tensors
-        gx = (g * scale.to(g.dtype)) @ q.to(g.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
-        return gx, None, None
+        return bitsandbytes.matmul_4bit(x, self.qweight.t(), quant_state=self.quant_state())
 
 
 class Int8Linear(QuantLinear):
@@ -368,7 +295,7 @@ class Int8Linear(QuantLinear):
         return (self.qweight.float() * self.scale[:, None]).to(self.compute_dtype)  # (out, in)
 
     def _matmul(self, x):
-        return _Int8Matmul.apply(x, self.qweight, self.scale)
+        return Int8Matmul.apply(x, self.qweight, self.scale)
 
 
 SCHEMES: dict[str, type[QuantLinear]] = {"nf4": NF4Linear, "int8": Int8Linear}
@@ -451,7 +378,7 @@ def quantize(model: nn.Module, scheme: str = "nf4", targets=None, skip=HEAD_NAME
     if scheme == "nf4":
         if block_size not in BLOCK_SIZES:
             raise DeltaError(f"nf4: block_size must be one of {BLOCK_SIZES}, got {block_size!r} (QLoRA uses 64)")
-        _bnb()
+        bnb()
     elif calibration is not None:
         raise DeltaError(f"calibration applies to scheme 'nf4' only ({scheme!r} keeps per-channel absmax)")
     paths = plan(model, targets, skip)
