@@ -16,6 +16,9 @@ optimizer recipe: :func:`lora_plus_groups` gives B a learning rate λ× that of 
 
 Layer types: nn.Linear, transformers' Conv1D (GPT-2, weight stored in×out), nn.Conv1d/2d,
 nn.Embedding, and the quantized linears of ``deltatune.quant`` (reached via ``base_weight``).
+
+DoRA is a *variant* object (``methods/dora.py``) that a delta hands its forward, merge and unmerge
+to; the peft ``adapter_config.json`` translation is ``methods/lora_peft.py``.
 """
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ from ..core.dtypes import build_dtype
 from ..core.targets import find_targets
 from ..core.adapters import adapter_tensors, base_at
 from ..core.layer_types import QUANT_LINEAR_TYPES, conv1d_type
-from ..fast import dora_linear, lora_dropout_addmm
+from ..fast import lora_dropout_addmm
+from .dora import DoraVariant, LinearDoraVariant
+from .lora_peft import LAYERS_PATTERNS, config_kwargs, layers_regex, peft_config  # noqa: F401 (re-exported)
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -101,27 +106,32 @@ def linear_layout(base: nn.Module) -> tuple[bool, int, int, torch.dtype]:
 
 # --------------------------------------------------------------------------- deltas
 
-class _Magnitude(nn.Module):
-    """DoRA's per-output-channel magnitude m, shape (out,). A module so the key is peft's."""
-
-    def __init__(self, m: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(m)
-
-
 class LoraDelta(Delta):
-    """Shared by every layer type: scaling, dropout, DoRA and PiSSA bookkeeping.
-    Subclasses define ``lora(x)`` (the un-scaled B A x) and ``product()`` (B A in W's layout)."""
+    """Shared by every layer type: scaling, dropout, PiSSA bookkeeping, and the hand-off to a
+    variant (``variant``: None for plain LoRA, a :class:`~deltatune.methods.dora.DoraVariant` for
+    DoRA) which then owns forward, merge and unmerge.  Subclasses define ``lora(x)`` (the
+    un-scaled B A x) and ``product()`` (B A in W's layout)."""
+
+    variant: DoraVariant | None = None
 
     @property
-    def additive(self) -> bool:  # y + s·BAx; DoRA renormalises W instead
-        return not self.use_dora
+    def additive(self) -> bool:  # y + s·BAx; a variant (DoRA) renormalises W instead
+        return self.variant is None
+
+    @property
+    def use_dora(self) -> bool:
+        return isinstance(self.variant, DoraVariant)
+
+    @property
+    def subtracts_initial(self) -> bool:
+        """PiSSA: the initial factors A0, B0 are kept (non-persistent buffers) and their product
+        subtracted, so the output is unchanged at init without rewriting the shared base W."""
+        return "A0" in self._buffers
 
     def _setup(self, r: int, alpha: float, cfg: LoraConfig):
         self.r = r
         self.scaling = alpha / (math.sqrt(r) if cfg.rslora else r)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.use_dora = cfg.dora
 
     def b_params(self) -> list[nn.Parameter]:
         """LoRA+: the 'B' side, which gets the larger learning rate."""
@@ -133,23 +143,22 @@ class LoraDelta(Delta):
 
     def delta_weight(self, base) -> torch.Tensor:
         d = self.product() * self.scaling
-        if getattr(self, "A0", None) is not None:
+        if self.subtracts_initial:
             d = d - self.product(initial=True) * self.scaling
         return d
 
-    def _init_dora(self, base):
-        with torch.no_grad():
-            w = self._w(base).float()
-            norm = self._norm(w + self.delta_weight(base).float())
-        self.lora_magnitude_vector = _Magnitude(norm.to(self.lora_B_dtype()))
+    def branch(self, xd: torch.Tensor) -> torch.Tensor:
+        """s·BA x_d, minus PiSSA's initial s·B₀A₀ x_d: what the adapter adds, before any variant."""
+        lora = self.lora(xd) * self.scaling
+        if self.subtracts_initial:
+            lora = lora - self.lora(xd, initial=True) * self.scaling
+        return lora
 
     def save_key(self, local_key: str) -> str:
         # peft writes DoRA magnitudes without the ".weight" suffix
         return local_key.removesuffix(".weight") if local_key.startswith("lora_magnitude_vector") else local_key
 
-    def _mag(self) -> torch.Tensor:
-        return self.lora_magnitude_vector.weight.reshape(-1)  # (out,)
-
+    # layout hooks the DoRA variant reads: per-output-channel norms, broadcasting, m's stored shape
     def _norm(self, w: torch.Tensor) -> torch.Tensor:
         # per output channel: Linear/Conv rows (out, ...) ; layout handled by _w
         return w.flatten(1).norm(dim=1)
@@ -157,45 +166,23 @@ class LoraDelta(Delta):
     def _channel(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return v  # linear: broadcast over the last dim; conv overrides
 
-    def forward(self, x, y, base):
-        xd = self.dropout(x)
-        lora = self.lora(xd) * self.scaling
-        if getattr(self, "A0", None) is not None:  # PiSSA: subtract the initial product
-            lora = lora - self.lora(xd, initial=True) * self.scaling
-        if not self.use_dora:
-            return y + lora.to(y.dtype)
-        # DoRA: y' = m/‖W+sBA‖ ⊙ (W x_d + sBA x_d) + b ; the norm is detached (paper §4.3)
-        w = self._w(base).to(self._mag().dtype)  # the norm in the adapter's dtype (fp32 on a half base)
-        with torch.no_grad():  # detached: no graph, no saved (out, in) copy for a gradient never taken
-            norm = self._norm(w + self.delta_weight(base).to(w.dtype))
-        scale = self._channel(self._mag() / norm, y)
-        if isinstance(self.dropout, nn.Identity):
-            bias = getattr(base, "bias", None)
-            base_out = y - self._channel(bias, y) if bias is not None else y
-        else:
-            base_out = self.base_no_bias(base, xd)
-        return y + (scale - 1) * base_out + scale * lora  # in the adapter's dtype; Delta.run casts back
+    def _magnitude_layout(self, m: torch.Tensor, base) -> torch.Tensor:
+        return m  # (out,); conv overrides
 
-    # DoRA merges are not additive: W' = m ⊙ (W+ΔW)/‖W+ΔW‖; remember the norm to undo it
+    def forward(self, x, y, base):
+        if self.variant is not None:
+            return self.variant.forward(self, x, y, base)
+        return y + self.branch(self.dropout(x)).to(y.dtype)
+
     def merge(self, base):
-        if not self.use_dora:
-            return super().merge(base)
-        w = self._w(base)
-        w = w.to(torch.promote_types(w.dtype, self._mag().dtype))  # round once, when set_base_weight casts
-        wd = w + self.delta_weight(base).to(w.dtype)
-        norm = self._norm(wd)
-        self._merged_norm = norm
-        scale = (self._mag() / norm).view(-1, *[1] * (w.dim() - 1))
-        self._set_w(base, wd * scale)
+        if self.variant is not None:
+            return self.variant.merge(self, base)
+        return super().merge(base)
 
     def unmerge(self, base):
-        if not self.use_dora:
-            return super().unmerge(base)
-        w = self._w(base)
-        w = w.to(torch.promote_types(w.dtype, self._mag().dtype))
-        scale = (self._mag() / self._merged_norm).view(-1, *[1] * (w.dim() - 1))
-        self._set_w(base, w / scale - self.delta_weight(base).to(w.dtype))
-        del self._merged_norm
+        if self.variant is not None:
+            return self.variant.unmerge(self, base)
+        return super().unmerge(base)
 
     def _set_w(self, base, w):
         set_base_weight(base, w)
@@ -216,7 +203,8 @@ class LoraLinear(LoraDelta):
         if cfg.init == "pissa":
             self._init_pissa(base)
         if cfg.dora:
-            self._init_dora(base)
+            self.variant = LinearDoraVariant()
+            self.variant.init(self, base)
 
     def lora_B_dtype(self):
         return self.lora_B.weight.dtype
@@ -226,7 +214,7 @@ class LoraLinear(LoraDelta):
 
     def bmm_factors(self, dtype: torch.dtype):
         # plain LoRA only: DoRA rescales, PiSSA's A0 path and a live dropout change the product
-        if (type(self).forward is not LoraLinear.forward or self.use_dora or getattr(self, "A0", None) is not None
+        if (type(self).forward is not LoraLinear.forward or self.variant is not None or self.subtracts_initial
                 or not (isinstance(self.dropout, nn.Identity) or not self.training)
                 or dtype != self.lora_B.weight.dtype):
             return None
@@ -255,15 +243,15 @@ class LoraLinear(LoraDelta):
         return d.t() if self.fan_in_fan_out else d
 
     def merge(self, base):
-        if self.use_dora:
-            return LoraDelta.merge(self, base)
+        if self.variant is not None:
+            return self.variant.merge(self, base)
         w, d = base_weight(base), self.delta_weight_native(base)
         dt = torch.promote_types(w.dtype, d.dtype)
         set_base_weight(base, w.to(dt) + d.to(dt))
 
     def unmerge(self, base):
-        if self.use_dora:
-            return LoraDelta.unmerge(self, base)
+        if self.variant is not None:
+            return self.variant.unmerge(self, base)
         w, d = base_weight(base), self.delta_weight_native(base)
         dt = torch.promote_types(w.dtype, d.dtype)
         set_base_weight(base, w.to(dt) - d.to(dt))
@@ -280,17 +268,9 @@ class LoraLinear(LoraDelta):
         return F.linear(x.to(self._w(base).dtype), self._w(base))
 
     def forward(self, x, y, base):
-        a, b = self.lora_A.weight, self.lora_B.weight
-        if (self.use_dora and getattr(self, "A0", None) is None and x.dtype == y.dtype == a.dtype
-                and (isinstance(self.dropout, nn.Identity) or not self.training)):
-            w = self._w(base)
-            with torch.no_grad():  # ‖W + sBA‖ per output row, detached (DoRA paper §4.3)
-                norm = torch.addmm(w.to(a.dtype), b, a, alpha=self.scaling).norm(dim=1)  # (out,)
-            bias = getattr(base, "bias", None)
-            # fused kernel: keeps one (N, out) tensor per layer instead of four
-            return dora_linear(x, y, None if bias is None else bias.to(y.dtype), a, b, self._mag(), norm,
-                               self.scaling)
-        if self.use_dora or getattr(self, "A0", None) is not None or y.dtype != self.lora_B.weight.dtype:
+        if self.variant is not None:
+            return self.variant.forward(self, x, y, base)
+        if self.subtracts_initial or y.dtype != self.lora_B.weight.dtype:
             return super().forward(x, y, base)
         # fast path: one fused addmm, y + s·(x A^T) B^T, without materialising the scaled branch
         if self.training and isinstance(self.dropout, nn.Dropout) and x.dtype == self.lora_A.weight.dtype:
@@ -327,7 +307,8 @@ class LoraConv(LoraDelta):
             nn.init.normal_(self.lora_A.weight, std=1 / r)
         nn.init.zeros_(self.lora_B.weight)
         if cfg.dora:
-            self._init_dora(base)
+            self.variant = DoraVariant()
+            self.variant.init(self, base)
 
     def lora_B_dtype(self):
         return self.lora_B.weight.dtype
@@ -349,10 +330,8 @@ class LoraConv(LoraDelta):
     def _channel(self, v, y):
         return v.view(1, -1, *[1] * (y.dim() - 2))
 
-    def _init_dora(self, base):
-        super()._init_dora(base)
-        m = self.lora_magnitude_vector.weight  # peft stores conv magnitudes as (1, out, 1, ...)
-        self.lora_magnitude_vector.weight = nn.Parameter(m.detach().view(1, -1, *[1] * (base.weight.dim() - 2)))
+    def _magnitude_layout(self, m, base):
+        return m.view(1, -1, *[1] * (base.weight.dim() - 2))  # peft stores conv magnitudes as (1, out, 1, ...)
 
     def base_no_bias(self, base, x):
         if "_own_forward_base" in self.__dict__:
@@ -462,7 +441,7 @@ class LoRA(Method):
         k = 2.0 if not cfg.rslora else math.sqrt(2.0)
         for path, layer in iter_delta_layers(model):
             d = layer.deltas[name] if name in layer.deltas else None
-            if isinstance(d, LoraLinear) and getattr(d, "A0", None) is not None:
+            if isinstance(d, LoraLinear) and d.subtracts_initial:
                 tensors[f"{path}.lora_A.weight"] = torch.cat([d.lora_A.weight.detach(), d.A0], 0)
                 tensors[f"{path}.lora_B.weight"] = torch.cat([d.lora_B.weight.detach(), -d.B0], 1)
         cfg = replace(cfg, init="default", r=2 * cfg.r, alpha=cfg.alpha * k,
@@ -484,58 +463,12 @@ class LoRA(Method):
             elif isinstance(d, CopyDelta):
                 saved.append(path)
         conv1d = conv1d_type()
-        return {
-            "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout, "target_modules": sorted(targets), "exclude_modules": None,
-            "modules_to_save": sorted(saved) or None, "bias": "none", "use_rslora": cfg.rslora,
-            "use_dora": cfg.dora, "init_lora_weights": True, "rank_pattern": dict(cfg.rank_pattern),
-            "alpha_pattern": dict(cfg.alpha_pattern), "layers_to_transform": None, "layers_pattern": None,
-            "fan_in_fan_out": any(conv1d is not None and isinstance(layer.base_layer, conv1d)
-                                  for _, layer in iter_delta_layers(model)),
-            "inference_mode": True, "revision": None,
-        }
+        fan_in_fan_out = any(conv1d is not None and isinstance(layer.base_layer, conv1d)
+                             for _, layer in iter_delta_layers(model))
+        return peft_config(cfg, targets, saved, fan_in_fan_out)
 
     def from_peft(self, d: dict[str, Any]) -> LoraConfig:
-        if d.get("bias", "none") != "none":
-            raise DeltaError(f"peft LoRA file with bias={d['bias']!r} (biases trained and stored next to the LoRA "
-                             "weights) cannot be loaded by deltatune; load it with peft, or retrain with bias='none'")
-        if d.get("target_parameters"):
-            raise DeltaError(f"peft LoRA file with target_parameters={list(d['target_parameters'])[:3]} (LoRA on raw "
-                             "parameters such as MoE experts) cannot be loaded by deltatune yet; load it with peft")
-        init = d.get("init_lora_weights", True)
-        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "eva")):
-            raise DeltaError(f"peft LoRA saved with init_lora_weights={init!r} needs peft's modified base "
-                             "weights; re-save it from peft with path_initial_model_for_weight_conversion")
-        targets = d.get("target_modules")
-        if isinstance(targets, (set, tuple)):
-            targets = list(targets)
-        if d.get("layers_to_transform") is not None:
-            targets = layers_regex(targets, d["layers_to_transform"], d.get("layers_pattern"))
-        return LoraConfig(
-            targets=targets, exclude=d.get("exclude_modules"), modules_to_save=d.get("modules_to_save") or None,
-            r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
-            rslora=bool(d.get("use_rslora", False)), dora=bool(d.get("use_dora", False)),
-            rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
-
-
-# peft's default names of the block list whose index layers_to_transform selects
-LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-
-
-def layers_regex(targets, layers, pattern=None) -> str:
-    """peft's ``target_modules`` + ``layers_to_transform`` (+ ``layers_pattern``) as one full-match
-    regex: a module is adapted when its name matches a target (exactly or as a dotted suffix) and
-    it sits in block ``<pattern>.<i>`` with i in ``layers``.  (peft ignores the layer filter when
-    target_modules is already a regex; so does this.)"""
-    if isinstance(targets, str):
-        return targets
-    if not targets:
-        raise DeltaError("peft LoRA file with layers_to_transform but no target_modules list; re-save it with "
-                         "target_modules=[...]")
-    idx = [layers] if isinstance(layers, int) else list(layers)
-    pats = [pattern] if isinstance(pattern, str) else list(pattern or LAYERS_PATTERNS)
-    alt = lambda xs: "|".join(re.escape(str(x)) for x in xs)  # noqa: E731
-    return rf"(?:.*\.)?(?:{alt(pats)})\.(?:{alt(idx)})\.(?:.*\.)?(?:{alt(targets)})"
+        return LoraConfig(**config_kwargs(d))
 
 
 def lora_plus_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict]:
