@@ -8,7 +8,7 @@ import torch
 
 import deltatune as dt
 from deltatune.core.procmem import MemoryTrace, release_to_os
-from deltatune.quant.quantize import quantized_layers
+from deltatune.quant.layers import quantized_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MARGIN_MIB = 12  # allocator slack, bitsandbytes' scratch, the skeleton's buffers (rotary tables)
