@@ -33,6 +33,7 @@ from ..models import load_model
 from ..storage import model_card
 from ..train import distributed as dtd
 from ..train.losses import causal_lm_batch_loss
+from ..train.memory import checkpointing_pays
 from ..train.checkpoint import CHECKPOINTS
 from ..train.runlock import run_lock
 from ..train.trainer import TrainConfig, Trainer, plot
@@ -242,6 +243,82 @@ def train_run(o: RunOptions, log: Callable[[str], None] = print, on_model: Calla
 def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: float, tracker) -> dict:
     import torch
 
+    _check_output_dir(o, out, rank)
+    method_config = _check_before_loading(o)
+    train_ex, val_ex = prepare(o)
+    seed = o.train.get("seed", 0)
+    torch.manual_seed(seed)  # the fresh head's init is part of the run
+    model, proc, path, template = _load_base(o, train_ex, log)
+    max_length = o.max_length or MAX_LENGTH[o.task]
+    log(f"data: {len(train_ex)} train / {len(val_ex)} validation rows from {o.data}"
+        + (f"; labels {train_ex.label_names}" if train_ex.label_names else "")
+        + (f"; format {train_ex.format}, loss on {o.train_on}" if train_ex.format else ""))
+    feats = _encode(o, model, proc, train_ex, val_ex, max_length, log)
+    metric, greater = MAIN_METRIC[o.task]
+    tok = proc if o.task != "image-classify" else None
+    fg = Forgetting(tok, o.task, read_reference(o.reference) if o.reference else None).snapshot(model)
+    before = task_metrics(o.task, model, feats.val, feats.collate)
+    log("before: " + _fmt(before))
+    if on_model is not None:
+        on_model("base", model, proc)
+    bs = int(o.train.get("batch_size", TrainConfig.batch_size))
+    attach_method(model, o.method, o.method_options,  # selection pass: the first 8 training batches
+                  batches=lambda: [feats.collate(feats.rows[i:i + bs])
+                                   for i in range(0, min(len(feats.rows), 8 * bs), bs)])
+    counts = dt.trainable_parameters(model)
+    log(f"method: {o.method} {o.method_options or ''} | trainable {counts.trainable:,} of {counts.total:,} "
+        f"({counts.percent:.3f}%)")
+    lr = o.lr or default_lr(o.method, o.task)
+    cfg = _train_config(o, model, lr, metric, greater, bs, max_length, log)
+    # causal LMs: the chunked loss (same value and gradients, no (B, T, V) fp32 logits in memory)
+    loss = {"loss_fn": causal_lm_batch_loss} if o.task == "causal-lm" else {}
+    tracker.log_config(resolved_config(o, cfg, method_config, max_length, train_ex, val_ex, feats.pack_mode, counts))
+    tracker.log_metrics({f"eval/{k}": v for k, v in before.items()}, 0)
+    trainer = Trainer(model, feats.train, cfg, collate=feats.train_collate, output_dir=out,
+                      eval_fn=lambda m: task_metrics(o.task, m, feats.val, feats.collate), tracker=tracker, **loss)
+    if rank == 0 and not (o.resume and (out / OPTIONS_FILE).exists()):
+        atomic_write_json(out / OPTIONS_FILE, options_fingerprint(o))
+    # torch / transformers / datasets warnings (dynamo recompiles, deprecations) go to train.log, not
+    # into the progress bar; DELTATUNE_VERBOSE=1 shows them as well
+    with library_log(out / "train.log" if rank == 0 else None):
+        result = trainer.train(resume=o.resume)
+    after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps and not cfg.early_stopping \
+        else task_metrics(o.task, model, feats.val, feats.collate)
+    after = {k: v for k, v in after.items() if k != "step"}
+    forgetting = fg.measure(model)
+    log("after:  " + _fmt(after))
+    tracker.log_metrics({**{f"eval/{k}": v for k, v in after.items()},
+                         **{f"forgetting/{k}": v for k, v in (forgetting or {}).items()}}, result.steps)
+    if on_model is not None:
+        on_model("trained", model, proc)
+    task_info = {"task": o.task, "base_model": o.model, "resolved_model": path, "label_names": train_ex.label_names,
+                 "max_length": max_length, "columns": _columns(o), "method": o.method,
+                 "trust_remote_code": o.trust_remote_code, "format": train_ex.format or None,
+                 "train_on": o.train_on, "chat_template": template,
+                 "weights": str(Path(o.weights).expanduser().resolve()) if o.weights else None,
+                 "image_size": o.image_size, "seed": seed, "quantize": o.quantize}  # seed: eval rebuilds the base's fresh head as it was
+    art = _save_artifact(o, out, rank, trainer, model, proc, task_info, result, metric, tracker)
+    metrics = {
+        "task": o.task, "model": o.model, "data": o.data, "method": o.method, "method_options": o.method_options,
+        "train_rows": len(train_ex), "val_rows": len(val_ex), "lr": lr, "train_config": dataclasses.asdict(cfg),
+        "before": before, "after": after, "metric": metric, "forgetting": forgetting,
+        "trainable_params": counts.trainable, "total_params": counts.total, "trainable_percent": counts.percent,
+        "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
+        "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
+        "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
+        "compiled": trainer.compiled,  # torch.compile ran to the end (False: off, or fell back to eager)
+        "artifact": str(art), "artifact_bytes": sum(f.stat().st_size for f in art.iterdir() if f.is_file()),
+        "history": result.history, "evals": result.evals, "plot": str(out / "training.png"),
+    }
+    if rank == 0:
+        atomic_write_json(out / METRICS_FILE, metrics)
+        write_run_card(o, metrics, art, train_ex.format)
+    return metrics
+
+
+def _check_output_dir(o: RunOptions, out: Path, rank: int) -> None:
+    """--resume must match the run in ``out``; --overwrite drops its checkpoints; otherwise a
+    directory already holding a run is an error (never train over someone's results)."""
     if o.resume:
         check_resume(o, out)
     if o.overwrite and not o.resume and rank == 0:
@@ -252,15 +329,21 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         if (out / METRICS_FILE).exists() or (out / CHECKPOINTS).exists():
             raise DeltaError(f"output directory {out} already holds a run; pass --resume to continue it, "
                              "or choose another --output")
+
+
+def _check_before_loading(o: RunOptions):
+    """The checks that cost nothing, before minutes of loading: returns the method's config."""
     method_config = dt.make_config(o.method, **o.method_options) if o.method != "full" else None  # typos fail here
     if o.task == "causal-lm":
         if o.train_on not in TRAIN_ON:
             raise DeltaError(f"unknown --train-on {o.train_on!r}; choose one of {list(TRAIN_ON)}")
         if o.chat_template:
             chat_template_text(o.chat_template)  # a missing file fails here, not after loading the model
-    train_ex, val_ex = prepare(o)
-    seed = o.train.get("seed", 0)
-    torch.manual_seed(seed)  # the fresh head's init is part of the run
+    return method_config
+
+
+def _load_base(o: RunOptions, train_ex, log):
+    """The base model (streamed into nf4/int8 with --quantize), its processor, resolved path and chat template."""
     if o.quantize:
         model, proc, path = load_quantized_model(o.model, o.quantize, o.task, o.trust_remote_code)
     else:
@@ -269,70 +352,48 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     template = set_chat_template(proc, o.chat_template)
     if getattr(model, "config", None) is not None:  # adapter_config / model card record the real base
         model.config._name_or_path = real_model_name(o.model)
-    max_length = o.max_length or MAX_LENGTH[o.task]
-    log(f"data: {len(train_ex)} train / {len(val_ex)} validation rows from {o.data}"
-        + (f"; labels {train_ex.label_names}" if train_ex.label_names else "")
-        + (f"; format {train_ex.format}, loss on {o.train_on}" if train_ex.format else ""))
+    return model, proc, path, template
+
+
+@dataclass
+class _Features:
+    train: list  # what the trainer iterates: packed sequences when packing is on, else ``rows``
+    rows: list  # the unpacked training rows (the selection pass of sparse methods batches them)
+    val: list
+    collate: Callable  # rows -> batch (evaluation, selection)
+    train_collate: Callable  # ``train`` -> batch (PackedCollator when packed)
+    pack_mode: str | None  # "position_ids" | "mask" (block-diagonal) | None (not packed)
+
+
+def _encode(o: RunOptions, model, proc, train_ex, val_ex, max_length: int, log) -> _Features:
     train_f = encode_examples(train_ex, proc, max_length, o.train_on)
     val_f = encode_examples(val_ex, proc, max_length, o.train_on)
     coll = collate_for(proc)
-    rows_f, train_coll, pack_mode = train_f, coll, None  # rows_f: unpacked (sparse selection batches)
-    if use_packing(o, train_f, max_length):
-        pack_mode = packing.attention_mode(model)  # checked on the base: no adapter changes attention
-        train_f = packing.pack(rows_f, max_length)
-        train_coll = packing.PackedCollator(getattr(proc, "pad_token_id", None) or 0, pack_mode,
-                                            packing._model_dtype(model))
-        log(f"packing: {len(rows_f)} rows in {len(train_f)} sequence(s) of <= {max_length} tokens "
-            f"({sum(len(f['input_ids']) for f in train_f) / (len(train_f) * max_length):.0%} full; rows kept apart by "
-            f"{'restarting position ids' if pack_mode == 'position_ids' else 'a block-diagonal 4-D mask'})")
-    metric, greater = MAIN_METRIC[o.task]
-    tok = proc if o.task != "image-classify" else None
-    fg = Forgetting(tok, o.task, read_reference(o.reference) if o.reference else None).snapshot(model)
-    before = task_metrics(o.task, model, val_f, coll)
-    log("before: " + _fmt(before))
-    if on_model is not None:
-        on_model("base", model, proc)
-    bs = int(o.train.get("batch_size", TrainConfig.batch_size))
-    attach_method(model, o.method, o.method_options,  # selection pass: the first 8 training batches
-                  batches=lambda: [coll(rows_f[i:i + bs]) for i in range(0, min(len(rows_f), 8 * bs), bs)])
-    counts = dt.trainable_parameters(model)
-    log(f"method: {o.method} {o.method_options or ''} | trainable {counts.trainable:,} of {counts.total:,} "
-        f"({counts.percent:.3f}%)")
-    lr = o.lr or default_lr(o.method, o.task)
+    if not use_packing(o, train_f, max_length):
+        return _Features(train_f, train_f, val_f, coll, coll, None)
+    pack_mode = packing.attention_mode(model)  # checked on the base: no adapter changes attention
+    packed = packing.pack(train_f, max_length)
+    train_coll = packing.PackedCollator(getattr(proc, "pad_token_id", None) or 0, pack_mode,
+                                        packing._model_dtype(model))
+    log(f"packing: {len(train_f)} rows in {len(packed)} sequence(s) of <= {max_length} tokens "
+        f"({sum(len(f['input_ids']) for f in packed) / (len(packed) * max_length):.0%} full; rows kept apart by "
+        f"{'restarting position ids' if pack_mode == 'position_ids' else 'a block-diagonal 4-D mask'})")
+    return _Features(packed, train_f, val_f, coll, train_coll, pack_mode)
+
+
+def _train_config(o: RunOptions, model, lr: float, metric: str, greater: bool, bs: int, max_length: int, log):
+    """TrainConfig: the method's lr, the task's metric, small-memory defaults for a quantized base, then the flags."""
     small = {}
     if o.quantize and "gradient_checkpointing" not in o.train:  # a small-memory run: recompute when it pays
         small["gradient_checkpointing"] = checkpointing_pays(model, bs, max_length)
         log(f"quantized base ({o.quantize}): gradient checkpointing {'on' if small['gradient_checkpointing'] else 'off'}"
             " (activations estimate vs the quantized weights; --gradient-checkpointing forces it)")
-    cfg = TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **small, **o.train})
-    # causal LMs: the chunked loss (same value and gradients, no (B, T, V) fp32 logits in memory)
-    loss = {"loss_fn": causal_lm_batch_loss} if o.task == "causal-lm" else {}
-    tracker.log_config(resolved_config(o, cfg, method_config, max_length, train_ex, val_ex, pack_mode, counts))
-    tracker.log_metrics({f"eval/{k}": v for k, v in before.items()}, 0)
-    trainer = Trainer(model, train_f, cfg, collate=train_coll, output_dir=out,
-                      eval_fn=lambda m: task_metrics(o.task, m, val_f, coll), tracker=tracker, **loss)
-    if rank == 0 and not (o.resume and (out / OPTIONS_FILE).exists()):
-        atomic_write_json(out / OPTIONS_FILE, options_fingerprint(o))
-    # torch / transformers / datasets warnings (dynamo recompiles, deprecations) go to train.log, not
-    # into the progress bar; DELTATUNE_VERBOSE=1 shows them as well
-    with library_log(out / "train.log" if rank == 0 else None):
-        result = trainer.train(resume=o.resume)
-    after = result.evals[-1] if result.evals and result.evals[-1]["step"] == result.steps and not cfg.early_stopping \
-        else task_metrics(o.task, model, val_f, coll)
-    after = {k: v for k, v in after.items() if k != "step"}
-    forgetting = fg.measure(model)
-    log("after:  " + _fmt(after))
-    tracker.log_metrics({**{f"eval/{k}": v for k, v in after.items()},
-                         **{f"forgetting/{k}": v for k, v in (forgetting or {}).items()}}, result.steps)
-    if on_model is not None:
-        on_model("trained", model, proc)
-    # ---- outputs
-    task_info = {"task": o.task, "base_model": o.model, "resolved_model": path, "label_names": train_ex.label_names,
-                 "max_length": max_length, "columns": _columns(o), "method": o.method,
-                 "trust_remote_code": o.trust_remote_code, "format": train_ex.format or None,
-                 "train_on": o.train_on, "chat_template": template,
-                 "weights": str(Path(o.weights).expanduser().resolve()) if o.weights else None,
-                 "image_size": o.image_size, "seed": seed, "quantize": o.quantize}  # seed: eval rebuilds the base's fresh head as it was
+    return TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **small, **o.train})
+
+
+def _save_artifact(o: RunOptions, out: Path, rank: int, trainer, model, proc, task_info: dict, result, metric: str,
+                   tracker) -> Path:
+    """The adapter (or the full model) with task.json, and the training plot; returns its directory."""
     art = out / ("model" if o.method == "full" else "adapter")
     if o.method != "full":
         trainer.save_adapter(art)  # every rank calls it (FSDP gathers); rank 0 writes
@@ -344,44 +405,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     dtd.barrier()
     if rank == 0:
         tracker.log_artifact(art, "adapter" if o.method != "full" else "model")
-    size = sum(f.stat().st_size for f in art.iterdir() if f.is_file())
-    metrics = {
-        "task": o.task, "model": o.model, "data": o.data, "method": o.method, "method_options": o.method_options,
-        "train_rows": len(train_ex), "val_rows": len(val_ex), "lr": lr, "train_config": dataclasses.asdict(cfg),
-        "before": before, "after": after, "metric": metric, "forgetting": forgetting,
-        "trainable_params": counts.trainable, "total_params": counts.total, "trainable_percent": counts.percent,
-        "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
-        "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
-        "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
-        "compiled": trainer.compiled,  # torch.compile ran to the end (False: off, or fell back to eager)
-        "artifact": str(art), "artifact_bytes": size, "history": result.history, "evals": result.evals,
-        "plot": str(out / "training.png"),
-    }
-    if rank == 0:
-        atomic_write_json(out / METRICS_FILE, metrics)
-        write_run_card(o, metrics, art, train_ex.format)
-    return metrics
-
-
-# a transformer block keeps ~this many (B, T, hidden)-sized fp32 tensors for its backward (q, k, v,
-# attention output, norms, residuals, and the MLP's 3 intermediate-sized ones at ~2.7x hidden)
-ACTIVATIONS_PER_BLOCK = 16
-CHECKPOINTING_FLOOR = 32 * 2**20  # below this the saving is noise next to the libraries' ~170 MiB
-
-
-def checkpointing_pays(model, batch_size: int, max_length: int) -> bool:
-    """Recomputing activations (~1/3 more compute per step) pays when the stored activations would
-    be a large part of the process: here, when the estimate for all blocks exceeds a quarter of the
-    model's storage and 32 MiB.  The 1B-class Llama at 1x512 (bench/quant.py): ~1 GiB of activations against
-    ~0.8 GiB of NF4 weights and fp32 embeddings, so on; a tiny test model at 1x32: off."""
-    cfg = getattr(model, "config", None)
-    hidden = getattr(cfg, "hidden_size", None)
-    layers = getattr(cfg, "num_hidden_layers", None)
-    if not hidden or not layers or not getattr(model, "supports_gradient_checkpointing", False):
-        return False
-    acts = batch_size * max_length * hidden * 4 * ACTIVATIONS_PER_BLOCK * layers
-    storage = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return acts > max(storage / 4, CHECKPOINTING_FLOOR)
+    return art
 
 
 def use_packing(o: RunOptions, features: list[dict], max_length: int) -> bool:

@@ -51,26 +51,26 @@ rank 0 alone shows progress and writes checkpoints, the others wait at a barrier
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from . import distributed as dtd
 from ..core.delta import DeltaError
-from ..files import atomic_write, atomic_write_json
+from .results import TrainResult, plot, write_metrics  # noqa: F401 - plot, write_metrics: their public path
 from ..safety import first_nonfinite
 from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
+from .compile_fallback import COMPILE_RECOMPILE_LIMIT, fall_back_to_eager
 from .. import fast
 from ..data.examples import collate as default_collate
 from ..fast import enable_checkpointing, repeated_blocks
@@ -84,10 +84,6 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 
 
 COMPILE_AUTO_STEPS = 500  # compile="auto": ~30-60 s of compiling is repaid well before this many steps
-# compile="auto" compiles the blocks with symbolic batch and sequence sizes (one compile for every
-# padded length; a batch of 1 is one more); past this many recompilations the run goes eager instead
-# of spending minutes recompiling (torch's own limit, 8, only warns and keeps going per frame)
-COMPILE_RECOMPILE_LIMIT = 8
 
 
 @dataclass
@@ -138,20 +134,6 @@ class TrainConfig:
                              "line) is invalid"
                              + (f"; choose one of {sorted(SCHEDULES)}" if k == "schedule" else "")
                              + ("; use an integer in [0, 2**32)" if k == "seed" else ""))
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    total_steps: int
-    wall_time_s: float
-    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "grad_norm", "tokens"} per step
-    evals: list[dict] = field(default_factory=list)  # {"step", **metrics}
-    best: dict | None = None
-    stopped_early: bool = False
-    samples_per_s: float = 0.0
-    peak_rss_mb: float = 0.0
-    tokens_per_s: float = 0.0  # real (unpadded) input tokens of the training batches per second
 
 
 def run_step_hooks(model: nn.Module, step: int, total_steps: int) -> None:
@@ -334,27 +316,6 @@ class Trainer(CheckpointMixin):
             tokens += self._last_tokens  # this rank's; summed over the ranks by the caller
         return loss_sum, samples, tokens
 
-    def _fallback_to_eager(self, err: Exception) -> bool:
-        """compile="auto" must never cost a run: if torch.compile itself fails (no working C++
-        toolchain, an op dynamo cannot trace), drop the compiled blocks and redo the step eagerly."""
-        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
-
-        if self.cfg.compile != "auto" or not isinstance(err, (TorchDynamoException, FailOnRecompileLimitHit)):
-            return False
-        import logging
-
-        for block in repeated_blocks(self.model) or []:
-            block._compiled_call_impl = None
-        torch._dynamo.reset()
-        self.model.zero_grad(set_to_none=True)
-        why = ("the input shapes kept changing (more than %d recompilations)" % COMPILE_RECOMPILE_LIMIT
-               if isinstance(err, FailOnRecompileLimitHit) else
-               f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-        # one line for the user (deltatune's logger reaches the terminal); the details are in the run's log
-        logging.getLogger("deltatune").warning(
-            "torch.compile stopped (%s); training continues without it (--compile off skips the attempt)", why)
-        return True
-
     def _compile(self) -> bool:
         c = self.cfg
         if c.compile == "on":
@@ -366,8 +327,49 @@ class Trainer(CheckpointMixin):
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = False) -> TrainResult:
-        import numpy as np
+        c, model = self.cfg, self.model
+        compiled = self._prepare_model()
+        self.history, self.evals, self.best, self.bad_evals, self.best_state = [], [], None, 0, None
+        opt, sched = self._optimizer()
+        start = self._resume_or_seed(resume, opt, sched)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if c.precision == "bf16"
+                    else _Null())
+        bar = None
+        if c.progress and self.is_main:
+            from tqdm.auto import tqdm
 
+            bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        self.net.train()
+        t0, samples, tokens, stopped = time.perf_counter(), 0, 0, False
+        step = start
+        limits = (torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+                  if compiled and c.compile == "auto" else _Null())
+        try:
+            limits.__enter__()
+            while step < self.total_steps:
+                loss_sum, n, n_tok, grad_norm = self._optimisation_step(step, opt, sched, autocast)
+                step += 1
+                samples, tokens = samples + n, tokens + n_tok
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                self._log_step(step, loss_sum, sched.get_last_lr()[0], grad_norm, n_tok, samples / elapsed,
+                               tokens / elapsed, bar)
+                stopped = self._eval_and_checkpoint(step, opt, sched, bar)
+                if stopped:
+                    break
+        finally:
+            limits.__exit__(None, None, None)
+            if bar is not None:
+                bar.close()
+        restore = c.restore_best if c.restore_best is not None else bool(c.early_stopping)
+        if restore and self.best_state is not None:
+            self._load_trainable(self.best_state)
+        wall = time.perf_counter() - t0
+        model.eval()
+        return TrainResult(step, self.total_steps, wall, self.history, self.evals, self.best, stopped,
+                           samples / max(wall, 1e-9), peak_rss_mb(), tokens / max(wall, 1e-9))
+
+    def _prepare_model(self) -> bool:
+        """Checkpointing, regional compile and the DDP/FSDP wrap, once per run; True when compiled."""
         c, model = self.cfg, self.model
         if c.gradient_checkpointing:
             enable_checkpointing(model)
@@ -386,9 +388,13 @@ class Trainer(CheckpointMixin):
                     raise DeltaError(f"parallel='fsdp' is not supported here: {why}; use parallel='ddp'")
                 self.net = dtd.wrap(model, c.parallel, self.device)
                 self.params = [p for p in model.parameters() if p.requires_grad]  # FSDP: the sharded ones
-        self.history, self.evals, self.best, self.bad_evals, self.best_state = [], [], None, 0, None
-        opt, sched = self._optimizer()
-        start = 0
+        return compiled
+
+    def _resume_or_seed(self, resume: bool, opt, sched) -> int:
+        """The step to start from: the latest checkpoint's (its RNG states restored) or 0, freshly seeded."""
+        import numpy as np
+
+        c = self.cfg
         ckpt = self.latest_checkpoint() if resume and self.output_dir else None
         if resume and ckpt is None and self.output_dir is not None and (self.checkpoint_dir()).exists():
             # killed while writing the first checkpoint: nothing to lose, a fresh start is the exact
@@ -397,84 +403,66 @@ class Trainer(CheckpointMixin):
                 raise DeltaError(f"{self.checkpoint_dir()}: 'latest' names no complete checkpoint; write the "
                                  "name of the step-* directory to resume from into it")
         if ckpt is not None:
-            start = self._restore(ckpt, opt, sched)
-        else:
-            torch.manual_seed(c.seed)
-            random.seed(c.seed)
-            np.random.seed(c.seed)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if c.precision == "bf16"
-                    else _Null())
-        bar = None
-        if c.progress and self.is_main:
-            from tqdm.auto import tqdm
+            return self._restore(ckpt, opt, sched)
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+        np.random.seed(c.seed)
+        return 0
 
-            bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-        self.net.train()
-        t0, samples, tokens, stopped = time.perf_counter(), 0, 0, False
-        step = start
-        limits = (torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
-                  if compiled and c.compile == "auto" else _Null())
+    def _optimisation_step(self, step: int, opt, sched, autocast) -> tuple[float, int, int, float]:
+        """Optimizer step ``step + 1``: accumulate the micro-batches, refuse NaN gradients, clip, step,
+        then the methods' step hooks and the callbacks (gradients still present).  Returns the global
+        batch's (loss, samples, real tokens, grad norm before clipping)."""
+        c, model = self.cfg, self.model
+        rng = torch.get_rng_state() if self.compiled else None  # a failed compile replays the step
         try:
-            limits.__enter__()
-            while step < self.total_steps:
-                rng = torch.get_rng_state() if compiled else None  # a failed compile replays the step
-                try:
-                    loss_sum, n, n_tok = self._accumulate(step, autocast)
-                except Exception as e:  # noqa: BLE001 - only compiler failures are handled, the rest re-raised
-                    if not (compiled and self._fallback_to_eager(e)):
-                        raise
-                    compiled = self.compiled = False
-                    torch.set_rng_state(rng)
-                    loss_sum, n, n_tok = self._accumulate(step, autocast)
-                samples += n
-                bad = first_nonfinite([(n, dtd.local(q.grad)) for n, q in model.named_parameters()
-                                       if q.requires_grad])
-                if self.world > 1:  # the global batch's loss; every rank stops if one saw NaN
-                    loss_sum, n_bad, n_tok = dtd.sum_across_ranks([loss_sum, float(bad is not None), float(n_tok)])
-                    n_tok = int(n_tok)
-                    loss_sum /= self.world
-                    bad = bad or ("an adapter tensor (on another rank)" if n_bad else None)
-                tokens += n_tok
-                if bad is not None:  # stepping would write NaN into the weights (and the next checkpoint)
-                    last = self.latest_checkpoint() if self.output_dir else None
-                    raise DeltaError(f"gradient of {bad} is NaN/Inf at step {step + 1}; stopping (last good "
-                                     f"checkpoint: {last or 'none'}). Lower --lr or enable gradient clipping")
-                # the norm before clipping, for the log (max_norm=inf: measured, nothing scaled)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm or float("inf")))
-                opt.step()
-                sched.step()
-                step += 1
-                run_step_hooks(model, step, self.total_steps)
-                for cb in self.callbacks:
-                    cb(step, self.total_steps, model)
-                opt.zero_grad(set_to_none=True)
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                self.history.append({"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0],
-                                     "grad_norm": grad_norm, "tokens": n_tok})  # this step's real tokens
-                self.tracker.log_metrics({"train/loss": loss_sum, "train/lr": sched.get_last_lr()[0],
-                                          "train/grad_norm": grad_norm, "train/samples_per_s": samples / elapsed,
-                                          "train/tokens_per_s": tokens / elapsed}, step)
-                if bar is not None:
-                    rate = samples / elapsed
-                    bar.set_postfix(loss=f"{loss_sum:.4f}", samples_s=f"{rate:.1f}", refresh=False)
-                    bar.update(1)
-                if self.eval_fn is not None and (step % self.eval_every == 0 or step == self.total_steps):
-                    stopped = self._after_eval(step, bar)
-                if self.output_dir is not None and c.save_every and (step % c.save_every == 0):
-                    self.save_checkpoint(step, opt, sched)
-                if stopped:
-                    break
-        finally:
-            limits.__exit__(None, None, None)
-            if bar is not None:
-                bar.close()
-        restore = c.restore_best if c.restore_best is not None else bool(c.early_stopping)
-        if restore and self.best_state is not None:
-            self._load_trainable(self.best_state)
-        wall = time.perf_counter() - t0
-        model.eval()
-        return TrainResult(step, self.total_steps, wall, self.history, self.evals, self.best, stopped,
-                           samples / max(wall, 1e-9), peak_rss_mb(), tokens / max(wall, 1e-9))
+            loss_sum, n, n_tok = self._accumulate(step, autocast)
+        except Exception as e:  # noqa: BLE001 - only compiler failures are handled, the rest re-raised
+            if not (self.compiled and self.cfg.compile == "auto" and fall_back_to_eager(self.model, e)):
+                raise
+            self.compiled = False
+            torch.set_rng_state(rng)
+            loss_sum, n, n_tok = self._accumulate(step, autocast)
+        bad = first_nonfinite([(n, dtd.local(q.grad)) for n, q in model.named_parameters()
+                               if q.requires_grad])
+        if self.world > 1:  # the global batch's loss; every rank stops if one saw NaN
+            loss_sum, n_bad, n_tok = dtd.sum_across_ranks([loss_sum, float(bad is not None), float(n_tok)])
+            n_tok = int(n_tok)
+            loss_sum /= self.world
+            bad = bad or ("an adapter tensor (on another rank)" if n_bad else None)
+        if bad is not None:  # stepping would write NaN into the weights (and the next checkpoint)
+            last = self.latest_checkpoint() if self.output_dir else None
+            raise DeltaError(f"gradient of {bad} is NaN/Inf at step {step + 1}; stopping (last good "
+                             f"checkpoint: {last or 'none'}). Lower --lr or enable gradient clipping")
+        # the norm before clipping, for the log (max_norm=inf: measured, nothing scaled)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm or float("inf")))
+        opt.step()
+        sched.step()
+        run_step_hooks(model, step + 1, self.total_steps)
+        for cb in self.callbacks:
+            cb(step + 1, self.total_steps, model)
+        opt.zero_grad(set_to_none=True)
+        return loss_sum, n, n_tok, grad_norm
+
+    def _log_step(self, step: int, loss: float, lr: float, grad_norm: float, n_tok: int,
+                  samples_per_s: float, tokens_per_s: float, bar) -> None:
+        """One finished step into the history, the trackers and the progress bar."""
+        self.history.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                             "tokens": n_tok})  # this step's real tokens
+        self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                  "train/samples_per_s": samples_per_s, "train/tokens_per_s": tokens_per_s}, step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_s:.1f}", refresh=False)
+            bar.update(1)
+
+    def _eval_and_checkpoint(self, step: int, opt, sched, bar) -> bool:
+        """Evaluate every eval_every steps (and at the end), checkpoint every save_every; True = stop early."""
+        stopped = False
+        if self.eval_fn is not None and (step % self.eval_every == 0 or step == self.total_steps):
+            stopped = self._after_eval(step, bar)
+        if self.output_dir is not None and self.cfg.save_every and (step % self.cfg.save_every == 0):
+            self.save_checkpoint(step, opt, sched)
+        return stopped
 
     def _after_eval(self, step: int, bar) -> bool:
         m = self._evaluate()
@@ -503,43 +491,3 @@ class _Null:
 
     def __exit__(self, *a):
         return False
-
-
-# --------------------------------------------------------------------------- outputs
-
-def plot(result: TrainResult, path: str | Path, metric: str | None = None, title: str = "") -> Path:
-    """Training loss (raw and smoothed) and the evaluation metric against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in result.history]
-    losses = [h["loss"] for h in result.history]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="train loss")
-    if len(losses) >= 5:
-        w = max(2, len(losses) // 20)
-        sm = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1]) for i in range(len(losses))]
-        ax.plot(steps, sm, color="tab:blue", lw=2, label=f"train loss (mean of {w})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if result.evals:
-        keys = [metric] if metric and metric in result.evals[0] else [k for k in result.evals[0] if k != "step"][:2]
-        ax2 = ax.twinx()
-        for k, col in zip(keys, ("tab:orange", "tab:green")):
-            ax2.plot([e["step"] for e in result.evals], [e[k] for e in result.evals], "o-", color=col, label=f"eval {k}")
-        ax2.set_ylabel(", ".join(keys))
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    ax.set_title(title or "training")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return Path(path)
-
-
-def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    atomic_write_json(path, metrics)
