@@ -6,6 +6,7 @@ A function-level import hides a dependency from the reader; when it points up a 
 circle in disguise.  The one exception: cli/ and serve/ may import a part that needs an optional
 extra on first use, saying so on the line (``# lazy: <why>``).
 """
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,30 @@ def test_import_graph_has_no_circles():
 
 def test_import_graph_script_runs():
     assert import_graph.main([]) == 0
+
+
+MAX_FUNCTION_LINES, MAX_FILE_LINES = 80, 500
+
+
+def _long_parts():
+    """(what, lines) of every function over 80 lines and every file over 500 lines in the package;
+    a file may stay longer if its first 5 lines give the reason ("# long file: ...")."""
+    found = []
+    for path in sorted((ROOT / "src" / "deltatune").rglob("*.py")):
+        text = path.read_text()
+        rel = path.relative_to(ROOT / "src")
+        n = text.count("\n")
+        if n > MAX_FILE_LINES and "# long file:" not in "\n".join(text.splitlines()[:5]):
+            found.append((f"file {rel}", n))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_FUNCTION_LINES:
+                    found.append((f"function {rel}:{node.name}", size))
+    return found
+
+
+def test_no_long_functions_or_files():
+    long = _long_parts()
+    assert not long, "split along ideas (one concern per function/module):\n" + "\n".join(
+        f"{what}: {n} lines" for what, n in long)
