@@ -88,3 +88,15 @@ def write_jsonl(path: Path, records) -> Path:
 
 def chat_jsonl(path: Path, n: int = 24) -> Path:
     return write_jsonl(path, [{"prompt": p, "response": r} for p, r in (CHAT * n)[:n]])
+
+
+def run_cli(*args, ok: bool = True):
+    """``deltatune ARGS`` through typer's CliRunner (in-process); with ``ok`` it must exit 0."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, (r.output, r.exception)
+    return r

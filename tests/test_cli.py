@@ -3,19 +3,10 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cli_fixtures import chat_jsonl, spam_rows, tiny_bert_dir, tiny_llama_dir, write_csv
-from deltatune.cli.main import app
+from cli_fixtures import chat_jsonl, spam_rows, tiny_bert_dir, tiny_llama_dir, write_csv, run_cli
 
-runner = CliRunner()
-
-
-def run(*args, ok=True):
-    r = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, (r.output, r.exception)
-    return r
+run = run_cli  # deltatune ARGS in-process (cli_fixtures.run_cli)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import deltatune as dt
-from deltatune.cli.main import app
+from cli_fixtures import run_cli
 from deltatune.core.delta import DeltaError
 from deltatune.app.gguf_export import DTYPES, load_gguf, logits_gap, write_gguf
 
@@ -115,14 +114,7 @@ def test_gguf_refuses_a_wordlevel_tokenizer(tmp_path):
 
 # --------------------------------------------------------------------------- the command line
 
-runner = CliRunner()
-
-
-def run(*args, ok=True):
-    r = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, (r.output, r.exception)
-    return r
+run = run_cli  # deltatune ARGS in-process (cli_fixtures.run_cli)
 
 
 @pytest.fixture(scope="module")

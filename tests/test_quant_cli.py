@@ -3,20 +3,12 @@ tiny Llama saved to disk, the adapter manifest's record of the base, and the mis
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from cli_fixtures import chat_jsonl, spam_rows, tiny_bert_dir, tiny_llama_dir, write_csv
-from deltatune.cli import app
+from cli_fixtures import chat_jsonl, spam_rows, tiny_bert_dir, tiny_llama_dir, write_csv, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-runner = CliRunner()
 
-
-def run(*args, ok=True):
-    r = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert r.exit_code == 0, (r.output, r.exception)
-    return r
+run = run_cli  # deltatune ARGS in-process (cli_fixtures.run_cli)
 
 
 @pytest.fixture(scope="module")
