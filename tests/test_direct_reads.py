@@ -75,3 +75,13 @@ def test_sparse_selection_leaves_them_out():
     batches = [dict(x, labels=torch.tensor([0, 1]))]
     sel = dt.select_sparse(model, batches, budget=200)
     assert sel and not {p.rsplit(".", 1)[-1] for p in sel} & {"q_proj", "k_proj", "v_proj", "out_proj"}
+
+
+@pytest.mark.parametrize("method", ["ia3", "vera"])
+def test_method_defaults_give_way_to_reachable_layers(method):
+    """IA3's family defaults (k/v projections) and VeRA's (query/value) are all read directly on
+    WavLM: the defaults fall back to the layers an adapter reaches, instead of refusing."""
+    model = zoo.build("wavlm")
+    dt.attach(model, method)
+    wrapped = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if type(m).__name__ == "DeltaLayer"}
+    assert "intermediate_dense" in wrapped and not wrapped & {"q_proj", "k_proj", "v_proj", "out_proj"}

@@ -72,13 +72,15 @@ def find_targets(
     types: Iterable[type] | None = None,
     exclude: list[str] | str | None = None,
     default: str = "all-linear",
+    from_defaults: bool = False,
 ) -> list[str]:
     """Paths of the modules to adapt. ``types`` restricts by layer class (a method lists the
     layer types it supports).  Raises a DeltaError that names the closest existing modules
-    when nothing matches."""
+    when nothing matches.  ``from_defaults``: ``targets`` is the method's own choice, not the
+    user's, so layers an adapter cannot reach are left out as with ``all-linear``."""
     types = tuple(types) if types is not None else None
     if targets is None:
-        targets = default
+        targets, from_defaults = default, True
     for what, pat in (("targets", targets), ("exclude", exclude)):
         _check_pattern(what, pat)
     modules = [(p, m) for p, m in iter_base_modules(model) if p]
@@ -111,7 +113,10 @@ def find_targets(
                     f"{f' (and {len(leaves) - 1} more)' if len(leaves) > 1 else ''}, which this method cannot "
                     f"adapt; supported types: {[t.__name__ for t in types]} - exclude it or pick other targets")
         found = [p for p, m in modules if p in found and isinstance(m, types)]
-        found = skip_direct_reads(model, targets, found)
+        found = skip_direct_reads(model, "all-linear" if from_defaults else targets, found)
+        if not found and from_defaults and targets != "all-linear":
+            # e.g. WavLM: its query/value projections are all read directly; the defaults give way
+            return find_targets(model, "all-linear", types, exclude)
     if not found:
         raise DeltaError(no_match_message(model, targets, types))
     return found

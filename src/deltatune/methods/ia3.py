@@ -137,6 +137,7 @@ def _layer_types() -> tuple[type, ...]:
 def resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
     """(target paths, feedforward paths) with the architecture defaults filled in."""
     targets, ff = cfg.targets, cfg.feedforward
+    chosen = targets is None  # the defaults below, not the user's list
     if targets is None:
         leaves = [p for p, _ in iter_base_modules(model) if p]
         fam = next(((t, f) for t, f in DEFAULTS if all(any(matches(p, [n]) for p in leaves) for n in t)), None)
@@ -149,7 +150,7 @@ def resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
         targets, ff = fam[0], (fam[1] if ff is None else ff)
     elif ff is None:
         ff = next((f for t, f in DEFAULTS if t == targets), [])
-    paths = find_targets(model, targets, types=_layer_types(), exclude=cfg.exclude)
+    paths = find_targets(model, targets, types=_layer_types(), exclude=cfg.exclude, from_defaults=chosen)
     ff_paths = [p for p in paths if matches(p, ff)]
     return paths, ff_paths
 
