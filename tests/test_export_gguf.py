@@ -16,7 +16,11 @@ import torch
 import deltatune as dt
 from cli_fixtures import run_cli
 from deltatune.core.delta import DeltaError
-from deltatune.app.gguf_export import DTYPES, load_gguf, logits_gap, write_gguf
+from deltatune.app.gguf_export import DTYPES, has_gguf_reader, load_gguf, logits_gap, write_gguf
+
+# the export verifies its file with transformers' own GGUF reader, which rebuilds tokenizers
+# faithfully from 5.x on; older releases are refused (tests/test_export_gguf_old.py)
+pytestmark = pytest.mark.skipif(not has_gguf_reader(), reason="transformers < 5: GGUF export is refused")
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

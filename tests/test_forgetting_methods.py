@@ -13,7 +13,7 @@ from conftest import tiny_bert_cls, word_tokenizer
 TEXTS = [" ".join(f"w{(i * 7 + j) % 60}" for j in range(3 + i % 5)) for i in range(12)]  # ragged lengths
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+@pytest.mark.parametrize("method", ["prompt", "lora"])  # prefix keeps the length (and BERT prefix needs transformers 5)
 def test_drift_is_zero_at_init_and_measured_on_the_users_tokens(method):
     model = tiny_bert_cls()
     fg = Forgetting(word_tokenizer(), "classify", texts=TEXTS, batch_size=5)

@@ -93,10 +93,14 @@ def _pre_name(pre: dict) -> str:
     """llama.cpp's name (``tokenizer.ggml.pre``) for how text is split before the merges: GPT-2's
     built-in regex is "gpt2"; a ``Split`` regex is looked up in the table transformers' GGUF reader
     uses to rebuild it (llama.cpp's names: "llama-bpe", "qwen2", ...)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt2"
+    try:  # the table exists in transformers >= 5; older readers rebuild only GPT-2's split
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:
+        raise DeltaError("GGUF export: this transformers cannot read back a tokenizer that splits text with "
+                         "a custom regex (it has no GGUF pre-tokenizer table); upgrade transformers (>= 5) or "
+                         "use --format safetensors") from None
     steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
     splits = [st.get("pattern", {}).get("Regex") for st in steps if st.get("type") == "Split"]
     names = {rx: name for name, rx in reversed(list(GGUF_PRE_TOKENIZER_SPLITS.items()))}
@@ -145,6 +149,16 @@ def _tensor(t: torch.Tensor, dtype: str):
     return quants.quantize(t.numpy(), GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
 
 
+def has_gguf_reader() -> bool:
+    """transformers' GGUF package (tokenizer mapping, pre-tokenizer table): present from 5.x on."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("transformers.integrations.gguf") is not None
+    except ImportError:
+        return False
+
+
 def write_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "fp32", name: str | None = None) -> Path:
     """Write ``model`` (a merged ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``) and ``tokenizer`` to
     ``path``.  Not atomic by itself: write into a temporary directory (``safety.atomic_dir``)."""
@@ -157,6 +171,10 @@ def write_gguf(model, tokenizer, path: str | os.PathLike, dtype: str = "fp32", n
 
     if dtype not in DTYPES:
         raise DeltaError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not has_gguf_reader():
+        raise DeltaError("--format gguf needs transformers' GGUF reader of transformers >= 5 (older ones rebuild "
+                         "the tokenizer differently, so the file could not be verified); upgrade transformers "
+                         "or use --format safetensors")
     arch = check_exportable(model)
     if tokenizer is None:
         raise DeltaError("GGUF export needs the model's tokenizer (a GGUF file carries its own); none was found")
