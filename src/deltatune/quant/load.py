@@ -28,6 +28,7 @@ from ..core.layer_types import conv1d_type
 from ..core.procmem import cap_heap_cache, release_to_os
 from ..core.targets import HEAD_NAMES
 from . import layers as Q
+from .sequential import calibrate_streamed
 
 Thunk = Callable[[], torch.Tensor]
 _CLOSE = "\0close"  # thunks entry that releases the source's files once every tensor is read
@@ -180,14 +181,20 @@ def _fill(model: nn.Module, thunks: dict[str, Thunk], quant_paths: set[str], cls
 
 def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, skip=HEAD_NAMES,
                    double_quant: bool = True, block_size: int = 64, dtype: torch.dtype = torch.float32,
-                   release: bool = True) -> nn.Module:
+                   release: bool = True, calibration=None) -> nn.Module:
     """A transformers model from ``path`` (a directory with config.json and safetensors weights, or
     a .gguf file) whose linear layers are quantized to ``scheme`` while loading, never holding the
     whole float model.  ``targets``/``skip``/``double_quant``/``block_size`` as in ``dt.quantize``.
     ``release`` (default) returns the loader's freed scratch memory to the OS after each layer
     and fixes glibc's mmap threshold (``procmem.cap_heap_cache``) so that training's per-step
-    dequantized weights go back to the OS too: the point of a quantized base is a small process."""
+    dequantized weights go back to the OS too: the point of a quantized base is a small process.
+    ``calibration`` (nf4 only; a batch or a list of batches, input_ids tensors or dicts of model
+    arguments): calibrated block scales as ``dt.quantize(..., calibration=)``, computed block by
+    block while streaming so at most one block is ever float (``quant/sequential.py``)."""
     d = Path(path).expanduser()
+    if calibration is not None and scheme != "nf4":
+        raise DeltaError(f"calibration applies to scheme 'nf4' only ({scheme!r} keeps per-channel absmax); "
+                         "drop calibration or use 'nf4'")
     if release:
         cap_heap_cache()
     cls = Q._scheme(scheme)
@@ -202,8 +209,15 @@ def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, s
         raise DeltaError(f"{d}: not a directory or .gguf file; pass a transformers model directory "
                          "with safetensors weights or a GGUF file")
     close = thunks.pop(_CLOSE, None)
+    calibrated = 0
     try:
-        _fill(model, thunks, set(Q.plan(model, targets, skip)), cls, opts, dtype, d, release)
+        quant_paths = set(Q.plan(model, targets, skip))
+        if calibration is None:
+            _fill(model, thunks, quant_paths, cls, opts, dtype, d, release)
+        else:
+            calibrated = calibrate_streamed(
+                model, thunks, quant_paths, lambda old, p, h: cls.from_float(old, name=p, **opts, input_sq=h),
+                calibration, lambda th, qp: _fill(model, th, qp, cls, opts, dtype, d, release), d, release)
     finally:
         if close is not None:
             close()
@@ -218,7 +232,8 @@ def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, s
                       f"e.g. {unexpected[:3]}", stacklevel=2)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.__dict__["_dt_quant"] = {"scheme": scheme, **opts}
+    # calibrated: the number of calibration batches (0: absmax scales); the adapter manifest keeps it
+    model.__dict__["_dt_quant"] = {"scheme": scheme, **opts, "calibrated": calibrated}
     if release:
         release_to_os()
     return model
