@@ -228,10 +228,12 @@ def configure_threads(threads: int | None = None) -> int:
 
 
 def load_quantized_model(spec: str, scheme: str, task: str = "causal-lm", trust_remote_code: bool = False,
-                         tokenizer_required: bool = True):
+                         tokenizer_required: bool = True, calibration=None):
     """``models.load_model``'s contract — (model, tokenizer, resolved path) — with the base streamed
     into ``scheme`` by :func:`load_quantized`: what ``deltatune train|eval|compare|serve --quantize``
-    load.  ``spec`` is a model directory, a cached Hub id or a .gguf file (streamed as it is)."""
+    load.  ``spec`` is a model directory, a cached Hub id or a .gguf file (streamed as it is).
+    ``calibration``: tokenizer -> batches (``--calibrate N``, app/calibration.py), run through the
+    base block by block while it streams, for calibrated NF4 scales."""
     if scheme not in SCHEMES:
         raise DeltaError(f"unknown --quantize {scheme!r}; choose one of {list(SCHEMES)}")
     if task not in QUANT_TASKS:
@@ -250,10 +252,11 @@ def load_quantized_model(spec: str, scheme: str, task: str = "causal-lm", trust_
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(path, local_files_only=True)
-    model = load_quantized(path, scheme)
-    tok = load_tokenizer(str(gguf.parent) if gguf is not None else path, spec, False, tokenizer_required)
+    tok = load_tokenizer(str(gguf.parent) if gguf is not None else path, spec, False,
+                         tokenizer_required or calibration is not None)
     if tok is not None and tok.pad_token is None:  # as models.load_model: pad with EOS (masked out anyway)
         tok.pad_token = tok.eos_token
+    model = load_quantized(path, scheme, calibration=None if calibration is None else calibration(tok))
     if tok is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, path

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import deltatune as dt
-from ..models import load_quantized_model
-from ..quant.load import QUANT_TASKS, SCHEMES
 from ..data import packing
 from ..tracking import make_trackers, parse_report_to
+from .calibration import check_quantize, from_examples
 from .console import library_log
 
 from ..core.delta import DeltaError
@@ -29,7 +28,7 @@ from ..core.method import METHODS, Method
 from ..data.chat_encode import TRAIN_ON, chat_template_text
 from ..data.examples import collate, encode, load_examples, split_validation
 from ..files import atomic_dir, atomic_write_json, umask
-from ..models import load_model
+from ..models import load_model, load_quantized_model
 from ..storage import model_card
 from ..train import distributed as dtd
 from ..train.losses import causal_lm_batch_loss
@@ -81,6 +80,7 @@ class RunOptions:
     reference: str | None = None  # text file for forgetting; None = packaged general text
     trust_remote_code: bool = False
     quantize: str | None = None  # nf4 | int8: stream the base into 4-/8-bit storage (QLoRA), causal-lm only
+    calibrate: int = 0  # with nf4: calibrated block scales from this many training batches (app/calibration.py)
     weights: str | None = None  # state dict for a timm:/torchvision:/module:factory model
     image_size: int | None = None  # override the vision model's input side (None = its own config)
     resume: bool = False
@@ -104,14 +104,7 @@ def check_options(o: RunOptions) -> None:
     if not o.val_data and (not isinstance(o.val_fraction, (int, float)) or not 0 < o.val_fraction < 1):
         raise DeltaError(f"--val-fraction must be between 0 and 1, got {o.val_fraction!r}; e.g. 0.1 holds out "
                          "10 % of the rows (or pass --val-data)")
-    if o.quantize is not None and o.quantize not in SCHEMES:
-        raise DeltaError(f"unknown --quantize {o.quantize!r}; choose one of {list(SCHEMES)}")
-    if o.quantize is not None and o.task not in QUANT_TASKS:
-        raise DeltaError(f"--quantize applies to --task causal-lm (got {o.task!r}): other tasks add a fresh head "
-                         "that is not in the checkpoint; drop --quantize")
-    if o.quantize is not None and o.method == "full":
-        raise DeltaError("--quantize freezes the base in 4-/8-bit storage, so --method full cannot train it; "
-                         "use an adapter method (e.g. --method lora) or drop --quantize")
+    check_quantize(o.quantize, o.calibrate, o.task, o.method)
     if o.lr is not None and not 0 < o.lr < float("inf"):
         raise DeltaError(f"--lr must be a positive number, got {o.lr!r}")
     try:
@@ -133,7 +126,7 @@ def options_fingerprint(o: RunOptions) -> dict:
           "--val-data": o.val_data, "--val-fraction": None if o.val_data else o.val_fraction,
           "--max-length": o.max_length or MAX_LENGTH[o.task], "--max-train-rows": o.max_train_rows,
           "--lr": o.lr or default_lr(o.method, o.task), "--quantize": o.quantize, "--weights": o.weights, "--image-size": o.image_size,
-          "--packing": o.packing,
+          "--packing": o.packing, "--calibrate": o.calibrate,
           **{f"--{k.replace('_', '-')}": v for k, v in _columns(o).items()},
           **{f"--opt {k}": v for k, v in o.method_options.items()},
           **{f"--{k.replace('_', '-')}": v for k, v in train.items()}}
@@ -345,7 +338,9 @@ def _check_before_loading(o: RunOptions):
 def _load_base(o: RunOptions, train_ex, log):
     """The base model (streamed into nf4/int8 with --quantize), its processor, resolved path and chat template."""
     if o.quantize:
-        model, proc, path = load_quantized_model(o.model, o.quantize, o.task, o.trust_remote_code)
+        cal = from_examples(train_ex, o.calibrate, int(o.train.get("batch_size", TrainConfig.batch_size)),
+                            o.max_length or MAX_LENGTH[o.task], o.train_on, lambda tok: set_chat_template(tok, o.chat_template))
+        model, proc, path = load_quantized_model(o.model, o.quantize, o.task, o.trust_remote_code, calibration=cal)
     else:
         model, proc, path = load_model(o.model, o.task, train_ex.label_names or None, o.trust_remote_code,
                                        weights=o.weights, image_size=o.image_size, log=log)

@@ -14,6 +14,7 @@ import torch
 import deltatune as dt
 from ..models import load_quantized_model
 from ..quant.load import base_mismatch
+from .calibration import check_calibrate, from_examples
 from .export import Exported, check_options, export_merged
 from ..vision.classifier import is_vision_spec
 from .full_eval import evaluate_base, evaluate_full, full_run_dir
@@ -67,15 +68,16 @@ def _base_and_task(d: Path, model: str | None, task: str | None) -> tuple[str, s
 
 
 def load_with_adapter(adapter: str | Path, model: str | None = None, task: str | None = None,
-                      trust_remote_code: bool = False, quantize: str | None = None):
+                      trust_remote_code: bool = False, quantize: str | None = None, calibration=None):
     """(model with the adapter loaded, tokenizer, task, info, adapter dir, base spec).  With
-    ``quantize`` the base is streamed into nf4/int8 storage (``models.load_quantized_model``)."""
+    ``quantize`` the base is streamed into nf4/int8 storage (``models.load_quantized_model``;
+    ``calibration``: tokenizer -> batches for calibrated NF4 scales, app/calibration.py)."""
     d = adapter_dir(adapter)
     base, task, info = _base_and_task(d, model, task)
     labels = info.get("label_names") or None
     torch.manual_seed(info.get("seed", 0))  # a fresh head (under dt.disabled) initialised as in train's "before"
     if quantize:
-        m, proc, _ = load_quantized_model(base, quantize, task, trust_remote_code)
+        m, proc, _ = load_quantized_model(base, quantize, task, trust_remote_code, calibration=calibration)
     else:
         m, proc, _ = load_model(base, task, labels, trust_remote_code,
                                 weights=info.get("weights") if model is None else None, image_size=info.get("image_size"))
@@ -91,7 +93,7 @@ def quantization_warning(d: Path, quantize: str | None) -> str | None:
 
 def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch_size=32, trust_remote_code=False,
                      columns: dict | None = None, weights: str | None = None, image_size: int | None = None,
-                     quantize: str | None = None, log: Callable[[str], None] | None = None) -> dict:
+                     quantize: str | None = None, log: Callable[[str], None] | None = None, calibrate: int = 0) -> dict:
     """``eval``: an adapter (or a run holding adapter/) against its base with the adapter disabled;
     a ``--method full`` run against the base recorded at train time (:mod:`.full_eval`); with no
     adapter, the base ``model`` alone."""
@@ -104,15 +106,20 @@ def evaluate_adapter(adapter, data, model=None, task=None, reference=None, batch
     if full_run_dir(adapter) is not None:
         return evaluate_full(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
                              trust_remote_code=trust_remote_code, columns=columns)
+    check_calibrate(calibrate, quantize)
     warning = quantization_warning(adapter_dir(adapter), quantize)
     if warning and log is not None:
         log(f"warning: {warning}")
-    m, proc, task, info, d, base = load_with_adapter(adapter, model, task, trust_remote_code, quantize)
+    _, task, info = _base_and_task(adapter_dir(adapter), model, task)
     cols = {k: v for k, v in (info.get("columns") or {}).items()}
     cols.update({k: v for k, v in (columns or {}).items() if v is not None})
-    set_chat_template(proc, info.get("chat_template"))  # the template the adapter was trained with
     ex = load_examples(task, data, label_names=info.get("label_names") or None, **cols)
-    feats = encode_examples(ex, proc, info.get("max_length") or MAX_LENGTH[task], info.get("train_on") or "responses")
+    max_length, train_on = info.get("max_length") or MAX_LENGTH[task], info.get("train_on") or "responses"
+    template = lambda tok: set_chat_template(tok, info.get("chat_template"))  # noqa: E731  (as at training)
+    m, proc, task, info, d, base = load_with_adapter(adapter, model, task, trust_remote_code, quantize,
+                                                     from_examples(ex, calibrate, batch_size, max_length, train_on, template))
+    template(proc)
+    feats = encode_examples(ex, proc, max_length, train_on)
     coll = collate_for(proc)
     metrics = task_metrics(task, m, feats, coll, batch_size)
     with dt.disabled(m):
@@ -299,6 +306,16 @@ def inspect_path(path: str, task=None, method="lora", options=None, trust_remote
     return inspect_model(path, task, method, options or {}, trust_remote_code)
 
 
+def quantization_note(q: dict | None) -> str:
+    """How the adapter's base was stored at training, for ``inspect``: '' (float), ', nf4 base
+    (calibrated on 8 batches)'."""
+    if not q:
+        return ""
+    cal = q.get("calibrated")
+    how = f"calibrated on {cal} batch(es)" if cal else "absmax scales" if q.get("scheme") == "nf4" else ""
+    return f", {q.get('scheme')} base" + (f" ({how})" if how else "")
+
+
 def print_inspect(out, res: dict) -> None:
     from rich.table import Table
 
@@ -306,7 +323,8 @@ def print_inspect(out, res: dict) -> None:
         out.log(f"adapter {res['path']}: method {res['method']}, integrity {res['integrity']}"
                 + (f" ({res['error']})" if res["error"] else ""))
         if res.get("base_model"):
-            out.log(f"base model: {res['base_model'].get('class')} from {res['base_model'].get('name_or_path')}")
+            out.log(f"base model: {res['base_model'].get('class')} from {res['base_model'].get('name_or_path')}"
+                    + quantization_note(res["base_model"].get("quantization")))
         t = Table(title="files")
         t.add_column("file")
         t.add_column("bytes", justify="right")

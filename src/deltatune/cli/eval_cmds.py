@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from ..app.importance_report import importance_report
+from ..app.calibration import check_calibrate
 from ..app.tools import compare_methods, evaluate_adapter
-from .options import FORMAT_HELP, ConfigOpt, JsonOpt, Out, QuantizeOpt, one_line_errors
+from .options import FORMAT_HELP, CalibrateOpt, ConfigOpt, JsonOpt, Out, QuantizeOpt, one_line_errors
 
 
 @one_line_errors
@@ -36,6 +37,7 @@ def eval_cmd(
     trust_remote_code: bool = typer.Option(False),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Evaluate on the base streamed into nf4 or "
                                            "int8 storage (warns when the adapter was trained on the other kind)."),
+    calibrate: int = CalibrateOpt,
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -47,7 +49,7 @@ def eval_cmd(
                    format=format, data_split=data_split, data_config=data_config)
     res = evaluate_adapter(adapter, data, model=model, task=task, reference=reference, batch_size=batch_size,
                            trust_remote_code=trust_remote_code, columns=columns, weights=weights, image_size=image_size,
-                           quantize=quantize, log=out.log)
+                           quantize=quantize, log=out.log, calibrate=calibrate)
 
     def human():
         from rich.table import Table
@@ -95,6 +97,7 @@ def compare(
     max_train_rows: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     quantize: Optional[str] = QuantizeOpt,
+    calibrate: int = CalibrateOpt,
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -102,11 +105,12 @@ def compare(
     size) and a Pareto plot (metric vs trainable parameters, colour = forgetting); --full adds the
     full fine-tuning reference."""
     out = Out(as_json)
+    check_calibrate(calibrate, quantize)  # before the first method's process starts
     extra = {"--max-length": max_length, "--val-data": val_data, "--text-column": text_column,
              "--label-column": label_column, "--prompt-column": prompt_column,
              "--response-column": response_column, "--max-train-rows": max_train_rows, "--format": format,
              "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template,
-             "--quantize": quantize, "--weights": weights, "--image-size": image_size}
+             "--quantize": quantize, "--calibrate": calibrate or None, "--weights": weights, "--image-size": image_size}
     res = compare_methods([m.strip() for m in methods.split(",") if m.strip()], model, data, task, output,
                           max_steps, batch_size, seed, full, {k: v for k, v in extra.items() if v is not None},
                           log=out.log)

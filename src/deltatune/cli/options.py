@@ -126,5 +126,7 @@ FORMAT_HELP = ("causal-lm data format (default: from the columns): messages | sh
                "prompt-completion | text.")
 
 
+CalibrateOpt = typer.Option(0, "--calibrate", help="With --quantize nf4: calibrated block scales from N batches of "
+                            "the data, computed block by block while the base streams in (0 = absmax scales).")
 QuantizeOpt = typer.Option(None, "--quantize", help="causal-lm: stream the base into nf4 (QLoRA) or int8 storage "
                            "while loading (small-memory defaults: chunked loss, gradient checkpointing when it pays).")

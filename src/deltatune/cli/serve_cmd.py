@@ -37,6 +37,9 @@ def serve(
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 | auto (auto measures: bf16 on CPU only when "
                                            "a bf16 matmul is at least as fast as fp32 here)."),
     quantize: Optional[str] = typer.Option(None, help="nf4 | int8: quantize the linear layers while loading."),
+    calibrate: int = typer.Option(0, help="With --quantize nf4: calibrated block scales from N batches of 4 texts "
+                                          "(the packaged general text, or --calibrate-data), 0 = absmax."),
+    calibrate_data: Optional[str] = typer.Option(None, help="Text file for --calibrate (one text a line)."),
     batching: str = typer.Option("continuous", help="continuous (requests join the running batch at every "
                                                     "decoding step) | static (a batch decodes to its longest request)."),
     config: Optional[Path] = ConfigOpt,
@@ -46,7 +49,7 @@ def serve(
 
     token = _read_token(token_file) if token_file else None
     _check_adapter_dir(adapters)
-    placement = Placement(device, dtype, quantize)
+    placement = Placement(device, dtype, quantize, calibrate, calibrate_data)
     placement.check()  # before loading the model: a typo costs nothing
     if batching not in ("continuous", "static"):
         raise DeltaError(f"--batching {batching!r}: choose continuous or static")

@@ -12,7 +12,7 @@ from ..app.run import RunOptions
 from ..app.tools import command_line
 from ..core.delta import DeltaError
 from ..train.distributed import rank
-from .options import FORMAT_HELP, ConfigOpt, JsonOpt, Out, QuantizeOpt, one_line_errors, parse_opts
+from .options import FORMAT_HELP, CalibrateOpt, ConfigOpt, JsonOpt, Out, QuantizeOpt, one_line_errors, parse_opts
 
 
 # the flags of `train` that are TrainConfig fields (RunOptions.train); every other flag but the
@@ -95,6 +95,7 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace a previous run in --output."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code (only if you trust it)."),
     quantize: Optional[str] = QuantizeOpt,
+    calibrate: int = CalibrateOpt,
     progress: bool = typer.Option(True, help="Show the progress bar."),
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,

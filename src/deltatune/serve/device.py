@@ -23,6 +23,8 @@ import torch
 import transformers
 from torch import nn
 
+from ..app.calibration import check_calibrate, from_texts
+from ..app.evaluate import read_reference
 from ..core.delta import DeltaError
 from ..models import AUTO_CLASSES, load_model, load_tokenizer, resolve
 from ..quant import SCHEMES, load_quantized
@@ -37,12 +39,17 @@ class Placement:
     device: str = "cpu"  # torch device string, or "auto"
     dtype: str = "fp32"  # fp32 | bf16 | fp16 | auto
     quantize: str | None = None  # nf4 | int8 | None (full precision weights)
+    calibrate: int = 0  # nf4: calibrated block scales from this many batches of text (app/calibration.py)
+    calibrate_data: str | None = None  # a text file (a line a text); None: the packaged general text
 
     def check(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise DeltaError(f"--dtype {self.dtype!r}: choose one of auto, {', '.join(DTYPES)}")
         if self.quantize is not None and self.quantize not in SCHEMES:
             raise DeltaError(f"--quantize {self.quantize!r}: choose one of {', '.join(sorted(SCHEMES))}")
+        check_calibrate(self.calibrate, self.quantize, self.calibrate_data)
+        if self.calibrate_data is not None:
+            read_reference(self.calibrate_data)  # a missing or empty file fails before the model loads
 
 
 def pick_device(name: str) -> torch.device:
@@ -115,14 +122,18 @@ def load_served(spec: str, task: str, placement: Placement) -> tuple[nn.Module, 
         model, tok, _ = load_model(spec, task, tokenizer_required=False)  # no tokenizer: serve input_ids
     else:
         path = resolve(spec)
-        model = load_quantized(path, placement.quantize, model_cls=getattr(transformers, AUTO_CLASSES[task]),
-                               dtype=dtype)
-        tok = load_tokenizer(path, spec, False, required=False)
+        tok = load_tokenizer(path, spec, False, required=bool(placement.calibrate))  # calibration text needs it
         if tok is not None and tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        texts = read_reference(placement.calibrate_data) if placement.calibrate_data else None
+        make = from_texts(placement.calibrate, texts)
+        model = load_quantized(path, placement.quantize, model_cls=getattr(transformers, AUTO_CLASSES[task]),
+                               dtype=dtype, calibration=make(tok) if make else None)
     model = model.to(device=device) if placement.quantize else model.to(device=device, dtype=dtype)
     where = f"{type(model).__name__} on {device}, {str(dtype).removeprefix('torch.')} ({why})"
-    return model.eval(), tok, where + (f", {placement.quantize} linear layers" if placement.quantize else "")
+    cal = model.__dict__.get("_dt_quant", {}).get("calibrated")
+    return model.eval(), tok, where + (f", {placement.quantize} linear layers" if placement.quantize else "") + (
+        f" calibrated on {cal} batch(es)" if cal else "")
 
 
 __all__ = ["DTYPES", "Placement", "bf16_speed", "load_served", "pick_device", "pick_dtype"]
