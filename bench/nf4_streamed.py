@@ -66,7 +66,7 @@ def worker(arm: str) -> dict:
     transformers.utils.logging.set_verbosity_error()
     d = gguf_to_fp32(smollm2_gguf())
     tok = AutoTokenizer.from_pretrained(str(d))
-    n = int("".join(c for c in arm if c.isdigit()) or 0)  # calibration batches
+    n = int(arm.removeprefix("stream").removeprefix("memory")) if arm.startswith(("stream", "memory")) else 0
     cal = calibration(tok, n) if n else None
     enc = [tok(t, return_tensors="pt").input_ids for t in TEXTS]
     w = torch.randn(256, 256)  # the libraries' first calls outside the measurement

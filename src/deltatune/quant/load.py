@@ -243,13 +243,13 @@ SCHEMES = ("nf4", "int8")
 QUANT_TASKS = ("causal-lm",)  # a classifier's fresh head is not in the checkpoint to stream from
 
 
-def base_mismatch(recorded: dict | None, scheme: str | None) -> str | None:
+def base_mismatch(recorded: dict | None, scheme: str | None, use: str = "evaluated") -> str | None:
     """One line when an adapter trained on a 4-bit base is used on a float base or the reverse
-    (the adapter learnt to correct that base's rounding), else None."""
+    (the adapter learnt to correct that base's rounding), else None; ``use``: evaluated | served."""
     trained = (recorded or {}).get("scheme")
     if trained == scheme or (trained is None and scheme is None):
         return None
     was = f"a {trained} base" if trained else "a float base"
     now = f"a {scheme} base" if scheme else "a float base"
     fix = f"pass --quantize {trained}" if trained else "drop --quantize"
-    return f"adapter was trained on {was} and is evaluated on {now}; metrics may differ from training ({fix} to match)"
+    return f"adapter was trained on {was} and is {use} on {now}; metrics may differ from training ({fix} to match)"

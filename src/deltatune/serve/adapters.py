@@ -2,7 +2,8 @@
 direct children of the adapter directory, the bearer-token check, loading at start-up (a broken
 adapter is listed under ``failed``, the server still starts), and the routes
 
-    GET    /v1/adapters           loaded, available and failed adapters (open)
+    GET    /v1/adapters           loaded, available and failed adapters (open); a loaded adapter trained
+                                  on the other kind of base (4-bit vs float) carries a "warning"
     POST   /v1/adapters           {"name": "c"}   load ADAPTER_DIR/c        (bearer token)
     DELETE /v1/adapters/{name}    unload it                                (bearer token)
 
@@ -11,6 +12,7 @@ Messages name adapters, never server paths (``_public``)."""
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
 
 import hmac
+import json
 import logging
 import os
 import re
@@ -24,6 +26,7 @@ from .context import Served
 from .engine import RequestError
 from .schemas import LoadIn
 from ..api import _NAME_RE, delete
+from ..quant.load import base_mismatch
 from ..storage.adapter import CONFIG, MANIFEST, load
 
 TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
@@ -64,12 +67,33 @@ def _adapter_path(adapter_dir: Path | None, name: str) -> Path:
     return p
 
 
+def quantization_warning(s: Served, name: str) -> str | None:
+    """One line when adapter ``name`` (in the adapter directory) was trained on a 4-bit base and is
+    served on a float one or the reverse (its manifest's ``base_model.quantization``), else None."""
+    if s.adapter_dir is None:
+        return None
+    try:
+        man = json.loads((s.adapter_dir / name / MANIFEST).read_text(encoding="utf-8"))
+        recorded = (man.get("base_model") or {}).get("quantization")
+    except (OSError, ValueError, AttributeError):  # no manifest (a peft directory): nothing recorded
+        return None
+    served = (getattr(s.model, "__dict__", {}).get("_dt_quant") or {}).get("scheme")
+    return base_mismatch(recorded, served, use="served")
+
+
+def _warn_loaded(s: Served, name: str) -> None:
+    msg = quantization_warning(s, name)
+    if msg:
+        log.warning("adapter %s: %s", name, msg)
+
+
 def load_at_start(s: Served) -> None:
     """Every adapter of the directory, by the same rules as POST /v1/adapters; one that fails is
     recorded in ``s.failed`` (and logged), as no adapter may stop the server from starting."""
     for name in _available(s.adapter_dir):
         try:
             load(s.model, _adapter_path(s.adapter_dir, name), name=name)
+            _warn_loaded(s, name)
         except Exception as e:  # noqa: BLE001
             msg = e.message if isinstance(e, RequestError) else str(e) if isinstance(e, DeltaError) \
                 else f"cannot be loaded ({type(e).__name__}: {e})"
@@ -98,7 +122,8 @@ def admin_auth(token: str | None) -> Callable:
 
 def listing(s: Served) -> dict:
     st = get_state(s.model)
-    loaded = [{"name": n, "method": r.method} for n, r in list(st.adapters.items())]
+    loaded = [{"name": n, "method": r.method, **({"warning": w} if (w := quantization_warning(s, n)) else {})}
+              for n, r in list(st.adapters.items())]
     names = {d["name"] for d in loaded}
     return {"loaded": loaded, "available": [n for n in _available(s.adapter_dir) if n not in names],
             "failed": dict(s.failed)}
@@ -117,6 +142,7 @@ async def load_named(s: Served, name: Any) -> dict:  # POST /v1/adapters, and vL
             raise RequestError(422, f"adapter {name!r} cannot be loaded: {_public(str(e), s.adapter_dir)}")
         s.failed.pop(name, None)
         s.metrics.loaded.set(len(get_state(s.model).adapters))
+        _warn_loaded(s, name)
         return {"name": name, "method": get_state(s.model).adapters[name].method}
 
     return await s.engine.admin(do)
