@@ -140,6 +140,7 @@ def main() -> None:
             sys.exit(f"{arm}: {r.stderr.strip().splitlines()[-1]}")
         row = json.loads(r.stdout.strip().splitlines()[-1])
         print(time.strftime("%X"), row, flush=True)
+        res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}  # another run may have written
         res["rows"] = [x for x in res["rows"] if x["arm"] != arm] + [row]
         res["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
                        "load_average": os.getloadavg()[0], "command": " ".join(["bench/nf4_streamed.py"] + sys.argv[1:])}

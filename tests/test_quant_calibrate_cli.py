@@ -27,13 +27,14 @@ def crun(tmp_path_factory):
     out = d / "run"
     r = run("train", "--model", llama, "--data", data, "--task", "causal-lm", "--quantize", "nf4", "--calibrate", 2,
             "--output", out, "--max-steps", 1, "--batch-size", 4, "--no-progress", "--json")
-    return {"dir": d, "llama": llama, "data": data, "run": out, "metrics": json.loads(r.stdout)}
+    return {"dir": d, "llama": llama, "data": data, "run": out, "metrics": json.loads(r.stdout), "log": r.stderr}
 
 
 def test_train_records_the_calibration_and_inspect_shows_it(crun):
     man = json.loads((crun["run"] / "adapter" / "deltatune.json").read_text())
     assert man["base_model"]["quantization"] == {"scheme": "nf4", "block_size": 64, "double_quant": True,
                                                  "calibrated": 2}
+    assert "quantized base (nf4, calibrated on 2 batch(es)): gradient checkpointing" in crun["log"]
     r = run("inspect", crun["run"] / "adapter")
     assert "nf4 base (calibrated on 2 batch(es))" in r.output
 

@@ -381,7 +381,9 @@ def _train_config(o: RunOptions, model, lr: float, metric: str, greater: bool, b
     small = {}
     if o.quantize and "gradient_checkpointing" not in o.train:  # a small-memory run: recompute when it pays
         small["gradient_checkpointing"] = checkpointing_pays(model, bs, max_length)
-        log(f"quantized base ({o.quantize}): gradient checkpointing {'on' if small['gradient_checkpointing'] else 'off'}"
+        cal = model.__dict__.get("_dt_quant", {}).get("calibrated")  # batches that ran (fewer rows: fewer)
+        log(f"quantized base ({o.quantize}{f', calibrated on {cal} batch(es)' if cal else ''}): gradient checkpointing "
+            f"{'on' if small['gradient_checkpointing'] else 'off'}"
             " (activations estimate vs the quantized weights; --gradient-checkpointing forces it)")
     return TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **small, **o.train})
 

@@ -10,7 +10,8 @@
     y = x · dequant(q)ᵀ + b      forward AND backward dequantize on the fly: autograd saves the
                                  packed codes, never an fp32 copy of W (so QLoRA saves memory)
 
-Calibrated NF4 (``quantize(model, "nf4", calibration=batches)``): the same storage, but each
+Calibrated NF4 (``quantize(model, "nf4", calibration=batches)``, or while streaming with
+``load_quantized(path, "nf4", calibration=batches)``, quant/sequential.py): the same storage, but each
 block's scale is chosen to minimise the error the layer's *output* sees rather than c = absmax:
 
     s_b = argmin_s Σ_{j∈b} h_j (w_j − s·NF4[q_j])²     h_j = E[x_j²] of input feature j (calibration)
