@@ -114,3 +114,24 @@ def test_blocks_that_attend_differently_are_refused(tmp_path):
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(DeltaError, match="its blocks attend in different ways"):
         dt.load_quantized(tmp_path, "nf4", calibration=[torch.randint(0, 64, (1, 8))])
+
+
+def test_gguf_source_calibrates_like_safetensors(tmp_path):
+    """A .gguf file streams through the same block-by-block calibration: an fp32 GGUF of the tiny
+    Llama gives the codes of its safetensors directory."""
+    pytest.importorskip("gguf")
+    from deltatune.app.gguf_export import has_gguf_reader, write_gguf
+    from test_export_gguf import bpe_tokenizer, tiny
+
+    if not has_gguf_reader():
+        pytest.skip("transformers < 5: no GGUF reader to stream from")
+    tok = bpe_tokenizer()
+    m = tiny("llama", len(tok), tied=False)
+    m.config.architectures = ["LlamaForCausalLM"]
+    m.save_pretrained(tmp_path / "st")
+    f = write_gguf(m, tok, tmp_path / "m.gguf", "fp32")
+    cal = [dict(tok(["The river rose after three days of rain.", "hello there"], padding=True, return_tensors="pt"))]
+    a = dict(quantized_layers(dt.load_quantized(f, "nf4", calibration=cal)))
+    b = dict(quantized_layers(dt.load_quantized(tmp_path / "st", "nf4", calibration=cal)))
+    assert a.keys() == b.keys() and len(a) == 14
+    assert all(same_storage(a[p], b[p]) for p in a)

@@ -136,7 +136,10 @@ def _gguf_source(f: Path, model_cls, dtype) -> tuple[nn.Module, dict[str, Thunk]
     def read(t) -> torch.Tensor:
         res = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
                                 tensor_key_mapping=names, parsed_parameters=parsed)
-        return torch.from_numpy(np.ascontiguousarray(res.weights, dtype=np.float32))
+        arr = np.ascontiguousarray(res.weights, dtype=np.float32)
+        # an F32 tensor comes back as a read-only view of the file's memory map: torch warns on
+        # wrapping it, so copy that one tensor (a transient, as the dequantized ones are)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
     thunks: dict[str, Thunk] = {}
     unexpected = []
