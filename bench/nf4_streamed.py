@@ -106,8 +106,9 @@ def render(res: dict) -> str:
              "stream8": "NF4 streamed, calibrated 8×(4×128)", "stream16": "NF4 streamed, calibrated 16×(4×128)",
              "memory8": "NF4 in memory, calibrated 8×(4×128) (`dt.quantize`)"}
     m = res["meta"]
-    out = [f"Command: `{m['command']}` ({m['date']}, {m['cpu']}, load average {m['load_average']:.0f} on 2 cores: "
-           "seconds are inflated, memory is not).", "",
+    ran = ",".join(a for a in ARMS if a in rows)  # arms may come from several invocations (results are merged)
+    out = [f"Command: `.venv/bin/python bench/nf4_streamed.py --arms {ran}` (last arm {m['date']}, {m['cpu']}, "
+           f"load average {m['load_average']:.0f} on 2 cores: seconds are inflated, memory is not).", "",
            "| base | perplexity | vs fp32 | load s | anon peak MiB | mapped after load MiB |", "|---|---|---|---|---|---|"]
     for arm in ARMS:
         r = rows.get(arm)
