@@ -51,15 +51,17 @@ BUDGET_MIB = 4096
 
 # --------------------------------------------------------------------------- the checkpoint on disk
 
-def write_model(d: Path, size: str, layers: int | None = None) -> Path:
-    """A random-init Llama written as safetensors (built layer by layer on the meta device and
-    filled in shards, so writing the 1B model never holds the fp32 model and its copy)."""
+def write_model(d: Path, size: str, layers: int | None = None, *, shape: dict | None = None,
+                dtype: str = "float32") -> Path:
+    """A random-init Llama written as safetensors, filled in shards of 4 layers so writing the 1B
+    model never holds the whole model.  ``shape`` (LlamaConfig fields) replaces ``MODELS[size]``;
+    ``dtype`` is the on-disk dtype ("bfloat16" halves the disk and the writing time)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=1024, **{**MODELS[size],
-                      **({"num_hidden_layers": layers} if layers else {})})
+    fields = shape or {**MODELS[size], **({"num_hidden_layers": layers} if layers else {})}
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=1024, dtype=dtype, **fields)
     d.mkdir(parents=True, exist_ok=True)
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(d)
@@ -67,11 +69,16 @@ def write_model(d: Path, size: str, layers: int | None = None) -> Path:
     h, m, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
 
+    dt = getattr(torch, dtype)
+
     def w(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).contiguous()
+        return (torch.randn(*shape, generator=g, dtype=dt) * 0.02).contiguous()
+
+    def ones(n):
+        return torch.ones(n, dtype=dt)
 
     shards, index = [], {}
-    first = {"model.embed_tokens.weight": w(32000, h), "model.norm.weight": torch.ones(h)}
+    first = {"model.embed_tokens.weight": w(32000, h), "model.norm.weight": ones(h)}
     if not cfg.tie_word_embeddings:
         first["lm_head.weight"] = w(32000, h)
     shards.append(first)
@@ -80,8 +87,8 @@ def write_model(d: Path, size: str, layers: int | None = None) -> Path:
         shards.append({p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv, h),
                        p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, h),
                        p + "mlp.gate_proj.weight": w(m, h), p + "mlp.up_proj.weight": w(m, h),
-                       p + "mlp.down_proj.weight": w(h, m), p + "input_layernorm.weight": torch.ones(h),
-                       p + "post_attention_layernorm.weight": torch.ones(h)})
+                       p + "mlp.down_proj.weight": w(h, m), p + "input_layernorm.weight": ones(h),
+                       p + "post_attention_layernorm.weight": ones(h)})
     # one file per 4 layers, like a sharded hub checkpoint
     groups = [shards[0]] + [dict(kv for s in shards[1 + j:5 + j] for kv in s.items()) for j in range(0, L, 4)]
     for n, grp in enumerate(groups):
