@@ -1,7 +1,9 @@
 """QLoRA's memory as the user's process sees it (issue 18): NF4 vs fp32 LoRA, loaded from disk.
 
-    .venv/bin/python bench/quant.py                 # 110M + 1B-class + budget + perplexity -> docs/benchmarks.md
-    .venv/bin/python bench/quant.py --only 110m     # one part (110m | 1b | budget | ppl)
+    .venv/bin/python bench/quant.py                 # 110M + 1B-class + perplexity -> bench/results/quant-*.json
+    .venv/bin/python bench/quant.py --only 1b --rounds 2 --steps 2   # one part (110m | 1b | ppl), A,B,A,B
+    .venv/bin/python bench/quant.py --render        # the docs/benchmarks.md section from the results
+    .venv/bin/python bench/quant_budget.py --budget 2GiB   # the largest model within a budget (own file)
     .venv/bin/python bench/quant.py --no-write      # print only
 
 The user's path, one process per arm (``--worker``):
@@ -287,7 +289,7 @@ def main() -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     RESULTS.mkdir(exist_ok=True)
     for part in a.only or ["110m", "ppl", "1b"]:
-        t = time.perf_counter()
+        t, load_start = time.perf_counter(), os.getloadavg()[0]
         if part == "ppl":
             res = perplexity(log)
         else:
@@ -297,7 +299,7 @@ def main() -> None:
                 continue
             res = run_model(part, arms, a.rounds, a.steps, a.threads, log, not a.no_release)
         meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
-                "load_average": os.getloadavg()[0], "seconds": time.perf_counter() - t,
+                "load_start": load_start, "load_average": os.getloadavg()[0], "seconds": time.perf_counter() - t,
                 "command": " ".join(["bench/quant.py"] + sys.argv[1:])}
         (RESULTS / f"quant-{part}{'-before' if a.no_release else ''}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
 
@@ -394,10 +396,24 @@ def _targets() -> list[str]:
             for key, limit, what in checks:
                 v = rows[arm][key] / ref[key]
                 out.append(f"- {size} {arm}: {what} ≤ {limit}×: {v:.2f}× — {'met' if v <= limit else 'NOT met'}")
-    out.append("- 1B step time: one step per arm (`--steps 0`: the first step, allocator and optimizer warm-up "
-               "included), one process per arm, machine at load average ~10-15: a single noisy pair, not the "
-               "A, B, A, B medians the bench takes with `--rounds 2 --steps 2` on a quiet machine.")
+    out.append(_step_note(_load("1b")))
     return out
+
+
+def _step_note(res: dict | None) -> str:
+    """How the 1B step times were taken: a single first step, or medians over interleaved rounds."""
+    if not res:
+        return "- 1B step time: not measured."
+    rows = _merge_rounds(res["results"])
+    rounds = 1 + max(r.get("round", 0) for r in res["results"])
+    n = min(len(r["step_all"]) for r in rows if "error" not in r)
+    if "--steps 0" in res["meta"]["command"]:
+        return ("- 1B step time: one step per arm (`--steps 0`: the first step, allocator and optimizer warm-up "
+                "included), one process per arm: a single noisy pair, not interleaved medians.")
+    return (f"- 1B step time: median of {n} steps per arm (after one warm-up step per process) over {rounds} "
+            f"interleaved rounds (A, B, A, B; one process per arm and round); per process: "
+            + ", ".join(f"{r['name']} r{r['round'] + 1} {statistics.median(r['steps']):.0f} s"
+                        for r in res["results"] if r.get("steps")) + ".")
 
 
 def render() -> str:
@@ -413,7 +429,8 @@ def render() -> str:
         ref = next((r for r in rows if r["name"] == "fp32"), {})
         lines += [f"### {size}, batch 1×{SEQ[size]}", "",
                   f"Command: `.venv/bin/python {m['command']}` ({m['date']}, {m['cpu']}, load average "
-                  f"{m['load_average']:.0f} on 2 cores while it ran: step times are noisy, ratios of interleaved "
+                  + (f"{m['load_start']:.1f} at the start and " if "load_start" in m else "")
+                  + f"{m['load_average']:.1f} at the end on 2 cores: step times are noisy, ratios of interleaved "
                   f"arms are what to read; {m['seconds']:.0f} s).", ""]
         lines += _summary(rows, ref) + [""]
         lines += ["Per-phase trace, MiB above the process after importing and warming up the libraries: "
@@ -426,7 +443,13 @@ def render() -> str:
             lines += [f"Before issue 18 (loader of main at bbf4ff6, same worker): {before['meta']['command']}.", ""]
             lines += _summary(rb, refb) + [""] + _trace_table(rb) + [""]
     lines += _targets() + [""]
-    lines += ["**Largest model within 4 GiB per arm: not measured** (the search over layer count is not built).", ""]
+    budget = _load("budget")
+    if budget:
+        import quant_budget  # bench/quant_budget.py imports this file: imported here, when rendering
+
+        lines += quant_budget.render(budget)
+    else:
+        lines += ["**Largest model within a memory budget per arm: not measured** (`bench/quant_budget.py`).", ""]
     ppl = _load("ppl")
     if ppl:
         r = ppl["results"]

@@ -127,7 +127,8 @@ def run_guarded(job: dict, budget_mib: int, threads: int) -> dict:
     end = res["phases"][-1]
     # absolute anonymous pages = the end's absolute RssAnon minus the end's value above the import baseline
     base_anon = res["rss"]["RssAnon"] / 1024 - end["anon_mib"]
-    res["whole_peak"] = base_anon + res["peak_anon"] + res["rss"]["RssFile"] / 1024
+    res["anon_peak_abs"], res["file_end_abs"] = base_anon + res["peak_anon"], res["rss"]["RssFile"] / 1024
+    res["whole_peak"] = res["anon_peak_abs"] + res["file_end_abs"]
     res["seconds"] = time.perf_counter() - t0
     return res
 
@@ -149,8 +150,8 @@ def probe(arm: str, idx: int, budget_mib: int, threads: int, log) -> dict:
                            "checkpointing": True}, budget_mib, threads)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    row.update({k: res[k] for k in ("killed", "anon_at_kill", "error", "whole_peak", "peak_anon", "mapped",
-                                    "import_anon_mib", "steps", "seconds") if k in res})
+    row.update({k: res[k] for k in ("killed", "anon_at_kill", "error", "whole_peak", "anon_peak_abs", "file_end_abs",
+                                    "peak_anon", "mapped", "import_anon_mib", "steps", "seconds") if k in res})
     row["fits"] = "whole_peak" in row and row["whole_peak"] <= budget_mib
     log(f"{arm} #{idx} {row['params'] / 1e9:.2f}B (h{s['hidden_size']} L{s['num_hidden_layers']}, "
         f"{row['disk_gib']:.1f} GiB {ON_DISK[arm]}): " + json.dumps({k: row.get(k) for k in (
@@ -196,9 +197,8 @@ def _row(r: dict | None, budget_mib: int) -> str:
         return f"{head}: killed, anonymous memory {r['anon_at_kill']:.0f} MiB > {budget_mib} MiB after {r['seconds']:.0f} s"
     if "error" in r:
         return f"{head}: failed ({r['error'][:80]})"
-    return (f"{head}: {r['whole_peak']:.0f} MiB ({r['peak_anon'] + r['import_anon_mib']:.0f} anonymous above the bare "
-            f"interpreter + {r['whole_peak'] - r['peak_anon'] - r['import_anon_mib']:.0f} mapped), "
-            f"{'fits' if r['fits'] else 'over the budget'}")
+    return (f"{head}: {r['whole_peak']:.0f} MiB ({r['anon_peak_abs']:.0f} anonymous + {r['file_end_abs']:.0f} "
+            f"file pages), {'fits' if r['fits'] else 'over the budget'}")
 
 
 def render(res: dict) -> list[str]:
