@@ -223,8 +223,16 @@ def render(res: dict) -> list[str]:
         out.append(f"| {arm} | {f['a_mib']:.0f} + {f['mib_per_bparam']:.0f}·(params/1e9) ({f['points']} sizes; "
                    f"predicted largest #{r['predicted_idx']}) | {_row(r['largest'], budget)} | {_row(r['above'], budget)} |")
     if len(largest) == 2:
-        out += ["", f"Largest trainable model, NF4 / fp32: {largest['nf4'] / largest['fp32']:.2f}× the parameters "
+        out += ["", f"Largest trainable model, NF4 / fp32: **{largest['nf4'] / largest['fp32']:.2f}×** the parameters "
                 f"({largest['nf4'] / 1e9:.2f}B vs {largest['fp32'] / 1e9:.2f}B)."]
+    fits = {arm: r["fit"] for arm, r in res["arms"].items() if "fit" in r}
+    if fits:
+        out += ["", "Per billion parameters the fits charge " + ", ".join(
+            f"{arm} {f['mib_per_bparam']:.0f} MiB ({f['mib_per_bparam'] * 2**20 / 1e9:.2f} bytes/param)" for arm, f in fits.items())
+            + "; the intercept is the process without a model (interpreter, torch, transformers, bitsandbytes) plus "
+            "what does not scale with depth. Extrapolated by the same fits, not probed: at "
+            f"{2 * budget} MiB " + ", ".join(f"{arm} ≈ {(2 * budget - f['a_mib']) / f['mib_per_bparam']:.1f}B"
+                                             for arm, f in fits.items()) + "."]
     out += ["", "Every probe (params, whole-process peak MiB or what stopped it, seconds including the 2 steps):", ""]
     for arm, r in res["arms"].items():
         cells = [f"{p['params'] / 1e9:.2f}B " + (f"{p['whole_peak']:.0f}" if "whole_peak" in p else

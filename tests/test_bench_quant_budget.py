@@ -100,3 +100,19 @@ def test_a_probe_within_the_budget_reports_the_whole_process(monkeypatch, tmp_pa
     r = qb.run_guarded({"arm": "fp32"}, budget_mib=200, threads=1)
     # absolute anonymous at the import baseline = 10 - 5; peak = that + 40; + 30 MiB of file pages
     assert r["anon_peak_abs"] == 45.0 and r["file_end_abs"] == 30.0 and r["whole_peak"] == 75.0
+
+
+def test_render_reports_largest_per_arm_and_the_ratio(monkeypatch):
+    calls: list[int] = []
+    arms = {}
+    for arm, per_b in (("fp32", 4000), ("nf4", 700)):
+        monkeypatch.setattr(qb, "probe", fake_probe(lambda b, k=per_b: 600 + k * b, calls))
+        arms[arm] = qb.search(arm, 2048, 1, print)
+        for r in arms[arm]["probes"]:
+            r.update(anon_peak_abs=r["whole_peak"] - 300, file_end_abs=300, seconds=1)
+    meta = {"date": "d", "cpu": "c", "load_start": 1, "load_end": 2, "seconds": 60, "command": "bench/quant_budget.py"}
+    text = "\n".join(qb.render({"meta": meta, "budget_mib": 2048, "arms": arms}))
+    ratio = arms["nf4"]["largest"]["params"] / arms["fp32"]["largest"]["params"]
+    assert f"**{ratio:.2f}×**" in text and ratio > 4
+    for arm in arms.values():
+        assert f"{arm['largest']['params'] / 1e9:.2f}B (hidden" in text and "over the budget" in text
