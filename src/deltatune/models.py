@@ -5,10 +5,14 @@ stays off unless the user asks.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
@@ -33,6 +37,8 @@ def cache_root() -> Path:
 def quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if verbose():  # `deltatune --verbose`: transformers' own warnings and bars stay on
+        return
     try:
         from transformers.utils import logging
 
@@ -40,6 +46,40 @@ def quiet_transformers() -> None:
         logging.disable_progress_bar()
     except Exception:
         pass
+
+
+def verbose() -> bool:
+    """``deltatune --verbose`` (or DELTATUNE_VERBOSE=1): libraries' logs and progress bars reach the terminal."""
+    return os.environ.get("DELTATUNE_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' own tqdm bars ("Loading weights", "Writing model shards", "Converting and
+    de-quantizing GGUF tensors...") off for the block and restored after, unless :func:`verbose`.
+    Its GGUF reader calls ``tqdm.auto.tqdm`` directly instead of the switchable ``logging.tqdm``,
+    so that module's ``tqdm`` is swapped for a disabled one while the block runs (where it exists)."""
+    if verbose():
+        yield
+        return
+    from transformers.utils import logging as tlog
+
+    was_on = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        reader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        reader = None
+    bar = getattr(reader, "tqdm", None)
+    if bar is not None:
+        reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            reader.tqdm = bar
+        if was_on:
+            tlog.enable_progress_bar()
 
 
 def gguf_to_fp32(gguf_path: str | Path) -> Path:
@@ -55,12 +95,13 @@ def gguf_to_fp32(gguf_path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-        model.hf_quantizer = None  # else transformers refuses to save a "quantized" model
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
+        with quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+            model.hf_quantizer = None  # else transformers refuses to save a "quantized" model
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is an ordinary directory
         if out.exists():
             shutil.rmtree(out)

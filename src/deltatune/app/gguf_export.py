@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..core.delta import DeltaError
+from ..models import quiet_progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = ("safetensors", "gguf")
@@ -231,8 +232,9 @@ def load_gguf(path: str | os.PathLike):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    with quiet_progress():  # no "Converting and de-quantizing GGUF tensors" bar in the user's console
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     return model.eval(), tok
 
 
