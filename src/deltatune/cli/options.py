@@ -134,4 +134,4 @@ PackingOpt = typer.Option(None, "--packing/--no-packing", help="causal-lm: sever
                           "only to itself (default: on when the median row is <= half of --max-length; not with "
                           "prompt/prefix).")
 ReportToOpt = typer.Option("none", "--report-to", help="Experiment tracking: tensorboard, mlflow (comma-separated) "
-                           "or none; needs pip install 'deltatune[tracking]'.")
+                           "or none; needs pip install 'deltatune\\[tracking]'.")  # \\[: rich markup would eat [tracking]
