@@ -31,16 +31,19 @@ def _compare(lm, out, *flags, ok=True):
                    "--max-steps", 2, "--batch-size", 4, "--output", out, "--json", *flags, ok=ok)
 
 
+def test_compare_passes_no_packing_to_each_run(lm, tmp_path):
+    r = _compare(lm, tmp_path / "b", "--no-packing")  # these short rows would be packed by default
+    assert [row["method"] for row in json.loads(r.stdout)["rows"]] == ["lora"]
+    assert json.loads((tmp_path / "b" / "lora" / "metrics.json").read_text())["packing"] == "off"
+    assert not list((tmp_path / "b" / "lora").rglob("events.out.tfevents.*"))  # --report-to none: no tracker
+
+
 def test_compare_passes_packing_and_report_to_to_each_run(lm, tmp_path):
     pytest.importorskip("tensorboard")
-    r = _compare(lm, tmp_path / "a", "--packing", "--report-to", "tensorboard")
-    assert [row["method"] for row in json.loads(r.stdout)["rows"]] == ["lora"]
+    _compare(lm, tmp_path / "a", "--packing", "--report-to", "tensorboard")
     run = json.loads((tmp_path / "a" / "lora" / "metrics.json").read_text())
     assert run["packing"] != "off"  # packed (position_ids or block mask, whichever the model honours)
     assert list((tmp_path / "a" / "lora").rglob("events.out.tfevents.*"))  # the method's TensorBoard run
-    r = _compare(lm, tmp_path / "b", "--no-packing")
-    assert json.loads((tmp_path / "b" / "lora" / "metrics.json").read_text())["packing"] == "off"
-    assert not list((tmp_path / "b" / "lora").rglob("events.out.tfevents.*"))
 
 
 def test_compare_refuses_an_unknown_tracker_before_training(lm, tmp_path):
