@@ -34,7 +34,7 @@ class Method:
     # fresh head, need ~10x the rate of full fine-tuning; few-number methods are tuned higher
     default_lr: ClassVar[float] = 1e-3
     # what the method adapts when the config names no targets: a ``find_targets`` pattern
-    # ("all-linear", "attention", a list of names) that ``targets()`` uses, or - for methods that
+    # ("all-linear", "attention", a list of names) that ``target_paths()`` uses, or - for methods that
     # place themselves (selectors, bottleneck adapters, prompts) or whose choice depends on the
     # architecture (IA3 overrides ``default_targets_for``) - a one-line description; printed by
     # ``deltatune inspect --methods``
@@ -57,7 +57,7 @@ class Method:
         ``default_targets``.  Override where the choice depends on the architecture."""
         return self.default_targets
 
-    def targets(self, model: nn.Module, cfg: DeltaConfig, types: tuple[type, ...] | None = None) -> list[str]:
+    def target_paths(self, model: nn.Module, cfg: DeltaConfig, types: tuple[type, ...] | None = None) -> list[str]:
         """Paths ``attach`` adapts: ``cfg.targets`` (minus ``cfg.exclude``) or, when None, this
         method's defaults, where layers an adapter cannot reach are left out rather than refused."""
         chosen = cfg.targets is None

@@ -339,7 +339,7 @@ class AdaLoRA(Method):
     layer_types = ("Linear", "Conv1D", "NF4Linear/Int8Linear")
 
     def attach(self, model, cfg: AdaLoraConfig, name, state):
-        paths = self.targets(model, cfg, types=linear_types())
+        paths = self.target_paths(model, cfg, types=linear_types())
         made = [(p, AdaLoraDelta(base_at(model, p), cfg)) for p in paths]
         for p, d in made:
             if cfg.auto_orth and cfg.orth_reg_weight > 0:

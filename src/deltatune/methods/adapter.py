@@ -188,7 +188,7 @@ def _points(method: Method, model: nn.Module, cfg: AdapterConfig) -> list[tuple[
     points = cfg.resolved()[0]
     if cfg.targets is not None:
         kind = "par" if cfg.placement == "parallel" else "seq"
-        return [(kind, p, None) for p in method.targets(model, cfg)]
+        return [(kind, p, None) for p in method.target_paths(model, cfg)]
     paths = [p for p, _ in iter_base_modules(model) if p]
     if cfg.exclude is not None:
         paths = [p for p in paths if not matches(p, cfg.exclude)]

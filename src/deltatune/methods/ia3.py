@@ -171,7 +171,7 @@ class IA3(Method):
         return family(model)[0]  # peft's per-architecture table (DEFAULTS)
 
     def attach(self, model, cfg: IA3Config, name, state):
-        paths = self.targets(model, cfg, types=_layer_types())
+        paths = self.target_paths(model, cfg, types=_layer_types())
         ff = feedforward_paths(model, cfg, paths)
         made = [(p, IA3Delta(base_at(model, p), p in ff)) for p in paths]
         for p, d in made:

@@ -429,7 +429,7 @@ class LoRA(Method):
     default_targets = "all-linear"  # QLoRA (Dettmers et al. 2023): every linear layer beats q,v only
 
     def attach(self, model, cfg: LoraConfig, name, state):
-        paths = self.targets(model, cfg, types=tuple(_layer_table()))
+        paths = self.target_paths(model, cfg, types=tuple(_layer_table()))
         made = []  # build every delta first: a failure leaves the model untouched
         for p in paths:
             r = _pattern_value(p, cfg.rank_pattern, cfg.r)

@@ -133,7 +133,7 @@ class VeRA(Method):
     layer_types = ("Linear", "Conv1D", "NF4Linear/Int8Linear")
 
     def attach(self, model, cfg: VeraConfig, name, state):
-        paths = self.targets(model, cfg, types=_layer_types())
+        paths = self.target_paths(model, cfg, types=_layer_types())
         dims = [_in_out(base_at(model, p)) for p in paths]
         in_max, out_max = max(d[0] for d in dims), max(d[1] for d in dims)
         a, b = projection(cfg.projection_prng_key, cfg.r, in_max, out_max)
