@@ -237,3 +237,17 @@ def test_attention_refusals_are_one_line_and_leave_the_model(make, opts, match):
     assert "\n" not in str(e.value)
     assert not any(isinstance(m, dt.DeltaLayer) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_transformer_encoder_layer_runs_the_adapter_in_eval():
+    # nn.TransformerEncoderLayer's fused eval path reads self_attn.in_proj_weight itself, without calling
+    # self_attn: the wrapper keeps it on the module path, so the adapter acts and merge agrees
+    torch.manual_seed(0)
+    base = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, 4, 32, dropout=0.0, batch_first=True), 2,
+                                 enable_nested_tensor=False).eval()
+    model = dt.attach(copy.deepcopy(base), "lora", targets=["self_attn"])
+    perturb(model)
+    x = torch.randn(2, 5, E)
+    y0, y = outputs(base, (x,)), outputs(model, (x,))
+    assert not torch.allclose(y[0], y0[0], atol=1e-3), "the adapter was bypassed"
+    close(outputs(dt.merge(model), (x,)), y)

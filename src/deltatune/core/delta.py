@@ -259,6 +259,10 @@ class CopyDelta(Delta):
         return local_key.removeprefix("module.")
 
 
+def _keeps_fused_paths_away(module, args):
+    return None  # a no-op: its presence alone makes torch's fused transformer layers call forward
+
+
 class DeltaLayer(nn.Module):
     """Wraps a frozen base module; runs it, then the deltas of the active adapters."""
 
@@ -268,6 +272,10 @@ class DeltaLayer(nn.Module):
         self.deltas = nn.ModuleDict()
         self.__dict__["_dt_state"] = state  # shared bookkeeping, deliberately not a submodule
         self.merged: list[str] = []
+        if isinstance(base, nn.MultiheadAttention):
+            # nn.TransformerEncoderLayer's fused eval path reads self_attn.in_proj_weight itself and never
+            # calls this layer (the adapter would be ignored); it stands aside when a submodule has a hook
+            self.register_forward_pre_hook(_keeps_fused_paths_away)
 
     def __getattr__(self, name: str):
         # transformers code reads e.g. `self.q_proj.weight` or `.in_features`: forward those reads
