@@ -141,7 +141,8 @@ def main() -> int:
                     cells[fam, col] = f"✓ {merges(text)}" if text else "✓"
                 count[kind] += 1
             cpu += secs
-            print(f"{fam:20s} {' '.join(cells[fam, c] for c in cc.METHODS)}", flush=True)
+            rev = [f"{c}:{k.removeprefix('rev_')}" for c, k, _ in row if k.startswith("rev_") and k != "rev_na"]
+            print(f"{fam:20s} {' '.join(cells[fam, c] for c in cc.METHODS)}  peft->dt {' '.join(rev)}", flush=True)
 
     import transformers
 

@@ -251,3 +251,37 @@ def test_transformer_encoder_layer_runs_the_adapter_in_eval():
     y0, y = outputs(base, (x,)), outputs(model, (x,))
     assert not torch.allclose(y[0], y0[0], atol=1e-3), "the adapter was bypassed"
     close(outputs(dt.merge(model), (x,)), y)
+
+
+def test_hot_swap_rescales_both_attention_projections(tmp_path):
+    # a file saved with another alpha: every B (in_proj's and out_proj's) takes the ratio of the scales
+    base = base_model("mha")
+    src = dt.attach(copy.deepcopy(base), "lora", targets=["mha"], alpha=4.0)
+    perturb(src)
+    y = outputs(src, mha_input())
+    dt.save(src, tmp_path)
+    model = dt.attach(copy.deepcopy(base), "lora", targets=["mha"], alpha=16.0)
+    dt.hot_swap(model, "default", tmp_path)
+    close(outputs(model, mha_input()), y)
+
+
+def test_truncate_and_combine_refuse_attention_in_one_line():
+    model = dt.attach(base_model("mha"), "lora", targets=["mha"], name="a")
+    dt.attach(model, "lora", targets=["mha"], name="b")
+    with pytest.raises(dt.DeltaError, match="MultiheadAttention") as e:
+        dt.combine(model, {"a": 0.5, "b": 0.5}, name="c", how="svd")
+    assert "\n" not in str(e.value)
+    with pytest.raises(dt.DeltaError, match="MultiheadAttention") as e:
+        dt.truncate_lora(model, "a", r=2)
+    assert "\n" not in str(e.value)
+
+
+def test_linear_combine_of_one_attention_adapter_scales_both_updates():
+    # how="linear" mixes factors as peft does (√|w| on A and B): one adapter at weight w gives w·ΔW on
+    # in_proj and on out_proj alike, so w = -1 undoes the adapter in the merged weights
+    base = base_model("mha")
+    model = dt.attach(copy.deepcopy(base), "lora", targets=["mha"], name="a")
+    perturb(model, "a")
+    dt.combine(model, {"a": -1.0}, name="neg", how="linear")
+    dt.activate(model, ["a", "neg"])
+    close(outputs(model, mha_input()), outputs(base, mha_input()))
