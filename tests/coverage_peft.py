@@ -43,15 +43,22 @@ def _peft_config(family: str, column: str, d: Path):
     except dt.DeltaError:
         return None
     dt.save(model, d)
-    return _peft_side("PeftConfig.from_pretrained", lambda: peft.PeftConfig.from_pretrained(str(d)))
+    cfg = _peft_side("PeftConfig.from_pretrained", lambda: peft.PeftConfig.from_pretrained(str(d)))
+    cfg.inference_mode = False  # a file says True: peft would freeze the adapter, and perturbing finds nothing
+    return cfg
 
 
-def _perturb_peft(pm, seed: int = 2) -> None:
+def _perturb_peft(pm, seed: int = 2) -> int:
+    """Give peft's adapter (its trainable tensors: the adapter and its modules_to_save copies) random
+    values, as coverage_cases.perturb does ours; returns how many tensors it changed."""
     g = torch.Generator().manual_seed(seed)
+    n = 0
     with torch.no_grad():
         for _, p in pm.named_parameters():
             if p.requires_grad and p.is_floating_point():
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+                n += 1
+    return n
 
 
 def _peft_side(what: str, fn):
@@ -72,7 +79,8 @@ def we_load_peft_file(family: str, column: str, tmp: Path | None = None) -> bool
         if cfg is None:
             return False
         pm = _peft_side("get_peft_model", lambda: peft.get_peft_model(copy.deepcopy(pristine(family)), cfg).eval())
-        _perturb_peft(pm)
+        if not _perturb_peft(pm):
+            raise AssertionError("peft's model has no trainable tensor to perturb: the check would be vacuous")
         with torch.no_grad():
             y = _peft_side("forward", lambda: run(pm, family))
         _peft_side("save_pretrained", lambda: pm.save_pretrained(str(Path(d) / "peft")))

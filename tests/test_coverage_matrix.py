@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+import deltatune as dt
+
 from coverage_cases import FLAKY, METHODS, PEFT_XFAIL, XFAIL, cases, peft_loads_ours, run_case
 from coverage_peft import PEFT_TO_US_XFAIL, PeftSide, we_load_peft_file
 from zoo import FAMILIES, FAST
@@ -34,7 +36,8 @@ def test_peft_loads_our_file(family, column, tmp_path):
         pytest.skip(f"{column} on {family}: no peft format, or refused at attach (checked by test_case)")
 
 
-@pytest.mark.parametrize("family,column", list(_params(PEFT_TO_US_XFAIL)))
+@pytest.mark.parametrize("family,column", [p for p in _params(PEFT_TO_US_XFAIL)
+                                           if dt.METHODS[METHODS[p.values[1]][0]].peft_type])
 def test_we_load_peft_file(family, column, tmp_path):
     pytest.importorskip("peft")
     try:
