@@ -48,6 +48,16 @@ def _peft_config(family: str, column: str, d: Path):
     return cfg
 
 
+# peft's own defaults (target_modules=None: peft's per-architecture table), small ranks for speed
+PEFT_DEFAULTS = {
+    "lora": lambda peft: peft.LoraConfig(r=4, lora_alpha=8),
+    "dora": lambda peft: peft.LoraConfig(r=4, lora_alpha=8, use_dora=True),
+    "adalora": lambda peft: peft.AdaLoraConfig(total_step=10, init_r=4, target_r=2),
+    "ia3": lambda peft: peft.IA3Config(),
+    "vera": lambda peft: peft.VeraConfig(r=4),
+}
+
+
 def _perturb_peft(pm, seed: int = 2) -> int:
     """Give peft's adapter (its trainable tensors: the adapter and its modules_to_save copies) random
     values, as coverage_cases.perturb does ours; returns how many tensors it changed."""
@@ -68,14 +78,18 @@ def _peft_side(what: str, fn):
         raise PeftSide(f"peft {what}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
 
 
-def we_load_peft_file(family: str, column: str, tmp: Path | None = None) -> bool:
+def we_load_peft_file(family: str, column: str, tmp: Path | None = None, peft_defaults: bool = False) -> bool:
     """deltatune's ``dt.load`` reads a file peft wrote for the case and gives peft's output (1e-5).
+    ``peft_defaults``: peft chooses the targets itself (``PEFT_DEFAULTS``) instead of taking deltatune's.
     False when the case does not apply; ``PeftSide`` when peft cannot build, run or save it."""
     import peft
 
     with tempfile.TemporaryDirectory(dir=tmp) as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes (VeRA's PRNG projections, transformers deprecations)
-        cfg = _peft_config(family, column, Path(d) / "ours")
+        if peft_defaults:
+            cfg = PEFT_DEFAULTS[column](peft) if column in PEFT_DEFAULTS else None
+        else:
+            cfg = _peft_config(family, column, Path(d) / "ours")
         if cfg is None:
             return False
         pm = _peft_side("get_peft_model", lambda: peft.get_peft_model(copy.deepcopy(pristine(family)), cfg).eval())

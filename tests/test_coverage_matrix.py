@@ -1,7 +1,10 @@
 """The coverage matrix: every zoo family (tests/zoo.py) × every method with its default options,
 each case a clear one-line refusal or the whole adapter contract (tests/coverage_cases.py).  A few
 families of each kind run on every stop; the whole matrix (``-m slow``) is what docs/coverage.md
-shows (scripts/gen_coverage.py).  Known bugs are strict xfails, listed in coverage_cases.XFAIL."""
+shows (scripts/gen_coverage.py).  Known bugs are strict xfails, listed in coverage_cases.XFAIL.
+The peft round trips run both ways: deltatune's file read by peft (coverage_cases.peft_loads_ours) and
+peft's own adapter, built with deltatune's default config or with peft's defaults, read by deltatune
+(coverage_peft.py); a case peft itself cannot build or run is skipped with peft's error."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +12,7 @@ import pytest
 import deltatune as dt
 
 from coverage_cases import FLAKY, METHODS, PEFT_XFAIL, XFAIL, cases, peft_loads_ours, run_case
-from coverage_peft import PEFT_TO_US_XFAIL, PeftSide, we_load_peft_file
+from coverage_peft import PEFT_DEFAULTS, PEFT_TO_US_XFAIL, PeftSide, we_load_peft_file
 from zoo import FAMILIES, FAST
 
 # hidden-32 models gain nothing from a second thread; on a shared machine it only spins (conftest.one_thread)
@@ -46,6 +49,16 @@ def test_we_load_peft_file(family, column, tmp_path):
         pytest.skip(str(e))
     if not applies:
         pytest.skip(f"{column} on {family}: no peft format, or refused at attach (checked by test_case)")
+
+
+@pytest.mark.parametrize("family,column", [p for p in _params({}) if p.values[1] in PEFT_DEFAULTS])
+def test_we_load_peft_file_with_peft_defaults(family, column, tmp_path):
+    # peft picks the targets from its own per-architecture table; most small families have no entry there
+    pytest.importorskip("peft")
+    try:
+        assert we_load_peft_file(family, column, tmp_path, peft_defaults=True)
+    except PeftSide as e:
+        pytest.skip(str(e))
 
 
 def test_the_matrix_is_the_promised_size():
