@@ -59,6 +59,7 @@ class LoraMHA(LoraDelta):
     """LoRA on both projections of one ``nn.MultiheadAttention``."""
 
     reparam = True
+    kind = "attention"  # no LoRA variant declares it (peft has no DoRA here): refused before allocating
 
     def __init__(self, base: nn.MultiheadAttention, r: int, alpha: float, cfg: LoraConfig):
         super().__init__()
