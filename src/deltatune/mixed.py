@@ -196,6 +196,10 @@ class _LayerPlan:
     def __init__(self, layer: DeltaLayer, groups: dict):
         self.deltas = {a: layer.deltas[a] for a in groups
                        if a is not None and a in layer.deltas and a not in layer.merged}
+        bad = next((a for a, d in self.deltas.items() if d.reparam), None)
+        if bad is not None:  # e.g. LoRA on nn.MultiheadAttention: the base runs on W + ΔW for every row
+            raise DeltaError(f"mixed batch: adapter {bad!r} changes the weights of a {type(layer.base_layer).__name__} "
+                             "for the whole batch, so it cannot apply to some rows only; run its rows in a separate batch")
         self.pre = [a for a, d in self.deltas.items() if _has_pre(d)]
         self.replaces = [a for a, d in self.deltas.items() if d.replaces]
         self.additive = [a for a, d in self.deltas.items() if not d.replaces]

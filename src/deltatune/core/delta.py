@@ -167,6 +167,14 @@ class Delta(nn.Module):
     # True: forward adds a term of x alone (y + f(x)) and merge adds a ΔW that does not read W, so
     # the delta commutes with every other additive delta of its layer (merge order is free)
     additive: ClassVar[bool] = False
+    # True: the base reads its weights inside its own forward (nn.MultiheadAttention passes
+    # in_proj_weight / out_proj.weight to F.multi_head_attention_forward), so the delta cannot add
+    # to its output; it gives ``weight_deltas`` instead and DeltaLayer runs the base on W + ΔW
+    reparam: ClassVar[bool] = False
+
+    def weight_deltas(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """``reparam`` deltas: {name of a base parameter (``"out_proj.weight"``): ΔW in its layout}."""
+        raise NotImplementedError
 
     def pre(self, x: torch.Tensor) -> torch.Tensor | None:
         """Optionally transform the input before the base runs (None = no change)."""
@@ -252,6 +260,10 @@ class CopyDelta(Delta):
         return local_key.removeprefix("module.")
 
 
+def _keeps_fused_paths_away(module, args):
+    return None  # a no-op: its presence alone makes torch's fused transformer layers call forward
+
+
 class DeltaLayer(nn.Module):
     """Wraps a frozen base module; runs it, then the deltas of the active adapters."""
 
@@ -261,6 +273,10 @@ class DeltaLayer(nn.Module):
         self.deltas = nn.ModuleDict()
         model_state.put(self, model_state.LAYER_STATE, state)  # shared bookkeeping, deliberately not a submodule
         self.merged: list[str] = []
+        if isinstance(base, nn.MultiheadAttention):
+            # nn.TransformerEncoderLayer's fused eval path reads self_attn.in_proj_weight itself and never
+            # calls this layer (the adapter would be ignored); it stands aside when a submodule has a hook
+            self.register_forward_pre_hook(_keeps_fused_paths_away)
 
     def __getattr__(self, name: str):
         # transformers code reads e.g. `self.q_proj.weight` or `.in_features`: forward those reads
@@ -294,16 +310,37 @@ class DeltaLayer(nn.Module):
                 x = nx
                 args = (x, *args[1:]) if args else args
         run = next((d for _, d in active if d.replaces), None)
-        # a replacing copy may compute in float32: the layer still answers in the base's dtype
-        y = self.base_layer(*args, **kwargs) if run is None else cast_like(run(*args, **kwargs),
-                                                                            module_dtype(self.base_layer))
+        reparam = [d for _, d in active if d.reparam]
+        if reparam:
+            y = reparam_forward(self.base_layer, reparam, args, kwargs)
+        elif run is None:
+            y = self.base_layer(*args, **kwargs)
+        else:  # a replacing copy may compute in float32: the layer still answers in the base's dtype
+            y = cast_like(run(*args, **kwargs), module_dtype(self.base_layer))
         for _, d in active:
-            if not d.replaces:
+            if not d.replaces and not d.reparam:
                 y = d.run(x, y, self.base_layer)
         return y
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.deltas)}, merged={self.merged}"
+
+
+def reparam_forward(base: nn.Module, deltas: list[Delta], args: tuple, kwargs: dict):
+    """The base's own forward on W + ΣΔW (``reparam`` deltas), without touching its parameters:
+    ``torch.func.functional_call`` swaps them for this call only, so gradients reach the deltas and
+    the frozen W stays as it is.  The sum is formed in the wider dtype and rounded once into W's
+    (fp32 adapters on a half base: the base then computes, and answers, in its own dtype)."""
+    over: dict[str, torch.Tensor] = {}
+    for d in deltas:
+        for k, dw in d.weight_deltas(base).items():
+            over[k] = over.get(k, 0) + dw
+    params = dict(base.named_parameters())
+    merged = {}
+    for k, dw in over.items():
+        w = params[k]
+        merged[k] = (w.to(torch.promote_types(w.dtype, dw.dtype)) + dw).to(w.dtype)
+    return torch.func.functional_call(base, merged, args, kwargs)
 
 
 # --------------------------------------------------------------------------- walking

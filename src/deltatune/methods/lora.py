@@ -11,8 +11,9 @@
 Init: A Kaiming-uniform, B = 0, so the output is unchanged at init.  LoRA+ (Hayou et al. 2024) is
 an optimizer recipe: :func:`lora_plus_groups` gives B a learning rate λ× that of A.
 
-Layer types: nn.Linear, transformers' Conv1D (GPT-2, weight stored in×out), nn.Conv1d/2d,
-nn.Embedding, and the quantized linears of ``deltatune.quant`` (reached via ``base_weight``).
+Layer types: nn.Linear, transformers' Conv1D (GPT-2, weight stored in×out), nn.Conv1d/2d/3d,
+nn.Embedding, nn.MultiheadAttention (``methods/lora_mha.py``, registered in ``EXTRA_LAYERS``), and
+the quantized linears of ``deltatune.quant`` (reached via ``base_weight``).
 
 Variants are objects chosen from the config (``VARIANTS``; the protocol is ``lora_variant.py``):
 DoRA (``dora.py``) takes over forward, merge and unmerge; PiSSA (``pissa.py``, ``init="pissa"``)
@@ -293,7 +294,7 @@ class LoraLinear(LoraDelta):
 
 
 class LoraConv(LoraDelta):
-    """nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, stride and padding to r
+    """nn.Conv1d / nn.Conv2d / nn.Conv3d: A is a conv with the base's kernel, stride and padding to r
     channels, B a 1×1 conv back to the output channels."""
 
     kind = "conv"
@@ -381,9 +382,13 @@ class LoraEmbedding(LoraDelta):
         return (self.lora_embedding_B @ self.lora_embedding_A).t()  # (V, D), the weight's layout
 
 
+# layer types whose LoRA delta lives in a file of its own (methods/lora_mha.py adds nn.MultiheadAttention)
+EXTRA_LAYERS: dict[type, type[LoraDelta]] = {}
+
+
 def _layer_table() -> dict[type, type[LoraDelta]]:
     table: dict[type, type[LoraDelta]] = {nn.Linear: LoraLinear, nn.Conv1d: LoraConv, nn.Conv2d: LoraConv,
-                                          nn.Embedding: LoraEmbedding}
+                                          nn.Conv3d: LoraConv, nn.Embedding: LoraEmbedding, **EXTRA_LAYERS}
     if conv1d_type() is not None:
         table[conv1d_type()] = LoraLinear
     for t in QUANT_LINEAR_TYPES:
@@ -425,7 +430,8 @@ class LoRA(Method):
     config_cls = LoraConfig
     peft_type = "LORA"
     summary = "low-rank update s·BA added to frozen weights (with DoRA, rsLoRA, PiSSA, LoRA+)"
-    layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding", "NF4Linear/Int8Linear")
+    layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention",
+                   "NF4Linear/Int8Linear")
     default_targets = "all-linear"  # QLoRA (Dettmers et al. 2023): every linear layer beats q,v only
 
     def attach(self, model, cfg: LoraConfig, name, state):

@@ -77,6 +77,9 @@ def truncate_lora(model, name: str | None = None, r: int | None = None, energy: 
             d = layer.deltas[name] if name in layer.deltas else None
             if not isinstance(d, LoraDelta):
                 continue
+            if d.reparam:  # two factor pairs (in_proj, out_proj) per layer: one rank cut does not fit both
+                raise DeltaError(f"truncate_lora: {path} ({type(layer.base_layer).__name__}) holds two LoRA pairs, "
+                                 "which truncate_lora does not cut; exclude it from the adapter or keep the rank")
             b, a = _factors(d)
             ub, s, va = svd_factors(b, a)
             e = s.pow(2)
