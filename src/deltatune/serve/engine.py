@@ -73,6 +73,9 @@ class EngineConfig:
     # "continuous": requests join the running batch at the next decoding step and leave when done
     # (batching.py); "static": a batch decodes to its longest request before the next one starts
     batching: str = "continuous"
+    # continuous batching feeds joining prompts at most this many tokens per step in all (chunked
+    # prefill), so a long prompt does not stall the rows decoding meanwhile
+    prefill_chunk: int = 256
 
 
 class Engine(StaticBatches):
@@ -97,6 +100,8 @@ class Engine(StaticBatches):
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.eos = eos
         self.pad = pad if pad is not None else (eos if eos is not None else 0)
+        if cfg.prefill_chunk < 1:
+            raise DeltaError(f"serve: prefill_chunk must be at least 1 token, got {cfg.prefill_chunk}")
         if cfg.batching not in BATCHING:
             raise DeltaError(f"serve: batching must be one of {BATCHING}, got {cfg.batching!r}")
         self.running: RunningBatch | None = None
