@@ -125,6 +125,8 @@ def _lora_bmm(plan: RowPlan, layer: DeltaLayer, x: torch.Tensor, y: torch.Tensor
         Bt = torch.stack([b.t() * s for _, b, s in factors])  # (k, r, out)
     else:  # (asking each delta for its factors here cost ~10% of a small model's decoding step)
         order, At, Bt = _pool(plan, layer, rank, y.dtype)
+        if plan.per_token and x.numel() == len(names) * At.shape[1] and _dense_pays(At, Bt):
+            return _lora_dense(plan, layer, x, y, names, order, use, At, Bt)
     key = (len(names), order, tuple(use))
     rowsel = plan._rowsel.get(key)
     if rowsel is None:
@@ -147,6 +149,49 @@ def _lora_bmm(plan: RowPlan, layer: DeltaLayer, x: torch.Tensor, y: torch.Tensor
     if idx is None:
         return y.add_(upd) if _inplace_ok(y) else y + upd
     return y.index_add_(0, idx, upd) if _inplace_ok(y) else y.index_add(0, idx, upd)
+
+
+DENSE_ATTR = "_dt_mixed_dense"  # layer.__dict__ key: {rank: (At, A_cat, B_cat)} for _lora_dense
+
+
+def _dense_pays(At: torch.Tensor, Bt: torch.Tensor) -> bool:
+    """All K adapters' low-rank products for every token cost at most the base layer's matmul:
+    K·r·(in + out) ≤ in·out (8 adapters of r=8 on a 256 x 256 projection: half)."""
+    k, i, r = At.shape
+    return k * r * (i + Bt.shape[2]) <= i * Bt.shape[2]
+
+
+def _lora_dense(plan: RowPlan, layer: DeltaLayer, x: torch.Tensor, y: torch.Tensor, names: list[RowName],
+                order: tuple, use: list[str], At: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+    """One token per row (a flattened ragged batch): every token through ALL K adapters' A in one
+    matmul, the other adapters' r columns zeroed, then one matmul with all B stacked:
+
+        h = (x A_catᵀ) ⊙ onehot     (N, K·r)    A_cat (in, K·r): the K Aᵀ side by side
+        y += h B_cat                (N, out)    B_cat (K·r, out): the K s·Bᵀ stacked
+
+    Gathering one (in, r) + (r, out) weight pair per token cost 1.7x these two matmuls for 16
+    tokens and 15x for a 300-token prompt (one torch thread); the zeroed columns add exact zeros."""
+    store = layer.__dict__.setdefault(DENSE_ATTR, {})
+    hit = store.get(At.shape[2])
+    if hit is None or hit[0] is not At:
+        k, i, r = At.shape
+        hit = store[r] = (At, At.permute(1, 0, 2).reshape(i, k * r).contiguous(), Bt.reshape(k * r, -1).contiguous())
+    _, A_cat, B_cat = hit
+    key = ("dense", len(names), order, tuple(use))
+    onehot = plan._rowsel.get(key)
+    if onehot is None:
+        pos = {a: i for i, a in enumerate(order)}
+        onehot = torch.zeros(len(names), len(order), 1, dtype=A_cat.dtype, device=x.device)  # (N, K, 1)
+        for j, a in enumerate(names):
+            if a in use:
+                onehot[j, pos[a]] = 1
+        plan._rowsel[key] = onehot
+    n = len(names)
+    h = (x.reshape(n, -1).to(A_cat.dtype) @ A_cat).view(n, len(order), -1).mul_(onehot)  # (N, K, r)
+    if y.is_contiguous() and y.dtype == B_cat.dtype and _inplace_ok(y):
+        y.view(n, -1).addmm_(h.view(n, -1), B_cat)
+        return y
+    return y + (h.view(n, -1) @ B_cat).view(y.shape).to(y.dtype)
 
 
 # --------------------------------------------------------------------------- the layer forward
