@@ -267,6 +267,7 @@ class RunningBatch:
         now = time.perf_counter()
         for r, tok in zip(rows, toks):
             self._accept(r, tok, now, len(self.rows))
+        self.engine.outbox.flush()
 
     def _accept(self, row: Row, tok: int, now: float, batch: int) -> None:
         """Hand ``tok`` on (streaming, metrics, logprobs) and decide whether the row is done, as
@@ -284,6 +285,8 @@ class RunningBatch:
             j.trace.append(row.tap.entry(0, tok, j.logprobs))
         if j.on_token is not None:
             j.on_token(tok)
+        if j.on_token_loop is not None:
+            eng.outbox.post(j.on_token_loop, tok)
         row.done = len(row.toks) >= j.max_new_tokens or j.cancelled or (
             bool(j.sampling.stop) and eng.tokenizer is not None
             and any(s in eng._decode(row.toks) for s in j.sampling.stop))
