@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .core import model_state
 from .core.delta import Delta, DeltaError, DeltaLayer, get_state, merged_names
 from .core.method import method_of
 from .core.rows import RowName, RowPlan
@@ -86,9 +87,6 @@ def _has_pre(d: Delta) -> bool:
 
 # --------------------------------------------------------------------------- low-rank deltas: batched gather
 
-STACKS_ATTR = "_dt_mixed_stacks"  # layer.__dict__ key: {rank: stacked LoRA weights of the layer}
-
-
 def _pool(plan: RowPlan, layer: DeltaLayer, r: int, dtype: torch.dtype) -> tuple:
     """(names, Aᵀ (K, in, r), s·Bᵀ (K, r, out)) for every LoRA adapter of rank r on ``layer``.
 
@@ -99,7 +97,7 @@ def _pool(plan: RowPlan, layer: DeltaLayer, r: int, dtype: torch.dtype) -> tuple
     ent = plan._pools.get((id(layer), r))  # validated earlier in this context: check versions only
     if ent is not None and all(p._version == v for p, v in zip(ent[1], ent[2])):
         return ent[0], ent[3], ent[4]
-    store = layer.__dict__.setdefault(STACKS_ATTR, {})
+    store = model_state.setdefault(layer, model_state.MIXED_STACKS, {})  # {rank: stacked LoRA weights}
     factors = {a: f for a, f in ((a, d.bmm_factors(dtype)) for a, d in layer.deltas.items())
                if f is not None and f[0].shape[0] == r}
     params = [t for f in factors.values() for t in f[:2]]

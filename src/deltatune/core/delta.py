@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from .dtypes import cast_like, module_dtype
+from . import model_state
 
-STATE_ATTR = "_deltatune"
+STATE_ATTR = model_state.STATE.attr  # kept for imports; the key is declared in model_state
 PREFIX = "base_model.model."  # peft's key prefix, kept so files are interchangeable
 
 
@@ -108,19 +109,19 @@ class DeltaState:
 
 
 def get_state(model: nn.Module, create: bool = False) -> DeltaState:
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     if st is None:
         if not create:
             raise DeltaError(f"{type(model).__name__} carries no deltatune adapter; "
                              "call dt.attach(model, ...) or dt.load(model, DIR) first")
         st = DeltaState()
-        model.__dict__[STATE_ATTR] = st
+        model_state.put(model, model_state.STATE, st)
     return st
 
 
 def merged_names(model: nn.Module) -> set[str]:
     """Adapters currently merged into the base weights (by any method, wrapped or selector)."""
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     out = set(st.merged) if st is not None else set()
     for _, layer in iter_delta_layers(model):
         out.update(layer.merged)
@@ -128,7 +129,7 @@ def merged_names(model: nn.Module) -> set[str]:
 
 
 def has_adapters(model: nn.Module) -> bool:
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     return bool(st and st.adapters)
 
 
@@ -258,7 +259,7 @@ class DeltaLayer(nn.Module):
         super().__init__()
         self.base_layer = base
         self.deltas = nn.ModuleDict()
-        self.__dict__["_dt_state"] = state  # shared bookkeeping, deliberately not a submodule
+        model_state.put(self, model_state.LAYER_STATE, state)  # shared bookkeeping, deliberately not a submodule
         self.merged: list[str] = []
 
     def __getattr__(self, name: str):
@@ -271,13 +272,13 @@ class DeltaLayer(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def active_deltas(self) -> list[tuple[str, Delta]]:
-        st: DeltaState = self.__dict__["_dt_state"]
+        st: DeltaState = model_state.get(self, model_state.LAYER_STATE)
         if st.disabled:
             return []
         return [(n, self.deltas[n]) for n in st.active if n in self.deltas and n not in self.merged]
 
     def forward(self, *args, **kwargs):
-        st: DeltaState = self.__dict__["_dt_state"]
+        st: DeltaState = model_state.get(self, model_state.LAYER_STATE)
         if st.row_adapters is not None and not st.disabled:
             if st.row_router is None:
                 raise DeltaError("row_adapters is set but no row router is installed; route rows with "

@@ -237,10 +237,10 @@ def _delta_space(model, weights, name, how, rank, density, majority_sign, seed):
             if how == "cat":
                 new[path] = (torch.cat([ds[n].lora_B.weight * (weights[n] * ds[n].scaling) for n in ds], 1),
                              torch.cat([ds[n].lora_A.weight for n in ds], 0))
-                if any(getattr(ds[n], "A0", None) is not None for n in ds):  # PiSSA: − s B₀A₀ as more rank
+                # a variant's own low-rank terms (PiSSA's − s B₀A₀) join as more rank
+                extra = [(tb * (weights[n] * ds[n].scaling), ta) for n in ds for tb, ta in ds[n].extra_terms()]
+                if extra:
                     b, a = new[path]
-                    extra = [(-ds[n].B0 * (weights[n] * ds[n].scaling), ds[n].A0) for n in ds
-                             if getattr(ds[n], "A0", None) is not None]
                     new[path] = (torch.cat([b, *[e[0] for e in extra]], 1), torch.cat([a, *[e[1] for e in extra]], 0))
                 continue
             base = _lora_base(model, path)
