@@ -2,8 +2,9 @@
 step and leaves when done, so a short request submitted while a long one decodes finishes first;
 every row (LoRA, IA3, bottleneck adapter or bare base next to each other, greedy or seeded
 sampling, joining at different steps) gives exactly its lone library run; prompt/prefix adapters
-keep static batches in the same server; the cache splicing itself; a row whose adapter is
-unloaded mid-decoding fails alone; a model whose cache cannot be spliced falls back to static."""
+keep static batches in the same server; the ragged cache and its mask, per-token routing, chunked
+prefill and per-step token delivery; a row whose adapter is unloaded mid-decoding fails alone; a
+model whose cache cannot be spliced falls back to static."""
 from __future__ import annotations
 
 import asyncio
@@ -142,6 +143,37 @@ def test_long_prompt_is_fed_in_chunks_while_the_running_row_keeps_decoding():
     assert joiner.result["output_ids"] == lone(model, "c", joiner.ids, 4)
     with pytest.raises(dt.DeltaError, match="prefill_chunk must be at least 1"):
         Engine(model, None, EngineConfig(prefill_chunk=0))
+
+
+def test_streamed_tokens_reach_the_event_loop_once_per_step_in_order():
+    """Job.on_token_loop: a step's tokens go to the event loop in ONE call_soon_threadsafe
+    (stream.Outbox), in order, and a streamed job gets exactly its output tokens."""
+    from deltatune.serve.stream import Outbox
+
+    calls, got = [], []
+
+    class Loop:
+        def call_soon_threadsafe(self, fn, *args):
+            calls.append((fn, args))
+
+    box = Outbox()
+    box.loop = Loop()
+    box.post(got.append, 1)
+    box.post(got.append, 2)
+    box.flush()
+    box.flush()  # nothing new: no wake-up
+    assert len(calls) == 1 and got == []
+    fn, args = calls[0]
+    fn(*args)
+    assert got == [1, 2]
+
+    model = model_with_adapters()
+    streamed: dict[str, list[int]] = {"a": [], "c": []}
+    jobs = [Job("generate", n, prompt(i), max_new_tokens=6, on_token_loop=streamed[n].append)
+            for i, n in enumerate(["a", "c"])]
+    run(Engine(model, None, EngineConfig(window_ms=20)), [(0.0, j) for j in jobs])
+    for j in jobs:
+        assert streamed[j.adapter] == j.result["output_ids"] == lone(model, j.adapter, j.ids, 6)
 
 
 SEEDED = [Sampling(), Sampling(temperature=1.0, seed=7), Sampling(temperature=0.8, top_k=8, seed=11),
