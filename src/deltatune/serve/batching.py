@@ -196,7 +196,8 @@ class RunningBatch:
         flattened must give their separate runs' logits."""
         saved, self.cache = self.cache, RaggedCache(self.cache.device)
         a, b = Row(None, None, None, 0.0, slot=-1), Row(None, None, None, 0.0, slot=-2)
-        ids_a, ids_b = [3, 5, 7, 11], [13, 17, 19]
+        vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", None) or 64)
+        ids_a, ids_b = [t % vocab for t in (3, 5, 7, 11)], [t % vocab for t in (13, 17, 19)]
         try:
             with disabled(self.model):  # the bare base, whatever the real steps route
                 both = self._forward([(a, ids_a), (b, ids_b)], route=contextlib.nullcontext())
