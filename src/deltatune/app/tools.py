@@ -142,8 +142,8 @@ def compare_methods(methods: list[str], model: str, data: str, task: str, output
         cmd = [sys.executable, "-m", "deltatune.cli", "train", "--model", model, "--data", data, "--task", task,
                "--method", m, "--output", str(out / m), "--max-steps", str(max_steps), "--batch-size",
                str(batch_size), "--seed", str(seed), "--overwrite", "--no-progress", "--json"]
-        for k, v in extra.items():
-            cmd += [k, str(v)]
+        for k, v in extra.items():  # True: a bare flag (--packing); anything else: --flag VALUE
+            cmd += [k] if v is True else [k, str(v)]
         log(f"train {m} ...")
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
