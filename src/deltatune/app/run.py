@@ -23,6 +23,7 @@ from ..tracking import make_trackers, parse_report_to
 from .calibration import check_quantize, from_examples
 from .console import library_log
 
+from ..core import model_state
 from ..core.delta import DeltaError
 from ..core.method import METHODS, Method
 from ..data.chat_encode import TRAIN_ON, chat_template_text
@@ -301,7 +302,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
         "compiled": trainer.compiled,  # torch.compile ran to the end (False: off, or fell back to eager)
         "artifact": str(art), "artifact_bytes": sum(f.stat().st_size for f in art.iterdir() if f.is_file()),
-        "history": result.history, "evals": result.evals, "plot": str(out / "training.png"),
+        "history": result.history, "evals": result.evals, "plot": str(out / "training.png"), "packing": feats.pack_mode or "off",
     }
     if rank == 0:
         atomic_write_json(out / METRICS_FILE, metrics)
@@ -381,7 +382,7 @@ def _train_config(o: RunOptions, model, lr: float, metric: str, greater: bool, b
     small = {}
     if o.quantize and "gradient_checkpointing" not in o.train:  # a small-memory run: recompute when it pays
         small["gradient_checkpointing"] = checkpointing_pays(model, bs, max_length)
-        cal = model.__dict__.get("_dt_quant", {}).get("calibrated")  # batches that ran (fewer rows: fewer)
+        cal = (model_state.get(model, model_state.QUANT) or {}).get("calibrated")  # batches that ran
         log(f"quantized base ({o.quantize}{f', calibrated on {cal} batch(es)' if cal else ''}): gradient checkpointing "
             f"{'on' if small['gradient_checkpointing'] else 'off'}"
             " (activations estimate vs the quantized weights; --gradient-checkpointing forces it)")

@@ -23,6 +23,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
+from ..core import model_state
 from ..core.delta import DeltaError, get_submodule_clean
 from ..core.layer_types import conv1d_type
 from ..core.procmem import cap_heap_cache, release_to_os
@@ -236,7 +237,7 @@ def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, s
     for p in model.parameters():
         p.requires_grad_(False)
     # calibrated: the number of calibration batches (0: absmax scales); the adapter manifest keeps it
-    model.__dict__["_dt_quant"] = {"scheme": scheme, **opts, "calibrated": calibrated}
+    model_state.put(model, model_state.QUANT, {"scheme": scheme, **opts, "calibrated": calibrated})
     if release:
         release_to_os()
     return model

@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from ..core import model_state
 from ..core.delta import DeltaError, get_state
 from .context import Served
 from .engine import RequestError
@@ -77,7 +78,7 @@ def quantization_warning(s: Served, name: str) -> str | None:
         recorded = (man.get("base_model") or {}).get("quantization")
     except (OSError, ValueError, AttributeError):  # no manifest (a peft directory): nothing recorded
         return None
-    served = (getattr(s.model, "__dict__", {}).get("_dt_quant") or {}).get("scheme")
+    served = (model_state.get(s.model, model_state.QUANT) or {}).get("scheme")
     return base_mismatch(recorded, served, use="served")
 
 

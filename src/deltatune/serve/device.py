@@ -25,6 +25,7 @@ from torch import nn
 
 from ..app.calibration import check_calibrate, from_texts
 from ..app.evaluate import read_reference
+from ..core import model_state
 from ..core.delta import DeltaError
 from ..models import AUTO_CLASSES, load_model, load_tokenizer, resolve
 from ..quant import SCHEMES, load_quantized
@@ -131,7 +132,7 @@ def load_served(spec: str, task: str, placement: Placement) -> tuple[nn.Module, 
                                dtype=dtype, calibration=make(tok) if make else None)
     model = model.to(device=device) if placement.quantize else model.to(device=device, dtype=dtype)
     where = f"{type(model).__name__} on {device}, {str(dtype).removeprefix('torch.')} ({why})"
-    cal = model.__dict__.get("_dt_quant", {}).get("calibrated")
+    cal = (model_state.get(model, model_state.QUANT) or {}).get("calibrated")
     return model.eval(), tok, where + (f", {placement.quantize} linear layers" if placement.quantize else "") + (
         f" calibrated on {cal} batch(es)" if cal else "")
 
