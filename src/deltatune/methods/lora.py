@@ -40,6 +40,7 @@ from ..core.adapters import adapter_tensors, base_at
 from ..core.layer_types import QUANT_LINEAR_TYPES, conv1d_type
 from ..fast import lora_dropout_addmm
 from .dora import DoraVariant, LinearDoraVariant
+from .lora_rank import conv_rank, explicit_patterns, same_scale_alpha
 from .lora_peft import LAYERS_PATTERNS, config_kwargs, layers_regex, peft_config  # noqa: F401 (re-exported)
 
 INITS = ("default", "gaussian", "pissa")
@@ -55,6 +56,7 @@ class LoraConfig(DeltaConfig):
     init: str = "default"  # "default" (Kaiming A, zero B) | "gaussian" | "pissa" (SVD of W)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module r: {regex: r}
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha
+    conv_budget: float = 0.015  # a conv's update adds <= this share of its weights (lora_rank.py); 0 = off
 
     method = "lora"
     size_fields = ("r", "rank_pattern")  # bounded by the saved tensors' shapes on load
@@ -66,6 +68,8 @@ class LoraConfig(DeltaConfig):
             raise DeltaError(f"lora: alpha must be a positive number, got {self.alpha!r} (typical: 2*r)")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise DeltaError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.conv_budget, (int, float)) or not 0 <= self.conv_budget < math.inf:
+            raise DeltaError(f"lora: conv_budget must be a share >= 0 (0.02 = 2 %, 0 = no cap), got {self.conv_budget!r}")
         if self.init not in INITS:
             raise DeltaError(f"lora: init must be one of {INITS}, got {self.init!r}")
         for field_name in ("rank_pattern", "alpha_pattern"):
@@ -426,15 +430,20 @@ class LoRA(Method):
         paths = find_targets(model, cfg.targets, types=tuple(_layer_table()), exclude=cfg.exclude)
         made = []  # build every delta first: a failure leaves the model untouched
         for p in paths:
-            r = _pattern_value(p, cfg.rank_pattern, cfg.r)
-            alpha = _pattern_value(p, cfg.alpha_pattern, cfg.alpha)
             base = base_at(model, p)
+            r = _pattern_value(p, cfg.rank_pattern, None)
+            r = conv_rank(base, cfg.r, cfg.conv_budget) if r is None else r
+            alpha = _pattern_value(p, cfg.alpha_pattern, None)
+            alpha = same_scale_alpha(cfg.alpha, r, cfg.r, cfg.rslora) if alpha is None else alpha
             _check_rank(p, base, r)
             made.append((p, make_delta(base, r, alpha, cfg)))
         for p, d in made:
             wrap(model, p, state).deltas[name] = d
 
     def export(self, model, name, tensors, cfg: LoraConfig):
+        layers = {p: (d.r, d.scaling * (math.sqrt(d.r) if cfg.rslora else d.r)) for p, layer in iter_delta_layers(model)
+                  if isinstance(d := layer.deltas[name] if name in layer.deltas else None, LoraDelta)}
+        cfg = replace(cfg, **explicit_patterns(layers, cfg))  # convs under conv_budget, by path
         if cfg.init != "pissa":
             return tensors, cfg
         # PiSSA → plain LoRA of rank 2r: s(BA − B₀A₀) = s'[B, −B₀][A; A₀] with s' = s
