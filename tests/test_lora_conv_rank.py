@@ -8,6 +8,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.methods.lora_rank import conv_rank
+from deltatune.storage.adapter import _manifest_digest
 
 
 def delta_ranks(model):
@@ -77,3 +78,22 @@ def test_packaged_efficientnet_lite0_below_two_percent():
     assert pct(0)[0] > 5
     ranks = delta_ranks(m)
     assert len(ranks) == 33 and min(ranks.values()) == 1 and max(ranks.values()) <= 8
+
+
+def test_files_without_the_cap_load_as_saved(tmp_path):
+    """A deltatune file from before conv_budget, and any peft file, have rank r on every conv."""
+    peft = pytest.importorskip("peft")
+    x = torch.randn(2, 3, 8, 8)
+    old = dt.attach(thin_cnn(), "lora", targets=["1", "3"], conv_budget=0)
+    dt.save(old, tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "deltatune.json").read_text())
+    meta["config"].pop("conv_budget")  # as written before the cap existed
+    meta["manifest_sha256"] = _manifest_digest(meta)
+    (tmp_path / "old" / "deltatune.json").write_text(json.dumps(meta))
+    assert delta_ranks(dt.load(thin_cnn(), tmp_path / "old")) == {"1": 8, "3": 8}
+    pm = peft.get_peft_model(thin_cnn(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["1", "3"],
+                                                        init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    mine = dt.load(thin_cnn(), tmp_path / "peft")
+    assert delta_ranks(mine) == {"1": 8, "3": 8}
+    torch.testing.assert_close(mine(x), pm.eval()(x))

@@ -16,9 +16,9 @@ optimizer recipe: :func:`lora_plus_groups` gives B a learning rate λ× that of 
 
 Layer types: nn.Linear, transformers' Conv1D (GPT-2, weight stored in×out), nn.Conv1d/2d,
 nn.Embedding, and the quantized linears of ``deltatune.quant`` (reached via ``base_weight``).
-
 DoRA is a *variant* object (``methods/dora.py``) that a delta hands its forward, merge and unmerge
-to; the peft ``adapter_config.json`` translation is ``methods/lora_peft.py``.
+to; the peft ``adapter_config.json`` translation is ``methods/lora_peft.py``; the rank cap on
+convolutions ``methods/lora_rank.py``.
 """
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ class LoraConfig(DeltaConfig):
     method = "lora"
     size_fields = ("r", "rank_pattern")  # bounded by the saved tensors' shapes on load
 
+    @classmethod
+    def from_dict(cls, d, *, strict: bool = False) -> "LoraConfig":  # files from before conv_budget: r everywhere
+        return super().from_dict({"conv_budget": 0.0, **d} if isinstance(d, dict) else d, strict=strict)
+
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise DeltaError(f"lora: r must be a positive integer, got {self.r!r} (typical: 4, 8, 16)")
@@ -69,7 +73,7 @@ class LoraConfig(DeltaConfig):
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise DeltaError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.conv_budget, (int, float)) or not 0 <= self.conv_budget < math.inf:
-            raise DeltaError(f"lora: conv_budget must be a share >= 0 (0.02 = 2 %, 0 = no cap), got {self.conv_budget!r}")
+            raise DeltaError(f"lora: conv_budget must be a share >= 0 (0.015 = 1.5 %, 0 = no cap), got {self.conv_budget!r}")
         if self.init not in INITS:
             raise DeltaError(f"lora: init must be one of {INITS}, got {self.init!r}")
         for field_name in ("rank_pattern", "alpha_pattern"):
@@ -133,7 +137,7 @@ class LoraDelta(Delta):
         return "A0" in self._buffers
 
     def _setup(self, r: int, alpha: float, cfg: LoraConfig):
-        self.r = r
+        self.r = r  # may differ from cfg.r: rank_pattern, the conv cap (lora_rank.py)
         self.scaling = alpha / (math.sqrt(r) if cfg.rslora else r)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
@@ -399,10 +403,9 @@ def make_delta(base: nn.Module, r: int, alpha: float, cfg: LoraConfig) -> LoraDe
 
 
 def _check_rank(path: str, base: nn.Module, r: int) -> None:
-    """Refuse an absurd rank before allocating (r=1e8 would ask for gigabytes).  BA has rank
-    <= min(in, out), so a larger r only costs memory, but a default r=8 on a thin layer (SwinV2's
-    (512, 2) position-bias MLP) must still attach, as in peft: refuse only ranks above twice the
-    layer's largest dimension, where the adapter would outweigh the layer itself."""
+    """Refuse an absurd rank before allocating (r=1e8 would ask for gigabytes).  BA has rank <= min(in, out),
+    so a larger r only costs memory, but a default r=8 on a thin layer (SwinV2's (512, 2) position-bias MLP)
+    must still attach, as in peft: refuse only ranks above twice the layer's largest dimension."""
     if hasattr(base, "in_features") and hasattr(base, "out_features"):  # quantized bases too, no dequantize
         shape = (base.out_features, base.in_features)
     else:
@@ -431,10 +434,8 @@ class LoRA(Method):
         made = []  # build every delta first: a failure leaves the model untouched
         for p in paths:
             base = base_at(model, p)
-            r = _pattern_value(p, cfg.rank_pattern, None)
-            r = conv_rank(base, cfg.r, cfg.conv_budget) if r is None else r
-            alpha = _pattern_value(p, cfg.alpha_pattern, None)
-            alpha = same_scale_alpha(cfg.alpha, r, cfg.r, cfg.rslora) if alpha is None else alpha
+            r = _pattern_value(p, cfg.rank_pattern, None) or conv_rank(base, cfg.r, cfg.conv_budget)  # r >= 1
+            alpha = _pattern_value(p, cfg.alpha_pattern, None) or same_scale_alpha(cfg.alpha, r, cfg.r, cfg.rslora)
             _check_rank(p, base, r)
             made.append((p, make_delta(base, r, alpha, cfg)))
         for p, d in made:
