@@ -110,3 +110,12 @@ def test_torchvision_resnet18_random_init_lora_then_full_eval(vision_site, mnist
     res = json.loads(sh(vision_site, CLI, "eval", "--adapter", tmp_path / "full", "--data", val, "--json").stdout)
     assert res["kind"] == "full" and res["metrics"] == pytest.approx(full["after"])
     assert res["forgetting"]["value"] > 0
+
+
+def test_loader_unit_tests_run_in_the_site(vision_site):  # noqa: F811
+    """The timm / torchvision loader tests of test_vision_classifier.py, which skip in the main
+    environment, run (and pass) where the two import."""
+    here = Path(__file__).parent
+    p = sh(vision_site, PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_vision_classifier.py"),
+           "-k", "timm_tiny_resnet or torchvision_tiny_resnet", "-rs", ok=False)
+    assert p.returncode == 0 and "2 passed" in p.stdout and "skipped" not in p.stdout, p.stdout[-1500:]
