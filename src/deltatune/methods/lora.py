@@ -328,7 +328,7 @@ class LoraConv(LoraDelta):
         base = self.__dict__.get("_own_forward_base")
         if base is None:
             return self.lora_B(self.lora_A(x))
-        return self.lora_B(_call_with(base, self.lora_A.weight, x))  # (B, r, H', W') -> (B, out, H', W')
+        return self.lora_B(call_with(base, self.lora_A.weight, x))  # (B, r, H', W') -> (B, out, H', W')
 
     def product(self, initial: bool = False):
         a = self.lora_A.weight  # (r, in, *k)
@@ -343,11 +343,11 @@ class LoraConv(LoraDelta):
 
     def base_no_bias(self, base, x):
         if "_own_forward_base" in self.__dict__:
-            return _call_with(base, base.weight, x.to(base.weight.dtype))
+            return call_with(base, base.weight, x.to(base.weight.dtype))
         return base._conv_forward(x.to(base.weight.dtype), base.weight, None)
 
 
-def _call_with(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def call_with(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``base``'s own forward (its padding included) with ``weight`` and no bias."""
     swap = {"weight": weight}
     if getattr(base, "bias", None) is not None:
