@@ -1,7 +1,9 @@
 """QLoRA's memory as the user's process sees it (issue 18): NF4 vs fp32 LoRA, loaded from disk.
 
-    .venv/bin/python bench/quant.py                 # 110M + 1B-class + budget + perplexity -> docs/benchmarks.md
-    .venv/bin/python bench/quant.py --only 110m     # one part (110m | 1b | budget | ppl)
+    .venv/bin/python bench/quant.py                 # 110M + 1B-class + perplexity -> bench/results/quant-*.json
+    .venv/bin/python bench/quant.py --only 1b --rounds 2 --steps 2   # one part (110m | 1b | ppl), A,B,A,B
+    .venv/bin/python bench/quant.py --render        # the docs/benchmarks.md section from the results
+    .venv/bin/python bench/quant_budget.py --budget 2GiB   # the largest model within a budget (own file)
     .venv/bin/python bench/quant.py --no-write      # print only
 
 The user's path, one process per arm (``--worker``):
@@ -51,15 +53,17 @@ BUDGET_MIB = 4096
 
 # --------------------------------------------------------------------------- the checkpoint on disk
 
-def write_model(d: Path, size: str, layers: int | None = None) -> Path:
-    """A random-init Llama written as safetensors (built layer by layer on the meta device and
-    filled in shards, so writing the 1B model never holds the fp32 model and its copy)."""
+def write_model(d: Path, size: str, layers: int | None = None, *, shape: dict | None = None,
+                dtype: str = "float32") -> Path:
+    """A random-init Llama written as safetensors, filled in shards of 4 layers so writing the 1B
+    model never holds the whole model.  ``shape`` (LlamaConfig fields) replaces ``MODELS[size]``;
+    ``dtype`` is the on-disk dtype ("bfloat16" halves the disk and the writing time)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=1024, **{**MODELS[size],
-                      **({"num_hidden_layers": layers} if layers else {})})
+    fields = shape or {**MODELS[size], **({"num_hidden_layers": layers} if layers else {})}
+    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=1024, dtype=dtype, **fields)
     d.mkdir(parents=True, exist_ok=True)
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(d)
@@ -67,11 +71,16 @@ def write_model(d: Path, size: str, layers: int | None = None) -> Path:
     h, m, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
 
+    dt = getattr(torch, dtype)
+
     def w(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).contiguous()
+        return (torch.randn(*shape, generator=g, dtype=dt) * 0.02).contiguous()
+
+    def ones(n):
+        return torch.ones(n, dtype=dt)
 
     shards, index = [], {}
-    first = {"model.embed_tokens.weight": w(32000, h), "model.norm.weight": torch.ones(h)}
+    first = {"model.embed_tokens.weight": w(32000, h), "model.norm.weight": ones(h)}
     if not cfg.tie_word_embeddings:
         first["lm_head.weight"] = w(32000, h)
     shards.append(first)
@@ -80,8 +89,8 @@ def write_model(d: Path, size: str, layers: int | None = None) -> Path:
         shards.append({p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv, h),
                        p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, h),
                        p + "mlp.gate_proj.weight": w(m, h), p + "mlp.up_proj.weight": w(m, h),
-                       p + "mlp.down_proj.weight": w(h, m), p + "input_layernorm.weight": torch.ones(h),
-                       p + "post_attention_layernorm.weight": torch.ones(h)})
+                       p + "mlp.down_proj.weight": w(h, m), p + "input_layernorm.weight": ones(h),
+                       p + "post_attention_layernorm.weight": ones(h)})
     # one file per 4 layers, like a sharded hub checkpoint
     groups = [shards[0]] + [dict(kv for s in shards[1 + j:5 + j] for kv in s.items()) for j in range(0, L, 4)]
     for n, grp in enumerate(groups):
@@ -280,7 +289,7 @@ def main() -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     RESULTS.mkdir(exist_ok=True)
     for part in a.only or ["110m", "ppl", "1b"]:
-        t = time.perf_counter()
+        t, load_start = time.perf_counter(), os.getloadavg()[0]
         if part == "ppl":
             res = perplexity(log)
         else:
@@ -290,7 +299,7 @@ def main() -> None:
                 continue
             res = run_model(part, arms, a.rounds, a.steps, a.threads, log, not a.no_release)
         meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
-                "load_average": os.getloadavg()[0], "seconds": time.perf_counter() - t,
+                "load_start": load_start, "load_average": os.getloadavg()[0], "seconds": time.perf_counter() - t,
                 "command": " ".join(["bench/quant.py"] + sys.argv[1:])}
         (RESULTS / f"quant-{part}{'-before' if a.no_release else ''}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
 
@@ -387,10 +396,24 @@ def _targets() -> list[str]:
             for key, limit, what in checks:
                 v = rows[arm][key] / ref[key]
                 out.append(f"- {size} {arm}: {what} ≤ {limit}×: {v:.2f}× — {'met' if v <= limit else 'NOT met'}")
-    out.append("- 1B step time: one step per arm (`--steps 0`: the first step, allocator and optimizer warm-up "
-               "included), one process per arm, machine at load average ~10-15: a single noisy pair, not the "
-               "A, B, A, B medians the bench takes with `--rounds 2 --steps 2` on a quiet machine.")
+    out.append(_step_note(_load("1b")))
     return out
+
+
+def _step_note(res: dict | None) -> str:
+    """How the 1B step times were taken: a single first step, or medians over interleaved rounds."""
+    if not res:
+        return "- 1B step time: not measured."
+    rows = _merge_rounds(res["results"])
+    rounds = 1 + max(r.get("round", 0) for r in res["results"])
+    n = min(len(r["step_all"]) for r in rows if "error" not in r)
+    if "--steps 0" in res["meta"]["command"]:
+        return ("- 1B step time: one step per arm (`--steps 0`: the first step, allocator and optimizer warm-up "
+                "included), one process per arm: a single noisy pair, not interleaved medians.")
+    return (f"- 1B step time: median of {n} steps per arm (after one warm-up step per process) over {rounds} "
+            f"interleaved rounds (A, B, A, B; one process per arm and round); per process: "
+            + ", ".join(f"{r['name']} r{r['round'] + 1} {statistics.median(r['steps']):.0f} s"
+                        for r in res["results"] if r.get("steps")) + ".")
 
 
 def render() -> str:
@@ -406,7 +429,8 @@ def render() -> str:
         ref = next((r for r in rows if r["name"] == "fp32"), {})
         lines += [f"### {size}, batch 1×{SEQ[size]}", "",
                   f"Command: `.venv/bin/python {m['command']}` ({m['date']}, {m['cpu']}, load average "
-                  f"{m['load_average']:.0f} on 2 cores while it ran: step times are noisy, ratios of interleaved "
+                  + (f"{m['load_start']:.1f} at the start and " if "load_start" in m else "")
+                  + f"{m['load_average']:.1f} at the end on 2 cores: step times are noisy, ratios of interleaved "
                   f"arms are what to read; {m['seconds']:.0f} s).", ""]
         lines += _summary(rows, ref) + [""]
         lines += ["Per-phase trace, MiB above the process after importing and warming up the libraries: "
@@ -419,7 +443,13 @@ def render() -> str:
             lines += [f"Before issue 18 (loader of main at bbf4ff6, same worker): {before['meta']['command']}.", ""]
             lines += _summary(rb, refb) + [""] + _trace_table(rb) + [""]
     lines += _targets() + [""]
-    lines += ["**Largest model within 4 GiB per arm: not measured** (the search over layer count is not built).", ""]
+    budget = _load("budget")
+    if budget:
+        import quant_budget  # bench/quant_budget.py imports this file: imported here, when rendering
+
+        lines += quant_budget.render(budget)
+    else:
+        lines += ["**Largest model within a memory budget per arm: not measured** (`bench/quant_budget.py`).", ""]
     ppl = _load("ppl")
     if ppl:
         r = ppl["results"]

@@ -1,5 +1,6 @@
 """Run the coverage matrix (tests/coverage_cases.py: every zoo family × every method with its
-defaults) and write docs/coverage.md: ✓, or ✗ with the refusal's reason, per cell, plus totals.
+defaults) and write docs/coverage.md: ✓, or ✗ with the refusal's reason, per cell, plus totals, and the
+peft round trips both ways (deltatune's files read by peft, peft's files read by deltatune: coverage_peft.py).
 
     PYTHONPATH=src .venv/bin/python scripts/gen_coverage.py            # the whole matrix (minutes)
     PYTHONPATH=src .venv/bin/python scripts/gen_coverage.py --families llama,bert --out /tmp/c.md
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 import deltatune as dt  # noqa: E402
 
 import coverage_cases as cc  # noqa: E402
+import coverage_peft as cp  # noqa: E402
 from zoo import FAMILIES  # noqa: E402
 
 
@@ -47,6 +49,21 @@ class Notes:
 
     def __call__(self, reason: str) -> str:
         return self.ids.setdefault(reason, f"{self.prefix}{len(self.ids) + 1}")
+
+
+def _reverse(fam: str, col: str) -> tuple[str, str | None]:
+    """The peft -> deltatune round trip (coverage_peft.py): rev_ok | rev_na | rev_peft (peft itself
+    fails: the reason) | rev_known (listed in PEFT_TO_US_XFAIL) | rev_fail | rev_xpass."""
+    known = (fam, col) in cp.PEFT_TO_US_XFAIL
+    try:
+        applies = cp.we_load_peft_file(fam, col)
+    except cp.PeftSide as e:
+        return "rev_peft", _generic(str(e), fam)
+    except Exception as e:  # noqa: BLE001
+        return ("rev_known" if known else "rev_fail"), f"{type(e).__name__}: {str(e)[:300]}"
+    if not applies:
+        return "rev_na", None
+    return ("rev_xpass" if known else "rev_ok"), None
 
 
 def family_row(fam: str) -> tuple[str, list[tuple[str, str, str | None]], float]:
@@ -73,6 +90,7 @@ def family_row(fam: str) -> tuple[str, list[tuple[str, str, str | None]], float]
         except Exception as e:  # noqa: BLE001
             known = (fam, col) in cc.PEFT_XFAIL
             row.append((col, "peft_known" if known else "peft_fail", f"{type(e).__name__}: {str(e)[:300]}"))
+        row.append((col, *_reverse(fam, col)))
     cc.pristine.cache_clear()
     return fam, row, time.process_time() - c0
 
@@ -87,11 +105,20 @@ def main() -> int:
 
     refusals, merges = Notes("r"), Notes("m")
     cells: dict[tuple[str, str], str] = {}
-    count, failures, cpu, peft_bad = Counter(), [], 0.0, []
+    count, failures, cpu, peft_bad, rev_bad = Counter(), [], 0.0, [], []
     t0 = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:  # families are independent: one row per task
         for fam, row, secs in pool.map(family_row, families):
             for col, kind, text in row:
+                if kind.startswith("rev_"):
+                    count[kind] += 1
+                    if kind == "rev_fail":
+                        failures.append(f"{fam} × {col}: deltatune cannot read peft's file: {text}")
+                    elif kind == "rev_xpass":
+                        failures.append(f"{fam} × {col}: listed in PEFT_TO_US_XFAIL but passes: remove it")
+                    elif kind in ("rev_peft", "rev_known"):
+                        rev_bad.append((fam, col, kind, text))
+                    continue
                 if kind.startswith("peft"):
                     count[kind] += 1
                     if kind == "peft_fail":
@@ -114,7 +141,8 @@ def main() -> int:
                     cells[fam, col] = f"✓ {merges(text)}" if text else "✓"
                 count[kind] += 1
             cpu += secs
-            print(f"{fam:20s} {' '.join(cells[fam, c] for c in cc.METHODS)}", flush=True)
+            rev = [f"{c}:{k.removeprefix('rev_')}" for c, k, _ in row if k.startswith("rev_") and k != "rev_na"]
+            print(f"{fam:20s} {' '.join(cells[fam, c] for c in cc.METHODS)}  peft->dt {' '.join(rev)}", flush=True)
 
     import transformers
 
@@ -150,6 +178,17 @@ def main() -> int:
               f"(same output, 1e-5): **{count['peft_ok']} read by peft, {count['peft_known']} known failures, "
               f"{count['peft_fail']} new failures**.", ""]
     lines += [f"- {f} × {c}: {cc.PEFT_XFAIL.get((f, c), 'NEW FAILURE')}" for f, c in peft_bad]
+    lines += ["", "## deltatune reads peft's files", "",
+              "The reverse trip (`tests/coverage_peft.py`): for every attached case of those methods, peft builds the "
+              "adapter itself (`get_peft_model` with the config deltatune's defaults choose), every trainable tensor is "
+              "perturbed, peft's `save_pretrained` writes it and `dt.load` reads it into a fresh base (same output, "
+              f"1e-5): **{count['rev_ok']} read by deltatune, {count['rev_peft']} that peft itself cannot build, run or "
+              f"save, {count['rev_known']} known failures, {count['rev_fail']} new failures**.", ""]
+    rev_notes = Notes("p")
+    lines += [f"- {f} × {c}: " + (f"peft fails ({rev_notes(t)})" if k == "rev_peft" else cp.PEFT_TO_US_XFAIL[f, c])
+              for f, c, k, t in rev_bad]
+    if rev_notes.ids:
+        lines += ["", "peft's own failures:", ""] + [f"- **{k}**: {r}" for r, k in rev_notes.ids.items()]
     bugs = [(f, c) for f in families for c in cc.METHODS if (f, c) in cc.XFAIL]
     if bugs:
         lines += ["", "## Known bugs (xfail)", ""] + [f"- {f} × {c}: {cc.XFAIL[f, c]}" for f, c in bugs]

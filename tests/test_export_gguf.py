@@ -112,7 +112,7 @@ def test_gguf_refuses_a_wordlevel_tokenizer(tmp_path):
     from cli_fixtures import make_tokenizer
 
     wl, v = make_tokenizer(tmp_path / "tok")
-    with pytest.raises(DeltaError, match="byte-level BPE tokenizer"):
+    with pytest.raises(DeltaError, match="needs a BPE tokenizer: byte-level"):
         write_gguf(tiny("llama", v), wl, tmp_path / "x.gguf")
 
 

@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .core.delta import (AdapterRecord, CopyDelta, DeltaConfig, DeltaError, DeltaLayer, STATE_ATTR, base_weight,
+from .core import model_state
+from .core.delta import (AdapterRecord, CopyDelta, DeltaConfig, DeltaError, DeltaLayer, base_weight,
                          get_state, iter_delta_layers, merged_names, unwrap, wrap)
 from .core.method import cast_adapter_dtype, method_of
 from .core.adapters import adapter_tensors, base_at, refresh
@@ -88,7 +89,7 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
         for p, g in grads:
             p.requires_grad_(g)
         if not st.adapters:
-            model.__dict__.pop(STATE_ATTR, None)
+            model_state.pop(model, model_state.STATE)
         raise
     for _, layer in iter_delta_layers(model):  # new modules start in train mode: follow the model
         layer.train(layer.base_layer.training)
@@ -276,7 +277,7 @@ def merge(model: nn.Module, names: str | list[str] | None = None, *, unload: boo
             method_of(rec.method).unload(model, n)
         for path, _ in list(iter_delta_layers(model)):
             unwrap(model, path)
-        del model.__dict__[STATE_ATTR]
+        model_state.pop(model, model_state.STATE)
         for p in model.parameters():
             p.requires_grad_(False)
     return model
@@ -327,7 +328,7 @@ def trainable_parameters(model: nn.Module) -> ParamCount:
             trainable += p.numel()
             names[n] = p.numel()
     by: dict[str, int] = {}
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     if st is not None:
         for a in st.adapters:
             by[a] = sum(t.numel() for t in adapter_tensors(model, a).values())

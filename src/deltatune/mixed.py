@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .core import model_state
 from .core.delta import Delta, DeltaError, DeltaLayer, get_state, merged_names
 from .core.method import method_of
 from .core.rows import RowName, RowPlan
@@ -86,9 +87,6 @@ def _has_pre(d: Delta) -> bool:
 
 # --------------------------------------------------------------------------- low-rank deltas: batched gather
 
-STACKS_ATTR = "_dt_mixed_stacks"  # layer.__dict__ key: {rank: stacked LoRA weights of the layer}
-
-
 def _pool(plan: RowPlan, layer: DeltaLayer, r: int, dtype: torch.dtype) -> tuple:
     """(names, Aᵀ (K, in, r), s·Bᵀ (K, r, out)) for every LoRA adapter of rank r on ``layer``.
 
@@ -99,7 +97,7 @@ def _pool(plan: RowPlan, layer: DeltaLayer, r: int, dtype: torch.dtype) -> tuple
     ent = plan._pools.get((id(layer), r))  # validated earlier in this context: check versions only
     if ent is not None and all(p._version == v for p, v in zip(ent[1], ent[2])):
         return ent[0], ent[3], ent[4]
-    store = layer.__dict__.setdefault(STACKS_ATTR, {})
+    store = model_state.setdefault(layer, model_state.MIXED_STACKS, {})  # {rank: stacked LoRA weights}
     factors = {a: f for a, f in ((a, d.bmm_factors(dtype)) for a, d in layer.deltas.items())
                if f is not None and f[0].shape[0] == r}
     params = [t for f in factors.values() for t in f[:2]]
@@ -198,6 +196,10 @@ class _LayerPlan:
     def __init__(self, layer: DeltaLayer, groups: dict):
         self.deltas = {a: layer.deltas[a] for a in groups
                        if a is not None and a in layer.deltas and a not in layer.merged}
+        bad = next((a for a, d in self.deltas.items() if d.reparam), None)
+        if bad is not None:  # e.g. LoRA on nn.MultiheadAttention: the base runs on W + ΔW for every row
+            raise DeltaError(f"mixed batch: adapter {bad!r} changes the weights of a {type(layer.base_layer).__name__} "
+                             "for the whole batch, so it cannot apply to some rows only; run its rows in a separate batch")
         self.pre = [a for a, d in self.deltas.items() if _has_pre(d)]
         self.replaces = [a for a, d in self.deltas.items() if d.replaces]
         self.additive = [a for a, d in self.deltas.items() if not d.replaces]

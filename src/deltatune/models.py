@@ -5,12 +5,18 @@ stays off unless the user asks.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from .core.delta import DeltaError
@@ -31,6 +37,8 @@ def cache_root() -> Path:
 def quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if verbose():  # `deltatune --verbose`: transformers' own warnings and bars stay on
+        return
     try:
         from transformers.utils import logging
 
@@ -38,6 +46,40 @@ def quiet_transformers() -> None:
         logging.disable_progress_bar()
     except Exception:
         pass
+
+
+def verbose() -> bool:
+    """``deltatune --verbose`` (or DELTATUNE_VERBOSE=1): libraries' logs and progress bars reach the terminal."""
+    return os.environ.get("DELTATUNE_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' own tqdm bars ("Loading weights", "Writing model shards", "Converting and
+    de-quantizing GGUF tensors...") off for the block and restored after, unless :func:`verbose`.
+    Its GGUF reader calls ``tqdm.auto.tqdm`` directly instead of the switchable ``logging.tqdm``,
+    so that module's ``tqdm`` is swapped for a disabled one while the block runs (where it exists)."""
+    if verbose():
+        yield
+        return
+    from transformers.utils import logging as tlog
+
+    was_on = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        reader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        reader = None
+    bar = getattr(reader, "tqdm", None)
+    if bar is not None:
+        reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            reader.tqdm = bar
+        if was_on:
+            tlog.enable_progress_bar()
 
 
 def gguf_to_fp32(gguf_path: str | Path) -> Path:
@@ -53,12 +95,13 @@ def gguf_to_fp32(gguf_path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-        model.hf_quantizer = None  # else transformers refuses to save a "quantized" model
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
+        with quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+            model.hf_quantizer = None  # else transformers refuses to save a "quantized" model
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is an ordinary directory
         if out.exists():
             shutil.rmtree(out)
@@ -85,13 +128,38 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def cached_snapshot(repo: str) -> str | None:
-    """The cached snapshot directory of ``repo`` holding a config.json, or None (never the network)."""
+def cached_snapshot(repo: str, repo_type: str = "model", patterns: list[str] | None = None) -> str | None:
+    """The cached snapshot directory of ``repo``, or None (never the network).  ``patterns`` must be
+    those of the download: huggingface_hub >= 1 keeps the repository's file list and calls a
+    snapshot without the files we never fetched (the .bin copies) incomplete.  A model snapshot
+    counts only with its config.json (a repository that is not a transformers model is not "cached")."""
+    if repo_type == "model":
+        patterns = patterns or MODEL_FILES
     try:
-        d = snapshot_download(repo, local_files_only=True)
+        d = snapshot_download(repo, repo_type=repo_type, local_files_only=True, allow_patterns=patterns)
     except Exception:  # huggingface_hub raises one of several errors for "not cached"; all mean None
         return None
-    return d if os.path.exists(os.path.join(d, "config.json")) else None
+    return d if repo_type != "model" or os.path.exists(os.path.join(d, "config.json")) else None
+
+
+def download_snapshot(repo: str, repo_type: str, patterns: list[str], label: str) -> str:
+    """``snapshot_download`` of the files matching ``patterns`` into the Hub cache, its progress bars
+    on stderr; every failure is one DeltaError line naming ``label`` (model 'org/x', data 'org/x')."""
+    fetch = f"`hf download {repo}{' --repo-type dataset' if repo_type == 'dataset' else ''}`"
+    was_off = are_progress_bars_disabled()
+    enable_progress_bars()  # transformers' / datasets' quiet modes turn the Hub's bars off; a download shows its bar
+    try:
+        return snapshot_download(repo, repo_type=repo_type, allow_patterns=patterns)
+    except RepositoryNotFoundError:  # also what the Hub answers for a private or gated repository without a token
+        raise DeltaError(f"{label}: no such {repo_type} repository on the Hub ({hf_constants.ENDPOINT}); check the "
+                         "id (a private or gated one needs `hf auth login` first)") from None
+    except Exception as e:  # GatedRepoError, HTTP / connection errors ...
+        why = " ".join(str(e).split())[:200]
+        raise DeltaError(f"{label}: the download failed ({type(e).__name__}: {why}); check the id and the "
+                         f"network, or fetch it with {fetch}") from None
+    finally:
+        if was_off:
+            disable_progress_bars()
 
 
 def ensure_model(repo: str) -> str:
@@ -99,22 +167,11 @@ def ensure_model(repo: str) -> str:
     d = cached_snapshot(repo)
     if d is not None:
         return d
-    fetch = f"`hf download {repo}`"
     if offline():
         raise DeltaError(f"model {repo!r} is not a local directory and not in the local Hugging Face cache "
-                         f"(HF_HUB_OFFLINE=1); download it once with {fetch} (or run with HF_HUB_OFFLINE=0 to let "
-                         "deltatune download it), then run again")
-    was_off = are_progress_bars_disabled()
-    enable_progress_bars()  # transformers' quiet mode turns the Hub's bars off; a download shows its bar
-    try:
-        d = snapshot_download(repo, allow_patterns=MODEL_FILES)
-    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, HTTP / connection errors ...
-        why = " ".join(str(e).split())[:200]
-        raise DeltaError(f"model {repo!r}: the download failed ({type(e).__name__}: {why}); check the id and the "
-                         f"network, or fetch it with {fetch}") from None
-    finally:
-        if was_off:
-            disable_progress_bars()
+                         f"(HF_HUB_OFFLINE=1); download it once with `hf download {repo}` (or run with "
+                         "HF_HUB_OFFLINE=0 to let deltatune download it), then run again")
+    d = download_snapshot(repo, "model", MODEL_FILES, f"model {repo!r}")
     if not os.path.exists(os.path.join(d, "config.json")):
         raise DeltaError(f"model {repo!r}: the Hub repository has no config.json; it is not a transformers model "
                          "(for a GGUF repository, download the .gguf file and pass its path)")
@@ -247,9 +304,7 @@ def load_quantized_model(spec: str, scheme: str, task: str = "causal-lm", trust_
         gguf = next(iter(sorted(p.glob("*.gguf"))), None)
     path = str(gguf) if gguf is not None else resolve(spec)
     if gguf is None and not Path(path).is_dir():  # a cached Hub id: its snapshot directory
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(path, local_files_only=True)
+        path = ensure_model(path)
     model = load_quantized(path, scheme)
     tok = load_tokenizer(str(gguf.parent) if gguf is not None else path, spec, False, tokenizer_required)
     if tok is not None and tok.pad_token is None:  # as models.load_model: pad with EOS (masked out anyway)

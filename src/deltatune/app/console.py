@@ -3,7 +3,7 @@
 During training, torch (dynamo's recompilation notices and tracebacks, inductor), transformers and
 datasets log warnings and emit ``warnings.warn`` messages that land in the middle of the tqdm bar.
 :func:`library_log` sends all of it to a log file in the run directory instead (``train.log``), and
-to stderr as well only when the user asks (``DELTATUNE_VERBOSE=1``).  deltatune's own messages
+to stderr as well only when the user asks (``deltatune --verbose`` or ``DELTATUNE_VERBOSE=1``).  deltatune's own messages
 (logger ``deltatune``) are untouched.
 """
 from __future__ import annotations
@@ -15,13 +15,11 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+from ..models import verbose
+
 # the libraries whose loggers write into a training run's display
 LIBRARY_LOGGERS = ("torch", "torch._dynamo", "torch._inductor", "torch.fx.experimental.symbolic_shapes",
                    "transformers", "datasets", "py.warnings")
-
-
-def verbose() -> bool:
-    return os.environ.get("DELTATUNE_VERBOSE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @contextlib.contextmanager

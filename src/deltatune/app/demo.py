@@ -62,14 +62,18 @@ def chatterbot_pairs() -> list[tuple[str, str]]:
 DEMO_PROMPTS = ("What is your favorite book?", "Tell me a joke.", "What is artificial intelligence?")
 
 
-def demo_classify(output: str = "runs/demo", steps: int = 100, log: Callable = print, **train) -> dict:
+def demo_classify(output: str = "runs/demo", steps: int = 100, log: Callable = print, packing: bool | None = None,
+                  report_to: str = "none", **train) -> dict:
+    """``packing`` / ``report_to``: as ``deltatune train``'s (packing is refused here: classification rows)."""
     o = RunOptions(model=str(minilm_dir()), data=str(sms_spam_csv()), task="classify", method="lora",
                    output=output, text_column="text", label_column="spam", max_length=64, overwrite=True,
+                   packing=packing, report_to=report_to,
                    train={"max_steps": steps, "batch_size": 32, "eval_every": max(1, steps // 3), **train})
     return train_run(o, log=log)
 
 
-def demo_causal_lm(output: str = "runs/demo-lm", steps: int = 40, log: Callable = print, **train) -> dict:
+def demo_causal_lm(output: str = "runs/demo-lm", steps: int = 40, log: Callable = print, packing: bool | None = None,
+                   report_to: str = "none", **train) -> dict:
     import json
     import random
 
@@ -96,7 +100,7 @@ def demo_causal_lm(output: str = "runs/demo-lm", steps: int = 40, log: Callable 
 
     o = RunOptions(model=str(smollm2_gguf()), data=str(data), task="causal-lm", method="lora", output=output,
                    prompt_column="prompt", response_column="response", max_length=64, max_eval_rows=128,
-                   train={"max_steps": steps, "batch_size": 8, "eval_every": max(1, steps // 2), **train})
+                   packing=packing, report_to=report_to, train={"max_steps": steps, "batch_size": 8, "eval_every": max(1, steps // 2), **train})
     o.overwrite = True
     metrics = train_run(o, log=log, on_model=generate)
     metrics["samples"] = [{"prompt": q, "before": b, "after": a}

@@ -19,6 +19,7 @@ import torch
 
 from ..core.delta import DeltaError
 from ..safety import atomic_dir, umask
+from ..models import quiet_progress
 from .gguf_export import DTYPES, check_exportable, load_gguf, logits_gap, write_gguf
 
 
@@ -83,7 +84,7 @@ def export_merged(merged, proc, out: Path, fmt: str = "safetensors", dtype: str 
                              "-- use --format safetensors")
         check_exportable(merged)  # fail before writing anything
     kw = {"name": Path(out).name} if fmt == "gguf" else {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, quiet_progress():  # transformers' "Writing model shards" bar stays off
         res = FORMATS[fmt](merged, proc, tmp, dtype, inputs, **kw)
         if extra is not None:
             extra(tmp, res)

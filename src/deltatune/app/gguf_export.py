@@ -4,8 +4,10 @@ own ``from_pretrained(dir, gguf_file=...)``), in float32, float16 or bfloat16.
 The file holds three things, under llama.cpp's key names (``gguf.constants.Keys``):
 
 * the architecture's hyper-parameters (``llama.block_count``, ``llama.rope.freq_base``, ...);
-* the tokenizer: every token string, its type (NORMAL / CONTROL / USER_DEFINED), the BPE merges,
-  the special token ids and the chat template -- a GGUF has no tokenizer.json;
+* the tokenizer: every token string, its type (NORMAL / CONTROL / USER_DEFINED / BYTE), the BPE
+  merges, the special token ids and the chat template -- a GGUF has no tokenizer.json; byte-level
+  BPE tokenizers are written as llama.cpp's "gpt2" kind, SentencePiece BPE ones (Llama 2, Mistral)
+  as its "llama" kind (:data:`TOKENIZER_KINDS`);
 * the tensors, renamed by ``gguf.TensorNameMap`` (``model.layers.0.self_attn.q_proj.weight`` ->
   ``blk.0.attn_q.weight``).  Llama's q/k projections are stored with the two halves of each
   rotary head interleaved (llama.cpp's rope pairs adjacent dims, transformers' ``rotate_half`` pairs
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..core.delta import DeltaError
+from ..models import quiet_progress
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = ("safetensors", "gguf")
@@ -110,6 +113,55 @@ def _pre_name(pre: dict) -> str:
                      "(neither GPT-2's nor a llama.cpp-named regex); use --format safetensors")
 
 
+def _byte_level_fields(writer, tokenizer, tj: dict, vocab_size: int) -> None:
+    """GPT-2-style byte-level BPE: ``tokenizer.ggml.model = "gpt2"`` and the pre-tokenizer's name."""
+    tokens, types = _vocab(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_name(tj.get("pre_tokenizer") or {}))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+
+
+def _sentencepiece_fields(writer, tokenizer, tj: dict, vocab_size: int) -> None:
+    """SentencePiece BPE with byte fallback (Llama 1/2, Mistral, TinyLlama tokenizers):
+    ``tokenizer.ggml.model = "llama"``.  Pieces are written as they are spelled (``▁`` for a space),
+    ``<0xNN>`` pieces as BYTE, the unknown piece as UNKNOWN; scores are SentencePiece-BPE's (minus the
+    piece's rank, so llama.cpp merges in the same order), and the merges are written too, which
+    transformers' reader uses as they are instead of rebuilding them from the scores."""
+    from gguf import TokenType
+
+    tokens, types = _vocab(tokenizer, vocab_size)
+    unk = getattr(tokenizer, "unk_token", None) or tj["model"].get("unk_token")
+    for i, t in enumerate(tokens):
+        if types[i] == TokenType.NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i] = TokenType.BYTE
+        elif t == unk:
+            types[i] = TokenType.UNKNOWN
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) if ty == TokenType.NORMAL else 0.0 for i, ty in enumerate(types)])
+    writer.add_token_types(types)
+    writer.add_add_space_prefix((tj.get("pre_tokenizer") or {}).get("prepend_scheme", "always") != "never")
+
+
+def _tokenizer_kind(tj: dict | None) -> str | None:
+    """"gpt2" (byte-level BPE), "llama" (SentencePiece BPE with byte fallback) or None (not exportable)."""
+    model, dec = (tj or {}).get("model", {}), (tj or {}).get("decoder") or {}
+    if model.get("type") != "BPE":
+        return None
+    if not model.get("byte_fallback") and dec.get("type") == "ByteLevel":
+        return "gpt2"
+    steps = [d.get("type") for d in dec.get("decoders", [])] if dec.get("type") == "Sequence" else []
+    pre = (tj or {}).get("pre_tokenizer") or {}
+    if model.get("byte_fallback") and "ByteFallback" in steps and pre.get("type") == "Metaspace":
+        return "llama"
+    return None
+
+
+TOKENIZER_KINDS = {"gpt2": _byte_level_fields, "llama": _sentencepiece_fields}
+
+
 def _tokenizer_fields(writer, tokenizer, tok_dir: Path, vocab_size: int) -> None:
     import json
 
@@ -117,22 +169,23 @@ def _tokenizer_fields(writer, tokenizer, tok_dir: Path, vocab_size: int) -> None
 
     tj = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8")) \
         if (tok_dir / "tokenizer.json").exists() else None
-    model = (tj or {}).get("model", {})
-    if not tj or model.get("type") != "BPE" or model.get("byte_fallback") \
-            or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise DeltaError("GGUF export needs a byte-level BPE tokenizer (GPT-2 / Llama-3 / SmolLM / Qwen style "
-                         "tokenizer.json); this one is not -- use --format safetensors")
-    tokens, types = _vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_name(tj.get("pre_tokenizer") or {}))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
+    kind = _tokenizer_kind(tj)
+    if kind is None:
+        raise DeltaError("GGUF export needs a BPE tokenizer: byte-level (GPT-2 / Llama-3 / SmolLM / Qwen style "
+                         "tokenizer.json) or SentencePiece with byte fallback (Llama 2 / Mistral style); this one "
+                         "is neither -- use --format safetensors")
+    TOKENIZER_KINDS[kind](writer, tokenizer, tj, vocab_size)
     # merges, bos/eos/unk/pad ids, add_bos and the chat template, read from the saved files by gguf's helper
     sv = SpecialVocab(tok_dir, load_merges=True, n_vocab=vocab_size)
     if not sv.merges:
         raise DeltaError(f"{tok_dir}: the tokenizer has no BPE merges; cannot describe it in GGUF")
     if getattr(tokenizer, "chat_template", None) and sv.chat_template is None:
         sv.chat_template = tokenizer.chat_template
+    # whether BOS/EOS are added, from what the tokenizer does (its config may not say: readers then
+    # assume BOS for a "llama" vocabulary)
+    ids = tokenizer("a").input_ids
+    sv.add_special_token.update(bos=bool(ids) and ids[0] == tokenizer.bos_token_id,
+                                eos=bool(ids) and ids[-1] == tokenizer.eos_token_id and len(ids) > 1)
     sv.add_to_gguf(writer, quiet=True)
 
 
@@ -231,8 +284,9 @@ def load_gguf(path: str | os.PathLike):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    with quiet_progress():  # no "Converting and de-quantizing GGUF tensors" bar in the user's console
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     return model.eval(), tok
 
 

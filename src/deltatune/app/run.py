@@ -308,7 +308,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
         "compiled": trainer.compiled,  # torch.compile ran to the end (False: off, or fell back to eager)
         "artifact": str(art), "artifact_bytes": sum(f.stat().st_size for f in art.iterdir() if f.is_file()),
-        "history": result.history, "evals": result.evals, "plot": str(out / "training.png"),
+        "history": result.history, "evals": result.evals, "plot": str(out / "training.png"), "packing": feats.pack_mode or "off",
     }
     if rank == 0:
         atomic_write_json(out / METRICS_FILE, metrics)

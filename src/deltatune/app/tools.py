@@ -28,7 +28,8 @@ from ..models import load_model, quiet_transformers, resolve
 from ..storage import model_card
 from ..storage.adapter import CONFIG, MANIFEST, read_adapter_dir, sha256
 from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
-from .run import (MAX_LENGTH, METRICS_FILE, collate_for, encode_examples, read_task, real_model_name, set_chat_template)
+from .run import (FULL_LR, LM_LR_FACTOR, MAX_LENGTH, METRICS_FILE, collate_for, encode_examples, read_task,
+                  real_model_name, set_chat_template)
 
 RUN_TASKS = ("classify", "causal-lm", "image-classify")  # the core.tasks tasks `deltatune train` runs
 
@@ -141,8 +142,8 @@ def compare_methods(methods: list[str], model: str, data: str, task: str, output
         cmd = [sys.executable, "-m", "deltatune.cli", "train", "--model", model, "--data", data, "--task", task,
                "--method", m, "--output", str(out / m), "--max-steps", str(max_steps), "--batch-size",
                str(batch_size), "--seed", str(seed), "--overwrite", "--no-progress", "--json"]
-        for k, v in extra.items():
-            cmd += [k, str(v)]
+        for k, v in extra.items():  # True: a bare flag (--packing); anything else: --flag VALUE
+            cmd += [k] if v is True else [k, str(v)]
         log(f"train {m} ...")
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
@@ -397,19 +398,23 @@ def print_methods(out) -> None:
     """``deltatune inspect --methods``: the method registry, one row per method (or JSON)."""
     import dataclasses
 
+    # every column comes from the method's registry entry (core/method.py's Method)
     rows = [{"name": n, "summary": m.summary, "peft_type": m.peft_type, "mergeable": m.mergeable,
+             "default_targets": m.default_targets, "default_lr": m.default_lr,
              "options": [f.name for f in dataclasses.fields(m.config_cls)]}
             for n, m in sorted(dt.METHODS.items())]
 
     def human():
         from rich.table import Table
 
-        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE)")
-        for c in ("method", "what it trains", "merge"):
+        t = Table(title=f"methods (deltatune train --method NAME -o KEY=VALUE; causal LMs train at "
+                        f"{LM_LR_FACTOR:g}x the lr)")
+        for c in ("method", "what it trains", "default targets", "lr", "merge"):
             t.add_column(c)
         for r in rows:
-            t.add_row(r["name"], r["summary"], "yes" if r["mergeable"] else "no")
-        t.add_row("full", "every weight (the reference in `compare`)", "-")
+            t.add_row(r["name"], r["summary"], r["default_targets"], f"{r['default_lr']:g}",
+                      "yes" if r["mergeable"] else "no")
+        t.add_row("full", "every weight (the reference in `compare`)", "every weight", f"{FULL_LR:g}", "-")
         out.console.print(t)
 
     out.done({"methods": rows}, human)

@@ -9,7 +9,8 @@ import typer
 
 from ..app.importance_report import importance_report
 from ..app.tools import compare_methods, evaluate_adapter
-from .options import FORMAT_HELP, ConfigOpt, JsonOpt, Out, QuantizeOpt, one_line_errors
+from ..tracking import parse_report_to
+from .options import FORMAT_HELP, ConfigOpt, JsonOpt, Out, PackingOpt, QuantizeOpt, ReportToOpt, one_line_errors
 
 
 @one_line_errors
@@ -95,6 +96,8 @@ def compare(
     max_train_rows: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     quantize: Optional[str] = QuantizeOpt,
+    packing: Optional[bool] = PackingOpt,
+    report_to: str = ReportToOpt,
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
 ):
@@ -106,7 +109,10 @@ def compare(
              "--label-column": label_column, "--prompt-column": prompt_column,
              "--response-column": response_column, "--max-train-rows": max_train_rows, "--format": format,
              "--data-split": data_split, "--train-on": train_on, "--chat-template": chat_template,
-             "--quantize": quantize, "--weights": weights, "--image-size": image_size}
+             "--quantize": quantize, "--weights": weights, "--image-size": image_size, "--report-to": report_to}
+    if packing is not None:  # a bare flag: compare_methods passes True as the flag alone
+        extra["--packing" if packing else "--no-packing"] = True
+    parse_report_to(report_to)  # a typo fails here, not once per method
     res = compare_methods([m.strip() for m in methods.split(",") if m.strip()], model, data, task, output,
                           max_steps, batch_size, seed, full, {k: v for k, v in extra.items() if v is not None},
                           log=out.log)

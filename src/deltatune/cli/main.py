@@ -59,8 +59,14 @@ def _version(value: bool):
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
-                                       help="Print the versions of deltatune, torch, transformers, peft, ... and exit.")):
+                                       help="Print the versions of deltatune, torch, transformers, peft, ... and exit."),
+          verbose: bool = typer.Option(False, "--verbose", help="Let library logs, warnings and transformers' own "
+                                       "progress bars through to the terminal (as DELTATUNE_VERBOSE=1).")):
     """Parameter-efficient fine-tuning from the command line (deltatune)."""
+    import os
+
+    if verbose:  # read by models.verbose() wherever a library would print
+        os.environ["DELTATUNE_VERBOSE"] = "1"
 
 
 def main(argv: list[str] | None = None) -> None:

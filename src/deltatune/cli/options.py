@@ -128,3 +128,10 @@ FORMAT_HELP = ("causal-lm data format (default: from the columns): messages | sh
 
 QuantizeOpt = typer.Option(None, "--quantize", help="causal-lm: stream the base into nf4 (QLoRA) or int8 storage "
                            "while loading (small-memory defaults: chunked loss, gradient checkpointing when it pays).")
+
+# train, compare and demo: the same two options, the same meaning (RunOptions.packing / .report_to)
+PackingOpt = typer.Option(None, "--packing/--no-packing", help="causal-lm: several rows per sequence, each attending "
+                          "only to itself (default: on when the median row is <= half of --max-length; not with "
+                          "prompt/prefix).")
+ReportToOpt = typer.Option("none", "--report-to", help="Experiment tracking: tensorboard, mlflow (comma-separated) "
+                           "or none; needs pip install 'deltatune\\[tracking]'.")  # \\[: rich markup would eat [tracking]

@@ -12,7 +12,8 @@ from ..app.run import RunOptions
 from ..app.tools import command_line
 from ..core.delta import DeltaError
 from ..train.distributed import rank
-from .options import FORMAT_HELP, ConfigOpt, JsonOpt, Out, QuantizeOpt, one_line_errors, parse_opts
+from .options import (FORMAT_HELP, ConfigOpt, JsonOpt, Out, PackingOpt, QuantizeOpt, ReportToOpt, one_line_errors,
+                      parse_opts)
 
 
 # the flags of `train` that are TrainConfig fields (RunOptions.train); every other flag but the
@@ -66,12 +67,8 @@ def train(
     chat_template: Optional[str] = typer.Option(None, help="causal-lm: chat template for a tokenizer without one: "
                                                 "a .jinja file, a Jinja string, or 'chatml'."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per row (default 128 classify, 256 causal-lm)."),
-    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing",
-                                           help="causal-lm: several rows per sequence, each attending only to "
-                                           "itself (default: on when the median row is <= half of --max-length; "
-                                           "not with prompt/prefix)."),
-    report_to: str = typer.Option("none", help="Experiment tracking: tensorboard, mlflow (comma-separated) or none; "
-                                  "needs pip install 'deltatune[tracking]'."),
+    packing: Optional[bool] = PackingOpt,
+    report_to: str = ReportToOpt,
     lr: Optional[float] = typer.Option(None, help="Learning rate (default per method: 1e-3 LoRA, 5e-5 full, ...)."),
     epochs: Optional[float] = typer.Option(None, help="Epochs (default 3) unless --max-steps is given."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
@@ -141,6 +138,8 @@ def demo(
     task: str = typer.Option("classify", help="classify (MiniLM-L6 + SMS spam) | causal-lm (SmolLM2-135M + chatterbot)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (default 100 classify, 40 causal-lm)."),
     output: Optional[str] = typer.Option(None, help="Output directory (default runs/demo or runs/demo-lm)."),
+    packing: Optional[bool] = PackingOpt,
+    report_to: str = ReportToOpt,
     progress: bool = typer.Option(True, help="Show the progress bar."),
     as_json: bool = JsonOpt,
     config: Optional[Path] = ConfigOpt,
@@ -151,5 +150,5 @@ def demo(
     out = Out(as_json)
     kw = {"steps": steps} if steps else {}
     m = DEMOS[task](output=output or ("runs/demo" if task == "classify" else "runs/demo-lm"), log=out.log,
-                    progress=progress, **kw)
+                    packing=packing, report_to=report_to, progress=progress, **kw)
     out.done(run_summary(m), lambda: print_run(out, m))

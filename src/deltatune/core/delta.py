@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from .dtypes import cast_like, module_dtype
+from . import model_state
 
-STATE_ATTR = "_deltatune"
+STATE_ATTR = model_state.STATE.attr  # kept for imports; the key is declared in model_state
 PREFIX = "base_model.model."  # peft's key prefix, kept so files are interchangeable
 
 
@@ -108,19 +109,19 @@ class DeltaState:
 
 
 def get_state(model: nn.Module, create: bool = False) -> DeltaState:
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     if st is None:
         if not create:
             raise DeltaError(f"{type(model).__name__} carries no deltatune adapter; "
                              "call dt.attach(model, ...) or dt.load(model, DIR) first")
         st = DeltaState()
-        model.__dict__[STATE_ATTR] = st
+        model_state.put(model, model_state.STATE, st)
     return st
 
 
 def merged_names(model: nn.Module) -> set[str]:
     """Adapters currently merged into the base weights (by any method, wrapped or selector)."""
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     out = set(st.merged) if st is not None else set()
     for _, layer in iter_delta_layers(model):
         out.update(layer.merged)
@@ -128,7 +129,7 @@ def merged_names(model: nn.Module) -> set[str]:
 
 
 def has_adapters(model: nn.Module) -> bool:
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     return bool(st and st.adapters)
 
 
@@ -166,6 +167,14 @@ class Delta(nn.Module):
     # True: forward adds a term of x alone (y + f(x)) and merge adds a ΔW that does not read W, so
     # the delta commutes with every other additive delta of its layer (merge order is free)
     additive: ClassVar[bool] = False
+    # True: the base reads its weights inside its own forward (nn.MultiheadAttention passes
+    # in_proj_weight / out_proj.weight to F.multi_head_attention_forward), so the delta cannot add
+    # to its output; it gives ``weight_deltas`` instead and DeltaLayer runs the base on W + ΔW
+    reparam: ClassVar[bool] = False
+
+    def weight_deltas(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        """``reparam`` deltas: {name of a base parameter (``"out_proj.weight"``): ΔW in its layout}."""
+        raise NotImplementedError
 
     def pre(self, x: torch.Tensor) -> torch.Tensor | None:
         """Optionally transform the input before the base runs (None = no change)."""
@@ -251,6 +260,10 @@ class CopyDelta(Delta):
         return local_key.removeprefix("module.")
 
 
+def _keeps_fused_paths_away(module, args):
+    return None  # a no-op: its presence alone makes torch's fused transformer layers call forward
+
+
 class DeltaLayer(nn.Module):
     """Wraps a frozen base module; runs it, then the deltas of the active adapters."""
 
@@ -258,8 +271,12 @@ class DeltaLayer(nn.Module):
         super().__init__()
         self.base_layer = base
         self.deltas = nn.ModuleDict()
-        self.__dict__["_dt_state"] = state  # shared bookkeeping, deliberately not a submodule
+        model_state.put(self, model_state.LAYER_STATE, state)  # shared bookkeeping, deliberately not a submodule
         self.merged: list[str] = []
+        if isinstance(base, nn.MultiheadAttention):
+            # nn.TransformerEncoderLayer's fused eval path reads self_attn.in_proj_weight itself and never
+            # calls this layer (the adapter would be ignored); it stands aside when a submodule has a hook
+            self.register_forward_pre_hook(_keeps_fused_paths_away)
 
     def __getattr__(self, name: str):
         # transformers code reads e.g. `self.q_proj.weight` or `.in_features`: forward those reads
@@ -271,13 +288,13 @@ class DeltaLayer(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def active_deltas(self) -> list[tuple[str, Delta]]:
-        st: DeltaState = self.__dict__["_dt_state"]
+        st: DeltaState = model_state.get(self, model_state.LAYER_STATE)
         if st.disabled:
             return []
         return [(n, self.deltas[n]) for n in st.active if n in self.deltas and n not in self.merged]
 
     def forward(self, *args, **kwargs):
-        st: DeltaState = self.__dict__["_dt_state"]
+        st: DeltaState = model_state.get(self, model_state.LAYER_STATE)
         if st.row_adapters is not None and not st.disabled:
             if st.row_router is None:
                 raise DeltaError("row_adapters is set but no row router is installed; route rows with "
@@ -293,16 +310,37 @@ class DeltaLayer(nn.Module):
                 x = nx
                 args = (x, *args[1:]) if args else args
         run = next((d for _, d in active if d.replaces), None)
-        # a replacing copy may compute in float32: the layer still answers in the base's dtype
-        y = self.base_layer(*args, **kwargs) if run is None else cast_like(run(*args, **kwargs),
-                                                                            module_dtype(self.base_layer))
+        reparam = [d for _, d in active if d.reparam]
+        if reparam:
+            y = reparam_forward(self.base_layer, reparam, args, kwargs)
+        elif run is None:
+            y = self.base_layer(*args, **kwargs)
+        else:  # a replacing copy may compute in float32: the layer still answers in the base's dtype
+            y = cast_like(run(*args, **kwargs), module_dtype(self.base_layer))
         for _, d in active:
-            if not d.replaces:
+            if not d.replaces and not d.reparam:
                 y = d.run(x, y, self.base_layer)
         return y
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.deltas)}, merged={self.merged}"
+
+
+def reparam_forward(base: nn.Module, deltas: list[Delta], args: tuple, kwargs: dict):
+    """The base's own forward on W + ΣΔW (``reparam`` deltas), without touching its parameters:
+    ``torch.func.functional_call`` swaps them for this call only, so gradients reach the deltas and
+    the frozen W stays as it is.  The sum is formed in the wider dtype and rounded once into W's
+    (fp32 adapters on a half base: the base then computes, and answers, in its own dtype)."""
+    over: dict[str, torch.Tensor] = {}
+    for d in deltas:
+        for k, dw in d.weight_deltas(base).items():
+            over[k] = over.get(k, 0) + dw
+    params = dict(base.named_parameters())
+    merged = {}
+    for k, dw in over.items():
+        w = params[k]
+        merged[k] = (w.to(torch.promote_types(w.dtype, dw.dtype)) + dw).to(w.dtype)
+    return torch.func.functional_call(base, merged, args, kwargs)
 
 
 # --------------------------------------------------------------------------- walking

@@ -12,6 +12,7 @@ from torch import nn
 
 from .delta import PREFIX, DeltaConfig, DeltaError, DeltaState, get_state, iter_delta_layers
 from .dtypes import adapter_dtype, cast_tensors, module_dtype
+from .targets import find_targets
 
 
 class Method:
@@ -32,6 +33,12 @@ class Method:
     # learning rate when the user gives none (`deltatune train`): adapters start at zero and, with a
     # fresh head, need ~10x the rate of full fine-tuning; few-number methods are tuned higher
     default_lr: ClassVar[float] = 1e-3
+    # what the method adapts when the config names no targets: a ``find_targets`` pattern
+    # ("all-linear", "attention", a list of names) that ``target_paths()`` uses, or - for methods that
+    # place themselves (selectors, bottleneck adapters, prompts) or whose choice depends on the
+    # architecture (IA3 overrides ``default_targets_for``) - a one-line description; printed by
+    # ``deltatune inspect --methods``
+    default_targets: ClassVar[str] = "all-linear"
     # dt.mixed (one adapter per batch row): None = allowed unless the method keeps tensors outside
     # DeltaLayers (own_tensors), which every row would share; True = the method routes rows itself
     # (prompt / prefix); False = never
@@ -44,6 +51,18 @@ class Method:
         in ``state`` and afterwards casts its tensors (``cast_adapter_dtype``) and sets
         ``requires_grad`` from the active set; it undoes everything if this raises."""
         raise NotImplementedError
+
+    def default_targets_for(self, model: nn.Module) -> list[str] | str:
+        """The targets pattern used on ``model`` when ``cfg.targets`` is None; default
+        ``default_targets``.  Override where the choice depends on the architecture."""
+        return self.default_targets
+
+    def target_paths(self, model: nn.Module, cfg: DeltaConfig, types: tuple[type, ...] | None = None) -> list[str]:
+        """Paths ``attach`` adapts: ``cfg.targets`` (minus ``cfg.exclude``) or, when None, this
+        method's defaults, where layers an adapter cannot reach are left out rather than refused."""
+        chosen = cfg.targets is None
+        pattern = self.default_targets_for(model) if chosen else cfg.targets
+        return find_targets(model, pattern, types=types, exclude=cfg.exclude, from_defaults=chosen)
 
     def own_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """Tensors that belong to the adapter but live outside DeltaLayers (selectors, prompts)."""

@@ -4,7 +4,7 @@
                          (one split per file name, as on the Hub: train.jsonl, test.jsonl, data/train-*.parquet)
     FILE.arrow           an Arrow file written by ``datasets``
     org/name             a Hub dataset id: from the local Hub cache (``hf download org/name --repo-type
-                         dataset``) or, when online (HF_HUB_OFFLINE=0), through ``load_dataset``
+                         dataset``) or, when online (HF_HUB_OFFLINE=0), downloaded into that cache first
 
 Single csv/tsv/jsonl/json/parquet files stay with :func:`deltatune.data.tables.read_table` (pandas), which
 names the exact line of a bad row; everything here comes back as the same kind of DataFrame, so
@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.delta import DeltaError
+from ..models import cached_snapshot, download_snapshot, offline
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet", ".pq")
+# what a Hub dataset download fetches: the data files and README.md (its YAML names the configs and splits)
+DATA_FILES = ["README.md", *(f"*{s}" for s in TABLE_SUFFIXES), "*.arrow"]
 
 
 def quiet_datasets() -> None:
@@ -97,27 +100,19 @@ def _precise_error(d: Path, read_table: Callable[[Path], Any]) -> None:
 
 
 def _open_hub(repo: str, config: str | None):
-    """The local Hub snapshot if there is one (works offline), else ``load_dataset`` (online)."""
+    """The local Hub snapshot of dataset ``repo`` (works offline), else, when online, its data files
+    downloaded into the Hub cache with the same ``snapshot_download`` as a model's; then the
+    snapshot is read as a local folder (its README.md's configs included)."""
     import datasets
-    from huggingface_hub import snapshot_download
 
-    try:
-        local = snapshot_download(repo, repo_type="dataset", local_files_only=True)
-    except Exception:
-        local = None
-    if local is not None:
-        return datasets.load_dataset(local, name=config)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    try:
-        return datasets.load_dataset(repo, name=config)
-    except (ConnectionError, OSError) as e:
-        # offline (deltatune's default) and not cached, or no such dataset on the Hub
-        how = f"download it once with `hf download {repo} --repo-type dataset`"
-        if offline:
+    local = cached_snapshot(repo, "dataset", DATA_FILES)
+    if local is None:
+        if offline():
             raise DeltaError(f"data {repo!r} is not a local file or directory, and the dataset is not in the local "
-                             f"Hugging Face cache (HF_HUB_OFFLINE=1); {how}, then run again") from None
-        raise DeltaError(f"data {repo!r}: not a local file, and the Hub did not return the dataset "
-                         f"({_first_line(e)}); check the id, or {how}") from None
+                             "Hugging Face cache (HF_HUB_OFFLINE=1); download it once with "
+                             f"`hf download {repo} --repo-type dataset`, then run again")
+        local = download_snapshot(repo, "dataset", DATA_FILES, f"data {repo!r}")
+    return datasets.load_dataset(local, name=config)
 
 
 def _one_split(ds, spec: str, split: str | None):

@@ -15,7 +15,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..core.delta import STATE_ATTR
+from ..core import model_state
 
 # The keyword a transformers model takes its KV cache under: "cache" in today's releases (renamed
 # with a deprecation shim), "past_key_values" before.  Read off the forward signature, never off a
@@ -79,17 +79,16 @@ def output_cache(out):
     return next((out[k] for k in CACHE_KWARGS if out.get(k) is not None), None)
 
 
-_MASK_POS = "_deltatune_positions_from_mask"  # model.__dict__ key of the probe's answer
 
 
 def positions_from_mask(model: nn.Module) -> bool:
     """Does the model number positions by counting unmasked tokens when no position_ids are given
     (OPT, and generate()-style left padding), rather than 0..T-1 (Llama's forward)?  Asked of the
     frozen model once: the last token of [pad, a, b] is at 1 by the first rule and 2 by the other."""
-    known = model.__dict__.get(_MASK_POS)
+    known = model_state.get(model, model_state.MASK_POSITIONS)
     if known is not None:
         return known
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     ids = torch.tensor([[3, 4, 5]], device=model.get_input_embeddings().weight.device)
     mask = torch.tensor([[0, 1, 1]], device=ids.device)
     was = st.disabled if st is not None else None
@@ -103,5 +102,5 @@ def positions_from_mask(model: nn.Module) -> bool:
         if st is not None:
             st.disabled = was
     known = not torch.allclose(a, b, atol=1e-6)
-    model.__dict__[_MASK_POS] = known
+    model_state.put(model, model_state.MASK_POSITIONS, known)
     return known

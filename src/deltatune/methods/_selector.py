@@ -11,10 +11,10 @@ original).  Activating the adapter puts its copies into the model in place of th
 originals back.  So several selector adapters can live on one model, switch in O(#tensors),
 and ``dt.disabled`` gives the untouched base.
 
-The bookkeeping lives in the selected module's ``__dict__`` (``_dt_selected``: not a submodule,
-not in the state dict, copied by ``copy.deepcopy``)::
+The bookkeeping lives in the selected module's ``__dict__`` under ``core.model_state.SELECTED``
+(not a submodule, not in the state dict, copied by ``copy.deepcopy``)::
 
-    module.__dict__["_dt_selected"] = {"bias": {"orig": Parameter, "by": {adapter: Parameter}}}
+    model_state.get(module, SELECTED) == {"bias": {"orig": Parameter, "by": {adapter: Parameter}}}
 
 The saved file holds the adapter's tensor **values** (not differences), keyed by the parameter's
 own path (``encoder.layer.0.attention.self.query.bias``): loading onto a fresh copy of the base
@@ -36,31 +36,31 @@ import re
 import torch
 from torch import nn
 
+from ..core import model_state
 from ..core.delta import DeltaError, get_state, iter_base_modules
 from ..core.method import Method
 from ..core.targets import auto_modules_to_save, find_targets, matches
 
-SEL = "_dt_selected"
-_STASH = "_dt_selected_stash"  # the in-place tensors, set aside while the module runs on casts of them
 
 
 def _cast_in(mod: nn.Module, args: tuple) -> None:
     """Forward pre-hook: run the module on its selected tensors cast to its input's dtype."""
     x = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
     stash = {}
-    for pname, rec in mod.__dict__.get(SEL, {}).items():
+    for pname, rec in model_state.get(mod, model_state.SELECTED, {}).items():
         cur = mod._parameters.get(pname)
         dt = x.dtype if x is not None else rec["orig"].dtype
         if cur is not None and cur.dtype != dt:
             stash[pname] = cur
             mod._parameters[pname] = cur.to(dt)  # a plain tensor for the duration of this forward
     if stash:
-        mod.__dict__[_STASH] = stash
+        # the in-place tensors, set aside while the module runs on casts of them
+        model_state.put(mod, model_state.SELECTED_STASH, stash)
 
 
 def _restore(mod: nn.Module, args: tuple, out) -> None:
     """Forward hook (always called, also on an exception): the selected Parameters go back."""
-    mod._parameters.update(mod.__dict__.pop(_STASH, {}))
+    mod._parameters.update(model_state.pop(mod, model_state.SELECTED_STASH, {}))
 
 
 def _hook(mod: nn.Module, on: bool) -> None:
@@ -79,7 +79,7 @@ def _hook(mod: nn.Module, on: bool) -> None:
 def _selections(model: nn.Module):
     """(clean module path, module, {param name: record}) for every module carrying selections."""
     for path, mod in iter_base_modules(model):
-        sel = mod.__dict__.get(SEL)
+        sel = model_state.get(mod, model_state.SELECTED)
         if sel:
             yield path, mod, sel
 
@@ -105,7 +105,7 @@ class SelectorMethod(Method):
         self.attach_extra(model, cfg, name, state, picked)  # may raise: nothing selected yet
         for _, mod, pname in picked:
             orig = mod._parameters[pname]
-            rec = mod.__dict__.setdefault(SEL, {}).setdefault(pname, {"orig": orig, "by": {}})
+            rec = model_state.setdefault(mod, model_state.SELECTED, {}).setdefault(pname, {"orig": orig, "by": {}})
             copy = nn.Parameter(rec["orig"].detach().clone(), requires_grad=False)
             rec["by"][name] = copy  # api.attach gives it the adapter dtype (core.cast_adapter_dtype)
             _hook(mod, True)
@@ -146,7 +146,7 @@ class SelectorMethod(Method):
                 if not rec["by"]:
                     del sel[pname]
             if not sel:
-                del mod.__dict__[SEL]
+                model_state.pop(mod, model_state.SELECTED)
                 _hook(mod, False)
 
     def unload(self, model, name):
@@ -160,7 +160,7 @@ class SelectorMethod(Method):
                         mod._parameters[pname] = nn.Parameter(cur.detach().to(orig.dtype), requires_grad=False)
                     del sel[pname]
             if not sel:
-                del mod.__dict__[SEL]
+                model_state.pop(mod, model_state.SELECTED)
                 _hook(mod, False)
 
     def to_peft(self, cfg, model, name):

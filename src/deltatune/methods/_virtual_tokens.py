@@ -51,7 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.delta import CopyDelta, DeltaError, PREFIX, STATE_ATTR, iter_delta_layers
+from ..core import model_state
+from ..core.delta import CopyDelta, DeltaError, PREFIX, iter_delta_layers
 from ..core.rows import RowPlan
 from ..core.tasks import PEFT_TASK_TYPES, task_of
 # cache_kwarg is re-exported: prefix.py and callers reach it as _virtual_tokens.cache_kwarg
@@ -59,7 +60,6 @@ from ._hf_compat import (CACHE_KWARGS, cache_kwarg, cached_tokens, output_cache,
                          positions_from_mask)
 
 STORE = "deltatune_virtual"  # attribute of the top model holding every prompt/prefix adapter
-_HOOK = "_deltatune_virtual_hook"  # model.__dict__ key of the hook handle
 
 
 class Store(nn.Module):
@@ -187,8 +187,9 @@ def store(model: nn.Module, create: bool = False) -> Store | None:
     if s is None and create:
         s = Store()
         model._modules[STORE] = s
-        model.__dict__[_HOOK] = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
-                                 model.register_forward_hook(_post_forward, with_kwargs=True))
+        hooks = (model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
+                 model.register_forward_hook(_post_forward, with_kwargs=True))
+        model_state.put(model, model_state.VIRTUAL_HOOK, hooks)
     return s
 
 
@@ -201,7 +202,7 @@ def remove(model: nn.Module, name: str) -> None:
         del s.deltas[name]
     if not len(s.deltas):
         del model._modules[STORE]
-        for handle in model.__dict__.pop(_HOOK, ()):
+        for handle in model_state.pop(model, model_state.VIRTUAL_HOOK, ()):
             handle.remove()
 
 
@@ -297,7 +298,7 @@ def _prefix_part(row: Row):
 # --------------------------------------------------------------------------- the hook
 
 def _pre_forward(model: nn.Module, args: tuple, kwargs: dict):
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     s = model._modules.get(STORE)
     if st is None or s is None or st.disabled or not any(n is not None and n in s.deltas for n in _names(st)):
         return None
@@ -396,7 +397,7 @@ def _post_forward(model: nn.Module, args: tuple, kwargs: dict, out):
     # prefix cache would make generate() treat the next full-sequence step as a decoding step
     if kwargs.get("use_cache") is not False or output_cache(out) is None:
         return out
-    st, s = model.__dict__.get(STATE_ATTR), model._modules.get(STORE)
+    st, s = model_state.get(model, model_state.STATE), model._modules.get(STORE)
     if st is not None and s is not None and not st.disabled and \
             any(n is not None and n in s.deltas and s.deltas[n].kind == "prefix" for n in _names(st)):
         for k in CACHE_KWARGS:

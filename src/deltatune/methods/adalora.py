@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import model_state
 from ..core.delta import CopyDelta, Delta, DeltaConfig, DeltaError, get_state, iter_delta_layers, wrap
 from ..core.method import Method, register
 from ..core.layer_types import linear_types
-from ..core.targets import find_targets
 from ..core.adapters import base_at
 from .lora import linear_layout
 
@@ -301,14 +301,13 @@ class AdaLoraHook:
         return sum(self.ranks().values())
 
 
-HOOKS_ATTR = "_dt_adalora_hooks"  # model.__dict__ entry: adapter name -> AdaLoraHook (not a state-dict entry)
 
 
 def adalora_hook(model: nn.Module, total_steps: int | None = None, optimizer=None,
                  name: str | None = None) -> AdaLoraHook:
     """The step hook that drives AdaLoRA's pruning schedule (see :class:`AdaLoraHook`)."""
     name = _adalora_name(model, name)
-    hooks = model.__dict__.setdefault(HOOKS_ATTR, {})
+    hooks = model_state.setdefault(model, model_state.ADALORA_HOOKS, {})
     hook = hooks.get(name)
     if hook is None or hook.allocator is None and total_steps is None:
         hook = hooks[name] = AdaLoraHook(model, total_steps=total_steps, name=name)
@@ -333,13 +332,14 @@ def _layer_paths(model, name):
 @register
 class AdaLoRA(Method):
     name = "adalora"
+    default_targets = "all-linear"
     config_cls = AdaLoraConfig
     peft_type = "ADALORA"
     summary = "SVD-form LoRA (PΛQ) whose per-layer ranks are pruned to a budget during training"
     layer_types = ("Linear", "Conv1D", "NF4Linear/Int8Linear")
 
     def attach(self, model, cfg: AdaLoraConfig, name, state):
-        paths = find_targets(model, cfg.targets, types=linear_types(), exclude=cfg.exclude)
+        paths = self.target_paths(model, cfg, types=linear_types())
         made = [(p, AdaLoraDelta(base_at(model, p), cfg)) for p in paths]
         for p, d in made:
             if cfg.auto_orth and cfg.orth_reg_weight > 0:
@@ -356,7 +356,7 @@ class AdaLoRA(Method):
     def train_state(self, model, name):
         """What a checkpoint needs for an exact resume beyond the tensors: the step count, the
         importance averages Ī, Ū and the rank masks (``deltatune.train.Trainer`` saves it, safetensors)."""
-        hook = model.__dict__.get(HOOKS_ATTR, {}).get(name)
+        hook = model_state.get(model, model_state.ADALORA_HOOKS, {}).get(name)
         if hook is None or hook.allocator is None:
             return {}
         al = hook.allocator
@@ -387,7 +387,7 @@ class AdaLoRA(Method):
                         al.unc[id(p)] = tensors[f"{path}.{part}.unc"].to(p.device, p.dtype)
 
     def delete(self, model, name):
-        model.__dict__.get(HOOKS_ATTR, {}).pop(name, None)
+        model_state.get(model, model_state.ADALORA_HOOKS, {}).pop(name, None)
 
     def export(self, model, name, tensors, cfg):
         tensors = dict(tensors)

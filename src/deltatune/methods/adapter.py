@@ -35,7 +35,7 @@ from ..core.delta import Delta, DeltaConfig, DeltaError, iter_base_modules, wrap
 from ..core.method import Method, register
 from ..core.dtypes import build_dtype
 from ..core.layer_types import linear_types
-from ..core.targets import conv_blocks, find_targets, matches
+from ..core.targets import conv_blocks, matches
 from .lora import linear_layout  # GPT-2's Conv1D stores (in, out); quantized variants too
 from ..core.adapters import base_at
 
@@ -182,13 +182,13 @@ class InputTap(Delta):
 
 # --------------------------------------------------------------------------- attaching
 
-def _points(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | None]]:
+def _points(method: Method, model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, str, str | None]]:
     """[(kind, path, tap path)]: kind "seq" (after the module), "seq2d" (after a CNN block: channels at
     axis 1) or "par" (beside it)."""
     points = cfg.resolved()[0]
     if cfg.targets is not None:
         kind = "par" if cfg.placement == "parallel" else "seq"
-        return [(kind, p, None) for p in find_targets(model, cfg.targets, exclude=cfg.exclude)]
+        return [(kind, p, None) for p in method.target_paths(model, cfg)]
     paths = [p for p, _ in iter_base_modules(model) if p]
     if cfg.exclude is not None:
         paths = [p for p in paths if not matches(p, cfg.exclude)]
@@ -221,6 +221,7 @@ class Adapter(Method):
     name = "adapter"
     config_cls = AdapterConfig
     summary = "bottleneck adapters h + U f(D h) after attention/FFN (houlsby, pfeiffer) or beside the FFN (parallel)"
+    default_targets = "attention/FFN outputs (by placement); CNN blocks"
     layer_types = ("any module (at its output)", "Llama/GPT-2/BERT/ViT blocks", "CNN blocks")
     mergeable = False
     merge_note = ("a bottleneck adapter applies a non-linearity, so it is not a weight matrix and cannot be "
@@ -228,7 +229,7 @@ class Adapter(Method):
 
     def attach(self, model, cfg: AdapterConfig, name, state):
         made = []  # build every delta first: a failure leaves the model untouched
-        for kind, path, tap in _points(model, cfg):
+        for kind, path, tap in _points(self, model, cfg):
             mod = base_at(model, path)
             d_in, d_out, ch = module_dims(mod)
             if kind == "seq2d":  # a CNN block returns (B, C, H, W) whatever it does inside (ConvNeXt

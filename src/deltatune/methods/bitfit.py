@@ -107,6 +107,7 @@ class BitFit(SelectorMethod):
     name = "bitfit"
     config_cls = BitFitConfig
     summary = "train only the existing bias terms (optionally by role); add_missing adds zero biases"
+    default_targets = "every bias in `parts` (not the heads)"
     layer_types = ("any module with a bias", "Linear/Conv1D/Conv (add_missing)")
     mergeable = True
 

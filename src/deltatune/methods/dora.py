@@ -8,8 +8,8 @@ unmerge), like peft's ``LoraVariant``, instead of ``if use_dora`` branches in ev
 The variant reaches the layer only through the delta's layout hooks, so one class serves Linear,
 GPT-2 Conv1D, quantized linears and convolutions: ``_w`` / ``_set_w`` (W as (out, in, ...)),
 ``_norm`` (per output channel), ``_channel`` (a (out,) vector broadcast over y),
-``_magnitude_layout`` (peft's shape for m), ``branch`` (s·BAx, PiSSA's initial product already
-subtracted), ``base_no_bias`` and ``delta_weight``.
+``_magnitude_layout`` (peft's shape for m), ``branch`` (s·BAx, other variants' terms included:
+DoRA on a PiSSA init), ``base_no_bias`` and ``delta_weight``.  The protocol is ``lora_variant.py``.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..fast import dora_linear
+from .lora_variant import LoraVariant
 
 
 class Magnitude(nn.Module):
@@ -31,10 +32,23 @@ def magnitude(delta) -> torch.Tensor:
     return delta.lora_magnitude_vector.weight.reshape(-1)  # (out,), whatever peft's stored shape
 
 
-class DoraVariant:
-    """DoRA on any LoRA layer type; stateless (a merge's norm is kept on the delta it belongs to)."""
+class DoraVariant(LoraVariant):
+    """DoRA on LoRA's linear and conv layers; stateless (a merge's norm is kept on the delta it belongs to)."""
 
-    additive = False  # DoRA renormalises W, so its output is not y + something independent of y
+    name = "dora"
+    layers = ("linear", "conv")
+    refusal = ("lora: dora=True is not supported on nn.Embedding; exclude the embedding from targets or use "
+               "plain LoRA")
+    owns_forward = True  # DoRA renormalises W, so its output is not y + something independent of y
+
+    @staticmethod
+    def chosen(cfg) -> bool:
+        return cfg.dora
+
+    @classmethod
+    def variant_for(cls, delta) -> "DoraVariant":
+        v = super().variant_for(delta)
+        return LinearDoraVariant() if delta.kind == "linear" else v
 
     def init(self, delta, base) -> None:
         # m starts at ‖W + ΔW‖_c, so the adapted layer's output is unchanged at init
@@ -84,7 +98,7 @@ class LinearDoraVariant(DoraVariant):
 
     def forward(self, delta, x, y, base):
         a, b = delta.lora_A.weight, delta.lora_B.weight
-        if (delta.subtracts_initial or not x.dtype == y.dtype == a.dtype
+        if (not delta.plain_product or not x.dtype == y.dtype == a.dtype
                 or not (isinstance(delta.dropout, nn.Identity) or not delta.training)):
             return super().forward(delta, x, y, base)
         w = delta._w(base)

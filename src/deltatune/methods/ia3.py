@@ -28,7 +28,7 @@ from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, base_weight
 from ..core.method import Method, register
 from ..core.dtypes import build_dtype
 from ..core.layer_types import is_conv1d, linear_types
-from ..core.targets import find_targets, matches
+from ..core.targets import matches
 from ..core.adapters import base_at
 
 # peft's defaults per architecture family: (targets, feedforward); the first family whose
@@ -112,6 +112,7 @@ class IA3Delta(Delta):
         w = base_weight(base)
         s = self._weight_scale(base, w)
         if s.abs().min() < 1e-6:  # dividing back would not be exact: keep the originals
+            # on this delta, not the model (core/model_state.py): only its own unmerge reads it
             self._orig = (w.clone(), None if base.bias is None else base.bias.detach().clone())
         set_base_weight(base, w * s)
         if not self.feedforward and getattr(base, "bias", None) is not None:
@@ -134,25 +135,26 @@ def _layer_types() -> tuple[type, ...]:
     return (*linear_types(), *CONV_TYPES)
 
 
-def resolve(model: nn.Module, cfg: IA3Config) -> tuple[list[str], list[str]]:
-    """(target paths, feedforward paths) with the architecture defaults filled in."""
-    targets, ff = cfg.targets, cfg.feedforward
-    chosen = targets is None  # the defaults below, not the user's list
-    if targets is None:
-        leaves = [p for p, _ in iter_base_modules(model) if p]
-        fam = next(((t, f) for t, f in DEFAULTS if all(any(matches(p, [n]) for p in leaves) for n in t)), None)
-        convs = [p for p, m in iter_base_modules(model) if p and isinstance(m, nn.Conv2d)]
-        if fam is None and convs:  # a CNN: scale every 2-d convolution's output channels (depthwise too)
-            fam = (convs, [])
-        if fam is None:
-            raise DeltaError(f"ia3: no default targets for {type(model).__name__}; pass targets=[...] "
-                             "(and feedforward=[...] for the layers whose input should be scaled)")
-        targets, ff = fam[0], (fam[1] if ff is None else ff)
-    elif ff is None:
-        ff = next((f for t, f in DEFAULTS if t == targets), [])
-    paths = find_targets(model, targets, types=_layer_types(), exclude=cfg.exclude, from_defaults=chosen)
-    ff_paths = [p for p in paths if matches(p, ff)]
-    return paths, ff_paths
+def family(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(targets, feedforward) of the model's architecture family (``DEFAULTS``), or every 2-d
+    convolution of a CNN (its output channels scaled, depthwise too)."""
+    leaves = [p for p, _ in iter_base_modules(model) if p]
+    fam = next(((t, f) for t, f in DEFAULTS if all(any(matches(p, [n]) for p in leaves) for n in t)), None)
+    convs = [p for p, m in iter_base_modules(model) if p and isinstance(m, nn.Conv2d)]
+    if fam is None and convs:
+        fam = (convs, [])
+    if fam is None:
+        raise DeltaError(f"ia3: no default targets for {type(model).__name__}; pass targets=[...] "
+                         "(and feedforward=[...] for the layers whose input should be scaled)")
+    return fam
+
+
+def feedforward_paths(model: nn.Module, cfg: IA3Config, paths: list[str]) -> list[str]:
+    """Which of the target ``paths`` scale their input: ``cfg.feedforward``, else the family's."""
+    ff = cfg.feedforward
+    if ff is None:
+        ff = family(model)[1] if cfg.targets is None else next((f for t, f in DEFAULTS if t == cfg.targets), [])
+    return [p for p in paths if matches(p, ff)]
 
 
 @register
@@ -163,9 +165,14 @@ class IA3(Method):
     peft_type = "IA3"
     summary = "learned vectors rescaling keys, values and FFN inputs (or conv channels); merges exactly"
     layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "NF4Linear/Int8Linear")
+    default_targets = "k, v, FFN down proj (per family); CNN Conv2d"
+
+    def default_targets_for(self, model):
+        return family(model)[0]  # peft's per-architecture table (DEFAULTS)
 
     def attach(self, model, cfg: IA3Config, name, state):
-        paths, ff = resolve(model, cfg)
+        paths = self.target_paths(model, cfg, types=_layer_types())
+        ff = feedforward_paths(model, cfg, paths)
         made = [(p, IA3Delta(base_at(model, p), p in ff)) for p in paths]
         for p, d in made:
             wrap(model, p, state).deltas[name] = d

@@ -40,6 +40,7 @@ class LNTuning(SelectorMethod):
     name = "ln"
     config_cls = LNConfig
     summary = "train only the normalisation layers' gain/bias (LayerNorm, RMSNorm, GroupNorm, BatchNorm)"
+    default_targets = "every normalisation layer"
     layer_types = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm")
     mergeable = True
 

@@ -8,17 +8,17 @@
     s = α / √r                     (rsLoRA, Kalajdzievski 2023: stable at large r)
     y = m ⊙ (W + sBA) x / ‖W + sBA‖_c + b      (DoRA, Liu et al. 2024: magnitude m, direction)
 
-Init: A Kaiming-uniform, B = 0, so the output is unchanged at init.  ``init="pissa"`` (Meng et
-al. 2024) starts A, B at the top-r singular triplets of W; instead of rewriting the frozen W we
-subtract the initial product (y = Wx + s(BA − B₀A₀)x), so the base stays shared by all adapters
-and the file is saved as a plain rank-2r LoRA that peft loads.  LoRA+ (Hayou et al. 2024) is an
-optimizer recipe: :func:`lora_plus_groups` gives B a learning rate λ× that of A.
+Init: A Kaiming-uniform, B = 0, so the output is unchanged at init.  LoRA+ (Hayou et al. 2024) is
+an optimizer recipe: :func:`lora_plus_groups` gives B a learning rate λ× that of A.
 
-Layer types: nn.Linear, transformers' Conv1D (GPT-2, weight stored in×out), nn.Conv1d/2d,
-nn.Embedding, and the quantized linears of ``deltatune.quant`` (reached via ``base_weight``).
-DoRA is a *variant* object (``methods/dora.py``) that a delta hands its forward, merge and unmerge
-to; the peft ``adapter_config.json`` translation is ``methods/lora_peft.py``; the rank cap on
-convolutions ``methods/lora_rank.py``.
+Layer types: nn.Linear, transformers' Conv1D (GPT-2, weight stored in×out), nn.Conv1d/2d/3d,
+nn.Embedding, nn.MultiheadAttention (``methods/lora_mha.py``, registered in ``EXTRA_LAYERS``), and
+the quantized linears of ``deltatune.quant`` (reached via ``base_weight``).
+
+Variants are objects chosen from the config (``VARIANTS``; the protocol is ``lora_variant.py``):
+DoRA (``dora.py``) takes over forward, merge and unmerge; PiSSA (``pissa.py``, ``init="pissa"``)
+initialises A, B from the SVD of W and subtracts its initial product as an extra low-rank term.
+peft's ``adapter_config.json``: ``methods/lora_peft.py``; the conv rank cap: ``methods/lora_rank.py``.
 """
 from __future__ import annotations
 
@@ -35,15 +35,18 @@ from ..core.delta import (CopyDelta, Delta, DeltaConfig, DeltaError, base_weight
                           set_base_weight, wrap)
 from ..core.method import Method, register
 from ..core.dtypes import build_dtype
-from ..core.targets import find_targets
 from ..core.adapters import adapter_tensors, base_at
 from ..core.layer_types import QUANT_LINEAR_TYPES, conv1d_type
 from ..fast import lora_dropout_addmm
-from .dora import DoraVariant, LinearDoraVariant
-from .lora_rank import conv_rank, explicit_patterns, same_scale_alpha
+from .dora import DoraVariant
+from .lora_variant import LoraVariant
+from .pissa import PissaVariant
+from .lora_rank import check_budget, conv_rank, explicit_patterns, same_scale_alpha
 from .lora_peft import LAYERS_PATTERNS, config_kwargs, layers_regex, peft_config  # noqa: F401 (re-exported)
 
-INITS = ("default", "gaussian", "pissa")
+# the variants a config can choose, applied in this order (PiSSA's init before DoRA measures ‖W + ΔW‖)
+VARIANTS: tuple[type[LoraVariant], ...] = (PissaVariant, DoraVariant)
+INITS = ("default", "gaussian", *(v.init_option for v in VARIANTS if v.init_option))
 
 
 @dataclass
@@ -53,7 +56,7 @@ class LoraConfig(DeltaConfig):
     dropout: float = 0.0  # dropout on the LoRA branch input; 0 avoids a copy of x per layer
     rslora: bool = False  # s = alpha/sqrt(r): keeps updates stable as r grows
     dora: bool = False  # weight-decomposed LoRA (magnitude vector + low-rank direction)
-    init: str = "default"  # "default" (Kaiming A, zero B) | "gaussian" | "pissa" (SVD of W)
+    init: str = "default"  # "default" (Kaiming A, zero B) | "gaussian" | "pissa" (SVD of W, pissa.py)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module r: {regex: r}
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha
     conv_budget: float = 0.015  # a conv's update adds <= this share of its weights (lora_rank.py); 0 = off
@@ -72,8 +75,7 @@ class LoraConfig(DeltaConfig):
             raise DeltaError(f"lora: alpha must be a positive number, got {self.alpha!r} (typical: 2*r)")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise DeltaError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.conv_budget, (int, float)) or not 0 <= self.conv_budget < math.inf:
-            raise DeltaError(f"lora: conv_budget must be a share >= 0 (0.015 = 1.5 %, 0 = no cap), got {self.conv_budget!r}")
+        check_budget(self.conv_budget)
         if self.init not in INITS:
             raise DeltaError(f"lora: init must be one of {INITS}, got {self.init!r}")
         for field_name in ("rank_pattern", "alpha_pattern"):
@@ -115,12 +117,16 @@ def linear_layout(base: nn.Module) -> tuple[bool, int, int, torch.dtype]:
 # --------------------------------------------------------------------------- deltas
 
 class LoraDelta(Delta):
-    """Shared by every layer type: scaling, dropout, PiSSA bookkeeping, and the hand-off to a
-    variant (``variant``: None for plain LoRA, a :class:`~deltatune.methods.dora.DoraVariant` for
-    DoRA) which then owns forward, merge and unmerge.  Subclasses define ``lora(x)`` (the
-    un-scaled B A x) and ``product()`` (B A in W's layout)."""
+    """Shared by every layer type: scaling, dropout, and the hand-off to the config's variants
+    (``variants``, see ``lora_variant.py``): their extra low-rank ``terms`` join the update, and
+    ``variant`` (None for plain LoRA, DoRA's object) owns forward, merge and unmerge.  Subclasses
+    set ``kind`` and define ``lora(x)`` (the un-scaled B A x) and ``product()`` (B A in W's
+    layout); ``lora_of`` / ``product_of`` for other factors where a variant adds terms."""
 
-    variant: DoraVariant | None = None
+    kind: str = ""  # "linear" | "conv" | "embedding": what a variant may support
+    variants: tuple[LoraVariant, ...] = ()
+    variant: LoraVariant | None = None  # the one of ``variants`` that owns forward/merge/unmerge
+    plain_product = True  # no variant adds terms: the update is exactly s·BA (fused and batched paths)
 
     @property
     def additive(self) -> bool:  # y + s·BAx; a variant (DoRA) renormalises W instead
@@ -130,16 +136,28 @@ class LoraDelta(Delta):
     def use_dora(self) -> bool:
         return isinstance(self.variant, DoraVariant)
 
-    @property
-    def subtracts_initial(self) -> bool:
-        """PiSSA: the initial factors A0, B0 are kept (non-persistent buffers) and their product
-        subtracted, so the output is unchanged at init without rewriting the shared base W."""
-        return "A0" in self._buffers
-
     def _setup(self, r: int, alpha: float, cfg: LoraConfig):
         self.r = r  # may differ from cfg.r: rank_pattern, the conv cap (lora_rank.py)
         self.scaling = alpha / (math.sqrt(r) if cfg.rslora else r)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # refused before any tensor is allocated; initialised by _init_variants once A, B exist
+        self.variants = tuple(v.variant_for(self) for v in VARIANTS if v.chosen(cfg))
+        self.variant = next((v for v in self.variants if v.owns_forward), None)
+        self.plain_product = not any(v.adds_terms for v in self.variants)
+
+    def _init_variants(self, base) -> None:
+        for v in self.variants:
+            v.init(self, base)
+
+    def extra_terms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The variants' low-rank terms (B', A'): ΔW = s·(BA + Σ B'A')."""
+        return [t for v in self.variants for t in v.terms(self)]
+
+    def lora_of(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} takes no extra low-rank terms")
+
+    def product_of(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} takes no extra low-rank terms")
 
     def b_params(self) -> list[nn.Parameter]:
         """LoRA+: the 'B' side, which gets the larger learning rate."""
@@ -151,15 +169,16 @@ class LoraDelta(Delta):
 
     def delta_weight(self, base) -> torch.Tensor:
         d = self.product() * self.scaling
-        if self.subtracts_initial:
-            d = d - self.product(initial=True) * self.scaling
+        for b, a in self.extra_terms():
+            d = d + self.product_of(b, a) * self.scaling
         return d
 
     def branch(self, xd: torch.Tensor) -> torch.Tensor:
-        """s·BA x_d, minus PiSSA's initial s·B₀A₀ x_d: what the adapter adds, before any variant."""
+        """s·BA x_d plus the variants' terms (PiSSA: − s·B₀A₀ x_d): what the adapter adds, before a
+        forward variant (DoRA) rescales it."""
         lora = self.lora(xd) * self.scaling
-        if self.subtracts_initial:
-            lora = lora - self.lora(xd, initial=True) * self.scaling
+        for b, a in self.extra_terms():
+            lora = lora + self.lora_of(xd, a, b) * self.scaling
         return lora
 
     def save_key(self, local_key: str) -> str:
@@ -199,6 +218,8 @@ class LoraDelta(Delta):
 class LoraLinear(LoraDelta):
     """nn.Linear, GPT-2 Conv1D (weight stored transposed) and quantized linears."""
 
+    kind = "linear"
+
     def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoraConfig):
         super().__init__()
         self.fan_in_fan_out, out_f, in_f, dtype = linear_layout(base)
@@ -208,11 +229,7 @@ class LoraLinear(LoraDelta):
         if cfg.init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / r)
         nn.init.zeros_(self.lora_B.weight)
-        if cfg.init == "pissa":
-            self._init_pissa(base)
-        if cfg.dora:
-            self.variant = LinearDoraVariant()
-            self.variant.init(self, base)
+        self._init_variants(base)
 
     def lora_B_dtype(self):
         return self.lora_B.weight.dtype
@@ -221,23 +238,12 @@ class LoraLinear(LoraDelta):
         return [self.lora_B.weight]
 
     def bmm_factors(self, dtype: torch.dtype):
-        # plain LoRA only: DoRA rescales, PiSSA's A0 path and a live dropout change the product
-        if (type(self).forward is not LoraLinear.forward or self.variant is not None or self.subtracts_initial
+        # plain LoRA only: a variant (DoRA's rescaling, PiSSA's extra term) or a live dropout changes the product
+        if (type(self).forward is not LoraLinear.forward or self.variants
                 or not (isinstance(self.dropout, nn.Identity) or not self.training)
                 or dtype != self.lora_B.weight.dtype):
             return None
         return self.lora_A.weight, self.lora_B.weight, self.scaling
-
-    def _init_pissa(self, base):
-        with torch.no_grad():
-            w = self._w(base).float()  # (out, in)
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            r = self.r
-            root = s[:r].sqrt() / math.sqrt(self.scaling)  # split √S between A and B, undo s
-            self.lora_A.weight.copy_(root[:, None] * vh[:r])  # (r, in)
-            self.lora_B.weight.copy_(u[:, :r] * root[None])  # (out, r)
-        self.register_buffer("A0", self.lora_A.weight.detach().clone(), persistent=False)
-        self.register_buffer("B0", self.lora_B.weight.detach().clone(), persistent=False)
 
     def _w(self, base):
         w = base_weight(base)
@@ -264,13 +270,17 @@ class LoraLinear(LoraDelta):
         dt = torch.promote_types(w.dtype, d.dtype)
         set_base_weight(base, w.to(dt) - d.to(dt))
 
-    def lora(self, x, initial: bool = False):
-        a, b = (self.A0, self.B0) if initial else (self.lora_A.weight, self.lora_B.weight)
+    def lora(self, x):
+        return self.lora_of(x, self.lora_A.weight, self.lora_B.weight)
+
+    def lora_of(self, x, a, b):
         return F.linear(F.linear(x.to(a.dtype), a), b)  # (..., in) -> (..., r) -> (..., out)
 
-    def product(self, initial: bool = False):
-        a, b = (self.A0, self.B0) if initial else (self.lora_A.weight, self.lora_B.weight)
-        return b @ a  # (out, in)
+    def product(self):
+        return self.product_of(self.lora_B.weight, self.lora_A.weight)
+
+    def product_of(self, b, a):
+        return b @ a  # (out, r) @ (r, in) -> (out, in)
 
     def base_no_bias(self, base, x):
         return F.linear(x.to(self._w(base).dtype), self._w(base))
@@ -278,7 +288,7 @@ class LoraLinear(LoraDelta):
     def forward(self, x, y, base):
         if self.variant is not None:
             return self.variant.forward(self, x, y, base)
-        if self.subtracts_initial or y.dtype != self.lora_B.weight.dtype:
+        if not self.plain_product or y.dtype != self.lora_B.weight.dtype:
             return super().forward(x, y, base)
         # fast path: one fused addmm, y + s·(x A^T) B^T, without materialising the scaled branch
         if self.training and isinstance(self.dropout, nn.Dropout) and x.dtype == self.lora_A.weight.dtype:
@@ -291,8 +301,10 @@ class LoraLinear(LoraDelta):
 
 
 class LoraConv(LoraDelta):
-    """nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, stride and padding to r
+    """nn.Conv1d / nn.Conv2d / nn.Conv3d: A is a conv with the base's kernel, stride and padding to r
     channels, B a 1×1 conv back to the output channels."""
+
+    kind = "conv"
 
     def __init__(self, base: nn.Module, r: int, alpha: float, cfg: LoraConfig):
         super().__init__()
@@ -300,8 +312,6 @@ class LoraConv(LoraDelta):
             raise DeltaError(f"lora: grouped/depthwise convolutions (groups={base.groups}) are not supported; "
                              "target the pointwise (1x1, groups=1) convolutions instead")
         self._setup(r, alpha, cfg)
-        if cfg.init == "pissa":
-            raise DeltaError("lora: init='pissa' supports linear layers only")
         conv = next(t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(base, t))  # not a subclass's __init__
         self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
                            bias=False, padding_mode=base.padding_mode, dtype=build_dtype(base))
@@ -314,9 +324,7 @@ class LoraConv(LoraDelta):
         if cfg.init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / r)
         nn.init.zeros_(self.lora_B.weight)
-        if cfg.dora:
-            self.variant = DoraVariant()
-            self.variant.init(self, base)
+        self._init_variants(base)
 
     def lora_B_dtype(self):
         return self.lora_B.weight.dtype
@@ -324,13 +332,13 @@ class LoraConv(LoraDelta):
     def b_params(self):
         return [self.lora_B.weight]
 
-    def lora(self, x, initial: bool = False):
+    def lora(self, x):
         base = self.__dict__.get("_own_forward_base")
         if base is None:
             return self.lora_B(self.lora_A(x))
         return self.lora_B(call_with(base, self.lora_A.weight, x))  # (B, r, H', W') -> (B, out, H', W')
 
-    def product(self, initial: bool = False):
+    def product(self):
         a = self.lora_A.weight  # (r, in, *k)
         b = self.lora_B.weight  # (out, r, 1, ...)
         return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
@@ -358,14 +366,11 @@ def call_with(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.T
 class LoraEmbedding(LoraDelta):
     """nn.Embedding: ΔE = s (B A)^T, shape (num_embeddings, dim). peft's init: A = 0, B ~ N(0,1)."""
 
+    kind = "embedding"
+
     def __init__(self, base: nn.Embedding, r: int, alpha: float, cfg: LoraConfig):
         super().__init__()
-        if cfg.dora:
-            raise DeltaError("lora: dora=True is not supported on nn.Embedding; exclude the embedding "
-                             "from targets or use plain LoRA")
-        if cfg.init == "pissa":
-            raise DeltaError("lora: init='pissa' supports linear layers only")
-        self._setup(r, alpha, cfg)
+        self._setup(r, alpha, cfg)  # refuses DoRA and PiSSA (their variants support no embeddings)
         self.dropout = nn.Identity()  # token ids cannot be dropped out; peft does the same
         dt = build_dtype(base)
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings, dtype=dt))  # (r, V)
@@ -380,13 +385,17 @@ class LoraEmbedding(LoraDelta):
                         base.scale_grad_by_freq, base.sparse)  # (..., r)
         return y + (h @ self.lora_embedding_B.t()) * self.scaling
 
-    def product(self, initial: bool = False):
+    def product(self):
         return (self.lora_embedding_B @ self.lora_embedding_A).t()  # (V, D), the weight's layout
+
+
+# layer types whose LoRA delta lives in a file of its own (methods/lora_mha.py adds nn.MultiheadAttention)
+EXTRA_LAYERS: dict[type, type[LoraDelta]] = {}
 
 
 def _layer_table() -> dict[type, type[LoraDelta]]:
     table: dict[type, type[LoraDelta]] = {nn.Linear: LoraLinear, nn.Conv1d: LoraConv, nn.Conv2d: LoraConv,
-                                          nn.Embedding: LoraEmbedding}
+                                          nn.Conv3d: LoraConv, nn.Embedding: LoraEmbedding, **EXTRA_LAYERS}
     if conv1d_type() is not None:
         table[conv1d_type()] = LoraLinear
     for t in QUANT_LINEAR_TYPES:
@@ -427,10 +436,12 @@ class LoRA(Method):
     config_cls = LoraConfig
     peft_type = "LORA"
     summary = "low-rank update s·BA added to frozen weights (with DoRA, rsLoRA, PiSSA, LoRA+)"
-    layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding", "NF4Linear/Int8Linear")
+    layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention",
+                   "NF4Linear/Int8Linear")
+    default_targets = "all-linear"  # QLoRA (Dettmers et al. 2023): every linear layer beats q,v only
 
     def attach(self, model, cfg: LoraConfig, name, state):
-        paths = find_targets(model, cfg.targets, types=tuple(_layer_table()), exclude=cfg.exclude)
+        paths = self.target_paths(model, cfg, types=tuple(_layer_table()))
         made = []  # build every delta first: a failure leaves the model untouched
         for p in paths:
             base = base_at(model, p)
@@ -442,21 +453,10 @@ class LoRA(Method):
             wrap(model, p, state).deltas[name] = d
 
     def export(self, model, name, tensors, cfg: LoraConfig):
-        layers = {p: (d.r, d.scaling * (math.sqrt(d.r) if cfg.rslora else d.r)) for p, layer in iter_delta_layers(model)
-                  if isinstance(d := layer.deltas[name] if name in layer.deltas else None, LoraDelta)}
-        cfg = replace(cfg, **explicit_patterns(layers, cfg))  # convs under conv_budget, by path
-        if cfg.init != "pissa":
-            return tensors, cfg
-        # PiSSA → plain LoRA of rank 2r: s(BA − B₀A₀) = s'[B, −B₀][A; A₀] with s' = s
-        k = 2.0 if not cfg.rslora else math.sqrt(2.0)
-        for path, layer in iter_delta_layers(model):
-            d = layer.deltas[name] if name in layer.deltas else None
-            if isinstance(d, LoraLinear) and d.subtracts_initial:
-                tensors[f"{path}.lora_A.weight"] = torch.cat([d.lora_A.weight.detach(), d.A0], 0)
-                tensors[f"{path}.lora_B.weight"] = torch.cat([d.lora_B.weight.detach(), -d.B0], 1)
-        cfg = replace(cfg, init="default", r=2 * cfg.r, alpha=cfg.alpha * k,
-                      rank_pattern={kk: 2 * v for kk, v in cfg.rank_pattern.items()},
-                      alpha_pattern={kk: v * k for kk, v in cfg.alpha_pattern.items()})
+        cfg = replace(cfg, **explicit_patterns(model, name, cfg))  # convs under conv_budget, by path
+        for v in VARIANTS:  # e.g. PiSSA is written as the plain LoRA peft loads
+            if v.chosen(cfg):
+                tensors, cfg = v.export(model, name, tensors, cfg)
         return tensors, cfg
 
     def normalize_keys(self, tensors):

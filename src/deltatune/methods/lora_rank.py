@@ -27,7 +27,14 @@ import re
 
 from torch import nn
 
+from ..core.delta import DeltaError, iter_delta_layers
+
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
+        raise DeltaError(f"lora: conv_budget must be a share >= 0 (0.015 = 1.5 %, 0 = no cap), got {budget!r}")
 
 
 def conv_rank(base: nn.Module, r: int, budget: float) -> int:
@@ -46,15 +53,23 @@ def same_scale_alpha(alpha: float, rank: int, r: int, rslora: bool) -> float:
     return alpha * (math.sqrt(rank / r) if rslora else rank / r)
 
 
-def explicit_patterns(layers: dict[str, tuple[int, float]], cfg) -> dict[str, dict]:
-    """``cfg``'s rank_pattern / alpha_pattern plus one exact entry per layer whose (rank, alpha) in
-    ``layers`` differ from (cfg.r, cfg.alpha), so a saved adapter (and peft, which knows no budget)
-    rebuilds the same layers.  peft's rule: a key matches a module path's end at a dot, so the
-    escaped path is exact."""
-    ranks, alphas = dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
-    for path, (rank, a) in layers.items():
+def explicit_patterns(model: nn.Module, name: str, cfg) -> dict[str, dict]:
+    """``cfg``'s rank_pattern / alpha_pattern plus one exact entry per LoRA layer of adapter ``name``
+    whose (rank, alpha) differ from (cfg.r, cfg.alpha), so a saved adapter (and peft, which knows no
+    budget) rebuilds the same layers.  peft's rule: a key matches a module path's end at a dot, so
+    the escaped path is exact."""
+    ranks, alphas, seen = dict(cfg.rank_pattern), dict(cfg.alpha_pattern), []
+    for path, layer in iter_delta_layers(model):
+        d = layer.deltas[name] if name in layer.deltas else None
+        if not (hasattr(d, "r") and hasattr(d, "scaling")):  # a LoRA delta (not the head's CopyDelta)
+            continue
+        rank, a = d.r, d.scaling * (math.sqrt(d.r) if cfg.rslora else d.r)
+        seen.append(rank)
         if rank != cfg.r and not any(re.match(rf"(.*\.)?({k})$", path) for k in cfg.rank_pattern):
             ranks[re.escape(path)] = rank
         if not math.isclose(a, cfg.alpha) and not any(re.match(rf"(.*\.)?({k})$", path) for k in cfg.alpha_pattern):
             alphas[re.escape(path)] = a
-    return {"rank_pattern": ranks, "alpha_pattern": alphas}
+    # every layer capped (a small CNN): the file's r is its largest rank, as the load checks r against the
+    # tensors' sizes; each layer is listed in both patterns, so nothing else depends on r
+    r = cfg.r if not seen or cfg.r in seen else max(seen)
+    return {"r": r, "rank_pattern": ranks, "alpha_pattern": alphas}

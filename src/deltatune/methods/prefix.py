@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import model_state
 from ..core.delta import DeltaConfig, DeltaError, get_state
 from ..core.method import Method, register
 from . import _virtual_tokens as vt
@@ -94,7 +95,7 @@ def cache_layout(model: nn.Module) -> dict[str, int]:
     frozen model itself fills for one token (transformers' code is the oracle: a config may carry
     ``num_key_value_heads`` that the architecture ignores, GPT-2 style, or mix attention with
     state-space / convolution layers that hold no keys).  Cached on the model: it never changes."""
-    known = model.__dict__.get(_LAYOUT)
+    known = model_state.get(model, model_state.CACHE_LAYOUT)
     if known is not None:
         return known
     from transformers import DynamicCache
@@ -124,11 +125,10 @@ def cache_layout(model: nn.Module) -> dict[str, int]:
                          "a prefix table needs one (heads, head_dim) for every layer: use prompt tuning or lora")
     heads, _, head_dim = shapes.pop()
     out = {"layers": len(keys), "kv_heads": int(heads), "head_dim": int(head_dim)}
-    model.__dict__[_LAYOUT] = out
+    model_state.put(model, model_state.CACHE_LAYOUT, out)
     return out
 
 
-_LAYOUT = "_deltatune_cache_layout"  # model.__dict__ key of the measured layout
 
 
 def _build(model: nn.Module, cfg: PrefixConfig, projection: bool) -> PrefixEncoder:
@@ -164,6 +164,7 @@ class PrefixTuning(Method):
     config_cls = PrefixConfig
     peft_type = "PREFIX_TUNING"
     summary = "prefix tuning: trainable key/value prefixes at every attention layer (Li & Liang 2021)"
+    default_targets = "keys/values of every attention layer"
     layer_types = ("attention layers reading a transformers Cache",)
     mergeable = False
     merge_note = "a prefix adds keys/values to every softmax, which no weight change reproduces"

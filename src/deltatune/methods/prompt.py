@@ -105,6 +105,7 @@ class PromptTuning(Method):
     config_cls = PromptConfig
     peft_type = "PROMPT_TUNING"
     summary = "prompt tuning: trainable virtual-token embeddings prepended to the input (Lester et al. 2021)"
+    default_targets = "the input embeddings"
     layer_types = ("input embeddings (transformers models)",)
     mergeable = False
     merge_note = "a soft prompt is extra input, not a weight change: there is nothing to fold it into"

@@ -246,13 +246,15 @@ class Sparse(Method):
     name = "sparse"
     config_cls = SparseConfig
     summary = "trains k gradient-selected weight entries (GPS / SIFT / FISH mask), stored as indices + values"
+    default_targets = "all-linear"  # candidates; the gradient mask then chooses the entries
     layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding")
 
     def attach(self, model, cfg: SparseConfig, name, state):
         if cfg.selection is not None:
             sel = {p: torch.as_tensor(i) for p, i in cfg.selection.items()}
         elif cfg.batches is not None:
-            sel = select_sparse(model, cfg.batches, cfg.budget, cfg.rule, cfg.loss_fn, cfg.targets, cfg.exclude,
+            targets = self.default_targets if cfg.targets is None else cfg.targets
+            sel = select_sparse(model, cfg.batches, cfg.budget, cfg.rule, cfg.loss_fn, targets, cfg.exclude,
                                 cfg.max_batches)
         elif cfg.counts:  # loading a saved adapter: shapes now, indices and values from the file
             sel = {p: torch.zeros(n, dtype=torch.int64) for p, n in cfg.counts.items()}

@@ -32,7 +32,6 @@ from ..core.delta import CopyDelta, Delta, DeltaConfig, DeltaError, base_weight,
 from ..core.method import Method, register
 from ..core.dtypes import build_dtype
 from ..core.layer_types import is_conv1d, linear_types
-from ..core.targets import find_targets
 from ..core.adapters import base_at
 
 
@@ -127,13 +126,14 @@ def _layer_types() -> tuple[type, ...]:
 class VeRA(Method):
     name = "vera"
     default_lr = 5e-3  # VeRA trains only scaling vectors
+    default_targets = "attention"  # the paper adapts the query/value projections
     config_cls = VeraConfig
     peft_type = "VERA"
     summary = "shared frozen random A, B (from a seed) with trained per-layer scaling vectors λ_b, λ_d"
     layer_types = ("Linear", "Conv1D", "NF4Linear/Int8Linear")
 
     def attach(self, model, cfg: VeraConfig, name, state):
-        paths = find_targets(model, cfg.targets, types=_layer_types(), exclude=cfg.exclude, default="attention")
+        paths = self.target_paths(model, cfg, types=_layer_types())
         dims = [_in_out(base_at(model, p)) for p in paths]
         in_max, out_max = max(d[0] for d in dims), max(d[1] for d in dims)
         a, b = projection(cfg.projection_prng_key, cfg.r, in_max, out_max)

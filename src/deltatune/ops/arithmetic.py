@@ -128,8 +128,9 @@ def _lora_layers(model: nn.Module, names: list[str]):
                                  "methods combine low-rank deltas only - use how='linear' or attach with "
                                  "modules_to_save=None")
             if not isinstance(d, LoraLinear):
-                raise DeltaError(f"combine: adapter {n!r} adapts {path} with {type(d).__name__}; the ΔW methods "
-                                 "support linear layers only (exclude embeddings/convolutions)")
+                raise DeltaError(f"combine: adapter {n!r} adapts {path} ({type(layer.base_layer).__name__}) with "
+                                 f"{type(d).__name__}; the ΔW methods support linear layers only (exclude "
+                                 "embeddings/convolutions/attention modules)")
             out.setdefault(path, {})[n] = d
     return out
 
@@ -211,15 +212,16 @@ def _factor_ids(model, name) -> tuple[set[int], set[int], set[int]]:
     a_ids, b_ids, mid_ids = set(), set(), set()
     for _, layer in iter_delta_layers(model):
         d = layer.deltas[name] if name in layer.deltas else None
-        a, b = getattr(d, "lora_A", None), getattr(d, "lora_B", None)
-        if a is None or b is None:
-            continue
-        a, b = getattr(a, "weight", a), getattr(b, "weight", b)
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            a_ids.add(id(a))
-            b_ids.add(id(b))
-            if isinstance(getattr(d, "lora_E", None), torch.Tensor):
-                mid_ids.add(id(d.lora_E))
+        for sub in d.modules() if d is not None else ():  # MultiheadAttention's out_proj pair is a child
+            a, b = getattr(sub, "lora_A", None), getattr(sub, "lora_B", None)
+            if a is None or b is None:
+                continue
+            a, b = getattr(a, "weight", a), getattr(b, "weight", b)
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                a_ids.add(id(a))
+                b_ids.add(id(b))
+                if isinstance(getattr(sub, "lora_E", None), torch.Tensor):
+                    mid_ids.add(id(sub.lora_E))
     return a_ids, b_ids, mid_ids
 
 
@@ -237,10 +239,10 @@ def _delta_space(model, weights, name, how, rank, density, majority_sign, seed):
             if how == "cat":
                 new[path] = (torch.cat([ds[n].lora_B.weight * (weights[n] * ds[n].scaling) for n in ds], 1),
                              torch.cat([ds[n].lora_A.weight for n in ds], 0))
-                if any(getattr(ds[n], "A0", None) is not None for n in ds):  # PiSSA: − s B₀A₀ as more rank
+                # a variant's own low-rank terms (PiSSA's − s B₀A₀) join as more rank
+                extra = [(tb * (weights[n] * ds[n].scaling), ta) for n in ds for tb, ta in ds[n].extra_terms()]
+                if extra:
                     b, a = new[path]
-                    extra = [(-ds[n].B0 * (weights[n] * ds[n].scaling), ds[n].A0) for n in ds
-                             if getattr(ds[n], "A0", None) is not None]
                     new[path] = (torch.cat([b, *[e[0] for e in extra]], 1), torch.cat([a, *[e[1] for e in extra]], 0))
                 continue
             base = _lora_base(model, path)

@@ -85,7 +85,10 @@ def hot_swap(model: nn.Module, name: str, source: str | os.PathLike | Mapping[st
         for k, t in expected.items():
             v = tensors[k]
             path = k.rsplit(".lora_B.", 1)[0] if ".lora_B." in k else None
-            if path in ratios:
-                v = v.float() * ratios[path]
+            # the layer owning this B: its own path, or a parent's (MultiheadAttention's out_proj pair
+            # is keyed "<mha>.base_layer.out_proj.lora_B.weight")
+            owner = next((p for p in ratios if path is not None and (path == p or path.startswith(p + "."))), None)
+            if owner is not None:
+                v = v.float() * ratios[owner]
             t.copy_(v.to(dtype=t.dtype, device=t.device))
     return model

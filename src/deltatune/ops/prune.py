@@ -67,7 +67,8 @@ def truncate_lora(model, name: str | None = None, r: int | None = None, energy: 
         raise DeltaError(f"truncate_lora: {name!r} is not a LoRA adapter; LoRA adapters: "
                          f"{[n for n, a in st.adapters.items() if a.method == 'lora']}")
     cfg = st.adapters[name].config
-    if cfg.dora or cfg.init == "pissa":
+    if any(isinstance(d, LoraDelta) and d.variants for d in
+           (layer.deltas[name] for _, layer in iter_delta_layers(model) if name in layer.deltas)):
         raise DeltaError("truncate_lora: DoRA / PiSSA adapters are not plain low-rank updates; save and "
                          "reload the PiSSA adapter (it is exported as plain LoRA) or keep the rank")
     new, rows = {}, []
@@ -76,6 +77,9 @@ def truncate_lora(model, name: str | None = None, r: int | None = None, energy: 
             d = layer.deltas[name] if name in layer.deltas else None
             if not isinstance(d, LoraDelta):
                 continue
+            if d.reparam:  # two factor pairs (in_proj, out_proj) per layer: one rank cut does not fit both
+                raise DeltaError(f"truncate_lora: {path} ({type(layer.base_layer).__name__}) holds two LoRA pairs, "
+                                 "which truncate_lora does not cut; exclude it from the adapter or keep the rank")
             b, a = _factors(d)
             ub, s, va = svd_factors(b, a)
             e = s.pow(2)

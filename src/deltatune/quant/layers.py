@@ -43,6 +43,7 @@ from torch import nn
 
 from ..api import merge as api_merge
 from ..core import layer_types as quant_registry
+from ..core import model_state
 from ..core.layer_types import conv1d_type
 from ..core.delta import DeltaError, get_submodule_clean, iter_base_modules, iter_delta_layers
 from .codecs import BLOCK_SIZES, DequantMatmul, Int8Matmul, bnb, code_table, pack_nibbles
@@ -395,7 +396,7 @@ def quantize(model: nn.Module, scheme: str = "nf4", targets=None, skip=HEAD_NAME
         del old  # the float weight is freed here unless the caller holds it
     for prm in model.parameters():
         prm.requires_grad_(False)
-    model.__dict__["_dt_quant"] = {"scheme": scheme, **opts, "calibrated": bool(stats)}
+    model_state.put(model, model_state.QUANT, {"scheme": scheme, **opts, "calibrated": bool(stats)})
     return model
 
 

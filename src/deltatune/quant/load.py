@@ -23,6 +23,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
+from ..core import model_state
 from ..core.delta import DeltaError, get_submodule_clean
 from ..core.layer_types import conv1d_type
 from ..core.procmem import cap_heap_cache, release_to_os
@@ -218,7 +219,7 @@ def load_quantized(path, scheme: str = "nf4", *, model_cls=None, targets=None, s
                       f"e.g. {unexpected[:3]}", stacklevel=2)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.__dict__["_dt_quant"] = {"scheme": scheme, **opts}
+    model_state.put(model, model_state.QUANT, {"scheme": scheme, **opts})
     if release:
         release_to_os()
     return model

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from . import model_card
-from ..core.delta import STATE_ATTR, DeltaError, get_state
+from ..core import model_state
+from ..core.delta import DeltaError, get_state
 from ..core.method import METHODS, method_of
 from ..core.dtypes import module_dtype
 from .. import files  # files.atomic_dir / recover_dir looked up at call time (tests patch them)
@@ -106,7 +107,7 @@ def adapter_payload(model: nn.Module, name: str | None = None) -> tuple[dict[str
 def quantization_record(model: nn.Module) -> dict | None:
     """The base's quantization as the manifest records it ({"scheme", "block_size",
     "double_quant", "calibrated"}: JSON values only), or None for a float base."""
-    info = getattr(model, "__dict__", {}).get("_dt_quant")
+    info = model_state.get(model, model_state.QUANT)
     return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))} if info else None
 
 
@@ -391,7 +392,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         raise DeltaError(f"{directory}: tensor {bad} has {describe(tensors[bad])}; this adapter was saved "
                          "from a diverged run - load an earlier checkpoint")
     check_sizes(cfg, tensors, str(directory))
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     taken = set(st.adapters) if st else set()
     if name is None:
         name = next((n for n in ("default", saved_name) if n and n not in taken), None)
@@ -419,7 +420,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         for p, g in grads:
             p.requires_grad_(g)
         if not get_state(model).adapters:
-            model.__dict__.pop(STATE_ATTR, None)
+            model_state.pop(model, model_state.STATE)
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise DeltaError(f"adapter in {directory} does not fit this {type(model).__name__} "
                          f"(was it trained on another base model?):\n  {shown}")

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from . import distributed as dtd
-from ..core.delta import STATE_ATTR, DeltaError, has_adapters
+from ..core import model_state
+from ..core.delta import DeltaError, has_adapters
 from ..core.method import METHODS
 from ..files import atomic_write
 
@@ -26,7 +27,7 @@ CHECKPOINTS = "checkpoints"  # the sub-directory of an output directory holding 
 def _method_hooks(model: nn.Module, attr: str):
     """(adapter name, bound ``Method.<attr>``) for each active trainable adapter whose method
     implements that training hook (``Method.overrides``)."""
-    st = model.__dict__.get(STATE_ATTR)
+    st = model_state.get(model, model_state.STATE)
     for name, rec in list(st.adapters.items()) if st is not None else []:
         m = METHODS.get(rec.method)
         if m is not None and m.overrides(attr) and getattr(rec, "trainable", True) and name in st.active:
