@@ -1,12 +1,14 @@
 """Load benchmark of ``deltatune serve``, over HTTP on loopback, two modes:
 
-    .venv/bin/python bench/serve.py --compare [--reps 3] [--requests 48]      # issue 17
+    .venv/bin/python bench/serve.py --compare [--reps 3] [--requests 48] [--request-rate 4]   # issue 17
     .venv/bin/python bench/serve.py [--levels 1,4,16] [--new-tokens 8] [--max-batch 16]
 
-``--compare`` (serve_compare.py): 16 concurrent streaming clients of /v1/completions, max_tokens
-drawn from 8-64 per request, interleaved rounds against two servers of the same model and
-adapters, one with continuous batching, one with static batches: generated tokens/s, time to
-first token, and continuous batching over 8 adapters vs the same load on one adapter.
+``--compare`` (serve_compare.py): 16 concurrent streaming clients of /v1/completions (closed
+loop) and, with ``--request-rate R``, Poisson arrivals at R requests/s (open loop, as vLLM's
+``benchmark_serving.py``), max_tokens drawn from 8-64 per request, interleaved rounds against two
+servers of the same model and adapters, one with continuous batching, one with static batches:
+generated tokens/s, time to first token, latency, and continuous batching over 8 adapters vs the
+same load on one adapter.
 The default mode: requests/s and p50/p99 latency for 1, 4 and 16 concurrent clients, each
 request for one of 8 LoRA adapters (round-robin).
 

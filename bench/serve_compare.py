@@ -1,21 +1,31 @@
 """Continuous vs static batching in ``deltatune serve`` (issue 17), one run, interleaved rounds.
 
     .venv/bin/python bench/serve.py --compare [--reps 3] [--requests 48] [--clients 16] [--threads 1]
+                                              [--request-rate 4]
 
 Two server processes on 127.0.0.1 hold the same small random Llama (bench/serve.py: hidden 256,
 4 layers, vocab 4096) and the same 8 LoRA adapters (r=8 on q,k,v,o), one with
-``batching="continuous"``, one with ``batching="static"`` (today's: a batch decodes to its longest
+``batching="continuous"``, one with ``batching="static"`` (a batch decodes to its longest
 request).  A word-level tokenizer over the 4096 ids ("t0" ... "t4095") lets the OpenAI endpoint
-stream one text chunk per token.  Each round, ``--clients`` threads send ``--requests`` streaming
-``/v1/completions`` requests back to back (16-token prompts, ``max_tokens`` drawn from 8-64 with the
-round's seed, the same draws for every case), adapter ``a{i mod 8}`` (mixed) or ``a0`` (one).
+stream one text chunk per token.  Each round sends ``--requests`` streaming ``/v1/completions``
+requests (16-token prompts, ``max_tokens`` drawn from 8-64 with the round's seed, the same draws
+for every case), adapter ``a{i mod 8}`` (mixed) or ``a0`` (one), under one of two load models:
 
-Cases, in this order in every repetition (the machine is shared; interleaving spreads its noise):
+  closed   ``--clients`` threads, each sending its next request when its previous one finished
+           (every client starts at once, so both schedulers start with a full batch)
+  open     Poisson arrivals at ``--request-rate`` requests/s (exponential gaps drawn with the
+           round's seed, the same arrival times for every case), as vLLM's
+           ``benchmark_serving.py`` drives a server: a request arriving while a static batch runs
+           waits for that whole batch
+
+Cases, in this order in every repetition and load model (the machine is shared; interleaving
+spreads its noise):
   static        static batches, 8 adapters
   continuous    continuous batching, 8 adapters
   cont-one      continuous batching, every request on a0
-Reported: generated tokens/s (completion tokens / round wall time), p50 time to first token (first
-non-empty text chunk, client side), p50 request latency; medians over repetitions.
+Reported: generated tokens/s (completion tokens / wall time from the first request to the last
+answer), p50 time to first token (first non-empty text chunk, client side), p50 request latency;
+medians over repetitions, and each ratio as the median of its per-repetition ratios.
 """
 from __future__ import annotations
 
@@ -82,23 +92,61 @@ def one(client, model: str, ids: list[int], new: int) -> tuple[float, float, int
     return (first if first is not None else time.perf_counter() - t0), time.perf_counter() - t0, toks
 
 
-def round_(url: str, mixed: bool, seed: int, a) -> dict:
+def round_(url: str, mixed: bool, seed: int, a, rate: float | None = None) -> dict:
+    """One round: the closed loop (``rate`` None) or Poisson arrivals at ``rate`` requests/s."""
     import httpx
 
     rng = random.Random(seed)
     reqs = [([(17 * i + k + seed) % 4000 + 3 for k in range(16)], rng.randint(8, 64)) for i in range(a.requests)]
+    model = (lambda i: f"a{i % base.N_ADAPTERS}") if mixed else (lambda i: "a0")
 
     def client(c: int) -> list[tuple[float, float, int]]:
         with httpx.Client(base_url=url, timeout=600) as h:
-            return [one(h, f"a{i % base.N_ADAPTERS}" if mixed else "a0", *reqs[i])
-                    for i in range(c, a.requests, a.clients)]
+            return [one(h, model(i), *reqs[i]) for i in range(c, a.requests, a.clients)]
+
+    def arrival(i: int, at: float) -> list[tuple[float, float, int]]:
+        time.sleep(max(0.0, t0 + at - time.perf_counter()))
+        with httpx.Client(base_url=url, timeout=600) as h:
+            return [one(h, model(i), *reqs[i])]
 
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(a.clients) as pool:
-        res = [x for part in pool.map(client, range(a.clients)) for x in part]
+    if rate is None:
+        with concurrent.futures.ThreadPoolExecutor(a.clients) as pool:
+            res = [x for part in pool.map(client, range(a.clients)) for x in part]
+    else:
+        gaps = random.Random(1000 + seed)
+        at = [0.0]
+        for _ in range(a.requests - 1):
+            at.append(at[-1] + gaps.expovariate(rate))
+        with concurrent.futures.ThreadPoolExecutor(a.requests) as pool:
+            res = [x for part in pool.map(arrival, range(a.requests), at) for x in part]
     wall = time.perf_counter() - t0
     return {"tok_s": sum(r[2] for r in res) / wall, "ttft": [r[0] for r in res], "lat": [r[1] for r in res],
             "tokens": sum(r[2] for r in res)}
+
+
+def report(load: str, results: dict[str, list[dict]]) -> None:
+    """The table and the three ratios of one load model (ratios: median of per-repetition ratios)."""
+    p50 = statistics.median
+    med = {n: {"tok_s": p50(r["tok_s"] for r in rs), "ttft": p50(t for r in rs for t in r["ttft"]),
+               "lat": p50(t for r in rs for t in r["lat"])} for n, rs in results.items()}
+    print(f"\n{load}\n| case | generated tok/s | p50 time to first token (ms) | p50 latency (ms) |")
+    print("|---|---|---|---|")
+    for n, m in med.items():
+        print(f"| {n} | {m['tok_s']:.1f} | {m['ttft'] * 1000:.0f} | {m['lat'] * 1000:.0f} |")
+    c, s, o = results["continuous"], results["static"], results["cont-one"]
+
+    def ratio(xs, ys, f):
+        per = [f(x) / f(y) for x, y in zip(xs, ys)]
+        return p50(per), ", ".join(f"{r:.2f}" for r in per)
+
+    for label, (xs, ys, f, target) in {
+            "throughput continuous / static": (c, s, lambda r: r["tok_s"], ">= 2"),
+            "p50 TTFT continuous / static": (c, s, lambda r: p50(r["ttft"]), "<= 0.333"),
+            "p50 latency continuous / static": (c, s, lambda r: p50(r["lat"]), "(no target)"),
+            "continuous 8 adapters / one adapter": (c, o, lambda r: r["tok_s"], ">= 0.9")}.items():
+        m, per = ratio(xs, ys, f)
+        print(f"{label}: {m:.3f} (reps: {per}; target {target})")
 
 
 def main(argv: list[str]) -> None:
@@ -109,6 +157,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     ap.add_argument("--window-ms", type=float, default=10.0)
+    ap.add_argument("--request-rate", type=float, default=None,
+                    help="also run an open loop: Poisson arrivals at this many requests/s (seeded)")
     ap.add_argument("--_serve", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._serve:
@@ -116,6 +166,9 @@ def main(argv: list[str]) -> None:
         return base.serve(d, a.window_ms, port_file, a.threads, 16, batching, load_tokenizer(os.path.join(d, "tok.json")))
     import httpx
 
+    loads = [(f"closed loop, {a.clients} clients", None)]
+    if a.request_rate:
+        loads.append((f"open loop, Poisson {a.request_rate:g} requests/s", a.request_rate))
     with tempfile.TemporaryDirectory() as d:
         base.make_adapters(d)
         make_tokenizer(os.path.join(d, "tok.json"))
@@ -126,29 +179,21 @@ def main(argv: list[str]) -> None:
             for _, url in procs.values():  # warm-up: first calls build caches and stacks
                 with httpx.Client(base_url=url, timeout=300) as h:
                     one(h, "a0", list(range(3, 19)), 4)
-            results: dict[str, list[dict]] = {name: [] for name, _, _ in CASES}
+            results = {load: {name: [] for name, _, _ in CASES} for load, _ in loads}
             for rep in range(a.reps):
-                for name, b, mixed in CASES:
-                    r = round_(procs[b][1], mixed, seed=rep, a=a)
-                    results[name].append(r)
-                    print(f"rep {rep} {name:>10}: {r['tok_s']:7.1f} tok/s, p50 TTFT "
-                          f"{statistics.median(r['ttft']) * 1000:6.0f} ms, p50 latency "
-                          f"{statistics.median(r['lat']) * 1000:6.0f} ms, {r['tokens']} tokens", flush=True)
+                for load, rate in loads:
+                    for name, b, mixed in CASES:
+                        r = round_(procs[b][1], mixed, seed=rep, a=a, rate=rate)
+                        results[load][name].append(r)
+                        print(f"rep {rep} {load[:6]} {name:>10}: {r['tok_s']:7.1f} tok/s, p50 TTFT "
+                              f"{statistics.median(r['ttft']) * 1000:6.0f} ms, p50 latency "
+                              f"{statistics.median(r['lat']) * 1000:6.0f} ms, {r['tokens']} tokens", flush=True)
         finally:
             for p, _ in procs.values():
                 p.terminate()
                 p.wait(30)
-    med = {n: {"tok_s": statistics.median(r["tok_s"] for r in rs),
-               "ttft": statistics.median(t for r in rs for t in r["ttft"]),
-               "lat": statistics.median(t for r in rs for t in r["lat"])} for n, rs in results.items()}
-    print("| case | generated tok/s | p50 time to first token (ms) | p50 latency (ms) |")
-    print("|---|---|---|---|")
-    for n, m in med.items():
-        print(f"| {n} | {m['tok_s']:.1f} | {m['ttft'] * 1000:.0f} | {m['lat'] * 1000:.0f} |")
-    c, s, o = med["continuous"], med["static"], med["cont-one"]
-    print(f"throughput continuous / static: {c['tok_s'] / s['tok_s']:.2f}x (target >= 2)")
-    print(f"p50 TTFT continuous / static: {c['ttft'] / s['ttft']:.3f} (target <= 0.333)")
-    print(f"continuous 8 adapters / one adapter: {c['tok_s'] / o['tok_s']:.2f}x (target >= 0.9)")
+    for load, res in results.items():
+        report(load, res)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 step and leaves when done, so a short request submitted while a long one decodes finishes first;
 every row (LoRA, IA3, bottleneck adapter or bare base next to each other, greedy or seeded
 sampling, joining at different steps) gives exactly its lone library run; prompt/prefix adapters
-keep static batches in the same server; the cache splicing itself; a row whose adapter is
-unloaded mid-decoding fails alone; a model whose cache cannot be spliced falls back to static."""
+keep static batches in the same server; the ragged cache and its mask, per-token routing, chunked
+prefill and per-step token delivery; a row whose adapter is unloaded mid-decoding fails alone; a
+model whose cache cannot be spliced falls back to static."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ import torch
 import deltatune as dt
 from conftest import tiny_gpt2, tiny_llama
 from deltatune.serve import batching as serve_batching
-from deltatune.serve.batching import Part, Row, cache_kv, make_cache, select, splice
+from deltatune.serve.ragged import RaggedCache, cache_kv, make_cache
 from deltatune.serve.engine import Engine, EngineConfig, Job, Sampling
 
 EOS = 2
@@ -111,6 +112,70 @@ def test_short_request_joining_a_long_one_finishes_first_and_both_equal_lone_run
     assert short_job.result["output_ids"] == lone(model, "b", prompt(5), 3)
 
 
+def test_long_prompt_is_fed_in_chunks_while_the_running_row_keeps_decoding():
+    """prefill_chunk=2: a 9-token prompt joins over 5 steps, and the running row takes a token at
+    each of them; both equal their lone runs."""
+    model = model_with_adapters()
+    ids = long_prompt(model, "a", 30)
+    seen: list[int] = []
+    at_first: list[int] = []  # the running row's token count when the joiner got its first token
+    engine = Engine(model, None, EngineConfig(window_ms=1, prefill_chunk=2))
+    running = Job("generate", "a", ids, max_new_tokens=30, on_token=seen.append)
+    joiner = Job("generate", "c", [3 + (5 * k) % 61 for k in range(9)], max_new_tokens=4,
+                 on_token=lambda t: at_first.append(len(seen)))
+
+    async def main():
+        engine.start()
+        try:
+            f = engine.enqueue([running])[0]
+            while len(seen) < 2:
+                await asyncio.sleep(0.001)
+            joined_at = len(seen)
+            await engine.submit(joiner)
+            await f
+            return joined_at
+        finally:
+            await engine.stop()
+
+    joined_at = asyncio.run(main())
+    assert at_first and at_first[0] - joined_at >= 4, (joined_at, at_first)  # 5 steps of prompt, the row decoding on
+    assert running.result["output_ids"] == lone(model, "a", ids, 30)
+    assert joiner.result["output_ids"] == lone(model, "c", joiner.ids, 4)
+    with pytest.raises(dt.DeltaError, match="prefill_chunk must be at least 1"):
+        Engine(model, None, EngineConfig(prefill_chunk=0))
+
+
+def test_streamed_tokens_reach_the_event_loop_once_per_step_in_order():
+    """Job.on_token_loop: a step's tokens go to the event loop in ONE call_soon_threadsafe
+    (stream.Outbox), in order, and a streamed job gets exactly its output tokens."""
+    from deltatune.serve.stream import Outbox
+
+    calls, got = [], []
+
+    class Loop:
+        def call_soon_threadsafe(self, fn, *args):
+            calls.append((fn, args))
+
+    box = Outbox()
+    box.loop = Loop()
+    box.post(got.append, 1)
+    box.post(got.append, 2)
+    box.flush()
+    box.flush()  # nothing new: no wake-up
+    assert len(calls) == 1 and got == []
+    fn, args = calls[0]
+    fn(*args)
+    assert got == [1, 2]
+
+    model = model_with_adapters()
+    streamed: dict[str, list[int]] = {"a": [], "c": []}
+    jobs = [Job("generate", n, prompt(i), max_new_tokens=6, on_token_loop=streamed[n].append)
+            for i, n in enumerate(["a", "c"])]
+    run(Engine(model, None, EngineConfig(window_ms=20)), [(0.0, j) for j in jobs])
+    for j in jobs:
+        assert streamed[j.adapter] == j.result["output_ids"] == lone(model, j.adapter, j.ids, 6)
+
+
 SEEDED = [Sampling(), Sampling(temperature=1.0, seed=7), Sampling(temperature=0.8, top_k=8, seed=11),
           Sampling(temperature=1.3, top_p=0.8, seed=3)]
 
@@ -144,23 +209,55 @@ def test_static_batching_still_available_and_equal():
         Engine(model, None, EngineConfig(batching="paged"))
 
 
-def test_splice_then_select_gives_back_each_rows_cache():
-    """Right-aligned splicing of two parts of different lengths, and selecting rows back out."""
+def test_ragged_cache_masks_rows_apart_and_rows_leave_with_their_columns():
+    """The flattened cache (ragged.py): a step's tokens see their own row's earlier columns and
+    their own earlier new tokens only; a row leaving takes its columns; a failed step truncates."""
+    c = RaggedCache()
+    first = torch.tensor([1, 1, 1, 2, 2])  # a prompt of 3 tokens (row 1) and one of 2 (row 2)
+    assert (c.mask(first, torch.float32)[0, 0] == 0).int().tolist() == [
+        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
     g = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)) for _ in range(3)]
+    c.cache = make_cache(kv)
+    c.appended(first)
+    step = c.mask(torch.tensor([2, 1, 1]), torch.float32)[0, 0]  # row 2 decodes, row 1 feeds 2 tokens
+    assert (step == 0).int().tolist() == [[0, 0, 0, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 1, 0],
+                                          [1, 1, 1, 0, 0, 0, 1, 1]]
+    assert step.min() == torch.finfo(torch.float32).min
+    before = cache_kv(c.cache)[0][0]
+    c.keep([2, 1])  # nobody left: nothing copied
+    assert c.length == 5 and cache_kv(c.cache)[0][0] is before
+    c.keep([2])
+    assert c.owner.tolist() == [2, 2] and torch.equal(cache_kv(c.cache)[1][1], kv[1][1][:, :, 3:])
+    c.truncate(1)
+    assert c.length == 1 and torch.equal(cache_kv(c.cache)[2][0], kv[2][0][:, :, 3:4])
+    c.keep([])
+    assert c.length == 0
 
-    def part(b, t):
-        kv = [(torch.randn(b, 2, t, 4, generator=g), torch.randn(b, 2, t, 4, generator=g)) for _ in range(3)]
-        return Part([Row(Job("generate", None, [1]), None, None, 0.0) for _ in range(b)], make_cache(kv),
-                    torch.ones(b, t, dtype=torch.long)), kv
 
-    (p1, kv1), (p2, kv2) = part(2, 5), part(1, 3)
-    both = splice([p1, p2])
-    assert both.mask.tolist() == [[1] * 5, [1] * 5, [0, 0, 1, 1, 1]]
-    k, v = cache_kv(both.cache)[1]  # (3, 2, 5, 4)
-    assert torch.equal(k[:2], kv1[1][0]) and torch.equal(v[2, :, 2:], kv2[1][1][0])
-    assert torch.equal(k[2, :, :2], torch.zeros(2, 2, 4))
-    back = select(both, [2])  # the short row alone: its padding columns are dropped
-    assert back.mask.tolist() == [[1, 1, 1]] and torch.equal(cache_kv(back.cache)[0][0], kv2[0][0])
+def test_per_token_plan_routes_each_token_like_its_own_row():
+    """mixed with a per_token plan on a (1, N) input: each token through its own adapter, as the
+    rows of an ordinary mixed batch (the continuous batch's routing).  Every token attends only to
+    itself here, so the flattened forward must equal N one-token rows."""
+    from deltatune.mixed import row_plan
+
+    model = model_with_adapters()
+    names = ["a", "d", "b", None, "c", "a"]
+    x = torch.tensor([[3 + 5 * i] for i in range(len(names))])  # (6, 1)
+    with torch.no_grad():
+        with dt.mixed(model, names):
+            want = model(input_ids=x).logits[:, 0]  # (6, V)
+        plan = row_plan(model, names)
+        plan.per_token = True
+        alone = RaggedCache().mask(torch.arange(len(names)), torch.float32)  # each token sees itself
+        with dt.mixed(model, plan):
+            got = model(input_ids=x.T, attention_mask=alone, position_ids=torch.zeros_like(x.T)).logits[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with dt.mixed(model, ["a"] * 6):
+            assert not torch.allclose(model(input_ids=x).logits[:, 0], want, atol=1e-3)  # routing mattered
+        with pytest.raises(dt.DeltaError, match="per-token plan of 6 tokens met a layer input of shape"):
+            with dt.mixed(model, plan):
+                model(input_ids=x.reshape(2, 3))
 
 
 def test_row_whose_adapter_is_unloaded_mid_decoding_fails_alone():

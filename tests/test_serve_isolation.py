@@ -29,17 +29,18 @@ POISON = 63  # a token id the poisoned model refuses (prompt(i) for i < 8 never 
 
 
 class Poison:
-    """A forward pre-hook that fails any prompt pass containing POISON, as a model bug would, and
-    records (rows, poisoned?) of every prompt pass."""
+    """A forward pre-hook that fails any pass containing POISON, as a model bug would, and records
+    (tokens, poisoned?) of every pass of more than one position: a static batch's prompt pass
+    (B, T), or a continuous batch's step, its rows' tokens flattened into (1, N)."""
 
     def __init__(self):
         self.passes: list[tuple[int, bool]] = []
 
     def __call__(self, module, args, kwargs):
         ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] > 1:  # (B, T) prompt pass; decoding steps feed (B, 1)
+        if ids is not None and ids.shape[1] > 1:  # static decoding steps feed (B, 1)
             bad = bool((ids == POISON).any())
-            self.passes.append((ids.shape[0], bad))
+            self.passes.append((ids.numel(), bad))
             if bad:
                 raise RuntimeError("poisoned row")
 
@@ -85,7 +86,8 @@ def test_poisoned_row_fails_alone_and_its_batch_mates_equal_their_lone_runs(adir
         assert r.json()["output_ids"] == expected(reference, a, ids, new), (a, ids)
     assert rs[-1].status_code == 500 and "internal error" in rs[-1].json()["detail"]
     assert "poisoned row" not in rs[-1].text  # the exception's text stays in the server log
-    assert any(rows > 1 and bad for rows, bad in poison.passes), f"never batched with others: {poison.passes}"
+    # the poisoned prompt has 3 tokens: a pass of more shared them with other rows
+    assert any(tokens > 3 and bad for tokens, bad in poison.passes), f"never batched with others: {poison.passes}"
 
 
 def test_prompt_must_fit_the_models_context(tmp_path):

@@ -21,6 +21,9 @@ class RowPlan(list):
     def __init__(self, rows: Sequence[RowName]):
         super().__init__(rows)
         self.checked = False  # mixed.row_plan sets it: mixed() then skips its checks
+        # True: the names are per *token* of a (1, N, ...) input (a ragged batch flattened into one
+        # sequence, serve/batching.py), not per batch row
+        self.per_token = False
         self._cache: dict[tuple[int, str], tuple[list[RowName], dict[RowName, tuple[torch.Tensor, slice | None]]]] = {}
         self._pools: dict[tuple, tuple] = {}  # (layer, rank) -> the layer's stacked LoRA weights (_pool)
         self._rowsel: dict[tuple, tuple] = {}  # (rows, pool order, adapters) -> (pool index per row, rows)
@@ -34,7 +37,7 @@ class RowPlan(list):
             raise DeltaError(f"mixed batch: with_rows needs the same adapters ({sorted(set(self), key=str)}), "
                              f"got {sorted(set(rows), key=str)}")
         plan = RowPlan(rows)
-        plan.checked = self.checked
+        plan.checked, plan.per_token = self.checked, self.per_token
         plan._pools, plan._layers = self._pools, self._layers
         return plan
 

@@ -1,37 +1,34 @@
 """Continuous batching for ``deltatune serve``: rows join the running batch at the next decoding
-step and leave it when done, each with its own adapter, sampling settings, seed and KV-cache slot.
+step and leave it when done, each with its own adapter, sampling settings, seed and KV columns.
 
     queue ─► engine loop (event loop) ── every step ──► RunningBatch.step(joining) on the model thread
-                                                           1. decode one token for the running rows
-                                                           2. prefill the joining rows (their 1st token)
-                                                              and splice their caches in
-                                                           3. rows at EOS / max_new_tokens / a stop
-                                                              string / disconnected leave
+                                                           ONE forward over a ragged batch:
+                                                             decoding rows   1 token each (their last)
+                                                             joining rows    their prompt (≤ prefill_chunk
+                                                                             prompt tokens per step in all)
+                                                           then each row that finished its prompt takes
+                                                           a token; rows at EOS / max_new_tokens / a stop
+                                                           string / disconnected leave
 
-The cache is one left-padded (right-aligned) ``DynamicCache``: per layer keys and values of shape
-(B, H_kv, T, d_h), T = the longest row; a row's earlier slots are padding (attention mask 0):
-
-    row 0 (running, 6 tokens)   k k k k k k │ + one column per step for every row
-    row 1 (joined, 3 tokens)    · · · k k k │   · = zero key/value, mask 0, never attended
-    join  = pad the shorter of (running, newcomers) on the left along T, concatenate along B
-    leave = index_select along B, then drop the leading columns no row uses any more
-
-Each row's position ids count its own real tokens (what ``generate`` computes from the mask), so
-a row computes what it computes alone.  Tokens are chosen per row exactly as the static path does
-(``engine.RowSampler``: the row's own processors and ``torch.Generator``, then argmax), so a
-greedy or seeded row gives the same tokens whatever it shares steps with.
+The step's tokens are flattened into one sequence (1, N) — no padding — with a 4-D mask that keeps
+each row to its own columns, and per-token adapter routing (``mixed`` with a ``per_token`` plan);
+the cache layout is in ``ragged.py``.  Each row's position ids count its own tokens, so a row
+computes what it computes alone.  Tokens are chosen per row exactly as the static path does
+(``engine.RowSampler``: the row's own processors and ``torch.Generator``, then argmax), so a greedy
+or seeded row gives the same tokens whatever it shares steps with.  A long prompt is fed in chunks
+(``prefill_chunk`` prompt tokens per step over all joining rows), so it does not stall the rows
+decoding meanwhile.
 
 Why not transformers' own continuous batching (``generate_batch`` / ``ContinuousBatchingManager``,
-a paged cache): it flattens every request into one ragged sequence (B = 1, the tokens of all rows
-concatenated) and runs the model through its own attention interface.  deltatune's per-row
-adapter routing (``dt.mixed``) maps *batch rows* to adapters; in a flattened batch there are no
-rows to route, and prompt/prefix adapters add virtual tokens through a model-level hook the
-manager does not call.  Prompt/prefix rows and beam search therefore keep the static path (a
-whole ``generate`` call, ``engine.py``); every additive method (LoRA, DoRA, IA³, adapters, VeRA
-...) and the bare base decode here.  Caches are read and built through the ``layers[i].keys``
-(transformers ≥ 4.54) or ``key_cache`` (older) attributes, feature-detected; a model whose cache
-is not a plain per-layer key/value cache (state-space, sliding-window layers) raises
-``Unsupported`` on its first prefill and the engine falls back to static batching.
+a paged cache): it flattens the batch the same way but runs the model through its own attention
+interface and paged cache, and deltatune's per-token adapter routing and per-row samplers would
+sit outside it; prompt/prefix adapters add virtual tokens through a model-level hook the manager
+does not call.  Prompt/prefix rows and beam search therefore keep the static path (a whole
+``generate`` call, ``engine.py``); every additive method (LoRA, DoRA, IA³, adapters, VeRA ...) and
+the bare base decode here.  A model whose cache is not a plain per-layer key/value cache
+(state-space), with sliding-window attention, or that does not honour a 4-D mask (checked once
+against separate runs) raises ``Unsupported`` on the first step and the engine falls back to
+static batching.
 """
 from __future__ import annotations
 
@@ -43,21 +40,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from ..api import activate, disabled
 from ..core.delta import get_state
 from ..methods._hf_compat import cache_kwarg, output_cache
 from ..mixed import mixed, row_plan
+from .ragged import RaggedCache, Unsupported, cache_kv
 from .stream import EngineEvents, LogprobTap
 
 log = logging.getLogger("deltatune.serve")
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, H_kv, T, d_h)
-
-
-class Unsupported(Exception):
-    """The model's cache cannot be spliced row by row: serve it with static batches."""
+ACTIVATE_AFTER = 8  # steps of one adapter alone before it is activated (activate walks every layer)
 
 
 @dataclass
@@ -66,74 +58,15 @@ class Row:
     sampler: Callable | None  # RowSampler for this row alone (None: plain greedy)
     tap: LogprobTap | None  # keeps the step's log-softmax when the request asked for logprobs
     last: float  # perf_counter of the previous token (for time to first token / inter-token latency)
+    slot: int = 0  # this row's id in the ragged cache (RaggedCache.owner)
+    pending: list[int] = field(default_factory=list)  # prompt tokens not fed yet (chunked prefill)
+    pos: int = 0  # tokens of this row in the cache = the position id of its next token
     toks: list[int] = field(default_factory=list)  # generated so far
     peak: int = 0  # the most rows this one shared a step with (reported as batch_size)
     done: bool = False
 
 
-@dataclass
-class Part:
-    """Rows and their cache: the running batch, or newcomers about to be spliced in."""
-
-    rows: list[Row]
-    cache: object  # DynamicCache, right-aligned
-    mask: torch.Tensor  # (B, T) long, 1 = a real token
-
-
-def cache_kv(cache) -> KV:
-    """The per-layer (keys, values) of a DynamicCache, on any transformers release."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        if any(type(lay).__name__ != "DynamicLayer" for lay in layers):  # sliding window, state-space...
-            raise Unsupported(f"cache layers {sorted({type(x).__name__ for x in layers})}")
-        kv = [(lay.keys, lay.values) for lay in layers]
-    elif hasattr(cache, "key_cache"):
-        kv = list(zip(cache.key_cache, cache.value_cache))
-    else:
-        raise Unsupported(f"cache type {type(cache).__name__}")
-    if not kv or any(not isinstance(k, torch.Tensor) or k.dim() != 4 for k, _ in kv):
-        raise Unsupported("cache layers are not (B, H, T, d) keys/values")
-    return kv
-
-
-def make_cache(kv: KV):
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
-    return cache
-
-
-def select(part: Part, idx: list[int]) -> Part:
-    """Rows ``idx`` of ``part``, without the leading columns none of them uses."""
-    sel = torch.tensor(idx, dtype=torch.long)
-    mask = part.mask.index_select(0, sel)
-    used = mask.any(0).nonzero()
-    start = int(used[0]) if len(used) else 0
-    kv = [(k.index_select(0, sel.to(k.device))[:, :, start:], v.index_select(0, sel.to(v.device))[:, :, start:])
-          for k, v in cache_kv(part.cache)]
-    return Part([part.rows[i] for i in idx], make_cache(kv), mask[:, start:].contiguous())
-
-
-def splice(parts: list[Part]) -> Part:
-    """One right-aligned batch of ``parts``: the shorter ones padded on the left (zero keys/values,
-    mask 0), then concatenated along the batch."""
-    parts = [p for p in parts if p.rows]
-    if len(parts) == 1:
-        return parts[0]
-    t = max(p.mask.shape[1] for p in parts)
-
-    def left(x: torch.Tensor, dim: int) -> torch.Tensor:
-        gap = t - x.shape[dim]
-        if not gap:
-            return x
-        shape = list(x.shape)
-        shape[dim] = gap
-        return torch.cat([x.new_zeros(shape), x], dim)
-
-    kvs = [cache_kv(p.cache) for p in parts]
-    kv = [(torch.cat([left(kvp[i][0], 2) for kvp in kvs]), torch.cat([left(kvp[i][1], 2) for kvp in kvs]))
-          for i in range(len(kvs[0]))]
-    return Part([r for p in parts for r in p.rows], make_cache(kv), torch.cat([left(p.mask, 1) for p in parts]))
+Feed = list[tuple[Row, list[int]]]  # the tokens each row feeds one forward
 
 
 class RunningBatch:
@@ -141,130 +74,178 @@ class RunningBatch:
     step and returns the jobs that finished (with ``result`` or ``error`` set)."""
 
     def __init__(self, engine):
-        self.engine = engine  # engine.Engine: routing, padding, finishing, errors
+        self.engine = engine  # engine.Engine: routing, finishing, errors, config
         self.model = engine.model
         self.events: EngineEvents = engine.events
-        self.part: Part | None = None
-        self.plans: dict[frozenset, object] = {}  # adapters in a batch -> its last mixed.RowPlan
+        self.chunk = engine.cfg.prefill_chunk
+        self.rows: list[Row] = []
+        self.next_slot = 0
+        self.plans: dict[frozenset, object] = {}  # adapters in a step -> its last mixed.RowPlan
         self.loaded: tuple = ()  # the loaded adapters those plans were checked against
+        self.alone: tuple = (None, 0)  # (adapter, steps) of the latest run of single-adapter steps
+        self.verified = False  # the first step checks the model honours the ragged mask
         self.key = cache_kwarg(self.model)
         if self.key is None:
             raise Unsupported("the model's forward takes no KV cache")
         params = inspect.signature(self.model.forward).parameters
-        self.positions = "position_ids" in params  # else the model numbers positions itself (from the mask)
+        if "position_ids" not in params:
+            raise Unsupported("the model's forward takes no position_ids")
+        self.keep_arg = "logits_to_keep" in params  # lm_head on each row's last token only
+        cfg = getattr(self.model, "config", None)
+        kinds = set(getattr(cfg, "layer_types", None) or ())
+        if any("sliding" in str(k) or "chunk" in str(k) for k in kinds) or (
+                getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)):
+            raise Unsupported("sliding-window attention (a 4-D mask would let rows see past their window)")
+        p = next(self.model.parameters())
+        self.dtype = p.dtype if p.is_floating_point() else torch.float32
+        self.cache = RaggedCache(p.device)
 
     @property
     def size(self) -> int:
-        return len(self.part.rows) if self.part is not None else 0
+        return len(self.rows)
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self, joining: list) -> list:
         finished: list = []
-        if self.part is not None:
-            self.part = self._decode(self.part, finished)
+        st = get_state(self.model)
+        for r in self.rows:  # deleted between two steps (admin calls run between steps)
+            if r.job.adapter is not None and r.job.adapter not in st.adapters:
+                r.job.error = self.engine.unloaded(r.job.adapter)
+        self._leave(finished)
+        if not self.verified:
+            self._verify()  # (raises Unsupported before any row joined: the engine serves them statically)
         if joining:
-            new = self._prefill(joining, finished)
-            self.part = splice([p for p in (self.part, *new) if p is not None]) if new or self.part else None
-        if self.part is not None:
-            self.part = self._leave(self.part, finished)
+            self.events.on_batch(joining)
+            self.rows += [self._row(j) for j in joining]
+        feed, budget = [], self.chunk
+        for r in self.rows:
+            if not r.pending:
+                feed.append((r, r.toks[-1:]))
+            elif budget > 0:  # joining rows in arrival order share the step's prompt budget
+                feed.append((r, r.pending[:budget]))
+                budget -= len(feed[-1][1])
+        self._feed(feed, finished)
+        self._leave(finished)
         self.events.on_running(self.size)
         return finished
 
     def abort(self, error) -> list:
         """Every running row fails with ``error`` (a failure outside the per-row isolation)."""
-        jobs = [r.job for r in self.part.rows] if self.part is not None else []
-        self.part = None
+        jobs = [r.job for r in self.rows]
+        self.rows = []
+        self.cache.reset()
         for j in jobs:
             j.error = error
         return jobs
 
     # ------------------------------------------------------------------ model calls
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, rows: list[Row]):
-        """Logits of each row's last position (B, V) in float32, and the cache (extended in place)."""
-        kw = {"input_ids": ids, "attention_mask": mask, "use_cache": True, self.key: cache}
-        if self.positions:  # each row counts its own real tokens: (B, T_new)
-            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        with self._route(rows):
-            out = self.model(**kw)
-        return out.logits[:, -1].float(), output_cache(out) or cache
+    def _feed(self, feed: Feed, finished: list) -> None:
+        """Run ``feed`` as one forward, then give a token to every row whose prompt is now all in;
+        if the forward raises, each row runs alone so only a row failing by itself gets the error."""
+        if not feed:
+            return
+        length = self.cache.length
+        try:
+            logits = self._forward(feed)  # (R, V) float32
+        except Unsupported:
+            raise
+        except Exception as e:  # noqa: BLE001 - isolated below, reported per row
+            self.cache.truncate(length)
+            if len(feed) == 1:
+                feed[0][0].job.error = self.engine._error(e)
+                return
+            log.info("a step of %d rows failed (%s: %s); running its rows apart", len(feed), type(e).__name__, e)
+            for f in feed:
+                self._feed([f], finished)
+            return
+        ready = []
+        for i, (r, toks) in enumerate(feed):
+            r.pos += len(toks)
+            if r.pending:
+                r.pending = r.pending[len(toks):]
+            if not r.pending:
+                ready.append(i)
+        if ready:
+            self._choose([feed[i][0] for i in ready], logits[ready] if len(ready) < len(feed) else logits)
 
-    def _route(self, rows: list[Row]):
-        """Rows of several adapters: a mixed batch.  Its checks (a walk over every layer), layer
-        plans and stacked LoRA weights are kept per set of adapters until an adapter is attached
-        or deleted, though rows join and leave at almost every step; one adapter: it is
-        activated only when it changes (``activate`` walks every layer too)."""
-        names = [r.job.adapter for r in rows]
+    def _forward(self, feed: Feed, route=None) -> torch.Tensor:
+        """Logits (R, V) float32 at the last fed token of each row of ``feed``; the cache grows by
+        the fed tokens' keys and values.  ``route``: the routing context (default: the rows' adapters)."""
+        dev = self.cache.device
+        ids = torch.tensor([[t for _, toks in feed for t in toks]], device=dev)  # (1, N)
+        pos = torch.tensor([[r.pos + i for r, toks in feed for i in range(len(toks))]], device=dev)  # (1, N)
+        slots = torch.tensor([r.slot for r, toks in feed for _ in toks], device=dev)  # (N,)
+        last = torch.tensor([len(toks) for _, toks in feed], device=dev).cumsum(0) - 1  # (R,)
+        kw = {"input_ids": ids, "position_ids": pos, "attention_mask": self.cache.mask(slots, self.dtype),
+              "use_cache": True, self.key: self.cache.cache}
+        if self.keep_arg:
+            kw["logits_to_keep"] = last
+        with route if route is not None else self._route([r.job.adapter for r, toks in feed for _ in toks]):
+            out = self.model(**kw)
+        cache = output_cache(out)
+        if cache is not None and cache is not self.cache.cache:
+            self.cache.cache = cache
+        self.cache.appended(slots)
+        logits = out.logits[0]  # (R, V), or (N, V) without logits_to_keep
+        return (logits if self.keep_arg else logits.index_select(0, last)).float()
+
+    def _verify(self) -> None:
+        """Before any row takes a token: does the model honour the 4-D mask (a model that ignored it
+        would let rows read each other) and keep a spliceable cache?  Two short prompts run
+        flattened must give their separate runs' logits."""
+        saved, self.cache = self.cache, RaggedCache(self.cache.device)
+        a, b = Row(None, None, None, 0.0, slot=-1), Row(None, None, None, 0.0, slot=-2)
+        vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", None) or 64)
+        ids_a, ids_b = [t % vocab for t in (3, 5, 7, 11)], [t % vocab for t in (13, 17, 19)]
+        try:
+            with disabled(self.model):  # the bare base, whatever the real steps route
+                both = self._forward([(a, ids_a), (b, ids_b)], route=contextlib.nullcontext())
+                cache_kv(self.cache.cache)
+                alone = [self._alone(ids) for ids in (ids_a, ids_b)]
+        except Unsupported:
+            raise
+        except Exception as e:  # noqa: BLE001 - a model that cannot take the ragged inputs at all
+            raise Unsupported(f"a ragged forward raised {type(e).__name__}: {e}") from e
+        finally:
+            self.cache = saved
+        want = torch.cat(alone)
+        if not torch.allclose(both, want, rtol=1e-3, atol=1e-3 * float(want.abs().max().clamp(min=1))):
+            raise Unsupported("the model does not keep rows apart under a 4-D attention mask")
+        self.verified = True
+
+    def _alone(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([ids], device=self.cache.device), use_cache=False)
+        return out.logits[:, -1].float()  # (1, V)
+
+    def _route(self, names: list):
+        """The adapter of each fed token.  Tokens of several adapters: a per-token mixed plan; its
+        checks (a walk over every layer), layer plans and stacked LoRA weights are kept per set of
+        adapters until an adapter is attached or deleted, though rows join and leave at almost every
+        step.  One adapter: its plain path if it is the active one; it is activated (a walk over
+        every layer) only after ``ACTIVATE_AFTER`` steps alone, a mixed plan serves it until then."""
+        kinds = set(names)
         st = get_state(self.model)
-        if len(set(names)) == 1 and names[0] is not None:
-            if list(st.active) != names[:1]:
-                activate(self.model, names[:1])
-            return contextlib.nullcontext()
-        if len(set(names)) == 1:
-            return disabled(self.model)
+        if len(kinds) == 1:
+            (name,) = kinds
+            if name is not None and list(st.active) == [name] and not st.disabled:
+                return contextlib.nullcontext()
+            seen, n = self.alone
+            self.alone = (name, n + 1 if seen == name else 1)
+            if name is not None and self.alone[1] >= ACTIVATE_AFTER:
+                activate(self.model, [name])
+                return contextlib.nullcontext()
+        else:
+            self.alone = (None, 0)
         loaded = tuple((n, id(a)) for n, a in st.adapters.items())
         if self.loaded != loaded:  # an adapter was attached or deleted: check everything again
             self.loaded, self.plans = loaded, {}
-        seen = self.plans.get(frozenset(names))
-        plan = seen.with_rows(names) if seen is not None else row_plan(self.model, names)
-        self.plans[frozenset(names)] = plan
+        key = frozenset(kinds)
+        seen_plan = self.plans.get(key)
+        plan = seen_plan.with_rows(names) if seen_plan is not None else row_plan(self.model, names)
+        plan.per_token = True
+        self.plans[key] = plan
         return mixed(self.model, plan)
-
-    def _decode(self, part: Part, finished: list) -> Part | None:
-        """One new token for every row of ``part``; if the batch raises, each row runs alone so only
-        a row failing by itself gets the error."""
-        st = get_state(self.model)
-        gone = [i for i, r in enumerate(part.rows) if r.job.adapter is not None and r.job.adapter not in st.adapters]
-        if gone:  # deleted between two steps (admin calls run between steps)
-            for i in gone:
-                part.rows[i].job.error = self.engine.unloaded(part.rows[i].job.adapter)
-                finished.append(part.rows[i].job)
-            keep = [i for i in range(len(part.rows)) if i not in gone]
-            if not keep:
-                return None
-            part = select(part, keep)
-        ids = torch.tensor([[r.toks[-1]] for r in part.rows])  # (B, 1) each row's last token
-        mask = torch.cat([part.mask, part.mask.new_ones(len(part.rows), 1)], 1)  # (B, T + 1)
-        try:
-            logits, cache = self._forward(ids, mask, part.cache, part.rows)
-        except Exception as e:  # noqa: BLE001 - isolated below, reported per row
-            if len(part.rows) == 1:
-                self._fail(part.rows[0], e, finished)
-                return None
-            log.info("a decoding step of %d rows failed (%s: %s); running its rows apart", len(part.rows),
-                     type(e).__name__, e)
-            alone = [self._decode(select(part, [i]), finished) for i in range(len(part.rows))]
-            alone = [p for p in alone if p is not None]
-            return splice(alone) if alone else None
-        part = Part(part.rows, cache, mask)
-        self._choose(part.rows, logits)
-        return part
-
-    def _prefill(self, jobs: list, finished: list) -> list[Part]:
-        """Run the prompts of ``jobs`` (left-padded, one forward) and give each its first token; a
-        prompt pass that raises is re-run apart (per adapter, then per row), as the static path does."""
-        try:
-            ids, mask = self.engine._padded(jobs, left=True)  # (B, T)
-            self.events.on_batch(jobs)
-            logits, cache = self._forward(ids, mask, DynamicCache(), [Row(j, None, None, 0.0) for j in jobs])
-            cache_kv(cache)  # a cache this loop cannot splice: raise Unsupported before any row took a token
-        except Unsupported:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if len(jobs) == 1:
-                jobs[0].error = self.engine._error(e)
-                finished.append(jobs[0])
-                return []
-            by: dict = {}
-            for j in jobs:
-                by.setdefault(j.adapter, []).append(j)
-            groups = list(by.values()) if len(by) > 1 else [[j] for j in jobs]
-            log.info("a prompt pass of %d rows failed (%s: %s); running it as %d parts", len(jobs),
-                     type(e).__name__, e, len(groups))
-            return [p for g in groups for p in self._prefill(g, finished)]
-        rows = [self._row(j) for j in jobs]
-        self._choose(rows, logits)
-        return [Part(rows, cache, mask)]
 
     # ------------------------------------------------------------------ tokens
     def _row(self, job) -> Row:
@@ -272,7 +253,8 @@ class RunningBatch:
         sampler = self.engine.sampler([job], len(job.ids)) if s.temperature > 0 or s.repetition_penalty != 1.0 \
             else None
         tap = LogprobTap([job]) if job.logprobs is not None else None
-        return Row(job, sampler, tap, job.t0)
+        self.next_slot += 1
+        return Row(job, sampler, tap, job.t0, slot=self.next_slot, pending=list(job.ids))
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> None:  # logits (B, V) float32
         """Each row's next token: its logprob tap, then its own processors/sampler, then argmax."""
@@ -285,7 +267,8 @@ class RunningBatch:
         toks = logits.argmax(-1).tolist()
         now = time.perf_counter()
         for r, tok in zip(rows, toks):
-            self._accept(r, tok, now, len(rows))
+            self._accept(r, tok, now, len(self.rows))
+        self.engine.outbox.flush()
 
     def _accept(self, row: Row, tok: int, now: float, batch: int) -> None:
         """Hand ``tok`` on (streaming, metrics, logprobs) and decide whether the row is done, as
@@ -303,29 +286,30 @@ class RunningBatch:
             j.trace.append(row.tap.entry(0, tok, j.logprobs))
         if j.on_token is not None:
             j.on_token(tok)
+        if j.on_token_loop is not None:
+            eng.outbox.post(j.on_token_loop, tok)
         row.done = len(row.toks) >= j.max_new_tokens or j.cancelled or (
             bool(j.sampling.stop) and eng.tokenizer is not None
             and any(s in eng._decode(row.toks) for s in j.sampling.stop))
 
-    def _leave(self, part: Part, finished: list) -> Part | None:
+    def _leave(self, finished: list) -> None:
+        """Rows done or failed leave, and their cache columns with them."""
         keep = []
-        for i, r in enumerate(part.rows):
-            if not r.done:
-                keep.append(i)
-                continue
+        for r in self.rows:
             j = r.job
-            toks, text, reason = self.engine._finish(r.toks[:j.max_new_tokens], j)
-            j.result = {"output_ids": toks, "text": text, "finish_reason": reason, "batch_size": r.peak}
-            if j.logprobs is not None:
-                j.result["logprobs"] = j.trace[:len(toks)]
-            finished.append(j)
-        if len(keep) == len(part.rows):
-            return part
-        return select(part, keep) if keep else None
+            if j.error is not None:
+                finished.append(j)
+            elif not r.done:
+                keep.append(r)
+            else:
+                toks, text, reason = self.engine._finish(r.toks[:j.max_new_tokens], j)
+                j.result = {"output_ids": toks, "text": text, "finish_reason": reason, "batch_size": r.peak}
+                if j.logprobs is not None:
+                    j.result["logprobs"] = j.trace[:len(toks)]
+                finished.append(j)
+        if len(keep) != len(self.rows):
+            self.rows = keep
+            self.cache.keep([r.slot for r in keep])
 
-    def _fail(self, row: Row, e: Exception, finished: list) -> None:
-        row.job.error = self.engine._error(e)
-        finished.append(row.job)
 
-
-__all__ = ["Part", "Row", "RunningBatch", "Unsupported", "cache_kv", "make_cache", "select", "splice"]
+__all__ = ["Row", "RunningBatch", "Unsupported"]

@@ -52,13 +52,17 @@ from .jobs import (CONTEXT_KEYS, MAX_TEMPERATURE, MIN_TEMPERATURE, Job, ParamErr
                    Sampling, check_text, context_size, validate_ids)
 from .sampling import RowSampler, StopStrings
 from .static import RUNNERS, StaticBatches  # noqa: F401 (RUNNERS: the runner per job kind)
-from .stream import EngineEvents
+from .stream import EngineEvents, Outbox
 from ..methods._virtual_tokens import store
 
 
 log = logging.getLogger("deltatune.serve")
 CHARS_PER_TOKEN = 16  # a prompt over 16 characters per allowed token is refused before tokenizing
 BATCHING = ("continuous", "static")
+# the model thread runs further decoding steps itself while no row finished and no request waits,
+# up to this long: each return to the event loop is a GIL hand-off and a loop turn, which on a
+# loaded machine left the model idle between steps while the loop served streams
+STEPS_BUDGET_S = 0.25
 
 
 @dataclass
@@ -73,17 +77,22 @@ class EngineConfig:
     # "continuous": requests join the running batch at the next decoding step and leave when done
     # (batching.py); "static": a batch decodes to its longest request before the next one starts
     batching: str = "continuous"
+    # continuous batching feeds joining prompts at most this many tokens per step in all (chunked
+    # prefill), so a long prompt does not stall the rows decoding meanwhile
+    prefill_chunk: int = 256
 
 
 class Engine(StaticBatches):
     def __init__(self, model, tokenizer, cfg: EngineConfig, events: EngineEvents | None = None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.events = events or EngineEvents()
+        self.outbox = Outbox()
         get_state(model, create=True)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltatune-model")
         # tokenizing a long prompt must block neither the event loop nor the model; one thread, as a
         # fast tokenizer's settings are not safe to share between concurrent calls
         self.tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltatune-tokenize")
+        self.admins = 0  # admin calls waiting for the model thread (a running batch yields to them)
         self.busy_since: float | None = None  # monotonic start of the running model-thread call
         self.context = context_size(model)  # positions the model has (None: unknown, no check)
         tokens = min(cfg.max_input_tokens, self.context or cfg.max_input_tokens)
@@ -97,6 +106,8 @@ class Engine(StaticBatches):
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.eos = eos
         self.pad = pad if pad is not None else (eos if eos is not None else 0)
+        if cfg.prefill_chunk < 1:
+            raise DeltaError(f"serve: prefill_chunk must be at least 1 token, got {cfg.prefill_chunk}")
         if cfg.batching not in BATCHING:
             raise DeltaError(f"serve: batching must be one of {BATCHING}, got {cfg.batching!r}")
         self.running: RunningBatch | None = None
@@ -109,7 +120,8 @@ class Engine(StaticBatches):
     # ------------------------------------------------------------------ lifecycle (event loop)
     def start(self) -> None:
         self.queue = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        self.outbox.loop = asyncio.get_running_loop()
+        self.task = self.outbox.loop.create_task(self._loop())
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -194,8 +206,13 @@ class Engine(StaticBatches):
         return await self.enqueue([job])[0]
 
     async def admin(self, fn: Callable, *args):
-        """Run ``fn(*args)`` on the model thread, after the batches already running."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed, fn, *args)
+        """Run ``fn(*args)`` on the model thread, after the batches already running (a running
+        batch returns at its next step)."""
+        self.admins += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed, fn, *args)
+        finally:
+            self.admins -= 1
 
     async def _gather(self) -> list[Job]:
         """Wait for a request, then up to ``window_ms`` for more to share its batch (≤ max_batch)."""
@@ -289,7 +306,12 @@ class Engine(StaticBatches):
     def _join_and_step(self, joining: list[Job]) -> list[Job]:
         """Model thread: the checks ``_run`` makes, then one step of the running batch."""
         refused = [j for j in joining if self._rejected(j)]
-        return refused + self.running.step([j for j in joining if j.error is None])
+        done = refused + self.running.step([j for j in joining if j.error is None])
+        start = time.monotonic()
+        while (not done and self.running.size and not self.depth() and not self.admins
+               and time.monotonic() - start < STEPS_BUDGET_S):
+            done = self.running.step([])  # (depth(): a deque's length, read from this thread as a hint)
+        return done
 
     # ------------------------------------------------------------------ model thread
     def _run(self, jobs: list[Job]) -> None:

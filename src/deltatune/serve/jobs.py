@@ -63,6 +63,9 @@ class Job:
     t0: float = field(default_factory=time.perf_counter)
     # streaming: called on the model thread with each new token id as it is decoded (serve_stream.RowStreamer)
     on_token: Callable[[int], None] | None = None
+    # the same, but called on the event loop: the engine's Outbox sends a whole step's tokens in one
+    # call_soon_threadsafe (one wake-up of the loop per step, not one per token)
+    on_token_loop: Callable[[int], None] | None = None
     cancelled: bool = False  # the client went away: skip the job if queued, end its row at the next step
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
     trace: list = field(default_factory=list)  # per generated token: (logprob, [(token, logprob)] alternatives)

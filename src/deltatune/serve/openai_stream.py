@@ -52,10 +52,9 @@ def stream(engine: Engine, tokenizer, jobs: list[Job], prompts: list[list[int]],
     """SSE: a chunk per token of any choice as the engine decodes it, then each choice's final one."""
     from fastapi.responses import StreamingResponse
 
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     for i, j in enumerate(jobs):
-        j.on_token = lambda tok, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, tok))
+        j.on_token_loop = lambda tok, i=i: events.put_nowait((i, tok))  # (the engine sends a step's tokens at once)
     futures = engine.enqueue(jobs)  # a full queue is a 429 before any byte is sent
     for i, f in enumerate(futures):
         f.add_done_callback(lambda f, i=i: events.put_nowait((i, None)))

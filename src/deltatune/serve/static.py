@@ -18,7 +18,7 @@ import torch
 from ..core.delta import DeltaError
 from .jobs import Job, RequestError
 from .sampling import RowSampler, StopStrings
-from .stream import Cancelled, EngineEvents, LogprobTap, RowStreamer
+from .stream import Cancelled, EngineEvents, LogprobTap, Outbox, RowStreamer
 from ..api import activate, disabled
 from ..mixed import mixed
 
@@ -32,6 +32,7 @@ class StaticBatches:
     eos: int | None  # generate() stops a row there
     pad: int  # left padding of a generate batch, right padding of a classify batch
     events: EngineEvents  # batch, token and done reports (serve metrics)
+    outbox: Outbox  # streamed tokens for the event loop, sent once per step
 
     def _attempt(self, jobs: list[Job]) -> None:
         """Run ``jobs`` as one batch; if that raises, run them apart (per adapter when several share
@@ -103,7 +104,7 @@ class StaticBatches:
             tap = LogprobTap(jobs) if any(j.logprobs is not None for j in jobs) else None
             if tap is not None:  # first: it reads the model's scores before any row's sampling changes them
                 kw["logits_processor"] = [tap, *kw.get("logits_processor", [])]
-            kw["streamer"] = RowStreamer(jobs, self.eos, self.events, tap)
+            kw["streamer"] = RowStreamer(jobs, self.eos, self.events, tap, self.outbox)
             kw["stopping_criteria"] = [Cancelled(jobs)]
             if self.tokenizer is not None and any(j.sampling.stop for j in jobs):
                 kw["stopping_criteria"].append(StopStrings(jobs, ids.shape[1], self._decode))  # end those rows early

@@ -52,8 +52,9 @@ class RowStreamer:
     ``max_new_tokens``.  The EOS itself is not handed on (it has no text).  When a failed batch is run
     again (its rows apart), the tokens a job already handed on are not handed on twice."""
 
-    def __init__(self, jobs: list[Job], eos: int | None, events: EngineEvents, tap: LogprobTap | None = None):
-        self.jobs, self.eos, self.events, self.tap = jobs, eos, events, tap
+    def __init__(self, jobs: list[Job], eos: int | None, events: EngineEvents, tap: LogprobTap | None = None,
+                 outbox: Outbox | None = None):
+        self.jobs, self.eos, self.events, self.tap, self.outbox = jobs, eos, events, tap, outbox
         self.prompt_seen = False
         self.count = [0] * len(jobs)
         self.done = [False] * len(jobs)
@@ -84,10 +85,37 @@ class RowStreamer:
                 j.trace.append(self.tap.entry(i, tok, j.logprobs))
             if j.on_token is not None:
                 j.on_token(tok)
+            if j.on_token_loop is not None and self.outbox is not None:
+                self.outbox.post(j.on_token_loop, tok)
+        if self.outbox is not None:
+            self.outbox.flush()
         self.events.on_running(self.done.count(False))
 
     def end(self) -> None:
         self.events.on_running(0)
+
+
+class Outbox:
+    """Calls for the event loop, made by the model thread and sent once per decoding step: each
+    ``call_soon_threadsafe`` wakes the loop through its self-pipe, and one per token per row (16 per
+    step) kept the loop and the model thread trading the GIL on a loaded 2-core machine."""
+
+    def __init__(self):
+        self.loop = None  # set by Engine.start (the serving loop)
+        self.items: list[tuple] = []
+
+    def post(self, fn, arg) -> None:
+        self.items.append((fn, arg))
+
+    def flush(self) -> None:
+        if self.items and self.loop is not None:
+            items, self.items = self.items, []
+            self.loop.call_soon_threadsafe(_run_all, items)
+
+
+def _run_all(items: list[tuple]) -> None:
+    for fn, arg in items:
+        fn(arg)
 
 
 class LogprobTap:
@@ -163,4 +191,4 @@ class TextStream:
         return delta
 
 
-__all__ = ["Cancelled", "EngineEvents", "LogprobTap", "RowStreamer", "TextStream"]
+__all__ = ["Cancelled", "EngineEvents", "LogprobTap", "Outbox", "RowStreamer", "TextStream"]
