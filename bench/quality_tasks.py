@@ -164,3 +164,7 @@ METHODS = {
     "prompt": ["--method", "prompt"],
     "sparse": ["--method", "sparse"],  # GPS selection is the default rule
 }
+# candidates measured before any becomes a default (docs/cli.md): not in the table's method columns
+CANDIDATES = {
+    "lora-lpft": ["--method", "lora", "--head-warmup", "0.25"],  # LP-FT: the new head alone for 10 of 40 steps
+}

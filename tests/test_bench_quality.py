@@ -94,3 +94,12 @@ def test_report_writes_its_section_and_the_plot(tmp_path, monkeypatch):
     assert (tmp_path / "quality.png").stat().st_size > 1000
     quality.report(doc, tmp_path / "quality.png")  # a second report replaces the section, not appends
     assert doc.read_text().count(quality.SECTION) == 1
+
+
+def test_candidate_defaults_sit_beside_the_table_not_in_it():
+    cand = row("sms", "lora-lpft", 0.999, 0.01, 1.4)  # would be the best PEFT cell if it counted
+    assert quality.summarize(ROWS + [cand])["sms"]["best"]["method"] == "lora"
+    text = quality.render(ROWS + [cand])
+    main, _, extra = text.partition("Candidate defaults")
+    assert "lora-lpft" not in main and "| sms | lora-lpft | accuracy 0.9990 | 0.0100 | 1.400 | 12 |" in extra
+    assert "Candidate defaults" not in quality.render(ROWS)

@@ -20,7 +20,7 @@ from .options import (FORMAT_HELP, CalibrateOpt, ConfigOpt, JsonOpt, Out, Packin
 # output ones (--json, --config) and --opt is a RunOptions field of the same name
 TRAIN_FLAGS = ("epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "schedule", "max_grad_norm",
                "weight_decay", "seed", "eval_every", "save_every", "early_stopping", "gradient_checkpointing",
-               "precision", "compile", "progress")
+               "precision", "compile", "progress", "head_warmup")
 
 
 def _run_options(ctx: typer.Context) -> RunOptions:
@@ -75,6 +75,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch (default 16)."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 1)."),
     warmup_ratio: Optional[float] = typer.Option(None, help="Warmup share of steps (default 0.06)."),
+    head_warmup: Optional[float] = typer.Option(None, help="LP-FT: share of steps that train only a new "
+                                                "classification head before the method (default 0)."),
     schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant (default linear)."),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (default 1.0; 0 = off)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0)."),

@@ -18,13 +18,13 @@ the quantized linears of ``deltatune.quant`` (reached via ``base_weight``).
 Variants are objects chosen from the config (``VARIANTS``; the protocol is ``lora_variant.py``):
 DoRA (``dora.py``) takes over forward, merge and unmerge; PiSSA (``pissa.py``, ``init="pissa"``)
 initialises A, B from the SVD of W and subtracts its initial product as an extra low-rank term.
-The peft ``adapter_config.json`` translation is ``methods/lora_peft.py``.
+peft's ``adapter_config.json``: ``methods/lora_peft.py``; the conv rank cap: ``methods/lora_rank.py``.
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ from ..fast import lora_dropout_addmm
 from .dora import DoraVariant
 from .lora_variant import LoraVariant
 from .pissa import PissaVariant
+from .lora_rank import check_budget, conv_rank, explicit_patterns, same_scale_alpha
 from .lora_peft import LAYERS_PATTERNS, config_kwargs, layers_regex, peft_config  # noqa: F401 (re-exported)
 
 # the variants a config can choose, applied in this order (PiSSA's init before DoRA measures ‖W + ΔW‖)
@@ -58,9 +59,14 @@ class LoraConfig(DeltaConfig):
     init: str = "default"  # "default" (Kaiming A, zero B) | "gaussian" | "pissa" (SVD of W, pissa.py)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module r: {regex: r}
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha
+    conv_budget: float = 0.015  # a conv's update adds <= this share of its weights (lora_rank.py); 0 = off
 
     method = "lora"
     size_fields = ("r", "rank_pattern")  # bounded by the saved tensors' shapes on load
+
+    @classmethod
+    def from_dict(cls, d, *, strict: bool = False) -> "LoraConfig":  # files from before conv_budget: r everywhere
+        return super().from_dict({"conv_budget": 0.0, **d} if isinstance(d, dict) else d, strict=strict)
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -69,6 +75,7 @@ class LoraConfig(DeltaConfig):
             raise DeltaError(f"lora: alpha must be a positive number, got {self.alpha!r} (typical: 2*r)")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise DeltaError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        check_budget(self.conv_budget)
         if self.init not in INITS:
             raise DeltaError(f"lora: init must be one of {INITS}, got {self.init!r}")
         for field_name in ("rank_pattern", "alpha_pattern"):
@@ -130,7 +137,7 @@ class LoraDelta(Delta):
         return isinstance(self.variant, DoraVariant)
 
     def _setup(self, r: int, alpha: float, cfg: LoraConfig):
-        self.r = r
+        self.r = r  # may differ from cfg.r: rank_pattern, the conv cap (lora_rank.py)
         self.scaling = alpha / (math.sqrt(r) if cfg.rslora else r)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # refused before any tensor is allocated; initialised by _init_variants once A, B exist
@@ -329,7 +336,7 @@ class LoraConv(LoraDelta):
         base = self.__dict__.get("_own_forward_base")
         if base is None:
             return self.lora_B(self.lora_A(x))
-        return self.lora_B(_call_with(base, self.lora_A.weight, x))  # (B, r, H', W') -> (B, out, H', W')
+        return self.lora_B(call_with(base, self.lora_A.weight, x))  # (B, r, H', W') -> (B, out, H', W')
 
     def product(self):
         a = self.lora_A.weight  # (r, in, *k)
@@ -344,11 +351,11 @@ class LoraConv(LoraDelta):
 
     def base_no_bias(self, base, x):
         if "_own_forward_base" in self.__dict__:
-            return _call_with(base, base.weight, x.to(base.weight.dtype))
+            return call_with(base, base.weight, x.to(base.weight.dtype))
         return base._conv_forward(x.to(base.weight.dtype), base.weight, None)
 
 
-def _call_with(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def call_with(base: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``base``'s own forward (its padding included) with ``weight`` and no bias."""
     swap = {"weight": weight}
     if getattr(base, "bias", None) is not None:
@@ -405,10 +412,9 @@ def make_delta(base: nn.Module, r: int, alpha: float, cfg: LoraConfig) -> LoraDe
 
 
 def _check_rank(path: str, base: nn.Module, r: int) -> None:
-    """Refuse an absurd rank before allocating (r=1e8 would ask for gigabytes).  BA has rank
-    <= min(in, out), so a larger r only costs memory, but a default r=8 on a thin layer (SwinV2's
-    (512, 2) position-bias MLP) must still attach, as in peft: refuse only ranks above twice the
-    layer's largest dimension, where the adapter would outweigh the layer itself."""
+    """Refuse an absurd rank before allocating (r=1e8 would ask for gigabytes).  BA has rank <= min(in, out),
+    so a larger r only costs memory, but a default r=8 on a thin layer (SwinV2's (512, 2) position-bias MLP)
+    must still attach, as in peft: refuse only ranks above twice the layer's largest dimension."""
     if hasattr(base, "in_features") and hasattr(base, "out_features"):  # quantized bases too, no dequantize
         shape = (base.out_features, base.in_features)
     else:
@@ -438,15 +444,16 @@ class LoRA(Method):
         paths = self.target_paths(model, cfg, types=tuple(_layer_table()))
         made = []  # build every delta first: a failure leaves the model untouched
         for p in paths:
-            r = _pattern_value(p, cfg.rank_pattern, cfg.r)
-            alpha = _pattern_value(p, cfg.alpha_pattern, cfg.alpha)
             base = base_at(model, p)
+            r = _pattern_value(p, cfg.rank_pattern, None) or conv_rank(base, cfg.r, cfg.conv_budget)  # r >= 1
+            alpha = _pattern_value(p, cfg.alpha_pattern, None) or same_scale_alpha(cfg.alpha, r, cfg.r, cfg.rslora)
             _check_rank(p, base, r)
             made.append((p, make_delta(base, r, alpha, cfg)))
         for p, d in made:
             wrap(model, p, state).deltas[name] = d
 
     def export(self, model, name, tensors, cfg: LoraConfig):
+        cfg = replace(cfg, **explicit_patterns(model, name, cfg))  # convs under conv_budget, by path
         for v in VARIANTS:  # e.g. PiSSA is written as the plain LoRA peft loads
             if v.chosen(cfg):
                 tensors, cfg = v.export(model, name, tensors, cfg)

@@ -51,7 +51,8 @@ def config_kwargs(d: dict[str, Any]) -> dict[str, Any]:
         targets=targets, exclude=d.get("exclude_modules"), modules_to_save=d.get("modules_to_save") or None,
         r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout", 0.0)),
         rslora=bool(d.get("use_rslora", False)), dora=bool(d.get("use_dora", False)),
-        rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}))
+        rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}),
+        conv_budget=0.0)  # peft has no rank cap: r (or rank_pattern) on every conv, as in the file
 
 
 def layers_regex(targets, layers, pattern=None) -> str:

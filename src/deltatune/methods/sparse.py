@@ -36,6 +36,7 @@ from ..core.dtypes import build_dtype
 from ..core.adapters import base_at
 from ..core.grads import accumulate_grads, weighted_modules
 from ..core.layer_types import conv1d_type
+from .lora import call_with
 from ..core.targets import skip_direct_reads
 
 RUNTIME = ("batches", "loss_fn", "selection")  # config fields used at attach time, never saved
@@ -154,11 +155,19 @@ def _conv1d_apply(x, dw, base):  # GPT-2 Conv1D: y = x @ W + b, W (in, out)
     return x @ dw
 
 
+def _conv_apply(x, dw, base):
+    """The base's convolution with ΔW and no bias.  A subclass that pads in its own forward (TF
+    "same": efficientnet-pytorch's Conv2dStaticSamePadding, timm's Conv2dSame) runs through that
+    forward, else ΔW would see the unpadded input and give another output size."""
+    plain = next(t for t in (nn.Conv1d, nn.Conv2d) if isinstance(base, t))
+    return base._conv_forward(x, dw, None) if type(base).forward is plain.forward else call_with(base, dw, x)
+
+
 APPLY: dict[str, Callable] = {  # layer type name -> f(x, ΔW, base): the layer's op on ΔW, no bias
     "Linear": lambda x, dw, base: F.linear(x, dw),
     "Conv1D": _conv1d_apply,
-    "Conv1d": lambda x, dw, base: base._conv_forward(x, dw, None),
-    "Conv2d": lambda x, dw, base: base._conv_forward(x, dw, None),
+    "Conv1d": _conv_apply,
+    "Conv2d": _conv_apply,
     "Embedding": lambda x, dw, base: F.embedding(x, dw, base.padding_idx, base.max_norm, base.norm_type,
                                                  base.scale_grad_by_freq, base.sparse),
 }

@@ -70,6 +70,7 @@ from .results import TrainResult, plot, write_metrics  # noqa: F401 - plot, writ
 from ..safety import first_nonfinite
 from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
+from .head_warmup import HeadWarmup, head_parameters
 from .compile_fallback import COMPILE_RECOMPILE_LIMIT, fall_back_to_eager
 from .. import fast
 from ..data.examples import collate as default_collate
@@ -114,6 +115,7 @@ class TrainConfig:
     # a one-off ~30-60 s compile; "auto" = on for runs of >= COMPILE_AUTO_STEPS steps in one process
     # when a C++ compiler is installed (inductor needs one), where the compile pays for itself
     compile: str = "auto"  # "auto" | "on" | "off"
+    head_warmup: float = 0.0  # LP-FT: share of steps in which only a new head trains (train/head_warmup.py)
 
     def validate(self) -> None:
         checks = {
@@ -121,7 +123,7 @@ class TrainConfig:
             "epochs": self.epochs > 0, "max_steps": self.max_steps is None or self.max_steps >= 1,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "schedule": self.schedule in SCHEDULES,
             "precision": self.precision in ("fp32", "bf16"), "parallel": self.parallel in ("ddp", "fsdp"),
-            "compile": self.compile in ("auto", "on", "off"),
+            "compile": self.compile in ("auto", "on", "off"), "head_warmup": 0 <= self.head_warmup < 1,
             "eval_every": self.eval_every is None or self.eval_every >= 1,
             "save_every": self.save_every is None or self.save_every >= 1,
             # torch, random and numpy are all seeded with it; numpy takes 0 <= seed < 2**32
@@ -196,7 +198,8 @@ class Trainer(CheckpointMixin):
                  collate: Callable[[list], dict] | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
                  loss_fn: Callable[[nn.Module, dict], torch.Tensor] = default_loss,
                  output_dir: str | Path | None = None, callbacks: Sequence[Callable] = (),
-                 param_groups: list[dict] | None = None, tracker: Trackers | None = None):
+                 param_groups: list[dict] | None = None, tracker: Trackers | None = None,
+                 head_params: Sequence[nn.Parameter] | None = None):
         self.features = list(features)
         self.cfg = config or TrainConfig()
         self.cfg.validate()
@@ -223,6 +226,8 @@ class Trainer(CheckpointMixin):
         self.batches_per_epoch = len(epoch_batches(len(self.features), c.seed, 0, c.batch_size, 0, self.world))
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.batches_per_epoch / c.grad_accum))
         self.eval_every = c.eval_every or max(1, math.ceil(self.total_steps / 4))
+        head = head_parameters(self.model) if head_params is None else head_params  # default: the fresh head
+        self.head_warmup = HeadWarmup(self.params, head, c.head_warmup, self.total_steps)  # LP-FT
 
     @property
     def is_main(self) -> bool:
@@ -423,6 +428,7 @@ class Trainer(CheckpointMixin):
             self.compiled = False
             torch.set_rng_state(rng)
             loss_sum, n, n_tok = self._accumulate(step, autocast)
+        self.head_warmup.drop_body_grads(step)
         bad = first_nonfinite([(n, dtd.local(q.grad)) for n, q in model.named_parameters()
                                if q.requires_grad])
         if self.world > 1:  # the global batch's loss; every rank stops if one saw NaN

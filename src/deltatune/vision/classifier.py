@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.delta import DeltaError, has_adapters
 from .images import ImageConfig, Preprocessor
+from .ports import timm_twin
 
 SPEC_FILE = "vision_model.json"  # written next to model.safetensors by save_pretrained
 WEIGHTS_FILE = "model.safetensors"
@@ -171,9 +172,10 @@ def map_keys(file: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> t
     return file, "by name"
 
 
-def load_weights(net: nn.Module, path: str | Path) -> str:
-    """Load ``path`` into ``net`` checking every key; one line listing mismatches otherwise."""
-    sd = read_state_dict(path)
+def load_weights(net: nn.Module, path: str | Path, sd: dict[str, torch.Tensor] | None = None) -> str:
+    """Load ``path`` (or its already-read ``sd``) into ``net`` checking every key; one line
+    listing mismatches otherwise."""
+    sd = read_state_dict(path) if sd is None else sd
     want = net.state_dict()
     sd, how = map_keys(sd, want)
     missing = [k for k in want if k not in sd]
@@ -322,6 +324,19 @@ def load_saved(d: Path, label_names: list[str] | None) -> VisionModelForImageCla
     return model
 
 
+def _port_twin(spec: str, sd: dict | None, log: Callable[[str], None] | None) -> str:
+    """``timm:tf_NAME`` when ``sd`` is a TF port and timm has the twin (see :mod:`.ports`)."""
+    if sd is None or not spec.startswith("timm:"):
+        return spec
+    timm = _import("timm")
+    name = spec.partition(":")[2]
+    twin = timm_twin(name, sd, lambda n: bool(timm.is_model(n)))
+    if twin != name and log is not None:
+        log(f"weights: TF-port naming (_conv_stem, _bn0): building timm:{twin}, whose TF 'same' padding and "
+            f"BatchNorm eps compute what they were trained for ({name} would load every key but not match)")
+    return f"timm:{twin}"
+
+
 def load_vision_model(spec: str, label_names: list[str] | None, weights: str | None = None,
                       image_size: int | None = None, log: Callable[[str], None] | None = None):
     """(model, Preprocessor, spec) for a vision spec; ``label_names`` size the new head."""
@@ -329,9 +344,11 @@ def load_vision_model(spec: str, label_names: list[str] | None, weights: str | N
     if p.is_dir() and (p / SPEC_FILE).exists():
         model = load_saved(p, label_names)
     else:
+        sd = read_state_dict(weights) if weights else None
+        spec = _port_twin(spec, sd, log)
         net, image = build(spec)
         if weights:
-            how = load_weights(net, weights)
+            how = load_weights(net, weights, sd)
             if log is not None:
                 log(f"weights: {weights} loaded into {spec} {how}")
         if label_names is None:  # inspect / eval without data labels: as many classes as the model had
@@ -342,4 +359,7 @@ def load_vision_model(spec: str, label_names: list[str] | None, weights: str | N
     if image_size:
         image.size = int(image_size)
         model.config.image = image.to_dict()
+    if log is not None:
+        log(f"inputs: {image.channels}×{image.size}×{image.size}, mean {tuple(round(m, 3) for m in image.mean)}, "
+            f"std {tuple(round(s, 3) for s in image.std)} ({image.source})")
     return model, Preprocessor(image), spec
