@@ -104,7 +104,7 @@ def test_config_file(ws, tmp_path):
     r = run("train", "--config", cfg, ok=False)
     out = " ".join(r.output.replace("│", " ").split())
     assert r.exit_code != 0 and "unknown option 'modle'" in out
-    assert "known: --batch-size, --chat-template," in out and "--json" in out and "as_json" not in out
+    assert "known: --batch-size, --calibrate, --chat-template," in out and "--json" in out and "as_json" not in out
     cfg.write_text("json: true\nmethods: true\n")  # keys are the flag names, also where the parameter is not
     r = run("inspect", "--config", cfg)
     assert json.loads(r.stdout)["methods"][0]["name"] == "adalora"
