@@ -41,8 +41,10 @@ def storage_mib(model) -> float:
 
 CALIBRATION = (4, 2, 32)  # batches × rows × tokens: 4 × (2, 32, 512) fp32 hidden states = 1 MiB
 # the calibrated scale search's temporaries for one layer (quant/search.py: ~5 MiB measured on a
-# 2048×512 weight) and the quantized block's forward (bitsandbytes dequantizes a 4 MiB weight per call)
-SEARCH_MIB = 8
+# 2048×512 weight) and the quantized block's forward (bitsandbytes dequantizes a 4 MiB weight per call),
+# plus the allocator's keep of those freed temporaries (peaks of 33-52 MiB were measured across runs and
+# thread counts; keeping every float block alive, the bug this guards against, peaks at 82.7 MiB)
+SEARCH_MIB = 13
 
 
 def calibration_batches():
