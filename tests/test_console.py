@@ -70,6 +70,7 @@ def test_verbose_keeps_them_on_the_terminal_too(tmp_path, terminal, monkeypatch)
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes of inductor compiles: `make test`, not CI
 @pytest.mark.skipif(not shutil.which("c++"), reason="inductor needs a C++ compiler")
 def test_compile_auto_over_varying_lengths_is_quiet(tmp_path):
     """500 steps (compile="auto" turns on from 500) over rows of 3..60 tokens, so nearly every batch

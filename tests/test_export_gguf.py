@@ -189,6 +189,7 @@ def test_merge_cli_gguf_refuses_a_classifier(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on a real model: `make test`, not CI
 def test_smollm2_lora_merged_to_gguf(tmp_path):
     """The real thing: SmolLM2-135M-Instruct (49,152-token BPE, ChatML template) + a LoRA adapter,
     merged and written as GGUF; transformers reads back the merged logits and the same tokenizer."""

@@ -120,7 +120,7 @@ def test_checkpointing_error_for_plain_modules():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["step", "blocks"])
+@pytest.mark.parametrize("how", [pytest.param("step", marks=pytest.mark.heavy), "blocks"])  # step: minutes of compiling, `make test`
 def test_compiled_equals_eager(how):
     """torch.compile of the whole step (compile_step) or of each block (compile_blocks) keeps the
     loss and the adapter gradients of eager mode."""

@@ -6,6 +6,7 @@ from real_data import accuracy, minilm_classifier, sms_spam, train_steps
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on a real model: `make test`, not CI
 @pytest.mark.parametrize("opts", [{}, {"dora": True}])
 def test_lora_learns_sms_spam(opts, tmp_path):
     model, tok = minilm_classifier()

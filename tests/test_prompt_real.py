@@ -17,6 +17,7 @@ from real_data import accuracy, asset_dir, minilm_classifier, sms_spam, train_st
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on a real model: `make test`, not CI
 @pytest.mark.parametrize("method, opts, lr", [
     ("prompt", {"num_virtual_tokens": 20}, 3e-2),  # Lester et al. train with a large lr (0.3 with Adafactor)
     # the table starts from real keys/values (init="vocab"); a random prefix (MLP) first scrambles the

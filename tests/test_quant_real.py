@@ -11,7 +11,7 @@ import torch
 import deltatune as dt
 from deltatune.fast import enable_checkpointing
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.usefixtures("one_thread")]
 pytest.importorskip("bitsandbytes")
 
 
