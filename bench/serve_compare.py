@@ -92,10 +92,32 @@ def one(client, model: str, ids: list[int], new: int) -> tuple[float, float, int
     return (first if first is not None else time.perf_counter() - t0), time.perf_counter() - t0, toks
 
 
-def round_(url: str, mixed: bool, seed: int, a, rate: float | None = None) -> dict:
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of process ``pid`` so far, summed per thread name (Linux /proc;
+    {} elsewhere): the model thread (deltatune-model_0) against the rest (event loop, HTTP)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def round_(url: str, mixed: bool, seed: int, a, rate: float | None = None, pid: int | None = None) -> dict:
     """One round: the closed loop (``rate`` None) or Poisson arrivals at ``rate`` requests/s."""
     import httpx
 
+    cpu0 = thread_cpu(pid) if pid else {}
     rng = random.Random(seed)
     reqs = [([(17 * i + k + seed) % 4000 + 3 for k in range(16)], rng.randint(8, 64)) for i in range(a.requests)]
     model = (lambda i: f"a{i % base.N_ADAPTERS}") if mixed else (lambda i: "a0")
@@ -121,8 +143,11 @@ def round_(url: str, mixed: bool, seed: int, a, rate: float | None = None) -> di
         with concurrent.futures.ThreadPoolExecutor(a.requests) as pool:
             res = [x for part in pool.map(arrival, range(a.requests), at) for x in part]
     wall = time.perf_counter() - t0
+    cpu1 = thread_cpu(pid) if pid else {}
+    model_cpu = sum(v - cpu0.get(k, 0.0) for k, v in cpu1.items() if k.startswith("deltatune-model"))
+    rest_cpu = sum(v - cpu0.get(k, 0.0) for k, v in cpu1.items() if not k.startswith("deltatune-model"))
     return {"tok_s": sum(r[2] for r in res) / wall, "ttft": [r[0] for r in res], "lat": [r[1] for r in res],
-            "tokens": sum(r[2] for r in res)}
+            "tokens": sum(r[2] for r in res), "model_cpu": model_cpu, "rest_cpu": rest_cpu}
 
 
 def report(load: str, results: dict[str, list[dict]]) -> None:
@@ -183,11 +208,14 @@ def main(argv: list[str]) -> None:
             for rep in range(a.reps):
                 for load, rate in loads:
                     for name, b, mixed in CASES:
-                        r = round_(procs[b][1], mixed, seed=rep, a=a, rate=rate)
+                        r = round_(procs[b][1], mixed, seed=rep, a=a, rate=rate, pid=procs[b][0].pid)
                         results[load][name].append(r)
+                        per = 1000 / max(r["tokens"], 1)
                         print(f"rep {rep} {load[:6]} {name:>10}: {r['tok_s']:7.1f} tok/s, p50 TTFT "
                               f"{statistics.median(r['ttft']) * 1000:6.0f} ms, p50 latency "
-                              f"{statistics.median(r['lat']) * 1000:6.0f} ms, {r['tokens']} tokens", flush=True)
+                              f"{statistics.median(r['lat']) * 1000:6.0f} ms, {r['tokens']} tokens, CPU ms/token: "
+                              f"model thread {r['model_cpu'] * per:.2f}, other threads {r['rest_cpu'] * per:.2f}",
+                              flush=True)
         finally:
             for p, _ in procs.values():
                 p.terminate()
