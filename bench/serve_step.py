@@ -7,7 +7,7 @@ torch thread.  ``--rows`` rows, adapter a{i mod 8}, 16-token prompts; row i has 
 ``past`` tokens spread over the given range (so rows have different lengths, as in a running
 batch).  Timed, ms per step (median over ``--steps`` steps, each starting from the same cache):
 
-  continuous   ``RunningBatch.step([])`` on an in-process engine: the decode-only step as served
+  continuous   ``RunningBatch.step([])`` on an in-process engine (``--layout``): the decode-only step as served
                (forward, sampling, token delivery, no HTTP)
   static       the padded (B, 1) mixed forward that ``generate`` runs per step for a static batch
                over a left-padded (B, H, T_max, d) cache (model call only: generate's own per-step
@@ -106,21 +106,28 @@ def main() -> None:
     ap.add_argument("--past", default="16,40", help="tokens already decoded: lo,hi over the rows")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--layout", choices=["slots", "ragged"], default="slots",
+                    help="continuous batching's KV layout: per-row slots (slots.py) or one flattened cache (ragged.py)")
     a = ap.parse_args()
+    from deltatune.serve import batching
+    from deltatune.serve.ragged import RaggedCache
+
+    if a.layout == "ragged":
+        batching.LAYOUTS = (RaggedCache,)
     torch.set_num_threads(1)
     lo, hi = (int(x) for x in a.past.split(","))
     model = model_with_adapters()
     eng, rb = running_batch(model, a.rows, (lo, hi))
     lens = [r.pos for r in rb.rows]
-    saved = (copy.deepcopy(rb.cache.cache), rb.cache.owner.clone(), [(r.pos, list(r.toks)) for r in rb.rows])
+    saved = (copy.deepcopy(rb.cache), [(r.pos, list(r.toks)) for r in rb.rows])
     st = static_step(model, a.rows, lens)
 
     def cont():
         rb.step([])
 
     def restore():
-        rb.cache.cache, rb.cache.owner = copy.deepcopy(saved[0]), saved[1].clone()
-        for r, (p, t) in zip(rb.rows, saved[2]):
+        rb.cache = copy.deepcopy(saved[0])
+        for r, (p, t) in zip(rb.rows, saved[1]):
             r.pos, r.toks = p, list(t)
 
     cs, ss = [], []
@@ -128,7 +135,7 @@ def main() -> None:
         restore()
         cs += timed(cont, 1)
         ss += timed(st, 1)
-    print(f"rows {a.rows}, row lengths {min(lens)}-{max(lens)} (sum {sum(lens)}), 1 thread")
+    print(f"layout {type(rb.cache).__name__}, rows {a.rows}, row lengths {min(lens)}-{max(lens)} (sum {sum(lens)}), 1 thread")
     print(f"continuous decode step: {statistics.median(cs):.2f} ms (median of {a.steps})")
     print(f"static (B,1) forward:   {statistics.median(ss):.2f} ms")
     print(f"continuous / static:    {statistics.median(cs) / statistics.median(ss):.2f}")
