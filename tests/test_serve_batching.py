@@ -325,17 +325,21 @@ def test_row_plan_reused_for_other_rows_of_the_same_adapters_routes_them_right()
         plan.with_rows(["a", None])
 
 
-def test_attention_that_never_sees_the_slot_layout_falls_back_to_the_flattened_cache(monkeypatch):
-    """A model whose attention ignores the step layout (here: plain SDPA registered under the slot
-    layout's name, as a model that does not pass keywords on would run) fails _verify for SlotCache;
-    the flattened RaggedCache serves instead, rows still equal lone runs."""
+@pytest.mark.parametrize("wrong", ["raises", "silent"])
+def test_attention_that_never_sees_the_slot_layout_falls_back_to_the_flattened_cache(monkeypatch, wrong):
+    """A model whose attention ignores the step layout fails _verify for SlotCache, whether that
+    raises (plain SDPA on the slot tensors: batch sizes differ) or silently computes something else
+    (zeros of the right shape); the flattened RaggedCache serves instead, rows equal lone runs."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from deltatune.serve.slots import ATTN
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, ATTN,
-                        lambda *a, dt_step=None, **k: sdpa_attention_forward(*a, **k))
+    def silent(module, query, *a, **k):
+        return torch.zeros_like(query).transpose(1, 2), None  # (1, N, H, d)
+
+    fake = silent if wrong == "silent" else lambda *a, dt_step=None, **k: sdpa_attention_forward(*a, **k)
+    monkeypatch.setitem(AttentionInterface._global_mapping, ATTN, fake)
     model = model_with_adapters()
     engine = Engine(model, None, EngineConfig(window_ms=1))
     jobs = [Job("generate", n, prompt(i), max_new_tokens=5) for i, n in enumerate(["a", "d", None])]
