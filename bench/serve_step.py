@@ -1,19 +1,21 @@
 """One decoding step of continuous batching vs static batching on the same rows (issue 17).
 
-    PYTHONPATH=src .venv/bin/python bench/serve_step.py [--rows 16] [--past 16,40] [--steps 30] [--profile]
+    PYTHONPATH=src .venv/bin/python bench/serve_step.py [--rows 16] [--past 16,40] [--steps 30]
+                                                        [--profile SlotCache|RaggedCache]
 
 The bench/serve.py model (Llama, hidden 256, 4 layers, vocab 4096) with 8 LoRA r=8 adapters, one
 torch thread.  ``--rows`` rows, adapter a{i mod 8}, 16-token prompts; row i has already decoded
 ``past`` tokens spread over the given range (so rows have different lengths, as in a running
 batch).  Timed, ms per step (median over ``--steps`` steps, each starting from the same cache):
 
-  continuous   ``RunningBatch.step([])`` on an in-process engine (``--layout``): the decode-only step as served
-               (forward, sampling, token delivery, no HTTP)
+  continuous   ``RunningBatch.step([])`` on an in-process engine, once per KV layout (per-row slots,
+               slots.py; one flattened cache under a 4-D mask, ragged.py): the decode-only step
+               as served (forward, sampling, token delivery, no HTTP)
   static       the padded (B, 1) mixed forward that ``generate`` runs per step for a static batch
                over a left-padded (B, H, T_max, d) cache (model call only: generate's own per-step
                overhead is not counted, so this is static's floor)
 
-``--profile``: cProfile of the continuous steps (top functions by total time).
+``--profile LAYOUT``: cProfile of that layout's continuous steps (top functions by total time).
 """
 from __future__ import annotations
 
@@ -100,51 +102,68 @@ def timed(fn, steps: int) -> list[float]:
     return out
 
 
+class Continuous:
+    """A running batch on one KV layout, restorable to the same state before each timed step."""
+
+    def __init__(self, model, rows: int, past: tuple[int, int], layout):
+        from deltatune.serve import batching
+
+        keep, batching.LAYOUTS = batching.LAYOUTS, (layout,)
+        try:
+            self.eng, self.rb = running_batch(model, rows, past)
+        finally:
+            batching.LAYOUTS = keep
+        self.name = layout.__name__
+        self.saved = (copy.deepcopy(self.rb.cache), [(r.pos, list(r.toks)) for r in self.rb.rows])
+
+    def restore(self) -> None:
+        self.rb.cache = copy.deepcopy(self.saved[0])
+        for r, (p, t) in zip(self.rb.rows, self.saved[1]):
+            r.pos, r.toks = p, list(t)
+
+    def __call__(self) -> None:
+        self.rb.step([])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--past", default="16,40", help="tokens already decoded: lo,hi over the rows")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--layout", choices=["slots", "ragged"], default="slots",
-                    help="continuous batching's KV layout: per-row slots (slots.py) or one flattened cache (ragged.py)")
+    ap.add_argument("--profile", choices=["SlotCache", "RaggedCache"], default=None,
+                    help="cProfile the continuous steps of this KV layout")
     a = ap.parse_args()
-    from deltatune.serve import batching
     from deltatune.serve.ragged import RaggedCache
+    from deltatune.serve.slots import SlotCache
 
-    if a.layout == "ragged":
-        batching.LAYOUTS = (RaggedCache,)
     torch.set_num_threads(1)
     lo, hi = (int(x) for x in a.past.split(","))
     model = model_with_adapters()
-    eng, rb = running_batch(model, a.rows, (lo, hi))
-    lens = [r.pos for r in rb.rows]
-    saved = (copy.deepcopy(rb.cache), [(r.pos, list(r.toks)) for r in rb.rows])
+    arms = [Continuous(model, a.rows, (lo, hi), layout) for layout in (SlotCache, RaggedCache)]
+    lens = [r.pos for r in arms[0].rb.rows]
     st = static_step(model, a.rows, lens)
-
-    def cont():
-        rb.step([])
-
-    def restore():
-        rb.cache = copy.deepcopy(saved[0])
-        for r, (p, t) in zip(rb.rows, saved[1]):
-            r.pos, r.toks = p, list(t)
-
-    cs, ss = [], []
-    for _ in range(a.steps):  # interleaved, one step each, from the same state
-        restore()
-        cs += timed(cont, 1)
-        ss += timed(st, 1)
-    print(f"layout {type(rb.cache).__name__}, rows {a.rows}, row lengths {min(lens)}-{max(lens)} (sum {sum(lens)}), 1 thread")
-    print(f"continuous decode step: {statistics.median(cs):.2f} ms (median of {a.steps})")
-    print(f"static (B,1) forward:   {statistics.median(ss):.2f} ms")
-    print(f"continuous / static:    {statistics.median(cs) / statistics.median(ss):.2f}")
+    times: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    times["static"] = []
+    for _ in range(a.steps):  # interleaved, one step each, each continuous arm from the same state
+        for arm in arms:
+            arm.restore()
+            times[arm.name] += timed(arm, 1)
+        times["static"] += timed(st, 1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"rows {a.rows}, row lengths {min(lens)}-{max(lens)} (sum {sum(lens)}), 1 thread, "
+          f"median of {a.steps} interleaved steps")
+    print(f"continuous, per-row slots (SlotCache):      {med['SlotCache']:.2f} ms/step")
+    print(f"continuous, flattened 4-D mask (RaggedCache): {med['RaggedCache']:.2f} ms/step")
+    print(f"static (B,1) mixed forward:                  {med['static']:.2f} ms/step")
+    print(f"slots / ragged {med['SlotCache'] / med['RaggedCache']:.2f}, slots / static "
+          f"{med['SlotCache'] / med['static']:.2f}, ragged / static {med['RaggedCache'] / med['static']:.2f}")
     if a.profile:
+        arm = next(x for x in arms if x.name == a.profile)
         prof = cProfile.Profile()
         for _ in range(a.steps):
-            restore()
+            arm.restore()
             prof.enable()
-            cont()
+            arm()
             prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
