@@ -338,7 +338,7 @@ def test_attention_that_never_sees_the_slot_layout_falls_back_to_the_flattened_c
     def silent(module, query, *a, **k):
         return torch.zeros_like(query).transpose(1, 2), None  # (1, N, H, d)
 
-    fake = silent if wrong == "silent" else lambda *a, dt_step=None, **k: sdpa_attention_forward(*a, **k)
+    fake = silent if wrong == "silent" else sdpa_attention_forward
     monkeypatch.setitem(AttentionInterface._global_mapping, ATTN, fake)
     model = model_with_adapters()
     engine = Engine(model, None, EngineConfig(window_ms=1))
@@ -354,11 +354,11 @@ def test_slot_cache_writes_rows_apart_and_hands_a_freed_slot_to_the_last_row():
     leaving gives its slot to the last row, keys/values and length included; capacity grows."""
     c = SlotCache()
     rows, pos = torch.tensor([7, 7, 7, 8, 8, 9]), torch.tensor([0, 1, 2, 0, 1, 0])
-    kw = c.inputs(rows, pos, torch.float32)
-    assert kw["attention_mask"] is None and kw["dt_step"] is c.step
+    assert c.inputs(rows, pos, torch.float32) == {"attention_mask": None}
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 6, 4, generator=g)  # (1, H_kv, N, d)
     keys, values = c.update(k, v, 0)
+    assert keys.dt_step is c.step  # what the attention function reads
     c.appended(rows)
     assert c.lens == [3, 2, 1] and c.index == {7: 0, 8: 1, 9: 2}
     assert torch.equal(keys[1, :, :2], k[0, :, 3:5]) and torch.equal(values[2, :, 0], v[0, :, 5])

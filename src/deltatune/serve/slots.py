@@ -19,10 +19,12 @@ decode step avoids.  Here a decoding row attends to its own ≤ T columns, as in
 without the padding of rows that finished.
 
 The model runs with ``config._attn_implementation = "deltatune_slots"`` (registered with
-transformers' ``AttentionInterface``) for the step only, and the step's layout reaches the attention
-function as the ``dt_step`` keyword that transformers passes through to it.  A model whose
-attention does not pass keywords through, or calls its cache differently, fails ``_verify`` in
-``batching.py``, which then falls back to ``ragged.py``'s flattened cache and mask.
+transformers' ``AttentionInterface``) for the step only.  The step's layout reaches the attention
+function on the key tensor the cache returned (``keys.dt_step``): model-level keywords would be
+simpler, but not every model passes them on to its attention (GPT-2 in transformers 4.56 does not).
+A model that changes the keys between its cache and its attention, or calls its cache differently,
+fails ``_verify`` in ``batching.py``, which then falls back to ``ragged.py``'s flattened cache and
+4-D mask.
 """
 from __future__ import annotations
 
@@ -87,10 +89,11 @@ class Step:
         return out.unsqueeze(0)
 
 
-def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, dt_step=None, **kwargs):
-    if dt_step is None:  # the model did not pass its keywords on to the attention function
-        raise Unsupported("the model's attention did not receive the step layout (dt_step)")
-    return dt_step.attend(query, key, value, scaling), None
+def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    step = getattr(key, "dt_step", None)  # set by SlotCache.update on the keys it returned
+    if step is None:  # the model changed the keys between its cache and its attention
+        raise Unsupported("the model's attention did not receive the slot cache's keys")
+    return step.attend(query, key, value, scaling), None
 
 
 AttentionInterface.register(ATTN, slot_attention)
@@ -146,7 +149,7 @@ class SlotCache(DynamicCache):
                 self.lens.append(0)
         index = torch.tensor([self.index[r] for r in ids], device=self.device)  # (N,)
         self.step = Step(index, pos, self._groups(ids, pos.tolist()))
-        return {"attention_mask": None, "dt_step": self.step}
+        return {"attention_mask": None}
 
     def _groups(self, ids: list[int], pos: list[int]) -> list[Group]:
         runs: dict[int, list[int]] = {}  # row id -> its token indices in the step
@@ -214,6 +217,7 @@ class SlotCache(DynamicCache):
         k, v = self._layer(layer_idx, key_states, value_states)
         k[st.index, :, st.pos] = key_states[0].transpose(0, 1)  # (N, H_kv, d)
         v[st.index, :, st.pos] = value_states[0].transpose(0, 1)
+        k.dt_step = st  # the attention function finds the step's layout on the keys it is given
         return k, v
 
     def _layer(self, i: int, key_states: torch.Tensor, value_states: torch.Tensor) -> list[torch.Tensor]:
