@@ -129,7 +129,7 @@ class RunningBatch:
             elif budget > 0:  # joining rows in arrival order share the step's prompt budget
                 feed.append((r, r.pending[:budget]))
                 budget -= len(feed[-1][1])
-        self._feed(feed, finished)
+        self._feed(self.cache.ordered(feed), finished)
         self._leave(finished)
         self.events.on_running(self.size)
         return finished

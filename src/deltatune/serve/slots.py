@@ -40,7 +40,8 @@ ATTN = "deltatune_slots"
 class Group:
     """Rows of one step attended in one SDPA call: B slots, L query positions per slot.
 
-    tok (B·L,) index of each query in the flattened step (padding: a copy of some real token),
+    tok (B·L,) index of each query in the flattened step (padding: a copy of some real token; None:
+    the step's tokens are the slots' queries in slot order, one each),
     real (R,) which of the B·L queries are real (None: all), dest (R,) their index in the step,
     slots (B,) the cache slots (None: slots 0..B-1), end (B, L) the columns each query may see."""
 
@@ -76,10 +77,16 @@ class Step:
         if rep * hkv != h:
             raise Unsupported(f"{h} query heads over {hkv} key/value heads")
         q = query[0].transpose(0, 1)  # (N, H, d)
+        if len(self.groups) == 1 and self.groups[0].tok is None:  # every slot decodes, in slot order
+            g = self.groups[0]
+            o = F.scaled_dot_product_attention(q.reshape(n, hkv, rep, d), keys[:n, :, :g.length],
+                                               values[:n, :, :g.length], attn_mask=g.mask(rep), scale=scale)
+            return o.reshape(1, n, h, dv)  # (N, H_kv, rep, d_v) -> (1, N, H, d_v)
         out = query.new_empty(n, h, dv)
         for g in self.groups:
             b, L = g.end.shape
-            qg = q.index_select(0, g.tok).view(b, L, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * L, d)
+            tok = g.tok if g.tok is not None else torch.arange(b, device=q.device)
+            qg = q.index_select(0, tok).view(b, L, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * L, d)
             k, v = (keys[:b], values[:b]) if g.slots is None else (keys.index_select(0, g.slots),
                                                                   values.index_select(0, g.slots))
             o = F.scaled_dot_product_attention(qg, k[:, :, :g.length], v[:, :, :g.length], attn_mask=g.mask(rep),
@@ -131,6 +138,12 @@ class SlotCache(DynamicCache):
     def length(self) -> int:
         return sum(self.lens)
 
+    def ordered(self, feed: list) -> list:
+        """``feed`` ((Row, tokens) pairs) in slot order, rows without a slot last: a step where every
+        slot decodes then attends without gathering queries or scattering outputs."""
+        last = len(self.ids)
+        return sorted(feed, key=lambda f: self.index.get(f[0].slot, last))
+
     def mark(self) -> list[int]:
         return list(self.lens)
 
@@ -180,7 +193,9 @@ class SlotCache(DynamicCache):
         dev = self.device
         if slots is not None and slots == list(range(len(slots))):
             slots = None  # slots 0..B-1: a view of the cache, no gather
-        return Group(torch.tensor(tok, device=dev), None if len(real) == len(tok) else torch.tensor(real, device=dev),
+        in_order = slots is None and len(ends[0]) == 1 and len(real) == len(tok) and tok == list(range(len(tok)))
+        return Group(None if in_order else torch.tensor(tok, device=dev),
+                     None if len(real) == len(tok) else torch.tensor(real, device=dev),
                      torch.tensor(dest, device=dev), None if slots is None else torch.tensor(slots, device=dev),
                      torch.tensor(ends, device=dev))
 
