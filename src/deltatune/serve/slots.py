@@ -50,10 +50,14 @@ class Group:
         self.length = int(end.max())
         self._mask: tuple[int, torch.Tensor] | None = None
 
-    def mask(self, rep: int) -> torch.Tensor:
-        """(B, 1, rep·L, T) bool, True = attend; built by the first layer, kept for the others."""
+    def mask(self, rep: int) -> torch.Tensor | None:
+        """(B, 1, rep·L, T) bool, True = attend; built by the first layer, kept for the others.  None
+        when every query sees every column (one decoding row, or rows of one length)."""
         if self._mask is None or self._mask[0] != rep:
             b, L = self.end.shape
+            if L == 1 and int(self.end.min()) == self.length:
+                self._mask = (rep, None)
+                return None
             m = torch.arange(self.length, device=self.end.device)[None, None, :] < self.end[:, :, None]  # (B, L, T)
             if rep > 1 and L > 1:  # query order in a key head's group: rep-major, then position
                 m = m[:, None].expand(b, rep, L, self.length).reshape(b, 1, rep * L, self.length)
