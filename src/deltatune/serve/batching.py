@@ -10,9 +10,10 @@ step and leave it when done, each with its own adapter, sampling settings, seed 
                                                            a token; rows at EOS / max_new_tokens / a stop
                                                            string / disconnected leave
 
-The step's tokens are flattened into one sequence (1, N) — no padding — with a 4-D mask that keeps
-each row to its own columns, and per-token adapter routing (``mixed`` with a ``per_token`` plan);
-the cache layout is in ``ragged.py``.  Each row's position ids count its own tokens, so a row
+The step's tokens are flattened into one sequence (1, N) — no padding — with per-token adapter
+routing (``mixed`` with a ``per_token`` plan); each row's keys/values sit in a slot of their own
+and attention runs per row (``slots.py``), or, for a model that cannot run that, in one flattened
+cache under a 4-D mask that keeps each row to its own columns (``ragged.py``; ``LAYOUTS``).  Each row's position ids count its own tokens, so a row
 computes what it computes alone.  Tokens are chosen per row exactly as the static path does
 (``engine.RowSampler``: the row's own processors and ``torch.Generator``, then argmax), so a greedy
 or seeded row gives the same tokens whatever it shares steps with.  A long prompt is fed in chunks
