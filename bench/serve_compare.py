@@ -44,6 +44,9 @@ import serve as base  # bench/serve.py: the model, adapters and server process
 
 VOCAB = 4096
 CASES = [("static", "static", True), ("continuous", "continuous", True), ("cont-one", "continuous", False)]
+# --ragged: also the continuous server on the flattened KV cache under a 4-D mask (ragged.py, the layout
+# before per-row slots), 8 adapters, interleaved with the others: the before/after of slots.py
+RAGGED = ("cont-ragged", "continuous-ragged", True)
 
 
 def make_tokenizer(path: str) -> None:
@@ -92,10 +95,32 @@ def one(client, model: str, ids: list[int], new: int) -> tuple[float, float, int
     return (first if first is not None else time.perf_counter() - t0), time.perf_counter() - t0, toks
 
 
-def round_(url: str, mixed: bool, seed: int, a, rate: float | None = None) -> dict:
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of process ``pid`` so far, summed per thread name (Linux /proc;
+    {} elsewhere): the model thread (deltatune-model_0) against the rest (event loop, HTTP)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def round_(url: str, mixed: bool, seed: int, a, rate: float | None = None, pid: int | None = None) -> dict:
     """One round: the closed loop (``rate`` None) or Poisson arrivals at ``rate`` requests/s."""
     import httpx
 
+    cpu0 = thread_cpu(pid) if pid else {}
     rng = random.Random(seed)
     reqs = [([(17 * i + k + seed) % 4000 + 3 for k in range(16)], rng.randint(8, 64)) for i in range(a.requests)]
     model = (lambda i: f"a{i % base.N_ADAPTERS}") if mixed else (lambda i: "a0")
@@ -121,30 +146,41 @@ def round_(url: str, mixed: bool, seed: int, a, rate: float | None = None) -> di
         with concurrent.futures.ThreadPoolExecutor(a.requests) as pool:
             res = [x for part in pool.map(arrival, range(a.requests), at) for x in part]
     wall = time.perf_counter() - t0
+    cpu1 = thread_cpu(pid) if pid else {}
+    model_cpu = sum(v - cpu0.get(k, 0.0) for k, v in cpu1.items() if k.startswith("deltatune-model"))
+    rest_cpu = sum(v - cpu0.get(k, 0.0) for k, v in cpu1.items() if not k.startswith("deltatune-model"))
     return {"tok_s": sum(r[2] for r in res) / wall, "ttft": [r[0] for r in res], "lat": [r[1] for r in res],
-            "tokens": sum(r[2] for r in res)}
+            "tokens": sum(r[2] for r in res), "model_cpu": model_cpu, "rest_cpu": rest_cpu}
 
 
 def report(load: str, results: dict[str, list[dict]]) -> None:
     """The table and the three ratios of one load model (ratios: median of per-repetition ratios)."""
     p50 = statistics.median
     med = {n: {"tok_s": p50(r["tok_s"] for r in rs), "ttft": p50(t for r in rs for t in r["ttft"]),
-               "lat": p50(t for r in rs for t in r["lat"])} for n, rs in results.items()}
-    print(f"\n{load}\n| case | generated tok/s | p50 time to first token (ms) | p50 latency (ms) |")
-    print("|---|---|---|---|")
+               "lat": p50(t for r in rs for t in r["lat"]),
+               "model": p50(1000 * r["model_cpu"] / max(r["tokens"], 1) for r in rs),
+               "rest": p50(1000 * r["rest_cpu"] / max(r["tokens"], 1) for r in rs)} for n, rs in results.items()}
+    print(f"\n{load}\n| case | generated tok/s | p50 time to first token (ms) | p50 latency (ms) "
+          "| CPU ms/token: model thread | other threads |")
+    print("|---|---|---|---|---|---|")
     for n, m in med.items():
-        print(f"| {n} | {m['tok_s']:.1f} | {m['ttft'] * 1000:.0f} | {m['lat'] * 1000:.0f} |")
+        print(f"| {n} | {m['tok_s']:.1f} | {m['ttft'] * 1000:.0f} | {m['lat'] * 1000:.0f} | {m['model']:.2f} "
+              f"| {m['rest']:.2f} |")
     c, s, o = results["continuous"], results["static"], results["cont-one"]
 
     def ratio(xs, ys, f):
         per = [f(x) / f(y) for x, y in zip(xs, ys)]
         return p50(per), ", ".join(f"{r:.2f}" for r in per)
 
-    for label, (xs, ys, f, target) in {
-            "throughput continuous / static": (c, s, lambda r: r["tok_s"], ">= 2"),
-            "p50 TTFT continuous / static": (c, s, lambda r: p50(r["ttft"]), "<= 0.333"),
-            "p50 latency continuous / static": (c, s, lambda r: p50(r["lat"]), "(no target)"),
-            "continuous 8 adapters / one adapter": (c, o, lambda r: r["tok_s"], ">= 0.9")}.items():
+    lines = {"throughput continuous / static": (c, s, lambda r: r["tok_s"], ">= 2"),
+             "p50 TTFT continuous / static": (c, s, lambda r: p50(r["ttft"]), "<= 0.333"),
+             "p50 latency continuous / static": (c, s, lambda r: p50(r["lat"]), "(no target)"),
+             "continuous 8 adapters / one adapter": (c, o, lambda r: r["tok_s"], ">= 0.9")}
+    if "cont-ragged" in results:
+        g = results["cont-ragged"]
+        lines["throughput continuous on the flattened cache / static"] = (g, s, lambda r: r["tok_s"], "(before)")
+        lines["throughput continuous slots / flattened"] = (c, g, lambda r: r["tok_s"], "(no target)")
+    for label, (xs, ys, f, target) in lines.items():
         m, per = ratio(xs, ys, f)
         print(f"{label}: {m:.3f} (reps: {per}; target {target})")
 
@@ -159,10 +195,18 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--window-ms", type=float, default=10.0)
     ap.add_argument("--request-rate", type=float, default=None,
                     help="also run an open loop: Poisson arrivals at this many requests/s (seeded)")
+    ap.add_argument("--ragged", action="store_true",
+                    help="also a continuous server on the flattened 4-D-mask cache (the layout before slots.py)")
     ap.add_argument("--_serve", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    cases = CASES + [RAGGED] if a.ragged else CASES
     if a._serve:
         d, port_file, batching = a._serve
+        if batching == "continuous-ragged":
+            from deltatune.serve import batching as serve_batching
+            from deltatune.serve.ragged import RaggedCache
+
+            serve_batching.LAYOUTS, batching = (RaggedCache,), "continuous"
         return base.serve(d, a.window_ms, port_file, a.threads, 16, batching, load_tokenizer(os.path.join(d, "tok.json")))
     import httpx
 
@@ -174,20 +218,23 @@ def main(argv: list[str]) -> None:
         make_tokenizer(os.path.join(d, "tok.json"))
         procs = {}
         try:
-            for b in ("static", "continuous"):
+            for b in dict.fromkeys(b for _, b, _ in cases):
                 procs[b] = start(d, b, a)
             for _, url in procs.values():  # warm-up: first calls build caches and stacks
                 with httpx.Client(base_url=url, timeout=300) as h:
                     one(h, "a0", list(range(3, 19)), 4)
-            results = {load: {name: [] for name, _, _ in CASES} for load, _ in loads}
+            results = {load: {name: [] for name, _, _ in cases} for load, _ in loads}
             for rep in range(a.reps):
                 for load, rate in loads:
-                    for name, b, mixed in CASES:
-                        r = round_(procs[b][1], mixed, seed=rep, a=a, rate=rate)
+                    for name, b, mixed in cases:
+                        r = round_(procs[b][1], mixed, seed=rep, a=a, rate=rate, pid=procs[b][0].pid)
                         results[load][name].append(r)
+                        per = 1000 / max(r["tokens"], 1)
                         print(f"rep {rep} {load[:6]} {name:>10}: {r['tok_s']:7.1f} tok/s, p50 TTFT "
                               f"{statistics.median(r['ttft']) * 1000:6.0f} ms, p50 latency "
-                              f"{statistics.median(r['lat']) * 1000:6.0f} ms, {r['tokens']} tokens", flush=True)
+                              f"{statistics.median(r['lat']) * 1000:6.0f} ms, {r['tokens']} tokens, CPU ms/token: "
+                              f"model thread {r['model_cpu'] * per:.2f}, other threads {r['rest_cpu'] * per:.2f}",
+                              flush=True)
         finally:
             for p, _ in procs.values():
                 p.terminate()

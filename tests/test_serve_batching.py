@@ -17,6 +17,7 @@ import deltatune as dt
 from conftest import tiny_gpt2, tiny_llama
 from deltatune.serve import batching as serve_batching
 from deltatune.serve.ragged import RaggedCache, cache_kv, make_cache
+from deltatune.serve.slots import SlotCache
 from deltatune.serve.engine import Engine, EngineConfig, Job, Sampling
 
 EOS = 2
@@ -180,8 +181,12 @@ SEEDED = [Sampling(), Sampling(temperature=1.0, seed=7), Sampling(temperature=0.
           Sampling(temperature=1.3, top_p=0.8, seed=3)]
 
 
+@pytest.mark.parametrize("layout", [SlotCache, RaggedCache], ids=["slots", "ragged"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_mixed_adapters_and_seeds_joining_at_different_steps_equal_lone_runs(make):
+def test_mixed_adapters_and_seeds_joining_at_different_steps_equal_lone_runs(make, layout, monkeypatch):
+    """Both KV layouts (per-row slots, and the flattened fallback); rows of 4-13 tokens leave at
+    different steps, so slots are handed on (SlotCache.keep) while others decode."""
+    monkeypatch.setattr(serve_batching, "LAYOUTS", (layout,))
     model = model_with_adapters(make, prompt_adapter=make is tiny_llama)
     names = ["a", "b", None, "d", "a", "p" if make is tiny_llama else "b", "c", "d", "a", "d"]
     plan = []
@@ -190,6 +195,7 @@ def test_mixed_adapters_and_seeds_joining_at_different_steps_equal_lone_runs(mak
         plan.append((0.004 * i, Job("generate", name, prompt(i), max_new_tokens=4 + 3 * (i % 4), sampling=s)))
     engine = Engine(model, None, EngineConfig(window_ms=1, max_batch=4))
     out = run(engine, plan)
+    assert type(engine.running.cache) is layout
     for job, _ in out:
         assert job.error is None, job.error
         assert job.result["output_ids"] == lone(model, job.adapter, job.ids, job.max_new_tokens, job.sampling), \
@@ -289,6 +295,7 @@ def test_model_without_a_spliceable_cache_falls_back_to_static(monkeypatch):
         raise serve_batching.Unsupported("test")
 
     monkeypatch.setattr(serve_batching, "cache_kv", refuse)
+    monkeypatch.setattr(serve_batching, "LAYOUTS", (RaggedCache,))
     model = model_with_adapters()
     engine = Engine(model, None, EngineConfig(window_ms=1))
     jobs = [Job("generate", n, prompt(i), max_new_tokens=4) for i, n in enumerate(["a", None])]
@@ -316,3 +323,51 @@ def test_row_plan_reused_for_other_rows_of_the_same_adapters_routes_them_right()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(dt.DeltaError, match="with_rows needs the same adapters"):
         plan.with_rows(["a", None])
+
+
+@pytest.mark.parametrize("wrong", ["raises", "silent"])
+def test_attention_that_never_sees_the_slot_layout_falls_back_to_the_flattened_cache(monkeypatch, wrong):
+    """A model whose attention ignores the step layout fails _verify for SlotCache, whether that
+    raises (plain SDPA on the slot tensors: batch sizes differ) or silently computes something else
+    (zeros of the right shape); the flattened RaggedCache serves instead, rows equal lone runs."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from deltatune.serve.slots import ATTN
+
+    def silent(module, query, *a, **k):
+        return torch.zeros_like(query).transpose(1, 2), None  # (1, N, H, d)
+
+    fake = silent if wrong == "silent" else sdpa_attention_forward
+    monkeypatch.setitem(AttentionInterface._global_mapping, ATTN, fake)
+    model = model_with_adapters()
+    engine = Engine(model, None, EngineConfig(window_ms=1))
+    jobs = [Job("generate", n, prompt(i), max_new_tokens=5) for i, n in enumerate(["a", "d", None])]
+    out = run(engine, [(0.0, j) for j in jobs])
+    assert type(engine.running.cache) is RaggedCache
+    for job, _ in out:
+        assert job.result["output_ids"] == lone(model, job.adapter, job.ids, 5)
+
+
+def test_slot_cache_writes_rows_apart_and_hands_a_freed_slot_to_the_last_row():
+    """SlotCache (slots.py): a step writes each token at [its row's slot, its position]; a row
+    leaving gives its slot to the last row, keys/values and length included; capacity grows."""
+    c = SlotCache()
+    rows, pos = torch.tensor([7, 7, 7, 8, 8, 9]), torch.tensor([0, 1, 2, 0, 1, 0])
+    assert c.inputs(rows, pos, torch.float32) == {"attention_mask": None}
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 6, 4, generator=g)  # (1, H_kv, N, d)
+    keys, values = c.update(k, v, 0)
+    assert keys.dt_step is c.step  # what the attention function reads
+    c.appended(rows)
+    assert c.lens == [3, 2, 1] and c.index == {7: 0, 8: 1, 9: 2}
+    assert torch.equal(keys[1, :, :2], k[0, :, 3:5]) and torch.equal(values[2, :, 0], v[0, :, 5])
+    c.keep([8, 9])  # row 7 leaves: row 9 (the last slot) moves into slot 0
+    assert c.ids == [9, 8] and c.lens == [1, 2] and c.index == {9: 0, 8: 1}
+    keys = c.kv[0][0]
+    assert torch.equal(keys[0, :, 0], k[0, :, 5]) and torch.equal(keys[1, :, :2], k[0, :, 3:5])
+    c.inputs(torch.tensor([8] * 70), torch.arange(2, 72), torch.float32)  # row 8 grows past 64 columns
+    keys, _ = c.update(torch.ones(1, 2, 70, 4), torch.ones(1, 2, 70, 4), 0)
+    assert keys.shape[2] >= 72 and torch.equal(keys[1, :, :2], k[0, :, 3:5]) and bool((keys[1, :, 2:72] == 1).all())
+    c.keep([])
+    assert c.ids == [] and c.kv == []

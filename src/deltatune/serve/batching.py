@@ -10,9 +10,10 @@ step and leave it when done, each with its own adapter, sampling settings, seed 
                                                            a token; rows at EOS / max_new_tokens / a stop
                                                            string / disconnected leave
 
-The step's tokens are flattened into one sequence (1, N) — no padding — with a 4-D mask that keeps
-each row to its own columns, and per-token adapter routing (``mixed`` with a ``per_token`` plan);
-the cache layout is in ``ragged.py``.  Each row's position ids count its own tokens, so a row
+The step's tokens are flattened into one sequence (1, N) — no padding — with per-token adapter
+routing (``mixed`` with a ``per_token`` plan); each row's keys/values sit in a slot of their own
+and attention runs per row (``slots.py``), or, for a model that cannot run that, in one flattened
+cache under a 4-D mask that keeps each row to its own columns (``ragged.py``; ``LAYOUTS``).  Each row's position ids count its own tokens, so a row
 computes what it computes alone.  Tokens are chosen per row exactly as the static path does
 (``engine.RowSampler``: the row's own processors and ``torch.Generator``, then argmax), so a greedy
 or seeded row gives the same tokens whatever it shares steps with.  A long prompt is fed in chunks
@@ -46,10 +47,14 @@ from ..core.delta import get_state
 from ..methods._hf_compat import cache_kwarg, output_cache
 from ..mixed import mixed, row_plan
 from .ragged import RaggedCache, Unsupported, cache_kv
+from .slots import SlotCache
 from .stream import EngineEvents, LogprobTap
 
 log = logging.getLogger("deltatune.serve")
 ACTIVATE_AFTER = 8  # steps of one adapter alone before it is activated (activate walks every layer)
+# KV layouts in order of preference, the first that passes _verify serves: per-row slots with per-row
+# attention (slots.py), else one flattened cache under a 4-D mask (ragged.py), else static batches
+LAYOUTS = (SlotCache, RaggedCache)
 
 
 @dataclass
@@ -98,7 +103,7 @@ class RunningBatch:
             raise Unsupported("sliding-window attention (a 4-D mask would let rows see past their window)")
         p = next(self.model.parameters())
         self.dtype = p.dtype if p.is_floating_point() else torch.float32
-        self.cache = RaggedCache(p.device)
+        self.cache = LAYOUTS[0](p.device)
 
     @property
     def size(self) -> int:
@@ -125,7 +130,7 @@ class RunningBatch:
             elif budget > 0:  # joining rows in arrival order share the step's prompt budget
                 feed.append((r, r.pending[:budget]))
                 budget -= len(feed[-1][1])
-        self._feed(feed, finished)
+        self._feed(self.cache.ordered(feed), finished)
         self._leave(finished)
         self.events.on_running(self.size)
         return finished
@@ -145,13 +150,13 @@ class RunningBatch:
         if the forward raises, each row runs alone so only a row failing by itself gets the error."""
         if not feed:
             return
-        length = self.cache.length
+        mark = self.cache.mark()
         try:
             logits = self._forward(feed)  # (R, V) float32
         except Unsupported:
             raise
         except Exception as e:  # noqa: BLE001 - isolated below, reported per row
-            self.cache.truncate(length)
+            self.cache.rollback(mark)
             if len(feed) == 1:
                 feed[0][0].job.error = self.engine._error(e)
                 return
@@ -177,11 +182,12 @@ class RunningBatch:
         pos = torch.tensor([[r.pos + i for r, toks in feed for i in range(len(toks))]], device=dev)  # (1, N)
         slots = torch.tensor([r.slot for r, toks in feed for _ in toks], device=dev)  # (N,)
         last = torch.tensor([len(toks) for _, toks in feed], device=dev).cumsum(0) - 1  # (R,)
-        kw = {"input_ids": ids, "position_ids": pos, "attention_mask": self.cache.mask(slots, self.dtype),
-              "use_cache": True, self.key: self.cache.cache}
+        kw = {"input_ids": ids, "position_ids": pos, "use_cache": True, self.key: self.cache.cache,
+              **self.cache.inputs(slots, pos[0], self.dtype)}
         if self.keep_arg:
             kw["logits_to_keep"] = last
-        with route if route is not None else self._route([r.job.adapter for r, toks in feed for _ in toks]):
+        with route if route is not None else self._route([r.job.adapter for r, toks in feed for _ in toks]), \
+                attention(self.model, self.cache.attn):
             out = self.model(**kw)
         cache = output_cache(out)
         if cache is not None and cache is not self.cache.cache:
@@ -191,28 +197,30 @@ class RunningBatch:
         return (logits if self.keep_arg else logits.index_select(0, last)).float()
 
     def _verify(self) -> None:
-        """Before any row takes a token: does the model honour the 4-D mask (a model that ignored it
-        would let rows read each other) and keep a spliceable cache?  Two short prompts run
-        flattened must give their separate runs' logits."""
-        saved, self.cache = self.cache, RaggedCache(self.cache.device)
-        a, b = Row(None, None, None, 0.0, slot=-1), Row(None, None, None, 0.0, slot=-2)
+        """Before any row takes a token: which KV layout (``LAYOUTS``) does the model run right?  Two
+        short prompts run flattened must give their separate runs' logits (a model that ignored the
+        mask, or whose attention never saw the step's layout, would mix the rows)."""
+        saved, errors = self.cache, []
         vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", None) or 64)
         ids_a, ids_b = [t % vocab for t in (3, 5, 7, 11)], [t % vocab for t in (13, 17, 19)]
-        try:
-            with disabled(self.model):  # the bare base, whatever the real steps route
-                both = self._forward([(a, ids_a), (b, ids_b)], route=contextlib.nullcontext())
-                cache_kv(self.cache.cache)
-                alone = [self._alone(ids) for ids in (ids_a, ids_b)]
-        except Unsupported:
-            raise
-        except Exception as e:  # noqa: BLE001 - a model that cannot take the ragged inputs at all
-            raise Unsupported(f"a ragged forward raised {type(e).__name__}: {e}") from e
-        finally:
-            self.cache = saved
-        want = torch.cat(alone)
-        if not torch.allclose(both, want, rtol=1e-3, atol=1e-3 * float(want.abs().max().clamp(min=1))):
-            raise Unsupported("the model does not keep rows apart under a 4-D attention mask")
-        self.verified = True
+        for layout in LAYOUTS:
+            a, b = Row(None, None, None, 0.0, slot=-1), Row(None, None, None, 0.0, slot=-2)
+            self.cache = layout(saved.device)
+            try:
+                with disabled(self.model):  # the bare base, whatever the real steps route
+                    both = self._forward([(a, ids_a), (b, ids_b)], route=contextlib.nullcontext())
+                    if layout is RaggedCache:
+                        cache_kv(self.cache.cache)
+                    alone = torch.cat([self._alone(ids) for ids in (ids_a, ids_b)])
+            except Exception as e:  # noqa: BLE001 - a model that cannot take this layout's inputs at all
+                errors.append(f"{layout.__name__}: {type(e).__name__}: {e}")
+                continue
+            if torch.allclose(both, alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max().clamp(min=1))):
+                self.cache, self.verified = layout(saved.device), True
+                return
+            errors.append(f"{layout.__name__}: the model does not keep rows apart")
+        self.cache = saved
+        raise Unsupported("; ".join(errors))
 
     def _alone(self, ids: list[int]) -> torch.Tensor:
         out = self.model(input_ids=torch.tensor([ids], device=self.cache.device), use_cache=False)
@@ -312,4 +320,19 @@ class RunningBatch:
             self.cache.keep([r.slot for r in keep])
 
 
-__all__ = ["Row", "RunningBatch", "Unsupported"]
+@contextlib.contextmanager
+def attention(model, name: str | None):
+    """Run ``model`` with attention implementation ``name`` (None: its own) for one forward."""
+    cfg = getattr(model, "config", None)
+    prev = getattr(cfg, "_attn_implementation", None)
+    if name is None or cfg is None or prev == name:
+        yield
+        return
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = prev
+
+
+__all__ = ["LAYOUTS", "Row", "RunningBatch", "Unsupported", "attention"]

@@ -56,6 +56,8 @@ def make_cache(kv: KV):
 class RaggedCache:
     """The running rows' keys/values and the slot (row id) of every column."""
 
+    attn = None  # the model's own attention implementation, fed the 4-D mask
+
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.reset()
@@ -67,6 +69,19 @@ class RaggedCache:
     @property
     def length(self) -> int:
         return int(self.owner.numel())
+
+    def ordered(self, feed: list) -> list:
+        return feed
+
+    def mark(self) -> int:
+        return self.length
+
+    def rollback(self, mark: int) -> None:
+        self.truncate(mark)
+
+    def inputs(self, slots: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> dict:
+        """Model keywords for new tokens of rows ``slots`` (N,) at positions ``pos`` (N,)."""
+        return {"attention_mask": self.mask(slots, dtype)}
 
     def mask(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask (1, 1, N, S + N) of N new tokens whose rows are ``slots`` (N,), each
