@@ -63,7 +63,9 @@ def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
             "forgetting": fg.get("value"), "forgetting_kind": fg.get("kind"),
             "trainable_percent": m["trainable_percent"], "trainable": m["trainable_params"],
             "lr": m["lr"], "steps": m["steps"], "train_rows": m["train_rows"], "val_rows": m["val_rows"],
-            "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat()}
+            "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat(),
+            "head_lr": (m.get("train_config") or {}).get("head_lr"), "cpu": cpu_model(),
+            "load_avg": round(os.getloadavg()[0], 2)}
 
 
 def run_one(task, method: str, data: tuple[Path, Path], work: Path) -> dict:

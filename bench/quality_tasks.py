@@ -167,4 +167,10 @@ METHODS = {
 # candidates measured before any becomes a default (docs/cli.md): not in the table's method columns
 CANDIDATES = {
     "lora-lpft": ["--method", "lora", "--head-warmup", "0.25"],  # LP-FT: the new head alone for 10 of 40 steps
+    # the fresh head at its own rate max(lr, HEAD) for the whole run (train/head_warmup.py, docs/cli.md)
+    "full-head1e-3": ["--method", "full", "--head-lr", "1e-3"],
+    "full-head1e-2": ["--method", "full", "--head-lr", "1e-2"],
+    "lora-head1e-2": ["--method", "lora", "--head-lr", "1e-2"],
+    "lora-head0": ["--method", "lora", "--head-lr", "0"],  # the head at the method's lr, as before head_lr
+    "full-head0": ["--method", "full", "--head-lr", "0"],
 }
