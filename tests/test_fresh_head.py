@@ -78,3 +78,66 @@ def test_adapter_round_trip_keeps_the_body(mobilenet_like, tmp_path):
     dt.save(model, tmp_path / "ad")
     again = dt.load(mobilenet_like(), tmp_path / "ad").eval()
     torch.testing.assert_close(again(pixel_values=x).logits, want)
+
+
+# --------------------------------------------------------------------------- the head's own rate
+# TrainConfig.head_lr (train/head_warmup.head_groups): the fresh head trains at max(lr, head_lr),
+# every method alike; the body keeps the method's lr; models without a fresh head get one group.
+
+def _groups(model, **cfg):
+    from deltatune.train.trainer import TrainConfig, Trainer
+
+    feats = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 4
+    opt, _ = Trainer(model, feats, TrainConfig(max_steps=1, progress=False, compile="off", **cfg))._optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(g["lr"], sorted(names[id(p)] for p in g["params"])) for g in opt.param_groups]
+
+
+def _full(model):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "bitfit"])
+def test_head_trains_at_its_own_rate(method):
+    from conftest import tiny_bert_cls
+
+    model = _full(tiny_bert_cls()) if method == "full" else dt.attach(tiny_bert_cls(), method)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    (body_lr, body), (head_lr, head) = _groups(model, lr=5e-5, head_lr=1e-3)
+    assert (body_lr, head_lr) == (5e-5, 1e-3)
+    assert [n.rsplit(".", 1)[-1] for n in head] == ["bias", "weight"]
+    assert all(n.startswith("classifier.") for n in head)
+    assert len(body) + len(head) == n_trainable and not any(n.startswith("classifier.") for n in body)
+
+
+def test_head_never_slower_than_the_method_and_off_at_zero():
+    from conftest import tiny_bert_cls
+
+    model = dt.attach(tiny_bert_cls(), "lora")
+    assert [lr for lr, _ in _groups(model, lr=3e-2, head_lr=1e-3)] == [3e-2]  # e.g. prompt tuning's 3e-2
+    assert [lr for lr, _ in _groups(model, lr=1e-4, head_lr=0.0)] == [1e-4]  # 0: the head at the method's lr
+    assert [lr for lr, _ in _groups(model, lr=1e-4)] == [1e-4, 1e-3]  # the default floor
+
+
+def test_causal_lm_has_no_fresh_head_and_one_group():
+    from conftest import tiny_gpt2
+
+    model = dt.attach(tiny_gpt2(), "lora")
+    assert [lr for lr, _ in _groups(model, lr=1e-4, head_lr=1e-2)] == [1e-4]
+
+
+def test_head_lr_flag_reaches_the_trainer(tmp_path):
+    import json
+
+    from cli_fixtures import run_cli, spam_rows, tiny_bert_dir, write_csv
+
+    bert = tiny_bert_dir(tmp_path / "bert")
+    data = write_csv(tmp_path / "spam.csv", spam_rows(32))
+    run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "run", "--max-steps", 2,
+            "--batch-size", 8, "--head-lr", 0.02, "--no-progress", "--json")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["train_config"]["head_lr"] == 0.02
+    r = run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "bad", "--head-lr", -1, ok=False)
+    assert r.exit_code != 0 and "head_lr" in r.output
