@@ -225,8 +225,8 @@ def modules_to_save_paths(model: nn.Module, mts: list[str] | str | None) -> list
         return auto_modules_to_save(model)
     if isinstance(mts, str):  # one module name, as peft accepts it
         mts = [mts]
-    paths = {p for p, _ in iter_base_modules(model) if p}
+    paths = [p for p, _ in iter_base_modules(model) if p]
     exact = [m for m in mts if m in paths]
-    rest = [m for m in mts if m not in paths]
-    found = exact + (find_targets(model, rest) if rest else [])
-    return list(dict.fromkeys(found))
+    rest = [m for m in mts if m not in paths]  # peft lists e.g. "score" for every SEQ_CLS model: may match nothing
+    found = list(dict.fromkeys(exact + [p for p in paths if rest and matches(p, rest)]))
+    return found or find_targets(model, list(mts))  # nothing at all: find_targets' error names the closest
