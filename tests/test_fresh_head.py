@@ -118,7 +118,7 @@ def test_head_never_slower_than_the_method_and_off_at_zero():
     model = dt.attach(tiny_bert_cls(), "lora")
     assert [lr for lr, _ in _groups(model, lr=3e-2, head_lr=1e-3)] == [3e-2]  # e.g. prompt tuning's 3e-2
     assert [lr for lr, _ in _groups(model, lr=1e-4, head_lr=0.0)] == [1e-4]  # 0: the head at the method's lr
-    assert [lr for lr, _ in _groups(model, lr=1e-4)] == [1e-4, 1e-3]  # the default floor
+    assert [lr for lr, _ in _groups(model, lr=1e-4)] == [1e-4, 1e-2]  # the default floor
 
 
 def test_causal_lm_has_no_fresh_head_and_one_group():

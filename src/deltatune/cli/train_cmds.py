@@ -78,7 +78,7 @@ def train(
     head_warmup: Optional[float] = typer.Option(None, help="LP-FT: share of steps that train only a new "
                                                 "classification head before the method (default 0)."),
     head_lr: Optional[float] = typer.Option(None, help="A new classification head trains at max(--lr, this) "
-                                            "(default 1e-3; 0 = at --lr like the method)."),
+                                            "(default 1e-2; 0 = at --lr like the method)."),
     schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant (default linear)."),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (default 1.0; 0 = off)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0)."),

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.targets import auto_modules_to_save
 
-HEAD_LR = 1e-3  # TrainConfig.head_lr's default: see the module docstring and docs/cli.md for the measurements
+HEAD_LR = 1e-2  # TrainConfig.head_lr's default: see the module docstring and docs/cli.md for the measurements
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
