@@ -205,7 +205,7 @@ def auto_modules_to_save(model: nn.Module) -> list[str]:
     ``score``, RoBERTa's ``classifier.dense/out_proj`` container, DistilBERT's ``pre_classifier``),
     never inside it.  A module deeper down with such a name belongs to the pretrained network
     (torchvision's mobilenet_v3 ``net.classifier`` Sequential keeps its pretrained Linear(576, 1024)
-    once its last layer became the wrapper's head) and is adapted like the rest of the body."""
+    once its last layer became the wrapper's head) and is left to the method like the rest of the body."""
     if task_of(model) not in CLASSIFIER_TASKS:
         return []
     # peft matches modules_to_save by plain string suffix, so ["classifier"] also takes

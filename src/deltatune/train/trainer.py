@@ -124,8 +124,8 @@ class TrainConfig:
             "epochs": self.epochs > 0, "max_steps": self.max_steps is None or self.max_steps >= 1,
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "schedule": self.schedule in SCHEDULES,
             "precision": self.precision in ("fp32", "bf16"), "parallel": self.parallel in ("ddp", "fsdp"),
-            "compile": self.compile in ("auto", "on", "off"), "head_warmup": 0 <= self.head_warmup < 1, "head_lr": self.head_lr >= 0,
-            "eval_every": self.eval_every is None or self.eval_every >= 1,
+            "compile": self.compile in ("auto", "on", "off"), "head_warmup": 0 <= self.head_warmup < 1,
+            "eval_every": self.eval_every is None or self.eval_every >= 1, "head_lr": self.head_lr >= 0,
             "save_every": self.save_every is None or self.save_every >= 1,
             # torch, random and numpy are all seeded with it; numpy takes 0 <= seed < 2**32
             "seed": isinstance(self.seed, int) and 0 <= self.seed < 2**32,
