@@ -176,5 +176,6 @@ CANDIDATES = {
     # head: the LoRA paper's RoBERTa-base GLUE rates (4e-4..5e-4) and peft/QLoRA's usual 2e-4
     "lora5e-4-head1e-2": ["--method", "lora", "--lr", "5e-4", "--head-lr", "1e-2"],
     "lora2e-4-head1e-2": ["--method", "lora", "--lr", "2e-4", "--head-lr", "1e-2"],
+    "lora7e-4-head1e-2": ["--method", "lora", "--lr", "7e-4", "--head-lr", "1e-2"],
     "full-head0": ["--method", "full", "--head-lr", "0"],
 }
