@@ -177,5 +177,6 @@ CANDIDATES = {
     "lora5e-4-head1e-2": ["--method", "lora", "--lr", "5e-4", "--head-lr", "1e-2"],
     "lora2e-4-head1e-2": ["--method", "lora", "--lr", "2e-4", "--head-lr", "1e-2"],
     "lora7e-4-head1e-2": ["--method", "lora", "--lr", "7e-4", "--head-lr", "1e-2"],
+    "lora6e-4-head1e-2": ["--method", "lora", "--lr", "6e-4", "--head-lr", "1e-2"],
     "full-head0": ["--method", "full", "--head-lr", "0"],
 }
