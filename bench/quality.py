@@ -42,8 +42,11 @@ SECTION = "## Quality: the CLI's defaults on real tasks (issue 19)"
 NOTES = ("Defaults changed since the first rows (docs/cli.md): LoRA's rank on convolutions is capped at 1.5 % of "
          "each conv's weights; the MNIST LoRA cell was re-run with it (0.792 → 0.766 accuracy, 5.46 → 1.52 % "
          "trainable, forgetting 0.060 → 0.015), MNIST DoRA was first run after it; no other cell uses LoRA on a "
-         "conv.  MNIST prompt tuning is a refusal (no token embeddings in a CNN), not a failure.  Candidate "
-         "defaults are measured beside the table and are not defaults.")
+         "conv.  Since 2026-12-02 13:00 UTC a fresh classification head trains at max(method lr, 1e-2) "
+         "(`--head-lr`, docs/cli.md); rows measured with it carry `head_lr` and `cpu` in quality.jsonl, rows "
+         "without `head_lr` predate it (their head trained at the method's lr).  MNIST prompt tuning is a refusal "
+         "(no token embeddings in a CNN), not a failure.  Candidate defaults are measured beside the table and "
+         "are not defaults.")
 
 
 # --------------------------------------------------------------------------- running
@@ -63,7 +66,9 @@ def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
             "forgetting": fg.get("value"), "forgetting_kind": fg.get("kind"),
             "trainable_percent": m["trainable_percent"], "trainable": m["trainable_params"],
             "lr": m["lr"], "steps": m["steps"], "train_rows": m["train_rows"], "val_rows": m["val_rows"],
-            "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat()}
+            "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat(),
+            "head_lr": (m.get("train_config") or {}).get("head_lr"), "cpu": cpu_model(),
+            "load_avg": round(os.getloadavg()[0], 2)}
 
 
 def run_one(task, method: str, data: tuple[Path, Path], work: Path) -> dict:

@@ -167,4 +167,16 @@ METHODS = {
 # candidates measured before any becomes a default (docs/cli.md): not in the table's method columns
 CANDIDATES = {
     "lora-lpft": ["--method", "lora", "--head-warmup", "0.25"],  # LP-FT: the new head alone for 10 of 40 steps
+    # the fresh head at its own rate max(lr, HEAD) for the whole run (train/head_warmup.py, docs/cli.md)
+    "full-head1e-3": ["--method", "full", "--head-lr", "1e-3"],
+    "full-head1e-2": ["--method", "full", "--head-lr", "1e-2"],
+    "lora-head1e-2": ["--method", "lora", "--head-lr", "1e-2"],
+    "lora-head0": ["--method", "lora", "--head-lr", "0"],  # the head at the method's lr, as before head_lr
+    # with the head at its own rate, LoRA's 1e-3 (chosen for the random head) is no longer needed for the
+    # head: the LoRA paper's RoBERTa-base GLUE rates (4e-4..5e-4) and peft/QLoRA's usual 2e-4
+    "lora5e-4-head1e-2": ["--method", "lora", "--lr", "5e-4", "--head-lr", "1e-2"],
+    "lora2e-4-head1e-2": ["--method", "lora", "--lr", "2e-4", "--head-lr", "1e-2"],
+    "lora7e-4-head1e-2": ["--method", "lora", "--lr", "7e-4", "--head-lr", "1e-2"],
+    "lora6e-4-head1e-2": ["--method", "lora", "--lr", "6e-4", "--head-lr", "1e-2"],
+    "full-head0": ["--method", "full", "--head-lr", "0"],
 }

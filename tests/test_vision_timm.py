@@ -119,3 +119,16 @@ def test_loader_unit_tests_run_in_the_site(vision_site):  # noqa: F811
     p = sh(vision_site, PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_vision_classifier.py"),
            "-k", "timm_tiny_resnet or torchvision_tiny_resnet", "-rs", ok=False)
     assert p.returncode == 0 and "2 passed" in p.stdout and "skipped" not in p.stdout, p.stdout[-1500:]
+
+
+def test_torchvision_mobilenet_v3_inner_classifier_is_body(vision_site):  # noqa: F811
+    """mobilenet_v3_small's ``classifier`` Sequential keeps its pretrained Linear(576, 1024) once the
+    wrapper replaced its last Linear: only the wrapper's head trains in full (was 28.65 % with LoRA)."""
+    code = ("import deltatune as dt; from deltatune.vision.classifier import load_vision_model as L; "
+            "from deltatune.core.targets import auto_modules_to_save as A; "
+            "m = L('torchvision:mobilenet_v3_small', [str(i) for i in range(10)])[0]; print(A(m)); "
+            "m = dt.attach(m, 'lora'); t = sum(p.numel() for p in m.parameters() if p.requires_grad); "
+            "print(100 * t / sum(p.numel() for p in m.parameters()))")
+    heads, pct = sh(vision_site, PYTHON, "-c", code).stdout.strip().splitlines()[-2:]
+    assert heads == "['classifier']"
+    assert float(pct) < 2.0, pct

@@ -21,7 +21,7 @@ from .core.delta import (AdapterRecord, CopyDelta, DeltaConfig, DeltaError, Delt
                          get_state, iter_delta_layers, merged_names, unwrap, wrap)
 from .core.method import cast_adapter_dtype, method_of
 from .core.adapters import adapter_tensors, base_at, refresh
-from .core.targets import auto_modules_to_save, find_targets
+from .core.targets import modules_to_save_paths
 from .methods._compose import check_merge, merge_order
 from .safety import describe, first_nonfinite
 
@@ -72,17 +72,13 @@ def attach(model: nn.Module, method: str | DeltaConfig = "lora", config: DeltaCo
         for p in model.parameters():
             p.requires_grad_(False)
         m.attach(model, cfg, name, st)
-        mts = cfg.modules_to_save
-        if mts == "auto":
-            mts = auto_modules_to_save(model)
-        if mts:
-            for path in find_targets(model, [mts] if isinstance(mts, str) else list(mts)):
-                inner = [p for p, layer in iter_delta_layers(model)
-                         if p.startswith(path + ".") and name in layer.deltas]
-                if inner:  # the copy would hold this adapter's own wrappers and train twice
-                    raise DeltaError(f"targets include {inner[0]!r}, inside {path!r}, which modules_to_save already "
-                                     f"trains in full; exclude it (exclude=[{path!r}]) or pass modules_to_save=None")
-                wrap(model, path, st).deltas[name] = CopyDelta(base_at(model, path))
+        for path in modules_to_save_paths(model, cfg.modules_to_save):
+            inner = [p for p, layer in iter_delta_layers(model)
+                     if p.startswith(path + ".") and name in layer.deltas]
+            if inner:  # the copy would hold this adapter's own wrappers and train twice
+                raise DeltaError(f"targets include {inner[0]!r}, inside {path!r}, which modules_to_save already "
+                                 f"trains in full; exclude it (exclude=[{path!r}]) or pass modules_to_save=None")
+            wrap(model, path, st).deltas[name] = CopyDelta(base_at(model, path))
         cast_adapter_dtype(model, name, cfg.autocast_adapter_dtype)  # one dtype rule for every method
     except BaseException:  # leave the model exactly as it was
         _remove(model, name)

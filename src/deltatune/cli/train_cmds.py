@@ -20,7 +20,7 @@ from .options import (FORMAT_HELP, CalibrateOpt, ConfigOpt, JsonOpt, Out, Packin
 # output ones (--json, --config) and --opt is a RunOptions field of the same name
 TRAIN_FLAGS = ("epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "schedule", "max_grad_norm",
                "weight_decay", "seed", "eval_every", "save_every", "early_stopping", "gradient_checkpointing",
-               "precision", "compile", "progress", "head_warmup")
+               "precision", "compile", "progress", "head_warmup", "head_lr")
 
 
 def _run_options(ctx: typer.Context) -> RunOptions:
@@ -77,6 +77,8 @@ def train(
     warmup_ratio: Optional[float] = typer.Option(None, help="Warmup share of steps (default 0.06)."),
     head_warmup: Optional[float] = typer.Option(None, help="LP-FT: share of steps that train only a new "
                                                 "classification head before the method (default 0)."),
+    head_lr: Optional[float] = typer.Option(None, help="A new classification head trains at max(--lr, this) "
+                                            "(default 1e-2; 0 = at --lr like the method)."),
     schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant (default linear)."),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (default 1.0; 0 = off)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0)."),

@@ -198,11 +198,35 @@ def no_match_message(model: nn.Module, targets, types=None) -> str:
 
 def auto_modules_to_save(model: nn.Module) -> list[str]:
     """The classification head of a transformers ``*For...Classification`` model (its weights are
-    freshly initialised, so it must train in full), else nothing."""
+    freshly initialised, so it must train in full), else nothing.
+
+    Only direct children of the model count: transformers' task models and the vision wrapper
+    (vision/classifier.py) add the fresh head next to the pretrained body (``classifier``,
+    ``score``, RoBERTa's ``classifier.dense/out_proj`` container, DistilBERT's ``pre_classifier``),
+    never inside it.  A module deeper down with such a name belongs to the pretrained network
+    (torchvision's mobilenet_v3 ``net.classifier`` Sequential keeps its pretrained Linear(576, 1024)
+    once its last layer became the wrapper's head) and is left to the method like the rest of the body."""
     if task_of(model) not in CLASSIFIER_TASKS:
         return []
     # peft matches modules_to_save by plain string suffix, so ["classifier"] also takes
     # DistilBERT's "pre_classifier": train every such module in full, as peft will when it loads
     # the file (LoRA inside one of them would make the file unloadable by peft)
-    found = [p for p, _ in iter_base_modules(model) if p and p.endswith(CLASSIFIER_HEADS)]
-    return [p for p in found if not any(p.startswith(q + ".") for q in found)]
+    return [p for p, _ in iter_base_modules(model) if p and "." not in p and p.endswith(CLASSIFIER_HEADS)]
+
+
+def modules_to_save_paths(model: nn.Module, mts: list[str] | str | None) -> list[str]:
+    """The module paths that ``modules_to_save`` trains in full.  ``"auto"``: exactly the fresh
+    head (:func:`auto_modules_to_save`).  A list: an entry that is a module's full path means that
+    module only (a saved file lists full paths, and re-matching ``classifier`` as a suffix would
+    also take a pretrained ``net.classifier``); any other entry suffix-matches as peft does."""
+    if not mts:
+        return []
+    if mts == "auto":
+        return auto_modules_to_save(model)
+    if isinstance(mts, str):  # one module name, as peft accepts it
+        mts = [mts]
+    paths = [p for p, _ in iter_base_modules(model) if p]
+    exact = [m for m in mts if m in paths]
+    rest = [m for m in mts if m not in paths]  # peft lists e.g. "score" for every SEQ_CLS model: may match nothing
+    found = list(dict.fromkeys(exact + [p for p in paths if rest and matches(p, rest)]))
+    return found or find_targets(model, list(mts))  # nothing at all: find_targets' error names the closest

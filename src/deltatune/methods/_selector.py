@@ -39,7 +39,7 @@ from torch import nn
 from ..core import model_state
 from ..core.delta import DeltaError, get_state, iter_base_modules
 from ..core.method import Method
-from ..core.targets import auto_modules_to_save, find_targets, matches
+from ..core.targets import find_targets, matches, modules_to_save_paths
 
 
 
@@ -196,10 +196,7 @@ def candidate_modules(model: nn.Module, cfg) -> list[tuple[str, nn.Module]]:
         mods = [(p, m) for p, m in mods if p in keep]
     elif cfg.exclude is not None:
         mods = [(p, m) for p, m in mods if not matches(p, cfg.exclude)]
-    mts = cfg.modules_to_save
-    if mts == "auto":
-        mts = auto_modules_to_save(model)
-    if mts:
-        saved = set(find_targets(model, [mts] if isinstance(mts, str) else list(mts)))
+    saved = set(modules_to_save_paths(model, cfg.modules_to_save))
+    if saved:
         mods = [(p, m) for p, m in mods if not any(p == s or p.startswith(s + ".") for s in saved)]
     return mods

@@ -1,4 +1,17 @@
-"""LP-FT for new heads: the fresh classification head trains alone for the first share of the
+"""The fresh classification head's own treatment: its learning rate (:func:`head_groups`) and LP-FT
+(:class:`HeadWarmup`).
+
+Head learning rate (``TrainConfig.head_lr``): the fresh head trains at ``max(lr, head_lr)``, every
+method alike, full fine-tuning included.  A random ``Linear(F, L)`` on pretrained features is a
+linear probe; the rate it needs is a property of the head, not of the method: full fine-tuning's
+5e-5 suits the pretrained body but leaves the head random for a short run, and while it is random
+the body follows its meaningless gradients.  The classic fine-tuning recipe gives the new layer
+its own, higher rate (Caffe's ``lr_mult: 10`` on the replaced layer; timm's layer decay and
+fast.ai's discriminative rates keep the head at the top rate); deltatune uses a floor instead of a
+multiple, so the head's rate does not depend on which method trains the body (a multiple would
+give a prompt-tuning head 0.3).  Causal LMs have no fresh head and are unaffected.
+
+LP-FT: the fresh classification head trains alone for the first share of the
 steps, then the method's tensors (or, for full fine-tuning, the body) join.
 
 Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform
@@ -24,6 +37,8 @@ from torch import nn
 
 from ..core.targets import auto_modules_to_save
 
+HEAD_LR = 1e-2  # TrainConfig.head_lr's default: see the module docstring and docs/cli.md for the measurements
+
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable tensors of ``model``'s fresh classification head (``auto_modules_to_save``:
@@ -32,6 +47,18 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     heads = auto_modules_to_save(model)
     return [p for n, p in model.named_parameters()
             if p.requires_grad and any(n == h or n.startswith(h + ".") for h in heads)]
+
+
+def head_groups(params: Sequence[nn.Parameter], head: Sequence[nn.Parameter], lr: float,
+                head_lr: float) -> list[dict]:
+    """AdamW parameter groups: the body at ``lr``, the fresh head at ``max(lr, head_lr)`` (the
+    scheduler scales both alike); one group when there is no head, no body or no faster rate."""
+    ids = {id(p) for p in head}
+    mine = [p for p in params if id(p) in ids]
+    body = [p for p in params if id(p) not in ids]
+    if not mine or not body or head_lr <= lr:
+        return [{"params": list(params)}]
+    return [{"params": body}, {"params": mine, "lr": head_lr}]
 
 
 class HeadWarmup:

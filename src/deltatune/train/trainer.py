@@ -8,11 +8,11 @@
         callbacks(step + 1, total_steps, model);  optimizer.zero_grad()
         every eval_every: evaluate, early stopping;  every save_every: checkpoint (atomic)
 
-AdamW over the trainable tensors (``requires_grad``, i.e. the active adapter), a linear / cosine /
-constant schedule with linear warmup, gradient clipping, seeded data order, optional gradient
-checkpointing and bf16 autocast.  Checkpoints hold the trainable tensors, optimizer, scheduler,
-RNG states and the data position, so ``train(resume=True)`` continues *exactly*: the final adapter
-equals that of an uninterrupted run (tested).
+AdamW over the trainable tensors (``requires_grad``, i.e. the active adapter; a fresh head at its own
+rate, ``head_lr``), a linear / cosine / constant schedule with linear warmup, gradient clipping,
+seeded data order, optional gradient checkpointing and bf16 autocast.  Checkpoints hold the
+trainable tensors, optimizer, scheduler, RNG states and the data position, so
+``train(resume=True)`` continues *exactly*: the final adapter equals that of an uninterrupted run.
 
 **Step-hook interface (for methods such as AdaLoRA).**  After every optimizer step, before the
 gradients are zeroed, the trainer calls, for each trainable adapter of the model whose method
@@ -70,7 +70,7 @@ from .results import TrainResult, plot, write_metrics  # noqa: F401 - plot, writ
 from ..safety import first_nonfinite
 from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
-from .head_warmup import HeadWarmup, head_parameters
+from .head_warmup import HEAD_LR, HeadWarmup, head_groups, head_parameters
 from .compile_fallback import COMPILE_RECOMPILE_LIMIT, fall_back_to_eager
 from .. import fast
 from ..data.examples import collate as default_collate
@@ -116,6 +116,7 @@ class TrainConfig:
     # when a C++ compiler is installed (inductor needs one), where the compile pays for itself
     compile: str = "auto"  # "auto" | "on" | "off"
     head_warmup: float = 0.0  # LP-FT: share of steps in which only a new head trains (train/head_warmup.py)
+    head_lr: float = HEAD_LR  # a fresh classification head trains at max(lr, head_lr) (train/head_warmup.py)
 
     def validate(self) -> None:
         checks = {
@@ -124,7 +125,7 @@ class TrainConfig:
             "warmup_ratio": 0 <= self.warmup_ratio < 1, "schedule": self.schedule in SCHEDULES,
             "precision": self.precision in ("fp32", "bf16"), "parallel": self.parallel in ("ddp", "fsdp"),
             "compile": self.compile in ("auto", "on", "off"), "head_warmup": 0 <= self.head_warmup < 1,
-            "eval_every": self.eval_every is None or self.eval_every >= 1,
+            "eval_every": self.eval_every is None or self.eval_every >= 1, "head_lr": self.head_lr >= 0,
             "save_every": self.save_every is None or self.save_every >= 1,
             # torch, random and numpy are all seeded with it; numpy takes 0 <= seed < 2**32
             "seed": isinstance(self.seed, int) and 0 <= self.seed < 2**32,
@@ -226,8 +227,8 @@ class Trainer(CheckpointMixin):
         self.batches_per_epoch = len(epoch_batches(len(self.features), c.seed, 0, c.batch_size, 0, self.world))
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.batches_per_epoch / c.grad_accum))
         self.eval_every = c.eval_every or max(1, math.ceil(self.total_steps / 4))
-        head = head_parameters(self.model) if head_params is None else head_params  # default: the fresh head
-        self.head_warmup = HeadWarmup(self.params, head, c.head_warmup, self.total_steps)  # LP-FT
+        self.head = head_parameters(self.model) if head_params is None else head_params  # default: the fresh head
+        self.head_warmup = HeadWarmup(self.params, self.head, c.head_warmup, self.total_steps)  # LP-FT
 
     @property
     def is_main(self) -> bool:
@@ -252,7 +253,7 @@ class Trainer(CheckpointMixin):
 
     # ------------------------------------------------------------------ pieces
     def _optimizer(self):
-        groups = self.param_groups or [{"params": self.params}]
+        groups = self.param_groups or head_groups(self.params, self.head, self.cfg.lr, self.cfg.head_lr)
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         warm = int(self.cfg.warmup_ratio * self.total_steps)
         decay = SCHEDULES[self.cfg.schedule]

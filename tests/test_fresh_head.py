@@ -1,0 +1,143 @@
+"""The fresh classification head (core/targets.auto_modules_to_save) is only the head the wrapper or
+transformers added next to the pretrained body, never a module of the body that happens to be
+called ``classifier`` (torchvision's mobilenet_v3 keeps a pretrained ``classifier`` Sequential)."""
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.core.targets import auto_modules_to_save, modules_to_save_paths
+from deltatune.vision.classifier import load_vision_model
+
+# torchvision's mobilenet_v3_small layout in miniature: features -> avgpool -> classifier
+# Sequential(Linear(576, 1024), Hardswish, Dropout, Linear(1024, 1000)); the wrapper replaces only
+# the last Linear by its own head, the first Linear stays pretrained body.
+MOBILENET_LIKE = """
+import torch
+from torch import nn
+
+class MobileNetLike(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(), nn.Conv2d(8, 16, 1))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(16, 32), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(32, classes))
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+def build():
+    torch.manual_seed(0)
+    return MobileNetLike()
+"""
+
+
+@pytest.fixture
+def mobilenet_like(tmp_path, monkeypatch):
+    (tmp_path / "mobilenet_like.py").write_text(textwrap.dedent(MOBILENET_LIKE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    yield lambda: load_vision_model("mobilenet_like:build", ["a", "b", "c"])[0]
+    sys.modules.pop("mobilenet_like", None)
+
+
+def test_inner_pretrained_classifier_is_body_not_head(mobilenet_like):
+    model = mobilenet_like()
+    assert auto_modules_to_save(model) == ["classifier"]  # the wrapper's fresh Linear(32, 3) only
+    lora = dt.attach(model, "lora")  # the CLI's default targets
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    # the pretrained Linear(16, 32) inside net.classifier is not copied to train in full (a fresh
+    # head would be); only the wrapper's head trains in full
+    full = {n for n in trainable if ".deltas.default.module." in n}
+    assert full == {"classifier.deltas.default.module.weight", "classifier.deltas.default.module.bias"}, sorted(full)
+    n_train = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in lora.parameters())
+    assert n_train < 0.5 * n_all
+
+
+def test_saved_full_paths_resolve_exactly(mobilenet_like):
+    """A saved adapter lists full paths (["classifier"]): on load that means the top-level head,
+    not also net.classifier by suffix; a bare name that is no full path still suffix-matches."""
+    model = mobilenet_like()
+    assert modules_to_save_paths(model, ["classifier"]) == ["classifier"]
+    assert modules_to_save_paths(model, "auto") == ["classifier"]
+    assert modules_to_save_paths(model, ["avgpool"]) == ["net.avgpool"]
+
+
+def test_adapter_round_trip_keeps_the_body(mobilenet_like, tmp_path):
+    model = dt.attach(mobilenet_like(), "lora", targets="all-linear")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()  # Dropout in net.classifier
+    want = model(pixel_values=x).logits
+    dt.save(model, tmp_path / "ad")
+    again = dt.load(mobilenet_like(), tmp_path / "ad").eval()
+    torch.testing.assert_close(again(pixel_values=x).logits, want)
+
+
+# --------------------------------------------------------------------------- the head's own rate
+# TrainConfig.head_lr (train/head_warmup.head_groups): the fresh head trains at max(lr, head_lr),
+# every method alike; the body keeps the method's lr; models without a fresh head get one group.
+
+def _groups(model, **cfg):
+    from deltatune.train.trainer import TrainConfig, Trainer
+
+    feats = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 4
+    opt, _ = Trainer(model, feats, TrainConfig(max_steps=1, progress=False, compile="off", **cfg))._optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(g["lr"], sorted(names[id(p)] for p in g["params"])) for g in opt.param_groups]
+
+
+def _full(model):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "bitfit"])
+def test_head_trains_at_its_own_rate(method):
+    from conftest import tiny_bert_cls
+
+    model = _full(tiny_bert_cls()) if method == "full" else dt.attach(tiny_bert_cls(), method)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    (body_lr, body), (head_lr, head) = _groups(model, lr=5e-5, head_lr=1e-3)
+    assert (body_lr, head_lr) == (5e-5, 1e-3)
+    assert [n.rsplit(".", 1)[-1] for n in head] == ["bias", "weight"]
+    assert all(n.startswith("classifier.") for n in head)
+    assert len(body) + len(head) == n_trainable and not any(n.startswith("classifier.") for n in body)
+
+
+def test_head_never_slower_than_the_method_and_off_at_zero():
+    from conftest import tiny_bert_cls
+
+    model = dt.attach(tiny_bert_cls(), "lora")
+    assert [lr for lr, _ in _groups(model, lr=3e-2, head_lr=1e-3)] == [3e-2]  # e.g. prompt tuning's 3e-2
+    assert [lr for lr, _ in _groups(model, lr=1e-4, head_lr=0.0)] == [1e-4]  # 0: the head at the method's lr
+    assert [lr for lr, _ in _groups(model, lr=1e-4)] == [1e-4, 1e-2]  # the default floor
+
+
+def test_causal_lm_has_no_fresh_head_and_one_group():
+    from conftest import tiny_gpt2
+
+    model = dt.attach(tiny_gpt2(), "lora")
+    assert [lr for lr, _ in _groups(model, lr=1e-4, head_lr=1e-2)] == [1e-4]
+
+
+def test_head_lr_flag_reaches_the_trainer(tmp_path):
+    import json
+
+    from cli_fixtures import run_cli, spam_rows, tiny_bert_dir, write_csv
+
+    bert = tiny_bert_dir(tmp_path / "bert")
+    data = write_csv(tmp_path / "spam.csv", spam_rows(32))
+    run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "run", "--max-steps", 2,
+            "--batch-size", 8, "--head-lr", 0.02, "--no-progress", "--json")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["train_config"]["head_lr"] == 0.02
+    r = run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "bad", "--head-lr", -1, ok=False)
+    assert r.exit_code != 0 and "head_lr" in r.output
