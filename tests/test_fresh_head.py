@@ -141,3 +141,29 @@ def test_head_lr_flag_reaches_the_trainer(tmp_path):
     assert m["train_config"]["head_lr"] == 0.02
     r = run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "bad", "--head-lr", -1, ok=False)
     assert r.exit_code != 0 and "head_lr" in r.output
+
+
+def test_resume_of_a_run_started_before_the_head_rate_says_how(tmp_path):
+    """A checkpoint written with the head at the method's rate (one optimizer group, as every run
+    before ``head_lr`` existed) cannot be resumed into two groups: a one-line error names
+    ``--head-lr 0``, and resuming with it continues the run."""
+    import torch.nn.functional as F
+
+    from conftest import tiny_bert_cls
+    from deltatune.train.trainer import Trainer, TrainConfig
+
+    rows = [{"input_ids": [(i * 7 + j) % 50 + 5 for j in range(6)], "labels": i % 2} for i in range(16)]
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+
+    def trainer(head_lr, steps):
+        torch.manual_seed(0)
+        cfg = TrainConfig(lr=1e-3, batch_size=4, max_steps=steps, save_every=2, seed=1, progress=False,
+                          head_lr=head_lr)
+        return Trainer(dt.attach(tiny_bert_cls(), "lora"), rows, cfg, loss_fn=loss_fn, output_dir=tmp_path / "run")
+
+    trainer(0.0, 4).train()  # the old behaviour: one group, checkpoints at steps 2 and 4
+    with pytest.raises(dt.DeltaError, match=r"1 parameter group\(s\), this run has 2; resume with --head-lr 0"):
+        trainer(1e-2, 4).train(resume=True)
+    trainer(0.0, 4).train(resume=True)

@@ -98,6 +98,10 @@ class CheckpointMixin:
             raise DeltaError(f"{d}: the checkpoint was written by {state.get('world_size', 1)} processes, this run "
                              f"has {self.world}; resume with the same number of processes (the data order and "
                              "global batch depend on it)")
+        saved, now = len(state["optimizer"]["param_groups"]), len(opt.param_groups)
+        if saved != now:  # a run started before the fresh head had its own rate (--head-lr) had one group
+            raise DeltaError(f"{d}: the checkpoint's optimizer has {saved} parameter group(s), this run has {now}; "
+                             f"resume with {'--head-lr 0' if saved < now else 'the --head-lr the run started with'}")
         self._load_trainable(state["trainable"])
         dtd.load_optimizer_state(opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
