@@ -69,16 +69,21 @@ def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
 def run_one(task, method: str, data: tuple[Path, Path], work: Path) -> dict:
     out = work / "runs" / f"{task.name}-{method}"
     cmd = command(task, method, *data, out)
+    # this checkout's src/ first: the venv's deltatune script would otherwise import the package the
+    # venv was installed from (another worktree); HERE for quality_tasks:lite0_factory
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), str(HERE), os.environ.get("PYTHONPATH")]))
+    load0 = os.getloadavg()[0]
     t = time.perf_counter()
-    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))  # for quality_tasks:lite0_factory
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
     wall = time.perf_counter() - t
+    # wall times compare only on one machine under a similar load: both go in every row
+    where = {"cpu": cpu_model(), "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     if p.returncode != 0:
         err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"task": task.name, "method": method, "error": err[:300], "wall_s": wall,
+        return {"task": task.name, "method": method, "error": err[:300], "wall_s": wall, **where,
                 "command": shlex.join(cmd)}
     m = json.loads((out / "metrics.json").read_text())
-    return {**row_from_metrics(task, method, m, wall), "command": shlex.join(cmd)}
+    return {**row_from_metrics(task, method, m, wall), **where, "command": shlex.join(cmd)}
 
 
 def read_rows(path: Path = RESULTS) -> list[dict]:
