@@ -37,6 +37,7 @@ from quality_tasks import CANDIDATES, METHODS, TASKS  # noqa: E402
 ALL_METHODS = {**METHODS, **CANDIDATES}
 
 RESULTS = HERE / "results" / "quality.jsonl"
+EARLIER_CPU = "Intel(R) Xeon(R) Processor"  # ran every row written before rows recorded their CPU
 PEFT_LIMIT = 2.0  # % trainable: a "parameter-efficient" method stays below this
 SECTION = "## Quality: the CLI's defaults on real tasks (issue 19)"
 NOTES = ("Defaults changed since the first rows (docs/cli.md): LoRA's rank on convolutions is capped at 1.5 % of "
@@ -66,15 +67,20 @@ def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
             "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat()}
 
 
+def child_env(env) -> dict:
+    """The run's environment: this checkout's src/ first on PYTHONPATH, because the venv's
+    ``deltatune`` script otherwise imports the package the venv was installed from (maybe another
+    worktree, i.e. other code than the one measured); HERE for ``quality_tasks:lite0_factory``."""
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), str(HERE), env.get("PYTHONPATH")]))
+    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+
+
 def run_one(task, method: str, data: tuple[Path, Path], work: Path) -> dict:
     out = work / "runs" / f"{task.name}-{method}"
     cmd = command(task, method, *data, out)
-    # this checkout's src/ first: the venv's deltatune script would otherwise import the package the
-    # venv was installed from (another worktree); HERE for quality_tasks:lite0_factory
-    path = os.pathsep.join(filter(None, [str(ROOT / "src"), str(HERE), os.environ.get("PYTHONPATH")]))
     load0 = os.getloadavg()[0]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(os.environ))
     wall = time.perf_counter() - t
     # wall times compare only on one machine under a similar load: both go in every row
     where = {"cpu": cpu_model(), "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
@@ -237,6 +243,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def machines(rows: list[dict]) -> str:
+    """Which CPU ran how many rows (the first rows predate the ``cpu`` field: EARLIER_CPU)."""
+    n: dict[str, int] = {}
+    for r in latest(rows):
+        n[r.get("cpu", EARLIER_CPU)] = n.get(r.get("cpu", EARLIER_CPU), 0) + 1
+    return ", ".join(f"{cpu} ({k} rows)" for cpu, k in n.items())
+
+
 def write_section(path: Path, body: str) -> None:
     """Replace only this benchmark's section of the shared benchmarks file."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -259,8 +273,9 @@ def report(doc: Path, png: Path, notes: str = "") -> str:
     body = "\n".join([
         "    nice -n 5 .venv/bin/python bench/quality.py --tasks sms,sentiment,dialogue,mnist",
         "    .venv/bin/python bench/quality.py --report", "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs (so seconds are inflated and "
-        f"noisy), torch CPU; runs {dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC.  "
+        f"Machines: {machines(rows)}, {os.cpu_count()} cores shared with other jobs (so seconds are inflated and "
+        f"noisy, and compare only between rows of one machine), torch CPU; runs {dates[0] if dates else '?'} to "
+        f"{dates[-1] if dates else '?'} UTC.  "
         f"Each cell is one `deltatune train` with the method's name only (every other option the CLI's "
         f"default) and the same budget for every method of a task ({budgets}; batch 16, the CLI's default), "
         "held-out rows never trained on.  Forgetting as the CLI reports it: representation drift "
