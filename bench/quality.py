@@ -43,8 +43,10 @@ SECTION = "## Quality: the CLI's defaults on real tasks (issue 19)"
 NOTES = ("Defaults changed since the first rows (docs/cli.md): LoRA's rank on convolutions is capped at 1.5 % of "
          "each conv's weights; the MNIST LoRA cell was re-run with it (0.792 → 0.766 accuracy, 5.46 → 1.52 % "
          "trainable, forgetting 0.060 → 0.015), MNIST DoRA was first run after it; no other cell uses LoRA on a "
-         "conv.  MNIST prompt tuning is a refusal (no token embeddings in a CNN), not a failure.  Candidate "
-         "defaults are measured beside the table and are not defaults.")
+         "conv.  MNIST prompt tuning is a refusal (no token embeddings in a CNN), not a failure; so is dialogue "
+         "BitFit (SmolLM2 is a Llama: no bias terms; the error names `-o add_missing=true`, `ln` and `ia3`).  Rows "
+         "with a `cpu` field (dialogue DoRA on) ran on AMD EPYC, the earlier ones on Intel Xeon: wall seconds "
+         "compare within one machine only.  Candidate defaults are measured beside the table and are not defaults.")
 
 
 # --------------------------------------------------------------------------- running
