@@ -37,16 +37,20 @@ from quality_tasks import CANDIDATES, METHODS, TASKS  # noqa: E402
 ALL_METHODS = {**METHODS, **CANDIDATES}
 
 RESULTS = HERE / "results" / "quality.jsonl"
+EARLIER_CPU = "Intel(R) Xeon(R) Processor"  # ran every row written before rows recorded their CPU
 PEFT_LIMIT = 2.0  # % trainable: a "parameter-efficient" method stays below this
 SECTION = "## Quality: the CLI's defaults on real tasks (issue 19)"
 NOTES = ("Defaults changed since the first rows (docs/cli.md): LoRA's rank on convolutions is capped at 1.5 % of "
          "each conv's weights; the MNIST LoRA cell was re-run with it (0.792 → 0.766 accuracy, 5.46 → 1.52 % "
          "trainable, forgetting 0.060 → 0.015), MNIST DoRA was first run after it; no other cell uses LoRA on a "
          "conv.  Since 2026-12-02 13:00 UTC a fresh classification head trains at max(method lr, 1e-2) "
-         "(`--head-lr`, docs/cli.md); rows measured with it carry `head_lr` and `cpu` in quality.jsonl, rows "
-         "without `head_lr` predate it (their head trained at the method's lr).  MNIST prompt tuning is a refusal "
-         "(no token embeddings in a CNN), not a failure.  Candidate defaults are measured beside the table and "
-         "are not defaults.")
+         "(`--head-lr`, docs/cli.md); rows measured with it carry `head_lr` in quality.jsonl, rows without "
+         "`head_lr` predate it (their head trained at the method's lr; causal LMs have no fresh head, so the "
+         "dialogue rows are unaffected).  MNIST prompt tuning is a refusal (no token embeddings in a CNN), not a "
+         "failure; so is dialogue BitFit (SmolLM2 is a Llama: no bias terms; the error names "
+         "`-o add_missing=true`, `ln` and `ia3`).  Rows with a `cpu` field ran on AMD EPYC, the earlier ones on "
+         "Intel Xeon: wall seconds compare within one machine only.  Candidate defaults are measured beside the "
+         "table and are not defaults.")
 
 
 # --------------------------------------------------------------------------- running
@@ -71,19 +75,29 @@ def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
             "load_avg": round(os.getloadavg()[0], 2)}
 
 
+def child_env(env) -> dict:
+    """The run's environment: this checkout's src/ first on PYTHONPATH, because the venv's
+    ``deltatune`` script otherwise imports the package the venv was installed from (maybe another
+    worktree, i.e. other code than the one measured); HERE for ``quality_tasks:lite0_factory``."""
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), str(HERE), env.get("PYTHONPATH")]))
+    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+
+
 def run_one(task, method: str, data: tuple[Path, Path], work: Path) -> dict:
     out = work / "runs" / f"{task.name}-{method}"
     cmd = command(task, method, *data, out)
+    load0 = os.getloadavg()[0]
     t = time.perf_counter()
-    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))  # for quality_tasks:lite0_factory
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(os.environ))
     wall = time.perf_counter() - t
+    # wall times compare only on one machine under a similar load: both go in every row
+    where = {"cpu": cpu_model(), "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     if p.returncode != 0:
         err = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"task": task.name, "method": method, "error": err[:300], "wall_s": wall,
+        return {"task": task.name, "method": method, "error": err[:300], "wall_s": wall, **where,
                 "command": shlex.join(cmd)}
     m = json.loads((out / "metrics.json").read_text())
-    return {**row_from_metrics(task, method, m, wall), "command": shlex.join(cmd)}
+    return {**row_from_metrics(task, method, m, wall), **where, "command": shlex.join(cmd)}
 
 
 def read_rows(path: Path = RESULTS) -> list[dict]:
@@ -237,6 +251,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def machines(rows: list[dict]) -> str:
+    """Which CPU ran how many rows (the first rows predate the ``cpu`` field: EARLIER_CPU)."""
+    n: dict[str, int] = {}
+    for r in latest(rows):
+        n[r.get("cpu", EARLIER_CPU)] = n.get(r.get("cpu", EARLIER_CPU), 0) + 1
+    return ", ".join(f"{cpu} ({k} rows)" for cpu, k in n.items())
+
+
 def write_section(path: Path, body: str) -> None:
     """Replace only this benchmark's section of the shared benchmarks file."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -259,8 +281,9 @@ def report(doc: Path, png: Path, notes: str = "") -> str:
     body = "\n".join([
         "    nice -n 5 .venv/bin/python bench/quality.py --tasks sms,sentiment,dialogue,mnist",
         "    .venv/bin/python bench/quality.py --report", "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs (so seconds are inflated and "
-        f"noisy), torch CPU; runs {dates[0] if dates else '?'} to {dates[-1] if dates else '?'} UTC.  "
+        f"Machines: {machines(rows)}, {os.cpu_count()} cores shared with other jobs (so seconds are inflated and "
+        f"noisy, and compare only between rows of one machine), torch CPU; runs {dates[0] if dates else '?'} to "
+        f"{dates[-1] if dates else '?'} UTC.  "
         f"Each cell is one `deltatune train` with the method's name only (every other option the CLI's "
         f"default) and the same budget for every method of a task ({budgets}; batch 16, the CLI's default), "
         "held-out rows never trained on.  Forgetting as the CLI reports it: representation drift "

@@ -103,3 +103,16 @@ def test_candidate_defaults_sit_beside_the_table_not_in_it():
     main, _, extra = text.partition("Candidate defaults")
     assert "lora-lpft" not in main and "| sms | lora-lpft | accuracy 0.9990 | 0.0100 | 1.400 | 12 |" in extra
     assert "Candidate defaults" not in quality.render(ROWS)
+
+
+def test_runs_import_this_checkouts_code_whatever_pythonpath_says():
+    env = quality.child_env({"PYTHONPATH": "/elsewhere/src", "HOME": "/root"})
+    parts = env["PYTHONPATH"].split(":")
+    assert parts[0] == str(BENCH.parent / "src") and parts[-1] == "/elsewhere/src"
+    assert env["HOME"] == "/root" and env["HF_HUB_OFFLINE"] == "1"
+    assert quality.child_env({})["PYTHONPATH"].split(":")[0] == str(BENCH.parent / "src")
+
+
+def test_report_names_each_machine_with_its_rows():
+    rows = ROWS[:2] + [{**r, "cpu": "AMD EPYC"} for r in ROWS[2:4]]
+    assert quality.machines(rows) == f"{quality.EARLIER_CPU} (2 rows), AMD EPYC (2 rows)"
