@@ -71,8 +71,7 @@ def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
             "trainable_percent": m["trainable_percent"], "trainable": m["trainable_params"],
             "lr": m["lr"], "steps": m["steps"], "train_rows": m["train_rows"], "val_rows": m["val_rows"],
             "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat(),
-            "head_lr": (m.get("train_config") or {}).get("head_lr"), "cpu": cpu_model(),
-            "load_avg": round(os.getloadavg()[0], 2)}
+            "head_lr": (m.get("train_config") or {}).get("head_lr")}
 
 
 def child_env(env) -> dict:

@@ -179,6 +179,11 @@ CANDIDATES = {
     "lora7e-4-head1e-2": ["--method", "lora", "--lr", "7e-4", "--head-lr", "1e-2"],
     "lora6e-4-head1e-2": ["--method", "lora", "--lr", "6e-4", "--head-lr", "1e-2"],
     "full-head0": ["--method", "full", "--head-lr", "0"],
+    # LP-FT with the head at its own rate (the lora-lpft row above predates --head-lr): does training the
+    # head first lower every method's drift, and LoRA's below full's?
+    "full-lpft": ["--method", "full", "--head-warmup", "0.25"],
+    "dora-lpft": ["--method", "lora", "-o", "dora=true", "--head-warmup", "0.25"],
+    "lora-lpft10": ["--method", "lora", "--head-warmup", "0.1"],
     # causal LMs without LM_LR_FACTOR's halving (the classifiers' 1e-3); not measured yet.  Note the
     # update scale lr * alpha / r is then 2e-3, above QLoRA's 5e-5 and LoRA's GPT-2 M E2E 1.6e-3
     "lora-lm-1e-3": ["--method", "lora", "--lr", "1e-3"],

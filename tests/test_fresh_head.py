@@ -128,21 +128,6 @@ def test_causal_lm_has_no_fresh_head_and_one_group():
     assert [lr for lr, _ in _groups(model, lr=1e-4, head_lr=1e-2)] == [1e-4]
 
 
-def test_head_lr_flag_reaches_the_trainer(tmp_path):
-    import json
-
-    from cli_fixtures import run_cli, spam_rows, tiny_bert_dir, write_csv
-
-    bert = tiny_bert_dir(tmp_path / "bert")
-    data = write_csv(tmp_path / "spam.csv", spam_rows(32))
-    run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "run", "--max-steps", 2,
-            "--batch-size", 8, "--head-lr", 0.02, "--no-progress", "--json")
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["train_config"]["head_lr"] == 0.02
-    r = run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "bad", "--head-lr", -1, ok=False)
-    assert r.exit_code != 0 and "head_lr" in r.output
-
-
 def test_resume_of_a_run_started_before_the_head_rate_says_how(tmp_path):
     """A checkpoint written with the head at the method's rate (one optimizer group, as every run
     before ``head_lr`` existed) cannot be resumed into two groups: a one-line error names

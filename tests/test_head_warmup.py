@@ -56,12 +56,16 @@ def test_no_fresh_head_means_nothing_to_warm_up():
     assert head_parameters(model) == []  # a causal LM keeps its pretrained lm_head
 
 
-def test_cli_flag_reaches_the_trainer(tmp_path):
+@pytest.mark.parametrize("flag,good,bad", [("head-warmup", 0.5, 1.5), ("head-lr", 0.02, -1)])
+def test_cli_flag_reaches_the_trainer(tmp_path, flag, good, bad):
+    """Both fresh-head flags (LP-FT share, the head's own rate) reach ``TrainConfig`` and a bad value
+    is refused naming the field."""
+    field = flag.replace("-", "_")
     bert = tiny_bert_dir(tmp_path / "bert")
     data = write_csv(tmp_path / "spam.csv", spam_rows(32))
     run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "run", "--max-steps", 2,
-            "--batch-size", 8, "--head-warmup", 0.5, "--no-progress", "--json")
+            "--batch-size", 8, f"--{flag}", good, "--no-progress", "--json")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["train_config"]["head_warmup"] == 0.5
-    r = run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "bad", "--head-warmup", 1.5, ok=False)
-    assert r.exit_code != 0 and "head_warmup" in r.output
+    assert m["train_config"][field] == good
+    r = run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "bad", f"--{flag}", bad, ok=False)
+    assert r.exit_code != 0 and field in r.output

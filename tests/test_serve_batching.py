@@ -371,3 +371,18 @@ def test_slot_cache_writes_rows_apart_and_hands_a_freed_slot_to_the_last_row():
     assert keys.shape[2] >= 72 and torch.equal(keys[1, :, :2], k[0, :, 3:5]) and bool((keys[1, :, 2:72] == 1).all())
     c.keep([])
     assert c.ids == [] and c.kv == []
+
+
+def test_slot_attention_is_registered_with_the_first_slot_cache_not_at_import():
+    """Importing the serving engine leaves transformers' attention registry as it was; the first
+    SlotCache adds the engine's entry."""
+    import subprocess
+    import sys
+
+    code = ("from transformers import AttentionInterface\n"
+            "import deltatune.serve.batching, deltatune.serve.slots as s\n"
+            "assert s.ATTN not in AttentionInterface(), 'registered at import'\n"
+            "s.SlotCache()\n"
+            "assert AttentionInterface()[s.ATTN] is s.slot_attention\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-500:]

@@ -19,7 +19,7 @@ decode step avoids.  Here a decoding row attends to its own ≤ T columns, as in
 without the padding of rows that finished.
 
 The model runs with ``config._attn_implementation = "deltatune_slots"`` (registered with
-transformers' ``AttentionInterface``) for the step only.  The step's layout reaches the attention
+transformers' ``AttentionInterface`` when the first slot cache is made) for the step only.  The step's layout reaches the attention
 function on the key tensor the cache returned (``keys.dt_step``): model-level keywords would be
 simpler, but not every model passes them on to its attention (GPT-2 in transformers 4.56 does not).
 A model that changes the keys between its cache and its attention, or calls its cache differently,
@@ -107,7 +107,12 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     return step.attend(query, key, value, scaling), None
 
 
-AttentionInterface.register(ATTN, slot_attention)
+def register() -> None:
+    """Make ``ATTN`` a name transformers' models resolve, on the first slot cache rather than at
+    import (importing deltatune.serve changes nothing in transformers); an entry already there --
+    a test's stand-in -- is left alone."""
+    if ATTN not in AttentionInterface():
+        AttentionInterface.register(ATTN, slot_attention)
 
 
 class SlotCache(DynamicCache):
@@ -118,6 +123,7 @@ class SlotCache(DynamicCache):
 
     def __init__(self, device: torch.device | str = "cpu"):
         super().__init__()
+        register()
         self.device = torch.device(device)
         self.reset()
 
