@@ -184,6 +184,17 @@ CANDIDATES = {
     "full-lpft": ["--method", "full", "--head-warmup", "0.25"],
     "dora-lpft": ["--method", "lora", "-o", "dora=true", "--head-warmup", "0.25"],
     "lora-lpft10": ["--method", "lora", "--head-warmup", "0.1"],
+    "full-lpft10": ["--method", "full", "--head-warmup", "0.1"],
+    "lora-lpft50": ["--method", "lora", "--head-warmup", "0.5"],
+    "full-lpft50": ["--method", "full", "--head-warmup", "0.5"],
+    "lora8e-4-lpft": ["--method", "lora", "--lr", "8e-4", "--head-warmup", "0.25"],
+    "lora-drop-lpft": ["--method", "lora", "-o", "dropout=0.1", "--head-warmup", "0.25"],
+    "lora7e-4-lpft10": ["--method", "lora", "--lr", "7e-4", "--head-warmup", "0.1"],
+    "lora6e-4-lpft10": ["--method", "lora", "--lr", "6e-4", "--head-warmup", "0.1"],
+    "dora-lpft10": ["--method", "lora", "-o", "dora=true", "--head-warmup", "0.1"],
+    "sparse-lpft10": ["--method", "sparse", "--head-warmup", "0.1"],
+    "lora6e-4-lpft": ["--method", "lora", "--lr", "6e-4", "--head-warmup", "0.25"],
+    "dora6e-4-lpft": ["--method", "lora", "-o", "dora=true", "--lr", "6e-4", "--head-warmup", "0.25"],
     # causal LMs without LM_LR_FACTOR's halving (the classifiers' 1e-3); not measured yet.  Note the
     # update scale lr * alpha / r is then 2e-3, above QLoRA's 5e-5 and LoRA's GPT-2 M E2E 1.6e-3
     "lora-lm-1e-3": ["--method", "lora", "--lr", "1e-3"],

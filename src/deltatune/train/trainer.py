@@ -70,7 +70,7 @@ from .results import TrainResult, plot, write_metrics  # noqa: F401 - plot, writ
 from ..safety import first_nonfinite
 from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
-from .head_warmup import HEAD_LR, HeadWarmup, head_groups, head_parameters
+from .head_warmup import HEAD_LR, HEAD_WARMUP, HeadWarmup, head_groups, head_parameters
 from .compile_fallback import COMPILE_RECOMPILE_LIMIT, fall_back_to_eager
 from .. import fast
 from ..data.examples import collate as default_collate
@@ -115,7 +115,7 @@ class TrainConfig:
     # a one-off ~30-60 s compile; "auto" = on for runs of >= COMPILE_AUTO_STEPS steps in one process
     # when a C++ compiler is installed (inductor needs one), where the compile pays for itself
     compile: str = "auto"  # "auto" | "on" | "off"
-    head_warmup: float = 0.0  # LP-FT: share of steps in which only a new head trains (train/head_warmup.py)
+    head_warmup: float = HEAD_WARMUP  # LP-FT: share of steps in which only a new head trains (train/head_warmup.py)
     head_lr: float = HEAD_LR  # a fresh classification head trains at max(lr, head_lr) (train/head_warmup.py)
 
     def validate(self) -> None:
