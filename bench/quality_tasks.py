@@ -193,6 +193,9 @@ CANDIDATES = {
     "lora6e-4-lpft10": ["--method", "lora", "--lr", "6e-4", "--head-warmup", "0.1"],
     "dora-lpft10": ["--method", "lora", "-o", "dora=true", "--head-warmup", "0.1"],
     "sparse-lpft10": ["--method", "sparse", "--head-warmup", "0.1"],
+    # label smoothing 0.1 (TrainConfig.label_smoothing): the default since this set; "-ls0" = without
+    "full-ls0": ["--method", "full", "--label-smoothing", "0"],
+    "lora-ls0": ["--method", "lora", "--label-smoothing", "0"],
     "lora6e-4-lpft": ["--method", "lora", "--lr", "6e-4", "--head-warmup", "0.25"],
     "dora6e-4-lpft": ["--method", "lora", "-o", "dora=true", "--lr", "6e-4", "--head-warmup", "0.25"],
     # causal LMs without LM_LR_FACTOR's halving (the classifiers' 1e-3); not measured yet.  Note the

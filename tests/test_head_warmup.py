@@ -56,10 +56,11 @@ def test_no_fresh_head_means_nothing_to_warm_up():
     assert head_parameters(model) == []  # a causal LM keeps its pretrained lm_head
 
 
-@pytest.mark.parametrize("flag,good,bad", [("head-warmup", 0.5, 1.5), ("head-lr", 0.02, -1)])
+@pytest.mark.parametrize("flag,good,bad", [("head-warmup", 0.5, 1.5), ("head-lr", 0.02, -1),
+                                           ("label-smoothing", 0.2, 1.0)])
 def test_cli_flag_reaches_the_trainer(tmp_path, flag, good, bad):
-    """Both fresh-head flags (LP-FT share, the head's own rate) reach ``TrainConfig`` and a bad value
-    is refused naming the field."""
+    """The classifier-training flags (LP-FT share, the head's own rate, label smoothing) reach
+    ``TrainConfig`` and a bad value is refused naming the field."""
     field = flag.replace("-", "_")
     bert = tiny_bert_dir(tmp_path / "bert")
     data = write_csv(tmp_path / "spam.csv", spam_rows(32))
@@ -69,3 +70,42 @@ def test_cli_flag_reaches_the_trainer(tmp_path, flag, good, bad):
     assert m["train_config"][field] == good
     r = run_cli("train", "--model", bert, "--data", data, "--output", tmp_path / "bad", f"--{flag}", bad, ok=False)
     assert r.exit_code != 0 and field in r.output
+
+
+# TrainConfig.label_smoothing (train/trainer.default_loss): single-label classification only
+
+
+def _batch(n=8):
+    from deltatune.data.examples import collate
+
+    return collate(features(n))
+
+
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+    import torch.nn.functional as F
+
+    from deltatune.train.trainer import default_loss
+
+    model, b = tiny_bert_cls(), _batch()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits  # (8, 2)
+        plain, smooth = default_loss(model, b), default_loss(model, b, label_smoothing=0.2)
+    assert torch.allclose(plain, F.cross_entropy(logits, b["labels"]), atol=1e-6)  # the model's own loss
+    # by hand: targets (1 - eps) on the label + eps / C everywhere
+    target = torch.full_like(logits, 0.2 / 2).scatter_add_(1, b["labels"][:, None], torch.full((8, 1), 0.8))
+    assert torch.allclose(smooth, -(target * logits.log_softmax(-1)).sum(-1).mean(), atol=1e-6)
+    assert not torch.allclose(plain, smooth)
+
+
+def test_label_smoothing_reaches_the_step_and_leaves_language_models_alone():
+    from deltatune.train.trainer import default_loss
+
+    model, b = tiny_bert_cls(), _batch()
+    t = Trainer(model, features(), TrainConfig(label_smoothing=0.3, progress=False, compile="off"))
+    with torch.no_grad():
+        assert torch.allclose(t.loss_fn(model, b), default_loss(model, b, label_smoothing=0.3))
+    lm = tiny_gpt2()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    lb = {"input_ids": ids, "labels": ids}
+    with torch.no_grad():  # (B, T, V) logits: the model's own (shifted) loss, not smoothed
+        assert torch.equal(default_loss(lm, lb, label_smoothing=0.3), lm(**lb).loss)

@@ -20,7 +20,8 @@ from .options import (FORMAT_HELP, CalibrateOpt, ConfigOpt, JsonOpt, Out, Packin
 # output ones (--json, --config) and --opt is a RunOptions field of the same name
 TRAIN_FLAGS = ("epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "schedule", "max_grad_norm",
                "weight_decay", "seed", "eval_every", "save_every", "early_stopping", "gradient_checkpointing",
-               "precision", "compile", "progress", "head_warmup", "head_lr")
+               "precision", "compile", "progress", "head_warmup", "head_lr",
+               "label_smoothing")
 
 
 def _run_options(ctx: typer.Context) -> RunOptions:
@@ -69,16 +70,18 @@ def train(
     max_length: Optional[int] = typer.Option(None, help="Tokens per row (default 128 classify, 256 causal-lm)."),
     packing: Optional[bool] = PackingOpt,
     report_to: str = ReportToOpt,
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default per method: 7e-4 LoRA, 5e-5 full, ...)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default per method: 1e-3 LoRA, 5e-5 full, ...)."),
     epochs: Optional[float] = typer.Option(None, help="Epochs (default 3) unless --max-steps is given."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch (default 16)."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 1)."),
     warmup_ratio: Optional[float] = typer.Option(None, help="Warmup share of steps (default 0.06)."),
     head_warmup: Optional[float] = typer.Option(None, help="LP-FT: share of steps that train only a new "
-                                                "classification head before the method (default 0.1; 0 = off)."),
+                                                "classification head before the method (default 0)."),
     head_lr: Optional[float] = typer.Option(None, help="A new classification head trains at max(--lr, this) "
                                             "(default 1e-2; 0 = at --lr like the method)."),
+    label_smoothing: Optional[float] = typer.Option(None, help="Classification: cross-entropy against "
+                                                    "targets smoothed by this much (default 0.1; 0 = off)."),
     schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant (default linear)."),
     max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (default 1.0; 0 = off)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0)."),

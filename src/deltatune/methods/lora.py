@@ -439,10 +439,6 @@ class LoRA(Method):
     layer_types = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention",
                    "NF4Linear/Int8Linear")
     default_targets = "all-linear"  # QLoRA (Dettmers et al. 2023): every linear layer beats q,v only
-    # below the base 1e-3 (chosen when the fresh head trained at the method's rate): with the head at
-    # its own rate, LoRA's update s·BA at 1e-3 moved the features ~6x more than full fine-tuning's
-    # for the same accuracy; drift falls much faster than accuracy below it (docs/cli.md, measured)
-    default_lr = 7e-4
 
     def attach(self, model, cfg: LoraConfig, name, state):
         paths = self.target_paths(model, cfg, types=tuple(_layer_table()))

@@ -38,11 +38,6 @@ from torch import nn
 from ..core.targets import auto_modules_to_save
 
 HEAD_LR = 1e-2  # TrainConfig.head_lr's default: see the module docstring and docs/cli.md for the measurements
-# TrainConfig.head_warmup's default: the head alone for the first 10 % of the steps.  Measured on SMS
-# (docs/cli.md): it cut every method's drift (full 0.042 -> 0.021, LoRA at 7e-4 0.063 -> 0.018) at no
-# cost in accuracy; a quarter of the steps cost full fine-tuning 2 points, half of them left SMS
-# unlearnt in 40 steps (the probe alone does not learn it; the body must move).
-HEAD_WARMUP = 0.1
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -51,6 +51,7 @@ rank 0 alone shows progress and writes checkpoints, the others wait at a barrier
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dtd
@@ -70,7 +72,7 @@ from .results import TrainResult, plot, write_metrics  # noqa: F401 - plot, writ
 from ..safety import first_nonfinite
 from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
-from .head_warmup import HEAD_LR, HEAD_WARMUP, HeadWarmup, head_groups, head_parameters
+from .head_warmup import HEAD_LR, HeadWarmup, head_groups, head_parameters
 from .compile_fallback import COMPILE_RECOMPILE_LIMIT, fall_back_to_eager
 from .. import fast
 from ..data.examples import collate as default_collate
@@ -86,6 +88,11 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 
 COMPILE_AUTO_STEPS = 500  # compile="auto": ~30-60 s of compiling is repaid well before this many steps
 
+
+# TrainConfig.label_smoothing's default, as timm's and Inception's (Szegedy et al. 2016) 0.1.  Measured
+# (docs/cli.md): on SMS it halved LoRA's drift (0.276 -> 0.145) and cut full fine-tuning's
+# (0.042 -> 0.034) at equal accuracy, left sentiment and MNIST accuracy as they were
+LABEL_SMOOTHING = 0.1
 
 @dataclass
 class TrainConfig:
@@ -115,8 +122,11 @@ class TrainConfig:
     # a one-off ~30-60 s compile; "auto" = on for runs of >= COMPILE_AUTO_STEPS steps in one process
     # when a C++ compiler is installed (inductor needs one), where the compile pays for itself
     compile: str = "auto"  # "auto" | "on" | "off"
-    head_warmup: float = HEAD_WARMUP  # LP-FT: share of steps in which only a new head trains (train/head_warmup.py)
+    head_warmup: float = 0.0  # LP-FT: share of steps in which only a new head trains (train/head_warmup.py)
     head_lr: float = HEAD_LR  # a fresh classification head trains at max(lr, head_lr) (train/head_warmup.py)
+    # smoothed targets for single-label classification with the default loss (default_loss); causal
+    # LMs and a user's loss_fn are unaffected
+    label_smoothing: float = LABEL_SMOOTHING
 
     def validate(self) -> None:
         checks = {
@@ -126,6 +136,7 @@ class TrainConfig:
             "precision": self.precision in ("fp32", "bf16"), "parallel": self.parallel in ("ddp", "fsdp"),
             "compile": self.compile in ("auto", "on", "off"), "head_warmup": 0 <= self.head_warmup < 1,
             "eval_every": self.eval_every is None or self.eval_every >= 1, "head_lr": self.head_lr >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
             "save_every": self.save_every is None or self.save_every >= 1,
             # torch, random and numpy are all seeded with it; numpy takes 0 <= seed < 2**32
             "seed": isinstance(self.seed, int) and 0 <= self.seed < 2**32,
@@ -163,8 +174,16 @@ def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, rank: int = 0,
     return out
 
 
-def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+def default_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The model's own loss; with ``label_smoothing`` > 0 and a single-label classification batch
+    (logits (B, C), integer labels (B,)) the cross-entropy against smoothed targets instead
+    (Szegedy et al. 2016): a row already classified with margin stops pulling on the weights, so a
+    task learnt early does not keep moving the features (TrainConfig.label_smoothing)."""
     out = model(**batch)
+    labels, logits = batch.get("labels"), getattr(out, "logits", None)
+    if (label_smoothing > 0 and logits is not None and labels is not None and logits.dim() == 2
+            and labels.dim() == 1 and not labels.is_floating_point() and logits.shape[-1] > 1):
+        return F.cross_entropy(logits.float(), labels.to(logits.device), label_smoothing=label_smoothing)
     loss = getattr(out, "loss", None)
     if loss is None and isinstance(out, dict):
         loss = out.get("loss")
@@ -207,6 +226,8 @@ class Trainer(CheckpointMixin):
         if not self.features:
             raise DeltaError("no training examples")
         self.collate = collate or default_collate
+        if loss_fn is default_loss and self.cfg.label_smoothing > 0:
+            loss_fn = functools.partial(default_loss, label_smoothing=self.cfg.label_smoothing)
         self.eval_fn, self.loss_fn = eval_fn, loss_fn
         self.output_dir = Path(output_dir) if output_dir else None
         self.compiled = False  # set by train(): torch.compile on, and still on at the end
