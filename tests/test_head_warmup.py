@@ -72,7 +72,7 @@ def test_cli_flag_reaches_the_trainer(tmp_path, flag, good, bad):
     assert r.exit_code != 0 and field in r.output
 
 
-# TrainConfig.label_smoothing (train/trainer.default_loss): single-label classification only
+# TrainConfig.label_smoothing (train/losses.default_loss): single-label classification only
 
 
 def _batch(n=8):

@@ -28,6 +28,12 @@ from torch import nn
 
 from ..core.delta import DeltaError, get_state
 
+# TrainConfig.label_smoothing's default, as timm's and Inception's (Szegedy et al. 2016) 0.1.  Measured
+# (docs/cli.md): on SMS it halved LoRA's drift (0.276 -> 0.145) and cut full fine-tuning's
+# (0.042 -> 0.034) at equal accuracy, and left LoRA's sentiment and MNIST accuracy as they were
+LABEL_SMOOTHING = 0.1
+
+
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
@@ -192,3 +198,22 @@ def causal_lm_batch_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     rest = dict(batch)
     labels, ids = rest.pop("labels"), rest.pop("input_ids", None)
     return chunked_causal_lm_loss(model, ids, labels, **rest)
+
+
+def default_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The model's own loss; with ``label_smoothing`` > 0 and a single-label classification batch
+    (logits (B, C), integer labels (B,)) the cross-entropy against smoothed targets instead
+    (Szegedy et al. 2016): a row already classified with margin stops pulling on the weights, so a
+    task learnt early does not keep moving the features (TrainConfig.label_smoothing)."""
+    out = model(**batch)
+    labels, logits = batch.get("labels"), getattr(out, "logits", None)
+    if (label_smoothing > 0 and logits is not None and labels is not None and logits.dim() == 2
+            and labels.dim() == 1 and not labels.is_floating_point() and logits.shape[-1] > 1):
+        return F.cross_entropy(logits.float(), labels.to(logits.device), label_smoothing=label_smoothing)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None:
+        raise DeltaError(f"{type(model).__name__} returned no loss for a batch with keys {sorted(batch)}; "
+                         "pass loss_fn=... to Trainer")
+    return loss

@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dtd
@@ -73,6 +72,7 @@ from ..safety import first_nonfinite
 from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
 from .head_warmup import HEAD_LR, HeadWarmup, head_groups, head_parameters
+from .losses import LABEL_SMOOTHING, default_loss
 from .compile_fallback import COMPILE_RECOMPILE_LIMIT, fall_back_to_eager
 from .. import fast
 from ..data.examples import collate as default_collate
@@ -89,10 +89,6 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 COMPILE_AUTO_STEPS = 500  # compile="auto": ~30-60 s of compiling is repaid well before this many steps
 
 
-# TrainConfig.label_smoothing's default, as timm's and Inception's (Szegedy et al. 2016) 0.1.  Measured
-# (docs/cli.md): on SMS it halved LoRA's drift (0.276 -> 0.145) and cut full fine-tuning's
-# (0.042 -> 0.034) at equal accuracy, left sentiment and MNIST accuracy as they were
-LABEL_SMOOTHING = 0.1
 
 @dataclass
 class TrainConfig:
@@ -172,25 +168,6 @@ def epoch_batches(n: int, seed: int, epoch: int, batch_size: int, rank: int = 0,
         k = len(rows) // world  # the last global batch may be short: equal shares, still
         out.append(rows[rank * k:(rank + 1) * k])
     return out
-
-
-def default_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The model's own loss; with ``label_smoothing`` > 0 and a single-label classification batch
-    (logits (B, C), integer labels (B,)) the cross-entropy against smoothed targets instead
-    (Szegedy et al. 2016): a row already classified with margin stops pulling on the weights, so a
-    task learnt early does not keep moving the features (TrainConfig.label_smoothing)."""
-    out = model(**batch)
-    labels, logits = batch.get("labels"), getattr(out, "logits", None)
-    if (label_smoothing > 0 and logits is not None and labels is not None and logits.dim() == 2
-            and labels.dim() == 1 and not labels.is_floating_point() and logits.shape[-1] > 1):
-        return F.cross_entropy(logits.float(), labels.to(logits.device), label_smoothing=label_smoothing)
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, dict):
-        loss = out.get("loss")
-    if loss is None:
-        raise DeltaError(f"{type(model).__name__} returned no loss for a batch with keys {sorted(batch)}; "
-                         "pass loss_fn=... to Trainer")
-    return loss
 
 
 def peak_rss_mb() -> float:
