@@ -46,11 +46,14 @@ NOTES = ("Defaults changed since the first rows (docs/cli.md): LoRA's rank on co
          "conv.  Since 2026-12-02 13:00 UTC a fresh classification head trains at max(method lr, 1e-2) "
          "(`--head-lr`, docs/cli.md); rows measured with it carry `head_lr` in quality.jsonl, rows without "
          "`head_lr` predate it (their head trained at the method's lr; causal LMs have no fresh head, so the "
-         "dialogue rows are unaffected).  MNIST prompt tuning is a refusal (no token embeddings in a CNN), not a "
+         "dialogue rows are unaffected).  Since 2026-12-02 16:20 UTC single-label classification trains against "
+         "targets smoothed by 0.1 (`--label-smoothing`, docs/cli.md); every sms, sentiment and MNIST cell of the "
+         "table was re-run with it (16:20-16:45 UTC), the dialogue cells are unaffected (causal LM loss).  MNIST prompt tuning is a refusal (no token embeddings in a CNN), not a "
          "failure; so is dialogue BitFit (SmolLM2 is a Llama: no bias terms; the error names "
          "`-o add_missing=true`, `ln` and `ia3`).  Rows with a `cpu` field ran on AMD EPYC, the earlier ones on "
          "Intel Xeon: wall seconds compare within one machine only.  Candidate defaults are measured beside the "
-         "table and are not defaults.")
+         "table and are not defaults; those dated before 2026-12-02 16:20 UTC ran without label smoothing (the default "
+         "then), and `quality_candidates.jsonl` holds the ones run on scratch copies of the code.")
 
 
 # --------------------------------------------------------------------------- running
@@ -71,7 +74,8 @@ def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
             "trainable_percent": m["trainable_percent"], "trainable": m["trainable_params"],
             "lr": m["lr"], "steps": m["steps"], "train_rows": m["train_rows"], "val_rows": m["val_rows"],
             "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat(),
-            "head_lr": (m.get("train_config") or {}).get("head_lr")}
+            "head_lr": (m.get("train_config") or {}).get("head_lr"),
+            "label_smoothing": (m.get("train_config") or {}).get("label_smoothing")}
 
 
 def child_env(env) -> dict:
