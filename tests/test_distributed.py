@@ -147,8 +147,27 @@ def trainer_worker(out: Path):  # runs under torchrun
         assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["latest", "step-0000002"]
         tr = run_trainer(d, B, method=method, parallel=parallel)
         assert (tr.rank, tr.world, tr.is_main) == (rank, 2, rank == 0)
+    fresh_head_under_fsdp(dt, trainer)
     dtd.barrier()  # no rank tears the group down while the other still writes
     torch.distributed.destroy_process_group()
+
+
+def fresh_head_under_fsdp(dt, trainer):
+    """FSDP2 replaces the model's Parameters when it shards them: the fresh head's own AdamW group
+    (head_lr) and LP-FT's body list must name the new ones, not those seen before the wrap."""
+    from conftest import tiny_bert_cls
+
+    model = dt.attach(tiny_bert_cls(), "lora")
+    rows = [{"input_ids": [5 + i, 6, 7], "labels": i % 2} for i in range(8)]
+    tr = trainer.Trainer(model, rows, trainer.TrainConfig(parallel="fsdp", batch_size=2, max_steps=2, head_warmup=0.5,
+                                                          progress=False, compile="off"))
+    tr._prepare_model()
+    opt, _ = tr._optimizer()
+    live = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(opt.param_groups) == 2, "the head trains at the body's rate under FSDP"
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == live
+    assert tr.head and {id(p) for p in tr.head} <= live and {id(p) for p in tr.head_warmup.body} <= live
+    assert tr.head_warmup.steps == 1
 
 
 def read(d: Path):

@@ -28,16 +28,14 @@ trainer reports ``train/loss``, ``train/lr``, ``train/grad_norm`` (before clippi
 ``train/samples_per_s`` and ``train/tokens_per_s`` (real tokens: the unpadded feature lengths), and
 ``eval/<metric>`` after every evaluation; nothing else about tracking lives in the loop.
 
-A method whose training carries state beyond its tensors (AdaLoRA's importance averages and
-rank masks) also defines the pair below; checkpoints keep it in ``method_state.safetensors``
-(never pickle), so resume stays exact::
+A method with training state beyond its tensors (AdaLoRA's importance averages, rank masks) also
+defines the pair below, kept in checkpoints as ``method_state.safetensors`` (no pickle; exact resume)::
 
     Method.train_state(self, model, name) -> dict[str, torch.Tensor]
     Method.load_train_state(self, model, name, tensors: dict[str, torch.Tensor]) -> None
 
-Data: the trainer takes a list of feature dicts and a ``collate`` function (see
-:mod:`deltatune.data`); batch order per epoch is a permutation drawn from a generator seeded with
-``(seed, epoch)``, so it never depends on the global RNG and can be replayed on resume.
+Data: a list of feature dicts and a ``collate`` function (:mod:`deltatune.data`); each epoch's order
+is a permutation from a generator seeded with ``(seed, epoch)``: no global RNG, replayed on resume.
 
 **Several processes** (``torchrun`` / ``accelerate launch``; docs/distributed.md).  The trainer
 joins the process group from the environment (gloo on CPU, nccl on CUDA), wraps the model with
@@ -225,7 +223,8 @@ class Trainer(CheckpointMixin):
         self.batches_per_epoch = len(epoch_batches(len(self.features), c.seed, 0, c.batch_size, 0, self.world))
         self.total_steps = c.max_steps or max(1, math.ceil(c.epochs * self.batches_per_epoch / c.grad_accum))
         self.eval_every = c.eval_every or max(1, math.ceil(self.total_steps / 4))
-        self.head = head_parameters(self.model) if head_params is None else head_params  # default: the fresh head
+        self._own_head = head_params is None  # default: the fresh head (found again after an FSDP wrap)
+        self.head = head_parameters(self.model) if self._own_head else head_params
         self.head_warmup = HeadWarmup(self.params, self.head, c.head_warmup, self.total_steps)  # LP-FT
 
     @property
@@ -392,6 +391,9 @@ class Trainer(CheckpointMixin):
                     raise DeltaError(f"parallel='fsdp' is not supported here: {why}; use parallel='ddp'")
                 self.net = dtd.wrap(model, c.parallel, self.device)
                 self.params = [p for p in model.parameters() if p.requires_grad]  # FSDP: the sharded ones
+                if self._own_head:  # FSDP made new Parameters: the head's rate and LP-FT must name those
+                    self.head = head_parameters(model)
+                    self.head_warmup = HeadWarmup(self.params, self.head, c.head_warmup, self.total_steps)
         return compiled
 
     def _resume_or_seed(self, resume: bool, opt, sched) -> int:
