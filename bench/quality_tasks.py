@@ -196,6 +196,8 @@ CANDIDATES = {
     # label smoothing 0.1 (TrainConfig.label_smoothing): the default since this set; "-ls0" = without
     "full-ls0": ["--method", "full", "--label-smoothing", "0"],
     "lora-ls0": ["--method", "lora", "--label-smoothing", "0"],
+    # LoRA on the attention's query and value only (the LoRA paper's GLUE setting) instead of every linear
+    "lora-qv": ["--method", "lora", "-o", "targets=[query,value]"],
     "lora6e-4-lpft": ["--method", "lora", "--lr", "6e-4", "--head-warmup", "0.25"],
     "dora6e-4-lpft": ["--method", "lora", "-o", "dora=true", "--lr", "6e-4", "--head-warmup", "0.25"],
     # causal LMs without LM_LR_FACTOR's halving (the classifiers' 1e-3); not measured yet.  Note the
