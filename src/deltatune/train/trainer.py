@@ -87,7 +87,6 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 COMPILE_AUTO_STEPS = 500  # compile="auto": ~30-60 s of compiling is repaid well before this many steps
 
 
-
 @dataclass
 class TrainConfig:
     lr: float = 1e-3  # adapters and fresh heads learn at ~1e-3 (full fine-tuning wants ~5e-5; the CLI picks per method)
