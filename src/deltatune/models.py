@@ -21,6 +21,7 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 
 from .core.delta import DeltaError
 from .quant.load import QUANT_TASKS, SCHEMES, load_quantized
+from .text import classifier as pooled
 from .vision.classifier import is_vision_spec, load_vision_model
 
 AUTO_CLASSES = {
@@ -244,7 +245,8 @@ def load_model(spec: str, task: str, label_names: list[str] | None = None, trust
         kw.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                   label2id={n: i for i, n in enumerate(label_names)}, ignore_mismatched_sizes=True)
     try:
-        model = cls.from_pretrained(path, **kw)
+        model = _load_classifier(path, kw) if task == "classify" else None
+        model = model if model is not None else cls.from_pretrained(path, **kw)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise DeltaError(f"{spec}: the model needs custom code from its repository; pass --trust-remote-code "
@@ -265,6 +267,19 @@ def load_model(spec: str, task: str, label_names: list[str] | None = None, trust
         if proc is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = proc.pad_token_id
     return model, proc, path
+
+
+def _load_classifier(path: str, kw: dict):
+    """A sentence-transformers checkpoint (or a full run saved from one) classified through the
+    pooling it declares (text/classifier.py); None for every other model."""
+    local = path if Path(path).is_dir() else cached_snapshot(path)  # a Hub id: its cached snapshot
+    if local is None:
+        return None
+    d = Path(local)
+    if pooled.is_saved(d):
+        return pooled.load_saved(d, kw)
+    how = pooled.sentence_pooling(d)
+    return pooled.load_pooled(path, how, kw) if how is not None else None
 
 
 def configure_threads(threads: int | None = None) -> int:

@@ -21,10 +21,26 @@ from .core.delta import DeltaError
 from .files import (WriteError, atomic_dir, atomic_write, atomic_write_json, exchange, fsync_path, fsync_tree,
                     new_mode, recover_dir, safe_join, umask, write_error)
 
-__all__ = ["NanGuard", "NonFiniteError", "check_finite", "describe", "first_nonfinite",
+__all__ = ["NanGuard", "NonFiniteError", "check_finite", "describe", "first_nonfinite", "load_exact",
            # the file helpers, documented as dt.safety.*; their home is deltatune.files
            "WriteError", "atomic_dir", "atomic_write", "atomic_write_json", "exchange", "fsync_path", "fsync_tree",
            "new_mode", "recover_dir", "safe_join", "umask", "write_error"]
+
+# --------------------------------------------------------------------------- verified loads
+
+def load_exact(model: nn.Module, path, what: str) -> None:
+    """Load a saved full model's safetensors file into ``model``: every key of the file and of the
+    model must match (a damaged file or one from another model is one DeltaError line, never a
+    half-loaded model).  ``what`` names the architecture in the message."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    bad = set(sd) ^ set(model.state_dict())
+    if bad:
+        raise DeltaError(f"{path}: keys do not match {what} ({sorted(bad)[:4]} ...); the directory is damaged "
+                         "or from another model")
+    model.load_state_dict(sd, strict=True)
+
 
 # --------------------------------------------------------------------------- numerical faults
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..core.delta import DeltaError, has_adapters
+from ..safety import load_exact
 from .images import ImageConfig, Preprocessor
 from .ports import timm_twin
 
@@ -303,8 +304,6 @@ def _classifier(net: nn.Module, image: ImageConfig, spec: str, label_names: list
 
 def load_saved(d: Path, label_names: list[str] | None) -> VisionModelForImageClassification:
     """A full fine-tuning run's ``model/`` directory: rebuild from vision_model.json, load exactly."""
-    from safetensors.torch import load_file
-
     try:
         cfg = json.loads((d / SPEC_FILE).read_text(encoding="utf-8"))
         net, _ = build(cfg["spec"])
@@ -315,12 +314,7 @@ def load_saved(d: Path, label_names: list[str] | None) -> VisionModelForImageCla
         raise DeltaError(f"{d}: the model was trained on labels {names}, not {label_names}")
     model = _classifier(net, ImageConfig.from_dict(cfg.get("image", {})), cfg["spec"], names)
     model.config.weights = cfg.get("weights")
-    sd = load_file(str(d / WEIGHTS_FILE))
-    bad = set(sd) ^ set(model.state_dict())
-    if bad:
-        raise DeltaError(f"{d / WEIGHTS_FILE}: keys do not match {cfg['spec']} ({sorted(bad)[:4]} ...); "
-                         "the directory is damaged or from another model")
-    model.load_state_dict(sd, strict=True)
+    load_exact(model, d / WEIGHTS_FILE, cfg["spec"])
     return model
 
 

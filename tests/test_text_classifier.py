@@ -1,0 +1,189 @@
+"""Sentence-transformers checkpoints classified through the pooling they declare
+(deltatune/text/classifier.py).  The oracle for the pooled vector is sentence-transformers'
+own ``SentenceTransformer.encode`` on the same directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltatune.core.delta import DeltaError
+from deltatune.text import classifier as tc
+
+from cli_fixtures import run_cli, spam_rows, tiny_bert_dir, write_csv
+
+MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+         "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens", "lasttoken": "pooling_mode_lasttoken"}
+
+
+def st_dir(path: Path, mode: str = "mean", normalize: bool = True) -> Path:
+    """A tiny BERT saved as sentence-transformers saves one: modules.json, 1_Pooling, 2_Normalize."""
+    tiny_bert_dir(path)
+    mods = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        mods.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (path / "2_Normalize").mkdir()
+    (path / "modules.json").write_text(json.dumps(mods))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, **{k: k == MODES[mode] for k in MODES.values()}}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    return path
+
+
+def pooled_vectors(model, tok, texts):
+    """The vector the head reads: the classifier's input, captured by a forward pre-hook."""
+    seen = []
+    h = model.classifier.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        model(**tok(texts, padding=True, return_tensors="pt"))
+    h.remove()
+    return seen[0]
+
+
+TEXTS = ["win a free prize now", "see you at lunch", "can you call me later"]
+
+
+# --------------------------------------------------------------------------- reading the declaration
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_declared_pooling_is_read(tmp_path, mode):
+    assert tc.sentence_pooling(st_dir(tmp_path, mode, normalize=False)) == {"pooling": mode, "normalize": False}
+
+
+def test_plain_transformers_directory_is_not_pooled(tmp_path):
+    assert tc.sentence_pooling(tiny_bert_dir(tmp_path)) is None
+
+
+def test_unknown_pooling_and_escaping_paths_keep_transformers_class(tmp_path):
+    d = st_dir(tmp_path)
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    assert tc.sentence_pooling(d) is None
+    mods = json.loads((d / "modules.json").read_text())
+    mods[1]["path"] = "../../etc"
+    (d / "modules.json").write_text(json.dumps(mods))
+    assert tc.sentence_pooling(d) is None
+
+
+def test_oversized_or_broken_declaration_is_one_line(tmp_path):
+    d = st_dir(tmp_path)
+    (d / "modules.json").write_text("[" + " " * (tc.MAX_JSON + 1) + "]")
+    with pytest.raises(DeltaError, match="too large"):
+        tc.sentence_pooling(d)
+    (d / "modules.json").write_text("[{")
+    with pytest.raises(DeltaError, match="not valid JSON"):
+        tc.sentence_pooling(d)
+
+
+# --------------------------------------------------------------------------- pooling arithmetic
+
+def test_pool_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 4, 3, generator=g)  # (B, T, H)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert torch.allclose(tc.pool(s, mask, "mean")[1], s[1, :2].mean(0))
+    assert torch.allclose(tc.pool(s, mask, "mean_sqrt_len")[1], s[1, :2].sum(0) / 2 ** 0.5)
+    assert torch.allclose(tc.pool(s, mask, "max")[1], s[1, :2].amax(0))
+    assert torch.equal(tc.pool(s, mask, "cls"), s[:, 0])
+    assert torch.equal(tc.pool(s, mask, "lasttoken"), torch.stack([s[0, 3], s[1, 1]]))
+    # prompt tuning: 2 virtual tokens lead (B, 2+T, H); they are attended, the mask is (B, T)
+    s2 = torch.randn(2, 6, 3, generator=g)
+    assert torch.allclose(tc.pool(s2, mask, "mean")[1], s2[1, :4].mean(0))
+
+
+# --------------------------------------------------------------------------- against sentence-transformers
+
+@pytest.mark.parametrize("mode,normalize", [("mean", True), ("cls", False), ("max", False), ("mean_sqrt_len", False)])
+def test_pooled_vector_equals_sentence_transformers_encode(tmp_path, mode, normalize):
+    st = pytest.importorskip("sentence_transformers")
+    from deltatune.models import load_model
+
+    d = st_dir(tmp_path, mode, normalize)
+    model, tok, _ = load_model(str(d), "classify", ["ham", "spam"])
+    assert isinstance(model, tc.PooledModelForSequenceClassification)
+    ours = pooled_vectors(model, tok, TEXTS)
+    ref = st.SentenceTransformer(str(d), device="cpu", local_files_only=True).encode(TEXTS, convert_to_tensor=True)
+    torch.testing.assert_close(ours, ref.cpu(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_packaged_minilm_pools_as_sentence_transformers():
+    st = pytest.importorskip("sentence_transformers")
+    from deltatune.models import load_model
+    from real_data import minilm_dir
+
+    d = minilm_dir()
+    model, tok, _ = load_model(str(d), "classify", ["neg", "pos"])
+    assert model.config.sentence_pooling == {"pooling": "mean", "normalize": True}
+    ref = st.SentenceTransformer(str(d), device="cpu", local_files_only=True).encode(TEXTS, convert_to_tensor=True)
+    torch.testing.assert_close(pooled_vectors(model, tok, TEXTS), ref.cpu(), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- the library on it
+
+def test_paths_read_as_transformers_and_head_is_fresh(tmp_path):
+    from deltatune.core.targets import auto_modules_to_save
+    from deltatune.models import load_model
+
+    model, _, _ = load_model(str(st_dir(tmp_path)), "classify", ["ham", "spam"])
+    names = [n for n, _ in model.named_parameters()]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in names
+    assert not [n for n in names if "pooler" in n]  # never read: not carried
+    assert auto_modules_to_save(model) == ["classifier"]
+    assert model.config.id2label == {0: "ham", 1: "spam"}
+
+
+def test_labels_give_the_losses_transformers_gives(tmp_path):
+    from deltatune.models import load_model
+
+    model, tok, _ = load_model(str(st_dir(tmp_path)), "classify", ["ham", "spam"])
+    model.eval()
+    b = tok(TEXTS[:2], padding=True, return_tensors="pt")
+    out = model(**b, labels=torch.tensor([1, 0]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([1, 0])))
+    assert model.config.problem_type == "single_label_classification"
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_train_then_eval_reproduces_the_run(tmp_path, method):
+    """train on a sentence-transformers directory, then ``eval`` of the saved run (an adapter over
+    the recorded base, or a full run's own model directory) reproduces the run's held-out numbers."""
+    d = st_dir(tmp_path / "st")
+    rows = spam_rows(48)
+    write_csv(tmp_path / "train.csv", rows[:36])
+    write_csv(tmp_path / "val.csv", rows[36:])
+    run_cli("train", "--model", d, "--data", tmp_path / "train.csv", "--val-data", tmp_path / "val.csv",
+            "--method", method, "--max-steps", "6", "--output", tmp_path / "run")
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    again = json.loads(run_cli("eval", "--adapter", tmp_path / "run", "--data", tmp_path / "val.csv", "--json").stdout)
+    assert again["metrics"]["accuracy"] == pytest.approx(trained["after"]["accuracy"])
+    assert again["metrics"]["loss"] == pytest.approx(trained["after"]["loss"], rel=1e-4)
+    assert trained["forgetting"]["kind"] == "representation_drift"
+
+
+def test_full_run_saves_a_sentence_transformers_directory(tmp_path):
+    """A full run's model directory reloads exactly in deltatune and, body + pooling, in
+    sentence-transformers (the oracle again)."""
+    st = pytest.importorskip("sentence_transformers")
+    from deltatune.models import load_model
+
+    model, tok, _ = load_model(str(st_dir(tmp_path / "st")), "classify", ["ham", "spam"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "tuned": differs from the base everywhere
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    back, tok2, _ = load_model(str(tmp_path / "saved"), "classify", ["ham", "spam"])
+    b = tok(TEXTS, padding=True, return_tensors="pt")
+    model.eval(), back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**b).logits, model(**b).logits, atol=0, rtol=0)
+    ref = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu", local_files_only=True)
+    torch.testing.assert_close(pooled_vectors(model, tok, TEXTS), ref.encode(TEXTS, convert_to_tensor=True).cpu(),
+                               atol=1e-5, rtol=1e-4)
+    with pytest.raises(DeltaError, match="trained on 2 labels"):
+        load_model(str(tmp_path / "saved"), "classify", ["a", "b", "c"])
