@@ -203,4 +203,8 @@ CANDIDATES = {
     # causal LMs without LM_LR_FACTOR's halving (the classifiers' 1e-3); not measured yet.  Note the
     # update scale lr * alpha / r is then 2e-3, above QLoRA's 5e-5 and LoRA's GPT-2 M E2E 1.6e-3
     "lora-lm-1e-3": ["--method", "lora", "--lr", "1e-3"],
+    # sentence-transformers checkpoints are classified through their declared pooling since this set
+    # (text/classifier.py), with LP-FT 0.25 by default there: "-lpft0" = that head without LP-FT
+    "lora-lpft0": ["--method", "lora", "--head-warmup", "0"],
+    "full-lpft0": ["--method", "full", "--head-warmup", "0"],
 }

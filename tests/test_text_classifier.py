@@ -11,6 +11,7 @@ import torch
 
 from deltatune.core.delta import DeltaError
 from deltatune.text import classifier as tc
+from deltatune.text.classifier import SENTENCE_HEAD_WARMUP
 
 from cli_fixtures import run_cli, spam_rows, tiny_bert_dir, write_csv
 
@@ -159,6 +160,7 @@ def test_train_then_eval_reproduces_the_run(tmp_path, method):
     run_cli("train", "--model", d, "--data", tmp_path / "train.csv", "--val-data", tmp_path / "val.csv",
             "--method", method, "--max-steps", "6", "--output", tmp_path / "run")
     trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert trained["train_config"]["head_warmup"] == SENTENCE_HEAD_WARMUP  # LP-FT on the declared embedding
     again = json.loads(run_cli("eval", "--adapter", tmp_path / "run", "--data", tmp_path / "val.csv", "--json").stdout)
     assert again["metrics"]["accuracy"] == pytest.approx(trained["after"]["accuracy"])
     assert again["metrics"]["loss"] == pytest.approx(trained["after"]["loss"], rel=1e-4)
@@ -187,3 +189,17 @@ def test_full_run_saves_a_sentence_transformers_directory(tmp_path):
                                atol=1e-5, rtol=1e-4)
     with pytest.raises(DeltaError, match="trained on 2 labels"):
         load_model(str(tmp_path / "saved"), "classify", ["a", "b", "c"])
+
+
+def test_lp_ft_default_only_for_the_declared_embedding(tmp_path):
+    """--head-warmup's CLI default: 0.25 on a sentence-transformers checkpoint, 0 on transformers'
+    own classifier (pooler([CLS])), and the flag wins over both."""
+    rows = spam_rows(24)
+    write_csv(tmp_path / "train.csv", rows)
+    cases = [(st_dir(tmp_path / "st"), [], SENTENCE_HEAD_WARMUP), (st_dir(tmp_path / "st0"), ["--head-warmup", "0"], 0.0),
+             (tiny_bert_dir(tmp_path / "plain"), [], 0.0)]
+    for i, (d, flags, want) in enumerate(cases):
+        run_cli("train", "--model", d, "--data", tmp_path / "train.csv", "--max-steps", "2", "--output",
+                tmp_path / f"r{i}", "--no-progress", *flags)
+        got = json.loads((tmp_path / f"r{i}" / "metrics.json").read_text())["train_config"]["head_warmup"]
+        assert got == want, (d.name, flags)

@@ -79,6 +79,14 @@ def umask() -> int:
     return m
 
 
+def chmod_written(d: str | os.PathLike) -> None:
+    """Give every file under ``d`` the mode a plain write would (0666 & ~umask): transformers and
+    safetensors write weights through 0600 temporary files."""
+    for f in Path(d).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~umask())
+
+
 def new_mode(existing: str | os.PathLike, default: int) -> int:
     """Permission bits for a file or directory replacing ``existing``: its own if it exists, else
     ``default`` (0o666 files, 0o777 directories) less the umask - what open()/mkdir() would give;

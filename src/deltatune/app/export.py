@@ -10,7 +10,6 @@ in one atomic step, and returns what it checked.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,8 @@ from typing import Callable
 import torch
 
 from ..core.delta import DeltaError
-from ..safety import atomic_dir, umask
+from ..files import chmod_written
+from ..safety import atomic_dir
 from ..models import quiet_progress
 from .gguf_export import DTYPES, check_exportable, load_gguf, logits_gap, write_gguf
 
@@ -27,12 +27,6 @@ from .gguf_export import DTYPES, check_exportable, load_gguf, logits_gap, write_
 class Exported:
     files: list[str]  # written, relative to the output directory
     check: dict  # what was verified after writing (name -> value)
-
-
-def _chmod_files(d: Path) -> None:
-    for f in d.rglob("*"):  # transformers writes its weights through a 0600 temp file
-        if f.is_file() and not f.is_symlink():
-            os.chmod(f, 0o666 & ~umask())
 
 
 def save_safetensors(merged, proc, tmp: Path, dtype: str, inputs: dict | None) -> Exported:
@@ -88,5 +82,5 @@ def export_merged(merged, proc, out: Path, fmt: str = "safetensors", dtype: str 
         res = FORMATS[fmt](merged, proc, tmp, dtype, inputs, **kw)
         if extra is not None:
             extra(tmp, res)
-        _chmod_files(tmp)
+        chmod_written(tmp)
     return res

@@ -22,13 +22,12 @@ from ..data import packing
 from ..tracking import make_trackers, parse_report_to
 from .calibration import check_quantize, from_examples
 from .console import library_log
-
 from ..core import model_state
 from ..core.delta import DeltaError
 from ..core.method import METHODS, Method
 from ..data.chat_encode import TRAIN_ON, chat_template_text
 from ..data.examples import collate, encode, load_examples, split_validation
-from ..files import atomic_dir, atomic_write_json, umask
+from ..files import atomic_dir, atomic_write_json, chmod_written
 from ..models import load_model, load_quantized_model
 from ..storage import model_card
 from ..train import distributed as dtd
@@ -36,6 +35,7 @@ from ..train.losses import causal_lm_batch_loss
 from ..train.memory import checkpointing_pays
 from ..train.checkpoint import CHECKPOINTS
 from ..train.runlock import run_lock
+from ..text.classifier import SENTENCE_HEAD_WARMUP
 from ..train.trainer import TrainConfig, Trainer, plot
 from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
 
@@ -294,9 +294,10 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     art = _save_artifact(o, out, rank, trainer, model, proc, task_info, result, metric, tracker)
     metrics = {
         "task": o.task, "model": o.model, "data": o.data, "method": o.method, "method_options": o.method_options,
-        "train_rows": len(train_ex), "val_rows": len(val_ex), "lr": lr, "train_config": dataclasses.asdict(cfg),
-        "before": before, "after": after, "metric": metric, "forgetting": forgetting,
-        "trainable_params": counts.trainable, "total_params": counts.total, "trainable_percent": counts.percent,
+        "pooling": getattr(model.config, "sentence_pooling", None), "train_rows": len(train_ex), "val_rows": len(val_ex),
+        "lr": lr, "train_config": dataclasses.asdict(cfg), "before": before, "after": after, "metric": metric,
+        "forgetting": forgetting, "trainable_params": counts.trainable, "total_params": counts.total,
+        "trainable_percent": counts.percent,
         "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
         "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
         "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
@@ -386,6 +387,9 @@ def _train_config(o: RunOptions, model, lr: float, metric: str, greater: bool, b
         log(f"quantized base ({o.quantize}{f', calibrated on {cal} batch(es)' if cal else ''}): gradient checkpointing "
             f"{'on' if small['gradient_checkpointing'] else 'off'}"
             " (activations estimate vs the quantized weights; --gradient-checkpointing forces it)")
+    if "head_warmup" not in o.train and getattr(model.config, "sentence_pooling", None):  # text/classifier.py
+        small["head_warmup"] = SENTENCE_HEAD_WARMUP
+        log(f"LP-FT: the new head trains alone for {SENTENCE_HEAD_WARMUP:.0%} of the steps (--head-warmup 0: off)")
     return TrainConfig(**{"lr": lr, "metric": metric, "greater_is_better": greater, **small, **o.train})
 
 
@@ -470,16 +474,12 @@ def set_chat_template(proc, value: str | None) -> str | None:
 def save_pretrained_atomic(model, proc, out: Path) -> Path:
     """``save_pretrained`` into a temp dir next to ``out``, fsync, then one atomic swap
     (``safety.atomic_dir``): readers and crashes see the old model dir or the new one, never half."""
-    import os
-
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if proc is not None and hasattr(proc, "save_pretrained"):
             proc.save_pretrained(tmp)
-        for f in tmp.rglob("*"):  # transformers writes its weights through a 0600 temp file
-            if f.is_file() and not f.is_symlink():
-                os.chmod(f, 0o666 & ~umask())
+        chmod_written(tmp)
     return out
 
 

@@ -33,6 +33,10 @@ from torch import nn
 from ..core.delta import DeltaError
 from ..safety import load_exact
 
+# LP-FT's share (``--head-warmup``) the CLI gives these models: the declared embedding is what the
+# checkpoint was trained to make, so a linear probe on it is already strong and the body then moves
+# less (Kumar et al. 2022); on transformers' pooler([CLS]) the probe is weak and LP-FT cost accuracy
+SENTENCE_HEAD_WARMUP = 0.25
 SPEC_FILE = "text_classifier.json"  # written by save_pretrained: the pooling of a saved full run
 WEIGHTS_FILE = "model.safetensors"
 MAX_JSON = 1 << 20  # sentence-transformers' modules.json / pooling config are < 1 KB; bound the read
