@@ -207,4 +207,5 @@ CANDIDATES = {
     # (text/classifier.py), with LP-FT 0.25 by default there: "-lpft0" = that head without LP-FT
     "lora-lpft0": ["--method", "lora", "--head-warmup", "0"],
     "full-lpft0": ["--method", "full", "--head-warmup", "0"],
+    "lora7e-4-lpft0": ["--method", "lora", "--lr", "7e-4", "--head-warmup", "0"],
 }

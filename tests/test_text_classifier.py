@@ -161,6 +161,9 @@ def test_train_then_eval_reproduces_the_run(tmp_path, method):
             "--method", method, "--max-steps", "6", "--output", tmp_path / "run")
     trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert trained["train_config"]["head_warmup"] == SENTENCE_HEAD_WARMUP  # LP-FT on the declared embedding
+    assert trained["pooling"] == {"pooling": "mean", "normalize": True}
+    card = (Path(trained["artifact"]) / "README.md").read_text()
+    assert "mean-pooled, L2-normalised" in card and "pooler([CLS])" in card
     again = json.loads(run_cli("eval", "--adapter", tmp_path / "run", "--data", tmp_path / "val.csv", "--json").stdout)
     assert again["metrics"]["accuracy"] == pytest.approx(trained["after"]["accuracy"])
     assert again["metrics"]["loss"] == pytest.approx(trained["after"]["loss"], rel=1e-4)
@@ -203,3 +206,30 @@ def test_lp_ft_default_only_for_the_declared_embedding(tmp_path):
                 tmp_path / f"r{i}", "--no-progress", *flags)
         got = json.loads((tmp_path / f"r{i}" / "metrics.json").read_text())["train_config"]["head_warmup"]
         assert got == want, (d.name, flags)
+
+
+def test_merged_lora_equals_the_adapter_and_reloads(tmp_path):
+    """merge of a LoRA trained on a sentence-transformers base: the merged directory reloads
+    (text_classifier.json) with the adapter's logits, and sentence-transformers reads its body."""
+    st = pytest.importorskip("sentence_transformers")
+    import deltatune as dt
+    from deltatune.models import load_model
+
+    d = st_dir(tmp_path / "st")
+    write_csv(tmp_path / "train.csv", spam_rows(32))
+    run_cli("train", "--model", d, "--data", tmp_path / "train.csv", "--max-steps", "4", "--lr", "0.05",
+            "--output", tmp_path / "run", "--no-progress")
+    run_cli("merge", "--adapter", tmp_path / "run", "--output", tmp_path / "merged")
+    base, tok, _ = load_model(str(d), "classify", ["ham", "spam"])
+    dt.load(base, tmp_path / "run" / "adapter")
+    merged, _, _ = load_model(str(tmp_path / "merged"), "classify", ["ham", "spam"])
+    assert isinstance(merged, tc.PooledModelForSequenceClassification)
+    b = tok(TEXTS, padding=True, return_tensors="pt")
+    base.eval(), merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**b).logits, base(**b).logits, atol=1e-5, rtol=1e-4)
+        with dt.disabled(base):  # the body did change: the check above is not base == base
+            assert not torch.allclose(pooled_vectors(base, tok, TEXTS), pooled_vectors(merged, tok, TEXTS), atol=1e-4)
+    ref = st.SentenceTransformer(str(tmp_path / "merged"), device="cpu", local_files_only=True)
+    torch.testing.assert_close(pooled_vectors(merged, tok, TEXTS), ref.encode(TEXTS, convert_to_tensor=True).cpu(),
+                               atol=1e-5, rtol=1e-4)

@@ -458,7 +458,7 @@ def write_run_card(o: RunOptions, m: dict, art: Path, fmt: str | None = None) ->
         trainable=m["trainable_params"], total=m["total_params"], datasets=[o.data if not Path(o.data).exists()
                                                                            else Path(o.data).name],
         data=data, metrics={k: (m["before"].get(k), m["after"][k]) for k in keys}, main_metric=m["metric"],
-        forgetting=m.get("forgetting"), command=o.command, config=card_config(o))
+        forgetting=m.get("forgetting"), command=o.command, config=card_config(o), pooling=m.get("pooling"))
     model_card.write(art, text)
 
 

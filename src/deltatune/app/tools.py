@@ -372,7 +372,8 @@ def _write_merged_card(out: Path, adapter_dir: Path, base: str, task: str, info:
         method_config=manifest.get("config"), task=task, merged_from=str(adapter_dir.resolve()),
         datasets=[Path(run["data"]).name] if run.get("data") else None,
         metrics={k: (before.get(k), v) for k, v in after.items()} or None, main_metric=run.get("metric"),
-        forgetting=run.get("forgetting"), gguf_file=(files or [None])[0] if fmt == "gguf" else None))
+        forgetting=run.get("forgetting"), gguf_file=(files or [None])[0] if fmt == "gguf" else None,
+        pooling=run.get("pooling")))
 
 
 def merge_adapter(adapter, output, model=None, task=None, force=False, trust_remote_code=False,

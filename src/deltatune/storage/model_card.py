@@ -70,9 +70,10 @@ def card(*, base_model: str | None, method: str, method_config: dict | None = No
          trainable: int | None = None, total: int | None = None, datasets: list[str] | None = None,
          data: str | None = None, metrics: dict[str, tuple[Any, Any]] | None = None, main_metric: str | None = None,
          forgetting: dict | None = None, command: str | None = None, config: dict | None = None,
-         merged_from: str | None = None, gguf_file: str | None = None) -> str:
+         merged_from: str | None = None, gguf_file: str | None = None, pooling: dict | None = None) -> str:
     """The README.md text. ``metrics``: name -> (before, after); ``gguf_file``: a merged model
-    exported as that GGUF file (tagged ``gguf``, as the Hub lists such repositories)."""
+    exported as that GGUF file (tagged ``gguf``, as the Hub lists such repositories); ``pooling``:
+    the sentence-transformers pooling the head read (deltatune/text/classifier.py), or None."""
     tags = (["deltatune", method] + ([task] if task else []) + (["merged"] if merged_from else [])
             + (["gguf"] if gguf_file else []))
     head = front_matter({
@@ -95,6 +96,12 @@ def card(*, base_model: str | None, method: str, method_config: dict | None = No
         body += [f"- **Trainable parameters:** {trainable:,} of {total:,} ({100 * trainable / total:.3f} %)"]
     if task:
         body += [f"- **Task:** {task}"]
+    if pooling:  # peft / transformers users must not expect AutoModelForSequenceClassification to match
+        how = pooling.get("pooling", "mean") + ("-pooled, L2-normalised" if pooling.get("normalize") else "-pooled")
+        body += [f"- **Head:** a linear classifier on the base's {how} token states (the sentence embedding its "
+                 "`modules.json` declares), rebuilt by deltatune on load; transformers' "
+                 "`AutoModelForSequenceClassification` (and peft on it) reads `pooler([CLS])` instead and will not "
+                 "reproduce these results"]
     if data:
         body += [f"- **Data:** {data}"]
     if command:
