@@ -208,4 +208,7 @@ CANDIDATES = {
     "lora-lpft0": ["--method", "lora", "--head-warmup", "0"],
     "full-lpft0": ["--method", "full", "--head-warmup", "0"],
     "lora7e-4-lpft0": ["--method", "lora", "--lr", "7e-4", "--head-warmup", "0"],
+    # the table's cells with other seeds (head init, data order, dropout): how far one seed's drift can be trusted
+    "lora-seed1": ["--method", "lora", "--seed", "1"], "lora-seed2": ["--method", "lora", "--seed", "2"],
+    "full-seed1": ["--method", "full", "--seed", "1"], "full-seed2": ["--method", "full", "--seed", "2"],
 }

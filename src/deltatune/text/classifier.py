@@ -114,6 +114,7 @@ class PooledModelForSequenceClassification(nn.Module):
             body.pooler = _NoPooler()
         self.config = body.config
         self.config.sentence_pooling = dict(pooling)
+        self._no_split_modules = getattr(body, "_no_split_modules", None)  # FSDP's blocks (train/distributed.py)
         cfg = self.config
         p = getattr(cfg, "classifier_dropout", None)
         self.dropout = nn.Dropout(p if p is not None else getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
