@@ -233,3 +233,53 @@ def test_merged_lora_equals_the_adapter_and_reloads(tmp_path):
     ref = st.SentenceTransformer(str(tmp_path / "merged"), device="cpu", local_files_only=True)
     torch.testing.assert_close(pooled_vectors(merged, tok, TEXTS), ref.encode(TEXTS, convert_to_tensor=True).cpu(),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_served_classify_equals_the_library_in_mixed_padded_batches(tmp_path):
+    """deltatune serve on a sentence-transformers base: rows of different lengths and adapters
+    batched together (padding, per-row adapters) score as the library scores each row alone."""
+    pytest.importorskip("httpx"), pytest.importorskip("fastapi"), pytest.importorskip("uvicorn")
+    import concurrent.futures
+
+    import httpx
+
+    import deltatune as dt
+    from deltatune.models import load_model
+    from deltatune.serve.app import ServerThread, build_app
+
+    def load():  # the base's fresh head is random: the same seed gives the server and the reference the same one
+        torch.manual_seed(0)
+        return load_model(str(d), "classify", ["ham", "spam"])[:2]
+
+    d = st_dir(tmp_path / "st")
+    m, tok = load()
+    for i, n in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        dt.attach(m, "lora", name=n, r=4)
+        with torch.no_grad():
+            for t in dt.adapter_tensors(m, n).values():
+                t.add_(0.05 * torch.randn_like(t))
+        dt.save(m, tmp_path / "adapters" / n, name=n)
+    ref = load()[0]
+    for n in ("a", "b"):
+        dt.load(ref, tmp_path / "adapters" / n, name=n)
+    app = build_app(load()[0], tok, tmp_path / "adapters", window_ms=80)  # never put in eval mode by the test
+    jobs = [("a", TEXTS[0]), ("b", TEXTS[1]), (None, TEXTS[2]), ("a", "lunch")]
+
+    def send(job):
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            return c.post("/v1/classify", json={"adapter": job[0], "text": job[1]})
+
+    with ServerThread(app) as srv, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(send, jobs))
+    for (a, text), r in zip(jobs, rs):
+        assert r.status_code == 200, r.text
+        b = tok([text], return_tensors="pt")
+        with torch.no_grad():
+            if a is None:
+                with dt.disabled(ref):
+                    logits = ref(**b).logits
+            else:
+                dt.activate(ref, a)
+                logits = ref(**b).logits
+        torch.testing.assert_close(torch.tensor(r.json()["scores"]), logits.softmax(-1)[0], atol=1e-5, rtol=1e-4)

@@ -196,7 +196,9 @@ def load_pooled(path: str, pooling: dict, kw: dict) -> PooledModelForSequenceCla
     import transformers
 
     body = transformers.AutoModel.from_pretrained(path, **{k: v for k, v in kw.items() if k != "ignore_mismatched_sizes"})
-    return PooledModelForSequenceClassification(body, pooling)
+    # in eval mode, as from_pretrained leaves a model: a server that never calls .train() must not
+    # run the head's dropout (the trainer switches modes itself)
+    return PooledModelForSequenceClassification(body, pooling).eval()
 
 
 def load_saved(d: Path, kw: dict) -> PooledModelForSequenceClassification:
@@ -213,7 +215,7 @@ def load_saved(d: Path, kw: dict) -> PooledModelForSequenceClassification:
     body = transformers.AutoModel.from_config(cfg, trust_remote_code=kw.get("trust_remote_code", False))
     model = PooledModelForSequenceClassification(body, pooling)
     load_exact(model, d / WEIGHTS_FILE, f"a {type(body).__name__} classifier")
-    return model
+    return model.eval()  # as from_pretrained: see load_pooled
 
 
 def is_saved(path: str | Path) -> bool:
