@@ -356,4 +356,4 @@ def load_vision_model(spec: str, label_names: list[str] | None, weights: str | N
     if log is not None:
         log(f"inputs: {image.channels}×{image.size}×{image.size}, mean {tuple(round(m, 3) for m in image.mean)}, "
             f"std {tuple(round(s, 3) for s in image.std)} ({image.source})")
-    return model, Preprocessor(image), spec
+    return model.eval(), Preprocessor(image), spec  # eval mode, as from_pretrained leaves a model (BatchNorm, dropout)
