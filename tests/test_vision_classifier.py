@@ -96,6 +96,17 @@ def test_batchnorm_statistics_stay_put_under_peft_and_move_in_full(factory):
     assert not torch.equal(full.net.bn.running_mean, before)
 
 
+def test_loaded_in_eval_mode_so_sparse_selection_keeps_the_base_statistics(factory):
+    """As from_pretrained models, a loaded vision model is in eval mode: sparse (GPS) selection's
+    gradient pass before training must not update the base's BatchNorm running statistics."""
+    model, _, _ = load_vision_model(factory, ["a", "b"])
+    assert not model.training
+    before = model.net.bn.running_mean.clone()
+    batches = [{"pixel_values": torch.randn(4, 3, 16, 16) * 3 + 1, "labels": torch.tensor([0, 1, 0, 1])}]
+    dt.attach(model, "sparse", budget=0.05, batches=batches)
+    assert torch.equal(model.net.bn.running_mean, before)
+
+
 def test_weights_every_key_checked(factory, tmp_path):
     net = __import__("tiny_factory").build()
     torch.save(net.state_dict(), tmp_path / "w.pth")
