@@ -94,6 +94,9 @@ def test_pool_ignores_padding():
     # prompt tuning: 2 virtual tokens lead (B, 2+T, H); they are attended, the mask is (B, T)
     s2 = torch.randn(2, 6, 3, generator=g)
     assert torch.allclose(tc.pool(s2, mask, "mean")[1], s2[1, :4].mean(0))
+    # prefix tuning: the mask (B, P+T) also covers 3 cached prefix positions the states (B, T, H) do not have
+    long = torch.cat([torch.ones(2, 3, dtype=torch.long), mask], dim=1)
+    assert torch.allclose(tc.pool(s, long, "mean")[1], s[1, :2].mean(0))
 
 
 # --------------------------------------------------------------------------- against sentence-transformers
@@ -283,3 +286,51 @@ def test_served_classify_equals_the_library_in_mixed_padded_batches(tmp_path):
                 dt.activate(ref, a)
                 logits = ref(**b).logits
         torch.testing.assert_close(torch.tensor(r.json()["scores"]), logits.softmax(-1)[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["adalora", "adapter", "bitfit", "ia3", "ln", "lora", "prefix", "prompt", "sparse",
+                                    "vera"])
+def test_every_method_on_the_pooled_classifier(tmp_path, method):
+    """Each method on a sentence-transformers classifier: attaches, only its tensors (and the head)
+    get gradients, output unchanged at init where the method promises it, disabling gives the base
+    back, and save/load reproduces the outputs."""
+    import deltatune as dt
+    from deltatune.models import load_model
+
+    assert method in dt.METHODS
+    d = st_dir(tmp_path / "st")
+
+    def load():
+        torch.manual_seed(0)
+        return load_model(str(d), "classify", ["ham", "spam"])[:2]
+
+    m, tok = load()
+    b = dict(tok(TEXTS, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        y_base = m(**b).logits
+    dt.attach(m, method, **({"batches": [{**b, "labels": torch.tensor([1, 0, 0])}]} if method == "sparse" else {}))
+    m.eval()
+    with torch.no_grad():
+        y_init = m(**b).logits
+    if method not in ("prefix", "prompt"):  # virtual tokens change the output by design
+        torch.testing.assert_close(y_init, y_base, atol=1e-5, rtol=0)
+    m.train()
+    m(**b, labels=torch.tensor([1, 0, 0])).loss.backward()
+    saved = {id(t) for t in dt.adapter_tensors(m, "default").values()}  # what the adapter file holds (head included)
+    moved = [n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert moved and all(id(p) in saved for n, p in m.named_parameters() if n in moved), moved[:4]
+    with torch.no_grad():
+        for t in dt.adapter_tensors(m, "default").values():
+            if t.is_floating_point():
+                t.add_(0.05 * torch.randn_like(t))  # non-trivial values for the checks below
+    m.eval()
+    with torch.no_grad():
+        y = m(**b).logits
+        with dt.disabled(m):
+            torch.testing.assert_close(m(**b).logits, y_base, atol=1e-5, rtol=0)
+    dt.save(m, tmp_path / "a")
+    back, _ = load()
+    dt.load(back, tmp_path / "a")
+    back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**b).logits, y, atol=1e-5, rtol=1e-4)

@@ -80,8 +80,11 @@ def pool(states: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
     """(B, T, H) token states, (B, T) attention mask -> (B, H) sentence vectors."""
     if mask is None:
         mask = states.new_ones(states.shape[:2])
-    if mask.shape[1] != states.shape[1]:  # prompt tuning's virtual tokens lead the sequence, attended
-        mask = torch.cat([mask.new_ones(mask.shape[0], states.shape[1] - mask.shape[1]), mask], dim=1)
+    extra = states.shape[1] - mask.shape[1]
+    if extra > 0:  # prompt tuning: its virtual tokens lead the states (B, V+T, H) and are attended
+        mask = torch.cat([mask.new_ones(mask.shape[0], extra), mask], dim=1)
+    elif extra < 0:  # prefix tuning: the mask (B, P+T) also covers the cached prefix, which has no states
+        mask = mask[:, -states.shape[1]:]
     m = mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
     if how == "cls":
         return states[:, 0]
@@ -118,7 +121,8 @@ class PooledModelForSequenceClassification(nn.Module):
         cfg = self.config
         p = getattr(cfg, "classifier_dropout", None)
         self.dropout = nn.Dropout(p if p is not None else getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
-        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)  # (H) -> (L), fresh
+        hidden = getattr(cfg, "hidden_size", None) or cfg.d_model  # (d_model: T5-style encoders)
+        self.classifier = nn.Linear(hidden, cfg.num_labels)  # (H) -> (L), fresh
 
     @property
     def body(self) -> nn.Module:
@@ -172,7 +176,7 @@ class PooledModelForSequenceClassification(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(out / WEIGHTS_FILE))
         how = self.config.sentence_pooling
         (out / SPEC_FILE).write_text(json.dumps(how, indent=2), encoding="utf-8")
-        write_sentence_modules(out, how, self.config.hidden_size)
+        write_sentence_modules(out, how, self.classifier.in_features)
 
 
 def write_sentence_modules(out: Path, how: dict, hidden: int) -> None:
