@@ -80,7 +80,7 @@ def row_from_metrics(task, method: str, m: dict, wall_s: float) -> dict:
             "trainable_percent": m["trainable_percent"], "trainable": m["trainable_params"],
             "lr": m["lr"], "steps": m["steps"], "train_rows": m["train_rows"], "val_rows": m["val_rows"],
             "train_s": m["train_time_s"], "wall_s": wall_s, "date": datetime.now(timezone.utc).isoformat(),
-            "head_lr": (m.get("train_config") or {}).get("head_lr"),
+            "head_lr": m.get("head_lr", (m.get("train_config") or {}).get("head_lr")),  # the rate the head ran at
             "label_smoothing": (m.get("train_config") or {}).get("label_smoothing"),
             "head_warmup": (m.get("train_config") or {}).get("head_warmup"), "pooling": m.get("pooling")}
 

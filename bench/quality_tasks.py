@@ -218,4 +218,9 @@ CANDIDATES = {
     "lora-drop-seed1": ["--method", "lora", "-o", "dropout=0.1", "--seed", "1"],
     "lora-drop-seed2": ["--method", "lora", "-o", "dropout=0.1", "--seed", "2"],
     "lora5e-4": ["--method", "lora", "--lr", "5e-4"],
+    # a probe nearer convergence before the body moves (Kumar et al. fit the probe to convergence): the
+    # pooled head reads a unit-norm embedding, and at 1e-2 for LP-FT's 10 steps its logits stay small
+    "lora-head3e-2": ["--method", "lora", "--head-lr", "3e-2"], "full-head3e-2": ["--method", "full", "--head-lr", "3e-2"],
+    "lora-head1e-1": ["--method", "lora", "--head-lr", "1e-1"], "full-head1e-1": ["--method", "full", "--head-lr", "1e-1"],
+    "lora-head2e-1": ["--method", "lora", "--head-lr", "2e-1"], "full-head2e-1": ["--method", "full", "--head-lr", "2e-1"],
 }

@@ -334,3 +334,31 @@ def test_every_method_on_the_pooled_classifier(tmp_path, method):
     back.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(**b).logits, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_head_on_a_unit_norm_embedding_trains_at_sqrt_h_times_the_floor(tmp_path, normalize):
+    """train/head_warmup.py: a head reading the unit-norm embedding (RMS 1/sqrt(H) per coordinate)
+    gets head_lr * sqrt(H); without Normalize the features keep their scale and the floor stays.
+    Checked where it acts (the optimizer's groups) and where the CLI records it (metrics.json)."""
+    import math
+
+    import deltatune as dt
+    from deltatune.models import load_model
+    from deltatune.train.head_warmup import HEAD_LR, head_parameters
+    from deltatune.train.trainer import TrainConfig, Trainer
+
+    d = st_dir(tmp_path / "st", normalize=normalize)
+    want = HEAD_LR * (math.sqrt(32) if normalize else 1.0)  # tiny BERT: H = 32
+    model = dt.attach(load_model(str(d), "classify", ["ham", "spam"])[0], "lora")
+    feats = [{"input_ids": [2, 5 + i % 7, 3], "attention_mask": [1, 1, 1], "labels": i % 2} for i in range(8)]
+    trainer = Trainer(model, feats, TrainConfig(max_steps=1, progress=False, compile="off"))
+    opt, _ = trainer._optimizer()
+    head = {id(p) for p in head_parameters(model)}
+    rates = {("head" if id(opt.param_groups[i]["params"][0]) in head else "body"): g["lr"]
+             for i, g in enumerate(opt.param_groups)}
+    assert rates == {"body": 1e-3, "head": pytest.approx(want)}
+    write_csv(tmp_path / "train.csv", spam_rows(24))
+    run_cli("train", "--model", d, "--data", tmp_path / "train.csv", "--max-steps", "2", "--output", tmp_path / "r",
+            "--no-progress")
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["head_lr"] == pytest.approx(want)

@@ -25,6 +25,7 @@ without a ``modules.json`` Pooling entry keep transformers' own classification c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -123,6 +124,12 @@ class PooledModelForSequenceClassification(nn.Module):
         self.dropout = nn.Dropout(p if p is not None else getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
         hidden = getattr(cfg, "hidden_size", None) or cfg.d_model  # (d_model: T5-style encoders)
         self.classifier = nn.Linear(hidden, cfg.num_labels)  # (H) -> (L), fresh
+
+    @property
+    def head_lr_scale(self) -> float:
+        """The trainer's multiplier on the head's rate floor (train/head_warmup.py): sqrt(H) when the
+        head reads the unit-norm embedding (per-coordinate RMS 1/sqrt(H)), else 1."""
+        return math.sqrt(self.classifier.in_features) if self.config.sentence_pooling.get("normalize") else 1.0
 
     @property
     def body(self) -> nn.Module:

@@ -11,6 +11,16 @@ fast.ai's discriminative rates keep the head at the top rate); deltatune uses a 
 multiple, so the head's rate does not depend on which method trains the body (a multiple would
 give a prompt-tuning head 0.3).  Causal LMs have no fresh head and are unaffected.
 
+The floor is for features of natural scale (a BERT pooler's tanh outputs, a CNN's pooled
+activations: per-coordinate magnitude ~0.3-1).  Adam moves each head weight by about the rate per
+step, so a logit moves by about ``rate * ||x||_1``: for a *unit-norm* sentence embedding of width H
+(sentence-transformers' Normalize) ``||x||_1 ~ 0.8 sqrt(H)``, about sqrt(H) times less than for
+features of magnitude ~1, and at 1e-2 the probe is still far from trained when LP-FT ends -- the
+body then does the head's work, which is what the forgetting measure sees.  Such a model declares
+``head_lr_scale = sqrt(H)`` (:func:`head_lr_scale`), which multiplies ``head_lr``: the same
+dynamics as a cosine classifier reading ``sqrt(H) x`` (NormFace's scale), with the weights kept at
+the unit vector's scale so saved files are a plain ``Linear`` on the embedding.
+
 LP-FT: the fresh classification head trains alone for the first share of the
 steps, then the method's tensors (or, for full fine-tuning, the body) join.
 
@@ -47,6 +57,14 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     heads = auto_modules_to_save(model)
     return [p for n, p in model.named_parameters()
             if p.requires_grad and any(n == h or n.startswith(h + ".") for h in heads)]
+
+
+def head_lr_scale(model: nn.Module) -> float:
+    """The model's multiplier on ``head_lr`` (1 unless it declares one): a head reading a unit-norm
+    sentence embedding needs a larger rate than one reading features of natural scale
+    (``PooledModelForSequenceClassification.head_lr_scale``, text/classifier.py)."""
+    s = getattr(model, "head_lr_scale", 1.0)
+    return float(s) if isinstance(s, (int, float)) and 0 < s < float("inf") else 1.0
 
 
 def head_groups(params: Sequence[nn.Parameter], head: Sequence[nn.Parameter], lr: float,

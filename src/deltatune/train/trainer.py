@@ -69,7 +69,7 @@ from .results import TrainResult, plot, write_metrics  # noqa: F401 - plot, writ
 from ..safety import first_nonfinite
 from ..tracking import Trackers
 from .checkpoint import CheckpointMixin, _method_hooks
-from .head_warmup import HEAD_LR, HeadWarmup, head_groups, head_parameters
+from .head_warmup import HEAD_LR, HeadWarmup, head_groups, head_lr_scale, head_parameters
 from .losses import LABEL_SMOOTHING, default_loss
 from .compile_fallback import COMPILE_RECOMPILE_LIMIT, fall_back_to_eager
 from .. import fast
@@ -225,6 +225,7 @@ class Trainer(CheckpointMixin):
         self._own_head = head_params is None  # default: the fresh head (found again after an FSDP wrap)
         self.head = head_parameters(self.model) if self._own_head else head_params
         self.head_warmup = HeadWarmup(self.params, self.head, c.head_warmup, self.total_steps)  # LP-FT
+        self.head_lr = c.head_lr * head_lr_scale(self.model)  # the fresh head's floor, at the scale it reads
 
     @property
     def is_main(self) -> bool:
@@ -249,7 +250,7 @@ class Trainer(CheckpointMixin):
 
     # ------------------------------------------------------------------ pieces
     def _optimizer(self):
-        groups = self.param_groups or head_groups(self.params, self.head, self.cfg.lr, self.cfg.head_lr)
+        groups = self.param_groups or head_groups(self.params, self.head, self.cfg.lr, self.head_lr)
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         warm = int(self.cfg.warmup_ratio * self.total_steps)
         decay = SCHEDULES[self.cfg.schedule]
