@@ -270,6 +270,8 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     tracker.log_metrics({f"eval/{k}": v for k, v in before.items()}, 0)
     trainer = Trainer(model, feats.train, cfg, collate=feats.train_collate, output_dir=out,
                       eval_fn=lambda m: task_metrics(o.task, m, feats.val, feats.collate), tracker=tracker, **loss)
+    if trainer.head and trainer.head_lr != cfg.head_lr:  # train/head_warmup.py: a head on a unit-norm embedding
+        log(f"head: reads the unit-norm embedding, so it trains at --head-lr x sqrt(H) = {trainer.head_lr:.3g}")
     if rank == 0 and not (o.resume and (out / OPTIONS_FILE).exists()):
         atomic_write_json(out / OPTIONS_FILE, options_fingerprint(o))
     # torch / transformers / datasets warnings (dynamo recompiles, deprecations) go to train.log, not

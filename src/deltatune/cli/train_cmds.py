@@ -79,7 +79,8 @@ def train(
     head_warmup: Optional[float] = typer.Option(None, help="LP-FT: share of steps that train only a new "
                                                 "classification head before the method (default 0)."),
     head_lr: Optional[float] = typer.Option(None, help="A new classification head trains at max(--lr, this) "
-                                            "(default 1e-2; 0 = at --lr like the method)."),
+                                            "(default 1e-2, times sqrt(H) for a head on a unit-norm sentence "
+                                            "embedding; 0 = at --lr like the method)."),
     label_smoothing: Optional[float] = typer.Option(None, help="Classification: cross-entropy against "
                                                     "targets smoothed by this much (default 0.1; 0 = off)."),
     schedule: Optional[str] = typer.Option(None, help="linear | cosine | constant (default linear)."),
