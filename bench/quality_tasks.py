@@ -223,4 +223,8 @@ CANDIDATES = {
     "lora-head3e-2": ["--method", "lora", "--head-lr", "3e-2"], "full-head3e-2": ["--method", "full", "--head-lr", "3e-2"],
     "lora-head1e-1": ["--method", "lora", "--head-lr", "1e-1"], "full-head1e-1": ["--method", "full", "--head-lr", "1e-1"],
     "lora-head2e-1": ["--method", "lora", "--head-lr", "2e-1"], "full-head2e-1": ["--method", "full", "--head-lr", "2e-1"],
+    # since the head's rate is scaled on a unit-norm embedding (train/head_warmup.py): LP-FT's default
+    # 0.25 on such models against none, on other seeds
+    "lora-lpft0-seed1": ["--method", "lora", "--head-warmup", "0", "--seed", "1"],
+    "full-lpft0-seed1": ["--method", "full", "--head-warmup", "0", "--seed", "1"],
 }
