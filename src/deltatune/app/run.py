@@ -297,9 +297,9 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
     metrics = {
         "task": o.task, "model": o.model, "data": o.data, "method": o.method, "method_options": o.method_options,
         "pooling": getattr(model.config, "sentence_pooling", None), "train_rows": len(train_ex), "val_rows": len(val_ex),
-        "lr": lr, "head_lr": max(lr, trainer.head_lr) if trainer.head else None, "train_config": dataclasses.asdict(cfg), "before": before, "after": after, "metric": metric,
+        "lr": lr, "train_config": dataclasses.asdict(cfg), "before": before, "after": after, "metric": metric,
         "forgetting": forgetting, "trainable_params": counts.trainable, "total_params": counts.total,
-        "trainable_percent": counts.percent,
+        "trainable_percent": counts.percent, "head_lr": max(lr, trainer.head_lr) if trainer.head else None,
         "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
         "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
         "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
