@@ -259,6 +259,26 @@ def test_trainer_under_accelerate_launch(tmp_path):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_process_group_is_left_before_exit(tmp_path):
+    """dtd.init() destroys the group it joined when the process exits: a group still alive at
+    interpreter teardown can abort a rank whose run succeeded (exit -6), failing the whole job."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = ("import atexit, torch.distributed as dist\n"
+              # registered first, so it runs last (atexit is LIFO): after deltatune's own handler
+              "atexit.register(lambda: print('alive at exit:', dist.is_initialized(), flush=True))\n"
+              "import deltatune.train.distributed as dtd\n"
+              "print('joined:', dtd.init(), flush=True)\n")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "joined: (0, 1)" in r.stdout and "alive at exit: False" in r.stdout, r.stdout
+
+
 def test_epoch_batches_rule():
     """Rank r's batch j is the r-th contiguous part of global batch j; concatenated over ranks the
     global batches are those of one process at W × b (W divides n), and a short epoch is padded

@@ -27,6 +27,7 @@ collectives, whole <-> sharded tensors) to do all of the above by itself under t
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from typing import Iterator
@@ -52,7 +53,16 @@ def init(backend: str | None = None) -> tuple[int, int]:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
+    # leave the group before the interpreter tears down: a gloo/nccl group still alive at exit can
+    # abort a process whose run succeeded ("terminate called without an active exception", exit -6),
+    # and torchrun then reports the whole job as failed (seen under `accelerate launch`, 2 ranks)
+    atexit.register(_leave)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _world() -> int:
