@@ -217,7 +217,9 @@ CANDIDATES = {
     "dora-drop": ["--method", "lora", "-o", "dora=true", "-o", "dropout=0.1"],
     "lora-drop-seed1": ["--method", "lora", "-o", "dropout=0.1", "--seed", "1"],
     "lora-drop-seed2": ["--method", "lora", "-o", "dropout=0.1", "--seed", "2"],
-    "lora5e-4": ["--method", "lora", "--lr", "5e-4"],
+    "lora5e-4": ["--method", "lora", "--lr", "5e-4"],  # the LoRA paper's RoBERTa GLUE rate (4e-4..5e-4)
+    "lora5e-4-seed1": ["--method", "lora", "--lr", "5e-4", "--seed", "1"],
+    "lora5e-4-seed2": ["--method", "lora", "--lr", "5e-4", "--seed", "2"],
     # a probe nearer convergence before the body moves (Kumar et al. fit the probe to convergence): the
     # pooled head reads a unit-norm embedding, and at 1e-2 for LP-FT's 10 steps its logits stay small
     "lora-head3e-2": ["--method", "lora", "--head-lr", "3e-2"], "full-head3e-2": ["--method", "full", "--head-lr", "3e-2"],
