@@ -282,6 +282,31 @@ def test_reader_never_sees_a_mix(tmp_path, server):
     assert values == sorted(values), f"a reader went back in time: {values}"
 
 
+@pytest.mark.parametrize("swaps", [1, 5])
+def test_a_save_between_the_manifest_and_the_weights_is_read_again(tmp_path, monkeypatch, swaps):
+    """A save landing between the reader's manifest read and its weights read (the race the loop
+    above hits by chance) is detected and read again, `swaps` times in a row: the load returns the
+    newest save whole, never the old manifest with the new weights."""
+    import deltatune.storage.adapter as store
+
+    d = tmp_path / "adapter"
+    model = make_model()
+    fill(model, 0.0)
+    dt.save(model, d)
+    real, saves = store._read_file, []
+
+    def save_then_read(path, *a, **k):
+        if path.name == store.WEIGHTS and len(saves) < swaps:  # the manifest is read, the weights not yet
+            saves.append(len(saves) + 1)
+            fill(model, float(len(saves)))
+            dt.save(model, d)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(store, "_read_file", save_then_read)
+    assert saved_value(d) == float(swaps)
+    assert saves == list(range(1, swaps + 1))
+
+
 # --------------------------------------------------------------------------- training checkpoints
 
 CKPT_KILLS = 12

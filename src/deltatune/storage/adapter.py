@@ -24,6 +24,7 @@ import io
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,24 +259,43 @@ def check_sizes(cfg, tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 def read_adapter_dir(directory: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], str, Any, str | None]:
-    """(tensors without prefix, method name, config object, saved adapter name)."""
-    for attempt in range(3):  # a save swapping the directory mid-read changes its inode: read again
-        try:
-            ino = os.stat(directory).st_ino
-        except OSError:
-            ino = None
+    """(tensors without prefix, method name, config object, saved adapter name).
+
+    A save replaces the whole directory (``files.atomic_dir``), so a reader racing a writer can get
+    the manifest of one save and the weights of the next: the checksum then fails.  Such a read is
+    retried when the path names another directory than the one read; the one read is held open
+    meanwhile, because a freed inode number is reused at once and would hide the swap."""
+    for attempt in range(READ_RETRIES):
+        held = _hold_dir(directory)
         try:
             return _read_adapter_dir_once(directory, verify)
         except (DeltaError, OSError) as e:
-            try:
-                swapped = ino is not None and os.stat(directory).st_ino != ino
-            except OSError:
-                swapped = False
-            if not swapped or attempt == 2:
+            if not _swapped(directory, held) or attempt == READ_RETRIES - 1:
                 if isinstance(e, DeltaError):
                     raise
                 raise DeltaError(f"{directory}: cannot read adapter ({e})") from None
+        finally:
+            if held is not None:
+                os.close(held)
+        time.sleep(0.001 * 2 ** attempt)  # let a writer saving in a loop finish its swap
     raise AssertionError("unreachable")
+
+
+READ_RETRIES = 8
+
+
+def _hold_dir(directory) -> int | None:
+    try:
+        return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # missing (reported by the read) or not openable as a directory (Windows)
+        return None
+
+
+def _swapped(directory, held: int | None) -> bool:
+    try:
+        return held is not None and os.stat(directory).st_ino != os.fstat(held).st_ino
+    except OSError:
+        return False
 
 
 def _read_adapter_dir_once(directory, verify):
