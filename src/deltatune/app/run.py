@@ -42,15 +42,15 @@ from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
 # Full fine-tuning's learning rate when --lr is not given (BERT / RoBERTa fine-tuning range,
 # 2e-5..1e-4); each method's own default is ``Method.default_lr`` in its registry entry.
 FULL_LR = 5e-5
-LM_LR_FACTOR = 0.5  # causal LMs have no fresh head and drift more easily: halve the rate
 METRICS_FILE = "metrics.json"  # a run directory's results (train writes it; eval / inspect read it)
 MAX_LENGTH = {"classify": 128, "causal-lm": 256, "image-classify": 0}
 
 
 def default_lr(method: str, task: str) -> float:
-    # an unknown method keeps the base default here: attach names it with the available ones
-    lr = FULL_LR if method == "full" else getattr(METHODS.get(method), "default_lr", Method.default_lr)
-    return lr * (LM_LR_FACTOR if task == "causal-lm" and method != "full" else 1.0)
+    # one rate per method for every task: a fresh head gets its own (head_lr), so classifiers no
+    # longer need the body's rate raised for it.  An unknown method keeps the base default here:
+    # attach names it with the available ones
+    return FULL_LR if method == "full" else getattr(METHODS.get(method), "default_lr", Method.default_lr)
 
 
 @dataclass

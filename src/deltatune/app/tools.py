@@ -29,7 +29,7 @@ from ..models import load_model, quiet_transformers, resolve
 from ..storage import model_card
 from ..storage.adapter import CONFIG, MANIFEST, read_adapter_dir, sha256
 from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
-from .run import (FULL_LR, LM_LR_FACTOR, MAX_LENGTH, METRICS_FILE, collate_for, encode_examples, read_task,
+from .run import (FULL_LR, MAX_LENGTH, METRICS_FILE, collate_for, encode_examples, read_task,
                   real_model_name, set_chat_template)
 
 RUN_TASKS = ("classify", "causal-lm", "image-classify")  # the core.tasks tasks `deltatune train` runs
@@ -426,8 +426,7 @@ def print_methods(out) -> None:
     def human():
         from rich.table import Table
 
-        t = Table(title=f"methods (deltatune train --method NAME -o KEY=VALUE; causal LMs train at "
-                        f"{LM_LR_FACTOR:g}x the lr)")
+        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE)")
         for c in ("method", "what it trains", "default targets", "lr", "merge"):
             t.add_column(c)
         for r in rows:

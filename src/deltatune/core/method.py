@@ -30,9 +30,11 @@ class Method:
     layer_types: ClassVar[tuple[str, ...]] = ()
     mergeable: ClassVar[bool] = True
     merge_note: ClassVar[str] = ""  # why not, when mergeable is False
-    # learning rate when the user gives none (`deltatune train`): adapters start at zero and, with a
-    # fresh head, need ~10x the rate of full fine-tuning; few-number methods are tuned higher
-    default_lr: ClassVar[float] = 1e-3
+    # learning rate when the user gives none (`deltatune train`), the same for every task: adapters
+    # start at zero and need ~10x full fine-tuning's rate; few-number methods are tuned higher.  A
+    # fresh classification head has its own, higher rate (``TrainConfig.head_lr``), so the body's
+    # rate is not raised for it (docs/cli.md, "one rate per method")
+    default_lr: ClassVar[float] = 5e-4
     # what the method adapts when the config names no targets: a ``find_targets`` pattern
     # ("all-linear", "attention", a list of names) that ``target_paths()`` uses, or - for methods that
     # place themselves (selectors, bottleneck adapters, prompts) or whose choice depends on the

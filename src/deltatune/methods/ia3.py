@@ -160,7 +160,7 @@ def feedforward_paths(model: nn.Module, cfg: IA3Config, paths: list[str]) -> lis
 @register
 class IA3(Method):
     name = "ia3"
-    default_lr = 3e-3  # T-Few (Liu et al. 2022)
+    default_lr = 1.5e-3  # half T-Few's 3e-3 (Liu et al. 2022), as for every method (core/method.py)
     config_cls = IA3Config
     peft_type = "IA3"
     summary = "learned vectors rescaling keys, values and FFN inputs (or conv channels); merges exactly"

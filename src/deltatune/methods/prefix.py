@@ -160,7 +160,7 @@ def real_key_values(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @register
 class PrefixTuning(Method):
     name = "prefix"
-    default_lr = 1e-2  # soft prompts need large steps
+    default_lr = 5e-3  # soft prompts need large steps
     config_cls = PrefixConfig
     peft_type = "PREFIX_TUNING"
     summary = "prefix tuning: trainable key/value prefixes at every attention layer (Li & Liang 2021)"

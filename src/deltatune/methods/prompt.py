@@ -101,7 +101,7 @@ class PromptEmbedding(nn.Module):
 @register
 class PromptTuning(Method):
     name = "prompt"
-    default_lr = 3e-2  # soft prompts need large steps (Lester et al. 2021 used 0.3)
+    default_lr = 1.5e-2  # soft prompts need large steps (Lester et al. 2021 used 0.3)
     config_cls = PromptConfig
     peft_type = "PROMPT_TUNING"
     summary = "prompt tuning: trainable virtual-token embeddings prepended to the input (Lester et al. 2021)"

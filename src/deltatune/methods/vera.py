@@ -125,7 +125,7 @@ def _layer_types() -> tuple[type, ...]:
 @register
 class VeRA(Method):
     name = "vera"
-    default_lr = 5e-3  # VeRA trains only scaling vectors
+    default_lr = 2.5e-3  # VeRA trains only scaling vectors
     default_targets = "attention"  # the paper adapts the query/value projections
     config_cls = VeraConfig
     peft_type = "VERA"
