@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 import deltatune as dt
 from deltatune.core.targets import auto_modules_to_save, modules_to_save_paths
@@ -119,6 +120,20 @@ def test_head_never_slower_than_the_method_and_off_at_zero():
     assert [lr for lr, _ in _groups(model, lr=3e-2, head_lr=1e-3)] == [3e-2]  # e.g. prompt tuning's 3e-2
     assert [lr for lr, _ in _groups(model, lr=1e-4, head_lr=0.0)] == [1e-4]  # 0: the head at the method's lr
     assert [lr for lr, _ in _groups(model, lr=1e-4)] == [1e-4, 1e-2]  # the default floor
+
+
+def test_recorded_head_rate_is_the_rate_the_optimizer_gives_the_head():
+    """metrics.json's ``head_lr`` comes from ``head_rate``: it must name the head group's rate in
+    every case ``head_groups`` distinguishes (split, not faster, head only, no head)."""
+    from deltatune.train.head_warmup import head_groups, head_rate
+
+    body, head = [nn.Parameter(torch.zeros(2))], [nn.Parameter(torch.zeros(3))]
+    for params, lr, floor, want in [(body + head, 1e-3, 1e-2, 1e-2), (body + head, 3e-2, 1e-2, 3e-2),
+                                    (head, 1e-3, 1e-2, 1e-3), (body, 1e-3, 1e-2, None)]:
+        assert head_rate(params, head, lr, floor) == want
+        groups = head_groups(params, head, lr, floor)
+        in_head = [g.get("lr", lr) for g in groups if any(p is head[0] for p in g["params"])]
+        assert in_head == ([] if want is None else [want])
 
 
 def test_causal_lm_has_no_fresh_head_and_one_group():

@@ -31,6 +31,7 @@ from ..files import atomic_dir, atomic_write_json, chmod_written
 from ..models import load_model, load_quantized_model
 from ..storage import model_card
 from ..train import distributed as dtd
+from ..train.head_warmup import head_rate
 from ..train.losses import causal_lm_batch_loss
 from ..train.memory import checkpointing_pays
 from ..train.checkpoint import CHECKPOINTS
@@ -299,7 +300,7 @@ def _train_locked(o: RunOptions, out: Path, rank: int, log, on_model, t_start: f
         "pooling": getattr(model.config, "sentence_pooling", None), "train_rows": len(train_ex), "val_rows": len(val_ex),
         "lr": lr, "train_config": dataclasses.asdict(cfg), "before": before, "after": after, "metric": metric,
         "forgetting": forgetting, "trainable_params": counts.trainable, "total_params": counts.total,
-        "trainable_percent": counts.percent, "head_lr": max(lr, trainer.head_lr) if trainer.head else None,
+        "trainable_percent": counts.percent, "head_lr": head_rate(trainer.params, trainer.head, lr, trainer.head_lr),
         "steps": result.steps, "total_steps": result.total_steps, "stopped_early": result.stopped_early,
         "train_time_s": result.wall_time_s, "wall_time_s": time.perf_counter() - t_start,
         "samples_per_s": result.samples_per_s, "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,

@@ -67,16 +67,29 @@ def head_lr_scale(model: nn.Module) -> float:
     return float(s) if isinstance(s, (int, float)) and 0 < s < float("inf") else 1.0
 
 
+def _split(params: Sequence[nn.Parameter], head: Sequence[nn.Parameter]):
+    ids = {id(p) for p in head}
+    return [p for p in params if id(p) not in ids], [p for p in params if id(p) in ids]
+
+
 def head_groups(params: Sequence[nn.Parameter], head: Sequence[nn.Parameter], lr: float,
                 head_lr: float) -> list[dict]:
     """AdamW parameter groups: the body at ``lr``, the fresh head at ``max(lr, head_lr)`` (the
     scheduler scales both alike); one group when there is no head, no body or no faster rate."""
-    ids = {id(p) for p in head}
-    mine = [p for p in params if id(p) in ids]
-    body = [p for p in params if id(p) not in ids]
-    if not mine or not body or head_lr <= lr:
+    body, mine = _split(params, head)
+    if head_rate(params, head, lr, head_lr) in (None, lr):
         return [{"params": list(params)}]
     return [{"params": body}, {"params": mine, "lr": head_lr}]
+
+
+def head_rate(params: Sequence[nn.Parameter], head: Sequence[nn.Parameter], lr: float,
+              head_lr: float) -> float | None:
+    """The peak rate the fresh head trains at under ``head_groups`` (None: no trained head); what a
+    run records as ``head_lr``."""
+    body, mine = _split(params, head)
+    if not mine:
+        return None
+    return head_lr if body and head_lr > lr else lr
 
 
 class HeadWarmup:
