@@ -89,7 +89,7 @@ COMPILE_AUTO_STEPS = 500  # compile="auto": ~30-60 s of compiling is repaid well
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3  # adapters and fresh heads learn at ~1e-3 (full fine-tuning wants ~5e-5; the CLI picks per method)
+    lr: float = 1e-3  # adapters learn at ~5e-4..1e-3 (full fine-tuning ~5e-5); the CLI uses Method.default_lr
     weight_decay: float = 0.0  # adapters are tiny and start at zero: decay only pulls them back (peft default 0)
     batch_size: int = 16  # fits a 2-core CPU with 128-token rows; raise with grad_accum for stabler steps
     grad_accum: int = 1  # micro-batches per optimizer step
