@@ -61,7 +61,7 @@ NOTES = ("Defaults changed since the first rows (docs/cli.md): LoRA's rank on co
          "Since 2026-12-03 05:40 UTC every method has one default rate for every task, the causal-LM rate "
          "(half the classifiers' old one: LoRA 5e-4, IA3 1.5e-3, prompt 1.5e-2; a fresh head keeps its own); every "
          "sms, sentiment and MNIST cell but full fine-tuning (whose rate did not change) was re-run with it "
-         "(05:37-05:52 UTC), the dialogue cells already ran at these rates.  MNIST prompt tuning is a refusal (no token embeddings in a CNN), not a "
+         "(05:37-05:52 UTC), the dialogue cells already ran at these rates.  The dialogue full, LoRA and sparse cells were re-run 2026-12-03 06:21-07:15 UTC on AMD EPYC: LoRA and sparse reproduced their rows exactly, full fine-tuning did not (34.73 / -6.0 % on Intel Xeon at 2026-12-02 05:19, before later changes; now 31.60 / -9.1 %).  MNIST prompt tuning is a refusal (no token embeddings in a CNN), not a "
          "failure; so is dialogue BitFit (SmolLM2 is a Llama: no bias terms; the error names "
          "`-o add_missing=true`, `ln` and `ia3`).  Rows with a `cpu` field ran on AMD EPYC, the earlier ones on "
          "Intel Xeon: wall seconds compare within one machine only.  Candidate defaults are measured beside the "
