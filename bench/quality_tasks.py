@@ -206,6 +206,7 @@ CANDIDATES = {
     # the same doubling for the other dialogue cells, after full fine-tuning re-run on AMD EPYC (fp32)
     # reached 31.60 (the first row, on Intel Xeon, 34.73)
     "sparse-lm-1e-3": ["--method", "sparse", "--lr", "1e-3"], "adapter-lm-1e-3": ["--method", "adapter", "--lr", "1e-3"],
+    "ia3-lm-3e-3": ["--method", "ia3", "--lr", "3e-3"], "prompt-lm-3e-2": ["--method", "prompt", "--lr", "3e-2"],
     # sentence-transformers checkpoints are classified through their declared pooling since this set
     # (text/classifier.py), with LP-FT 0.25 by default there: "-lpft0" = that head without LP-FT
     "lora-lpft0": ["--method", "lora", "--head-warmup", "0"],
