@@ -207,6 +207,8 @@ CANDIDATES = {
     # reached 31.60 (the first row, on Intel Xeon, 34.73)
     "sparse-lm-1e-3": ["--method", "sparse", "--lr", "1e-3"], "adapter-lm-1e-3": ["--method", "adapter", "--lr", "1e-3"],
     "ia3-lm-3e-3": ["--method", "ia3", "--lr", "3e-3"], "prompt-lm-3e-2": ["--method", "prompt", "--lr", "3e-2"],
+    # full fine-tuning at twice its rate too: does the causal-LM factor favour the PEFT methods unfairly?
+    "full-lm-1e-4": ["--method", "full", "--lr", "1e-4"],
     # sentence-transformers checkpoints are classified through their declared pooling since this set
     # (text/classifier.py), with LP-FT 0.25 by default there: "-lpft0" = that head without LP-FT
     "lora-lpft0": ["--method", "lora", "--head-warmup", "0"],

@@ -117,10 +117,12 @@ def test_every_registry_entry_owns_its_name_and_default_learning_rate():
     from deltatune.app.run import FULL_LR, MAX_LENGTH, default_lr
 
     for name, m in dt.METHODS.items():
-        assert m.name == name == m.config_cls.method
-        # one rate per method for every task (a fresh head has its own): the quality bench's
-        # dialogue cells, measured at the old causal-LM rate (half of the old 1e-3), stay valid
-        assert {default_lr(name, task) for task in MAX_LENGTH} == {m.default_lr} and m.default_lr > 0
-    assert default_lr("lora", "causal-lm") == 5e-4
+        assert m.name == name == m.config_cls.method and m.default_lr > 0
+        # a task with a fresh head (its own rate) trains the delta at the method's rate; a causal LM,
+        # whose delta alone carries the task, at twice it
+        assert default_lr(name, "classify") == default_lr(name, "image-classify") == m.default_lr
+        assert default_lr(name, "causal-lm") == 2 * m.default_lr
+    assert set(MAX_LENGTH) == {"classify", "causal-lm", "image-classify"}  # no task left unchecked
+    assert default_lr("lora", "causal-lm") == 1e-3 and default_lr("lora", "classify") == 5e-4
     assert dt.METHODS["vera"].default_lr > dt.METHODS["lora"].default_lr  # few-number methods train faster
-    assert default_lr("full", "causal-lm") == FULL_LR  # full fine-tuning is not a registry method
+    assert {default_lr("full", t) for t in MAX_LENGTH} == {FULL_LR}  # full fine-tuning: one rate, no factor

@@ -34,6 +34,9 @@ def test_inspect_methods_json_lists_the_registry_entries():
     for name, m in dt.METHODS.items():
         assert rows[name]["default_targets"] == m.default_targets
         assert rows[name]["default_lr"] == m.default_lr
+        # the rate train uses per task (causal LMs at twice the method's rate: app/run.py)
+        assert rows[name]["default_lr_by_task"] == {"classify": m.default_lr, "image-classify": m.default_lr,
+                                                    "causal-lm": 2 * m.default_lr}
     human = " ".join(run_cli("inspect", "--methods").output.replace("│", " ").split())
     assert "default targets" in human and "attention" in human
 

@@ -29,7 +29,7 @@ from ..models import load_model, quiet_transformers, resolve
 from ..storage import model_card
 from ..storage.adapter import CONFIG, MANIFEST, read_adapter_dir, sha256
 from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
-from .run import (FULL_LR, MAX_LENGTH, METRICS_FILE, collate_for, encode_examples, read_task,
+from .run import (FULL_LR, MAX_LENGTH, METRICS_FILE, collate_for, default_lr, encode_examples, read_task,
                   real_model_name, set_chat_template)
 
 RUN_TASKS = ("classify", "causal-lm", "image-classify")  # the core.tasks tasks `deltatune train` runs
@@ -420,6 +420,7 @@ def print_methods(out) -> None:
     # every column comes from the method's registry entry (core/method.py's Method)
     rows = [{"name": n, "summary": m.summary, "peft_type": m.peft_type, "mergeable": m.mergeable,
              "default_targets": m.default_targets, "default_lr": m.default_lr,
+             "default_lr_by_task": {task: default_lr(n, task) for task in MAX_LENGTH},
              "options": [f.name for f in dataclasses.fields(m.config_cls)]}
             for n, m in sorted(dt.METHODS.items())]
 
@@ -427,7 +428,7 @@ def print_methods(out) -> None:
         from rich.table import Table
 
         t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE)")
-        for c in ("method", "what it trains", "default targets", "lr", "merge"):
+        for c in ("method", "what it trains", "default targets", "lr (x2 causal-lm)", "merge"):
             t.add_column(c)
         for r in rows:
             t.add_row(r["name"], r["summary"], r["default_targets"], f"{r['default_lr']:g}",

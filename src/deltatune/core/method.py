@@ -30,10 +30,10 @@ class Method:
     layer_types: ClassVar[tuple[str, ...]] = ()
     mergeable: ClassVar[bool] = True
     merge_note: ClassVar[str] = ""  # why not, when mergeable is False
-    # learning rate when the user gives none (`deltatune train`), the same for every task: adapters
-    # start at zero and need ~10x full fine-tuning's rate; few-number methods are tuned higher.  A
-    # fresh classification head has its own, higher rate (``TrainConfig.head_lr``), so the body's
-    # rate is not raised for it (docs/cli.md, "one rate per method")
+    # learning rate when the user gives none (`deltatune train`): adapters start at zero and need
+    # ~10x full fine-tuning's rate; few-number methods are tuned higher.  A fresh classification
+    # head has its own, higher rate (``TrainConfig.head_lr``); a causal LM has no fresh head and
+    # trains the delta at twice this rate (app/run.py's HEADLESS_LR_FACTOR, docs/cli.md)
     default_lr: ClassVar[float] = 5e-4
     # what the method adapts when the config names no targets: a ``find_targets`` pattern
     # ("all-linear", "attention", a list of names) that ``target_paths()`` uses, or - for methods that
