@@ -282,12 +282,19 @@ def test_reader_never_sees_a_mix(tmp_path, server):
     assert values == sorted(values), f"a reader went back in time: {values}"
 
 
+@pytest.mark.parametrize("open_dir", [True, False], ids=["held-open", "no-dir-handles"])
 @pytest.mark.parametrize("swaps", [1, 5])
-def test_a_save_between_the_manifest_and_the_weights_is_read_again(tmp_path, monkeypatch, swaps):
+def test_a_save_between_the_manifest_and_the_weights_is_read_again(tmp_path, monkeypatch, swaps, open_dir):
     """A save landing between the reader's manifest read and its weights read (the race the loop
     above hits by chance) is detected and read again, `swaps` times in a row: the load returns the
-    newest save whole, never the old manifest with the new weights."""
+    newest save whole, never the old manifest with the new weights.  Also where a directory cannot
+    be opened (Windows): the swap is then seen by the inode number alone."""
     import deltatune.storage.adapter as store
+
+    if not open_dir:
+        def refuse(directory):
+            raise PermissionError(13, "a directory cannot be opened here", str(directory))
+        monkeypatch.setattr(store, "_open_dir", refuse)
 
     d = tmp_path / "adapter"
     model = make_model()

@@ -266,11 +266,11 @@ def read_adapter_dir(directory: str | os.PathLike, verify: bool = True) -> tuple
     retried when the path names another directory than the one read; the one read is held open
     meanwhile, because a freed inode number is reused at once and would hide the swap."""
     for attempt in range(READ_RETRIES):
-        held = _hold_dir(directory)
+        held, ino = _hold_dir(directory)
         try:
             return _read_adapter_dir_once(directory, verify)
         except (DeltaError, OSError) as e:
-            if not _swapped(directory, held) or attempt == READ_RETRIES - 1:
+            if not _swapped(directory, ino) or attempt == READ_RETRIES - 1:
                 if isinstance(e, DeltaError):
                     raise
                 raise DeltaError(f"{directory}: cannot read adapter ({e})") from None
@@ -284,16 +284,32 @@ def read_adapter_dir(directory: str | os.PathLike, verify: bool = True) -> tuple
 READ_RETRIES = 8
 
 
-def _hold_dir(directory) -> int | None:
+def _open_dir(directory) -> int:
+    return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _hold_dir(directory) -> tuple[int | None, int | None]:
+    """(open descriptor, inode number) of the directory before a read.  The open descriptor keeps the
+    inode alive, so a swap cannot free it and hand its number to the new directory; where a directory
+    cannot be opened (Windows) the number alone is compared, which still sees a swap whose new
+    directory existed beside the old one (every save: write beside, then swap)."""
     try:
-        return os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = _open_dir(directory)
     except OSError:  # missing (reported by the read) or not openable as a directory (Windows)
-        return None
-
-
-def _swapped(directory, held: int | None) -> bool:
+        try:
+            return None, os.stat(directory).st_ino
+        except OSError:
+            return None, None
     try:
-        return held is not None and os.stat(directory).st_ino != os.fstat(held).st_ino
+        return fd, os.fstat(fd).st_ino
+    except OSError:
+        os.close(fd)
+        return None, None
+
+
+def _swapped(directory, ino: int | None) -> bool:
+    try:
+        return ino is not None and os.stat(directory).st_ino != ino
     except OSError:
         return False
 
