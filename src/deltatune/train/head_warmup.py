@@ -77,7 +77,7 @@ def head_groups(params: Sequence[nn.Parameter], head: Sequence[nn.Parameter], lr
     """AdamW parameter groups: the body at ``lr``, the fresh head at ``max(lr, head_lr)`` (the
     scheduler scales both alike); one group when there is no head, no body or no faster rate."""
     body, mine = _split(params, head)
-    if head_rate(params, head, lr, head_lr) in (None, lr):
+    if _rate(body, mine, lr, head_lr) in (None, lr):
         return [{"params": list(params)}]
     return [{"params": body}, {"params": mine, "lr": head_lr}]
 
@@ -86,7 +86,10 @@ def head_rate(params: Sequence[nn.Parameter], head: Sequence[nn.Parameter], lr: 
               head_lr: float) -> float | None:
     """The peak rate the fresh head trains at under ``head_groups`` (None: no trained head); what a
     run records as ``head_lr``."""
-    body, mine = _split(params, head)
+    return _rate(*_split(params, head), lr, head_lr)
+
+
+def _rate(body: list, mine: list, lr: float, head_lr: float) -> float | None:
     if not mine:
         return None
     return head_lr if body and head_lr > lr else lr
