@@ -38,7 +38,7 @@ def test_inspect_methods_json_lists_the_registry_entries():
         assert rows[name]["default_lr_by_task"] == {"classify": m.default_lr, "image-classify": m.default_lr,
                                                     "causal-lm": 2 * m.default_lr}
     human = " ".join(run_cli("inspect", "--methods").output.replace("│", " ").split())
-    assert "default targets" in human and "attention" in human
+    assert "default targets" in human and "attention" in human and "lr x2 for causal LMs" in human
 
 
 @pytest.mark.parametrize("method", ["lora", "vera", "adalora"])

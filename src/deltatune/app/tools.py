@@ -427,8 +427,8 @@ def print_methods(out) -> None:
     def human():
         from rich.table import Table
 
-        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE)")
-        for c in ("method", "what it trains", "default targets", "lr (x2 causal-lm)", "merge"):
+        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE); lr x2 for causal LMs")
+        for c in ("method", "what it trains", "default targets", "lr", "merge"):
             t.add_column(c)
         for r in rows:
             t.add_row(r["name"], r["summary"], r["default_targets"], f"{r['default_lr']:g}",
