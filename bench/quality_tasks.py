@@ -217,6 +217,7 @@ CANDIDATES = {
     # the table's cells with other seeds (head init, data order, dropout): how far one seed's drift can be trusted
     "lora-seed1": ["--method", "lora", "--seed", "1"], "lora-seed2": ["--method", "lora", "--seed", "2"],
     "full-seed1": ["--method", "full", "--seed", "1"], "full-seed2": ["--method", "full", "--seed", "2"],
+    "sparse-seed1": ["--method", "sparse", "--seed", "1"], "sparse-seed2": ["--method", "sparse", "--seed", "2"],
     # dropout 0.1 on the LoRA branch's input (LoRA paper / QLoRA / peft examples' 0.05-0.1) on the pooled
     # head with its default LP-FT: under pooler([CLS]) `lora-drop-lpft` cut SMS drift 0.145 -> 0.012
     "lora-drop": ["--method", "lora", "-o", "dropout=0.1"],
