@@ -29,8 +29,8 @@ from ..models import load_model, quiet_transformers, resolve
 from ..storage import model_card
 from ..storage.adapter import CONFIG, MANIFEST, read_adapter_dir, sha256
 from .evaluate import Forgetting, MAIN_METRIC, read_reference, task_metrics
-from .run import (FULL_LR, MAX_LENGTH, METRICS_FILE, collate_for, default_lr, encode_examples, read_task,
-                  real_model_name, set_chat_template)
+from .run import (FULL_LR, HEADLESS_LR_FACTOR, MAX_LENGTH, METRICS_FILE, collate_for, default_lr,
+                  encode_examples, read_task, real_model_name, set_chat_template)
 
 RUN_TASKS = ("classify", "causal-lm", "image-classify")  # the core.tasks tasks `deltatune train` runs
 
@@ -420,14 +420,15 @@ def print_methods(out) -> None:
     # every column comes from the method's registry entry (core/method.py's Method)
     rows = [{"name": n, "summary": m.summary, "peft_type": m.peft_type, "mergeable": m.mergeable,
              "default_targets": m.default_targets, "default_lr": m.default_lr,
-             "default_lr_by_task": {task: default_lr(n, task) for task in MAX_LENGTH},
+             "default_lr_by_task": {task: default_lr(n, task) for task in RUN_TASKS},
              "options": [f.name for f in dataclasses.fields(m.config_cls)]}
             for n, m in sorted(dt.METHODS.items())]
 
     def human():
         from rich.table import Table
 
-        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE); lr x2 for causal LMs")
+        t = Table(title="methods (deltatune train --method NAME -o KEY=VALUE); "
+                        f"lr x{HEADLESS_LR_FACTOR['causal-lm']:g} for causal LMs")
         for c in ("method", "what it trains", "default targets", "lr", "merge"):
             t.add_column(c)
         for r in rows:
